@@ -1,0 +1,85 @@
+//! QUIC application error codes meshtun uses when it resets a stream or
+//! closes a connection, so each side can tell the other why.
+
+/// Codes for `RESET_STREAM` / `STOP_SENDING` on a forwarded stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum StreamCode {
+    /// The TCP connection at the resetting side was reset (RST) or failed.
+    TcpReset = 1,
+    /// The acceptor refused the stream; the status said why.
+    Refused = 2,
+    /// The preamble was malformed or did not arrive in time.
+    BadPreamble = 3,
+    /// The node is shutting down and its drain period ended.
+    Shutdown = 4,
+    /// A local failure (I/O error) that is nobody's protocol fault.
+    Internal = 5,
+}
+
+impl StreamCode {
+    /// The code as a QUIC variable-length integer value.
+    pub fn to_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// The code for a received value, if it is one of ours.
+    pub fn from_u64(value: u64) -> Option<Self> {
+        match value {
+            1 => Some(StreamCode::TcpReset),
+            2 => Some(StreamCode::Refused),
+            3 => Some(StreamCode::BadPreamble),
+            4 => Some(StreamCode::Shutdown),
+            5 => Some(StreamCode::Internal),
+            _ => None,
+        }
+    }
+}
+
+/// Codes for `CONNECTION_CLOSE` between two nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ConnectionCode {
+    /// Orderly close: the node is shutting down or the connection is surplus.
+    Shutdown = 0,
+    /// The peer's certificate carries no usable meshtun identity.
+    NoIdentity = 1,
+    /// The peer broke the protocol (for example opened a unidirectional stream).
+    ProtocolViolation = 2,
+}
+
+impl ConnectionCode {
+    /// The code as a QUIC variable-length integer value.
+    pub fn to_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// Reason phrase sent alongside the code.
+    pub fn reason(self) -> &'static [u8] {
+        match self {
+            ConnectionCode::Shutdown => b"shutdown",
+            ConnectionCode::NoIdentity => b"no meshtun identity in certificate",
+            ConnectionCode::ProtocolViolation => b"protocol violation",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_codes_round_trip() {
+        for code in [
+            StreamCode::TcpReset,
+            StreamCode::Refused,
+            StreamCode::BadPreamble,
+            StreamCode::Shutdown,
+            StreamCode::Internal,
+        ] {
+            assert_eq!(StreamCode::from_u64(u64::from(code.to_u32())), Some(code));
+        }
+        assert_eq!(StreamCode::from_u64(0), None);
+        assert_eq!(StreamCode::from_u64(99), None);
+    }
+}
