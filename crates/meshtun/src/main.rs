@@ -1,1 +1,97 @@
-fn main() {}
+//! The `meshtun` binary: command line, logging, signals. It is thin on
+//! purpose: configuration lives in `meshtun-config`, certificates in
+//! `meshtun-pki`, and everything that touches the network in `meshtun-node`.
+//!
+//! Exit codes follow DESIGN.md §5: 0 ok, 64 usage, 78 bad configuration or
+//! certificates, 1 runtime failure.
+
+mod check;
+mod demo;
+mod pki;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a command line the program cannot understand (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit code for a bad configuration or certificate (EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+/// Exit code for a failure at run time.
+const EXIT_RUNTIME: u8 = 1;
+
+/// meshtun: seals a cluster's inter-node TCP channels inside mutually
+/// authenticated QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "meshtun", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (logs to stderr).
+    Run {
+        /// The node's configuration file.
+        #[arg(short, long, env = "MESHTUN_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and its certificates; print every problem.
+    Check {
+        /// The node's configuration file.
+        #[arg(short, long, env = "MESHTUN_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a self-contained two-node demo on loopback with a throwaway CA.
+    Demo {
+        /// MiB to push each way through the tunnel.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=16384))]
+        mib: u64,
+    },
+    /// Certificate authority and node certificates.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { EXIT_USAGE } else { 0 };
+            // Printing help or a usage error to a closed stdout/stderr is not
+            // worth a second failure.
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Run { config } => run::run(&config),
+        Command::Check { config } => check::check(&config),
+        Command::Demo { mib } => demo::demo(mib),
+        Command::Pki(command) => pki::pki(command),
+    }
+}
+
+/// Installs the stderr logger. `MESHTUN_LOG` (or `RUST_LOG`) takes a
+/// tracing filter; the default shows connection-level events.
+fn init_logging(default: &str) {
+    let filter = std::env::var("MESHTUN_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A multi-threaded tokio runtime, or the reason there is none.
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}

@@ -1,0 +1,218 @@
+//! The validated configuration. Every value here has passed its checks, so
+//! code that holds a [`Config`] never re-validates or unwraps it.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshtun_proto::{NodeName, ServiceName};
+
+use crate::HostPort;
+
+/// A node's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name; it must equal the identity in its certificate.
+    pub node: NodeName,
+    /// The QUIC endpoint and its transport limits.
+    pub quic: Quic,
+    /// Where the CA bundle, this node's certificate and key, and the CRL are.
+    pub tls: Tls,
+    /// The nodes this node dials, in file order; names are unique and never `node`.
+    pub peers: Vec<Peer>,
+    /// Local listeners that carry connections to services on peers, in file order.
+    pub forwards: Vec<Forward>,
+    /// Services this node offers to its peers, in file order; names are unique.
+    pub exposes: Vec<Expose>,
+    /// Timeouts of the forwarding path.
+    pub limits: Limits,
+    /// The metrics and status endpoint, if `[admin]` is present.
+    pub admin: Option<Admin>,
+}
+
+impl Config {
+    /// The declared peer called `name`.
+    pub fn peer(&self, name: &NodeName) -> Option<&Peer> {
+        self.peers.iter().find(|peer| &peer.name == name)
+    }
+
+    /// The expose entry for `service`.
+    pub fn expose(&self, service: &ServiceName) -> Option<&Expose> {
+        self.exposes
+            .iter()
+            .find(|expose| &expose.service == service)
+    }
+}
+
+/// The `[quic]` section: the endpoint's address and transport settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quic {
+    /// The UDP address to bind, which peers dial. Required: there is no default.
+    pub listen: SocketAddr,
+    /// Warm QUIC connections kept to each peer (1..=16, default 1).
+    pub connections_per_peer: NonZeroUsize,
+    /// A connection that hears nothing for this long is dead (1s..=600s, default 10s).
+    pub idle_timeout: Duration,
+    /// Ping interval on a quiet connection; always shorter than `idle_timeout` (default 2s).
+    pub keep_alive: Duration,
+    /// How long a QUIC handshake may take (100ms..=60s, default 5s).
+    pub handshake_timeout: Duration,
+    /// Concurrent bidirectional streams a peer may open on one connection
+    /// (1..=1_000_000, default 4096).
+    pub max_streams_per_peer: u32,
+    /// Per-stream receive window in bytes (64 KiB..=1 GiB, default 4 MiB,
+    /// sized for 25 Gbit/s x 1 ms).
+    pub stream_window: u64,
+    /// Per-connection receive window in bytes; at least `stream_window`, at
+    /// most 4 GiB (default 32 MiB).
+    pub connection_window: u64,
+    /// Per-connection send window in bytes (64 KiB..=4 GiB, default 32 MiB).
+    pub send_window: u64,
+    /// `SO_SNDBUF` to request for the UDP socket (64 KiB..=1 GiB, default 8 MiB).
+    pub udp_send_buffer: usize,
+    /// `SO_RCVBUF` to request for the UDP socket (64 KiB..=1 GiB, default 8 MiB).
+    pub udp_recv_buffer: usize,
+    /// First re-dial backoff after a lost connection (10ms..=60s, default 100ms).
+    pub reconnect_min: Duration,
+    /// Backoff cap; at least `reconnect_min`, at most 600s (default 10s).
+    pub reconnect_max: Duration,
+}
+
+/// The `[tls]` section: file paths, resolved against the config file's
+/// directory by [`load`](crate::load) when relative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// PEM bundle of the cluster CA certificates (several, to rotate).
+    pub ca: PathBuf,
+    /// PEM certificate chain of this node.
+    pub cert: PathBuf,
+    /// PEM private key of this node.
+    pub key: PathBuf,
+    /// Optional PEM certificate revocation list, enforced on both sides.
+    pub crl: Option<PathBuf>,
+}
+
+impl Tls {
+    /// Makes every relative path relative to `directory` instead.
+    pub(crate) fn resolve_relative_to(&mut self, directory: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = directory.join(&*path);
+            }
+        };
+        resolve(&mut self.ca);
+        resolve(&mut self.cert);
+        resolve(&mut self.key);
+        if let Some(crl) = &mut self.crl {
+            resolve(crl);
+        }
+    }
+}
+
+/// A `[[peer]]`: a node this node dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's identity; its certificate must carry exactly this name.
+    pub name: NodeName,
+    /// Where to dial it; a DNS name is re-resolved on every dial.
+    pub addr: HostPort,
+}
+
+/// A `[[forward]]`: a local TCP listener whose connections go to a service on a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The TCP address to listen on: a fixed port, loopback unless
+    /// `allow_non_loopback` is set.
+    pub listen: SocketAddr,
+    /// The declared peer that hosts the service.
+    pub peer: NodeName,
+    /// The service's name on that peer.
+    pub service: ServiceName,
+    /// The operator accepted a listener reachable from beyond this host.
+    pub allow_non_loopback: bool,
+}
+
+/// An `[[expose]]`: a service this node offers, and who may reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expose {
+    /// The name peers ask for; unique among exposes.
+    pub service: ServiceName,
+    /// Where this node connects for each accepted stream.
+    pub target: HostPort,
+    /// Which peer identities may reach the service.
+    pub allow: Allow,
+}
+
+/// Who may reach an exposed service. There is no "nobody" variant: an empty
+/// allow list is refused when parsing, since it would expose nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allow {
+    /// Every identity the cluster CA vouches for (`allow = ["*"]`).
+    Any,
+    /// Exactly these identities; never empty.
+    Only(BTreeSet<NodeName>),
+}
+
+impl Allow {
+    /// True if a peer authenticated as `identity` may reach the service.
+    pub fn permits(&self, identity: &NodeName) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(names) => names.contains(identity),
+        }
+    }
+}
+
+/// The `[limits]` section: timeouts of the forwarding path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// How long an acceptor waits for a stream's preamble (100ms..=60s, default 5s).
+    pub preamble_timeout: Duration,
+    /// TCP connect timeout to an expose target (100ms..=60s, default 5s).
+    pub connect_timeout: Duration,
+    /// On SIGTERM, how long open streams may finish (0s..=600s, default 10s).
+    pub drain_grace: Duration,
+}
+
+/// The `[admin]` section: the HTTP endpoint serving `/metrics` and `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// The TCP address to listen on; loopback unless `admin.allow_non_loopback = true`.
+    pub listen: SocketAddr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> NodeName {
+        NodeName::new(text).unwrap()
+    }
+
+    #[test]
+    fn allow_permits_only_listed_identities() {
+        assert!(Allow::Any.permits(&name("anyone")));
+        let only = Allow::Only([name("node-0"), name("node-2")].into());
+        assert!(only.permits(&name("node-0")));
+        assert!(only.permits(&name("node-2")));
+        assert!(!only.permits(&name("node-1")));
+        assert!(!only.permits(&name("node-00")));
+    }
+
+    #[test]
+    fn relative_tls_paths_are_joined_absolute_ones_kept() {
+        let mut tls = Tls {
+            ca: PathBuf::from("/etc/meshtun/ca.crt"),
+            cert: PathBuf::from("node-1.crt"),
+            key: PathBuf::from("keys/node-1.key"),
+            crl: Some(PathBuf::from("crl.pem")),
+        };
+        tls.resolve_relative_to(Path::new("/srv/meshtun"));
+        assert_eq!(tls.ca, PathBuf::from("/etc/meshtun/ca.crt"));
+        assert_eq!(tls.cert, PathBuf::from("/srv/meshtun/node-1.crt"));
+        assert_eq!(tls.key, PathBuf::from("/srv/meshtun/keys/node-1.key"));
+        assert_eq!(tls.crl, Some(PathBuf::from("/srv/meshtun/crl.pem")));
+    }
+}

@@ -1,0 +1,142 @@
+//! The node's one QUIC endpoint: its UDP socket, transport tuning and TLS.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+use meshtun_config::Quic;
+use meshtun_pki::{NodeCredentials, TrustBundle};
+use meshtun_proto::NodeName;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::warn;
+
+use crate::NodeError;
+
+/// Binds the UDP socket with the configured buffer sizes.
+///
+/// Large buffers let the kernel absorb bursts at high rates instead of
+/// dropping datagrams (which QUIC then treats as congestion). Linux caps the
+/// request at `net.core.rmem_max` / `wmem_max`; a shortfall is logged with the
+/// sysctl to raise.
+pub(crate) fn bind_udp(quic: &Quic) -> Result<UdpSocket, NodeError> {
+    let addr = quic.listen;
+    let bind_error = |source| NodeError::Bind {
+        what: "QUIC endpoint (quic.listen)",
+        addr,
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(bind_error)?;
+    if let Err(error) = socket.set_recv_buffer_size(quic.udp_recv_buffer) {
+        warn!(%error, "cannot set UDP receive buffer");
+    }
+    if let Err(error) = socket.set_send_buffer_size(quic.udp_send_buffer) {
+        warn!(%error, "cannot set UDP send buffer");
+    }
+    // Linux reports twice the usable size; anything below the request means
+    // the sysctl cap applied.
+    if let Ok(got) = socket.recv_buffer_size() {
+        if got < quic.udp_recv_buffer {
+            warn!(
+                requested = quic.udp_recv_buffer,
+                got, "UDP receive buffer capped by the kernel; raise net.core.rmem_max"
+            );
+        }
+    }
+    if let Ok(got) = socket.send_buffer_size() {
+        if got < quic.udp_send_buffer {
+            warn!(
+                requested = quic.udp_send_buffer,
+                got, "UDP send buffer capped by the kernel; raise net.core.wmem_max"
+            );
+        }
+    }
+    socket.bind(&addr.into()).map_err(bind_error)?;
+    Ok(socket.into())
+}
+
+/// Transport parameters shared by both directions.
+///
+/// Windows are sized for the bandwidth-delay product the config names (the
+/// defaults cover 25 Gbit/s at 1 ms). Keep-alive stays below the idle timeout
+/// so a quiet but healthy connection never idles out, while a dead peer is
+/// noticed within one idle timeout.
+fn transport(quic: &Quic, accept_streams: bool) -> Result<TransportConfig, NodeError> {
+    let mut transport = TransportConfig::default();
+    let idle = IdleTimeout::try_from(quic.idle_timeout)
+        .map_err(|_| NodeError::Quic("quic.idle_timeout is out of QUIC's range".to_owned()))?;
+    let window = |value: u64, key: &str| {
+        VarInt::from_u64(value).map_err(|_| NodeError::Quic(format!("quic.{key} is too large")))
+    };
+    transport
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(quic.keep_alive))
+        .stream_receive_window(window(quic.stream_window, "stream_window")?)
+        .receive_window(window(quic.connection_window, "connection_window")?)
+        .send_window(quic.send_window)
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(None);
+    // Streams flow from the dialer to the acceptor only: a peer may not open
+    // streams on a connection this node dialled.
+    let bidi = if accept_streams {
+        VarInt::from_u32(quic.max_streams_per_peer)
+    } else {
+        VarInt::from_u32(0)
+    };
+    transport.max_concurrent_bidi_streams(bidi);
+    Ok(transport)
+}
+
+/// The stateless-reset key, derived from the node's private key: a restarted
+/// daemon answers packets of its previous incarnation's connections with
+/// reset tokens the peer accepts, so the peer re-dials at once instead of
+/// waiting out the idle timeout.
+pub(crate) fn endpoint_config(credentials: &NodeCredentials) -> EndpointConfig {
+    let secret = credentials.stateless_reset_secret();
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret);
+    EndpointConfig::new(Arc::new(key))
+}
+
+/// Server side: every client must present a cluster certificate.
+pub(crate) fn server_config(
+    quic: &Quic,
+    trust: &TrustBundle,
+    credentials: &NodeCredentials,
+) -> Result<quinn::ServerConfig, NodeError> {
+    let tls = meshtun_pki::server_config(trust, credentials)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|error| {
+        NodeError::Quic(format!("TLS server config unusable for QUIC: {error}"))
+    })?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport(quic, true)?));
+    Ok(server)
+}
+
+/// Client side for one peer: the server must prove it is `peer`.
+pub(crate) fn client_config(
+    quic: &Quic,
+    trust: &TrustBundle,
+    credentials: &NodeCredentials,
+    peer: &NodeName,
+) -> Result<quinn::ClientConfig, NodeError> {
+    let tls = meshtun_pki::client_config(trust, credentials, peer)?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|error| {
+        NodeError::Quic(format!("TLS client config unusable for QUIC: {error}"))
+    })?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport(quic, false)?));
+    Ok(client)
+}
+
+/// The address the endpoint actually bound (port 0 resolved).
+pub(crate) fn local_addr(
+    endpoint: &quinn::Endpoint,
+    requested: SocketAddr,
+) -> Result<SocketAddr, NodeError> {
+    endpoint.local_addr().map_err(|source| NodeError::Bind {
+        what: "QUIC endpoint (quic.listen)",
+        addr: requested,
+        source,
+    })
+}

@@ -1,0 +1,297 @@
+//! The acceptor side: incoming QUIC connections, and each stream's preamble,
+//! authorization, target connect and status.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use meshtun_config::{Expose, HostPort};
+use meshtun_proto::{
+    ConnectionCode, Decoded, Kind, NodeName, Preamble, Status, StatusCode, StreamCode,
+    MAX_PREAMBLE_LEN,
+};
+use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::splice::{self, Downlink};
+use crate::Shared;
+
+/// Accepts incoming QUIC connections until the node stops accepting.
+pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            () = shared.stop_accepting.cancelled() => return,
+        };
+        let Some(incoming) = incoming else {
+            return; // endpoint closed
+        };
+        let span = tracing::info_span!("incoming", remote = %incoming.remote_address());
+        shared
+            .tasks
+            .spawn(serve_connection(incoming, shared.clone()).instrument(span));
+    }
+}
+
+/// Completes the handshake under a timeout, learns the peer's identity, and
+/// serves its streams.
+async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(error) => {
+            debug!(%error, "incoming connection failed");
+            return;
+        }
+    };
+    let connection = match tokio::time::timeout(shared.handshake_timeout, connecting).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            warn!(%error, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!(timeout = ?shared.handshake_timeout, "handshake timed out");
+            return;
+        }
+    };
+    let identity = match peer_identity(&connection) {
+        Ok(identity) => identity,
+        Err(reason) => {
+            warn!(%reason, "closing connection without a usable identity");
+            let code = ConnectionCode::NoIdentity;
+            connection.close(VarInt::from_u32(code.to_u32()), code.reason());
+            return;
+        }
+    };
+    let span = tracing::info_span!("peer", peer = %identity);
+    async {
+        info!("peer connected (incoming)");
+        loop {
+            let (send, recv) = match connection.accept_bi().await {
+                Ok(streams) => streams,
+                Err(error) => {
+                    info!(reason = %error, "incoming peer connection closed");
+                    return;
+                }
+            };
+            let span = tracing::debug_span!("stream", id = %send.id());
+            let task = serve_stream(send, recv, identity.clone(), shared.clone());
+            shared.streams.spawn(task.instrument(span));
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+fn peer_identity(connection: &Connection) -> Result<NodeName, String> {
+    let identity = connection
+        .peer_identity()
+        .ok_or_else(|| "no client certificate".to_owned())?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type".to_owned())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| "empty certificate chain".to_owned())?;
+    meshtun_pki::identity_of(leaf).map_err(|error| error.to_string())
+}
+
+/// Why a stream is refused, as the status the opener will see.
+fn refuse(code: StatusCode, detail: String) -> Status {
+    Status::new(code, detail)
+}
+
+/// Reads the preamble, authorizes, connects, answers, then splices.
+async fn serve_stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    identity: NodeName,
+    shared: Arc<Shared>,
+) {
+    let (preamble, payload) = match read_preamble(&mut recv, shared.preamble_timeout).await {
+        Ok(read) => read,
+        Err(detail) => {
+            warn!(%detail, "bad stream preamble");
+            let status = refuse(StatusCode::BadPreamble, detail);
+            answer_refusal(&mut send, &mut recv, &status, StreamCode::BadPreamble).await;
+            return;
+        }
+    };
+    let expose = match authorize(&shared, &preamble, &identity) {
+        Ok(expose) => expose,
+        Err(status) => {
+            info!(code = status.code.as_str(), detail = %status.detail, "stream refused");
+            answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
+            return;
+        }
+    };
+    if shared.stop_accepting.is_cancelled() {
+        let status = refuse(StatusCode::Unavailable, "node is shutting down".to_owned());
+        answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
+        return;
+    }
+    let span = tracing::debug_span!("expose", service = %expose.service, target = %expose.target);
+    async {
+        let mut tcp = match connect(&expose.target, shared.connect_timeout).await {
+            Ok(tcp) => tcp,
+            Err(status) => {
+                info!(code = status.code.as_str(), detail = %status.detail, "target unavailable");
+                answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
+                return;
+            }
+        };
+        if let Err(error) = tcp.set_nodelay(true) {
+            debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let mut ok = BytesMut::with_capacity(2);
+        Status::ok().encode(&mut ok);
+        if let Err(error) = send.write_chunk(ok.freeze()).await {
+            debug!(%error, "stream failed before the status was sent");
+            splice::abort(&tcp, &mut send, &mut recv, StreamCode::Internal);
+            return;
+        }
+        let result = splice::splice(
+            &mut tcp,
+            &mut send,
+            &mut recv,
+            Downlink::Ready(payload),
+            &shared.abort_streams,
+        )
+        .await;
+        match result {
+            Ok(totals) => debug!(received = totals.downlink, sent = totals.uplink, "closed"),
+            Err((failure, totals)) => {
+                debug!(%failure, received = totals.downlink, sent = totals.uplink, "reset");
+                splice::abort(&tcp, &mut send, &mut recv, failure.stream_code());
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+fn authorize<'a>(
+    shared: &'a Shared,
+    preamble: &Preamble,
+    identity: &NodeName,
+) -> Result<&'a Expose, Status> {
+    let service = match &preamble.kind {
+        Kind::Service(service) => service,
+        Kind::OverlayPort(port) => {
+            return Err(refuse(
+                StatusCode::UnknownService,
+                format!("overlay port {port}: overlay mode is not enabled on this node"),
+            ));
+        }
+    };
+    let expose = shared
+        .exposes
+        .iter()
+        .find(|expose| &expose.service == service)
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::UnknownService,
+                format!("service {service:?} is not exposed by {}", shared.node),
+            )
+        })?;
+    if !expose.allow.permits(identity) {
+        return Err(refuse(
+            StatusCode::Forbidden,
+            format!(
+                "{identity} may not reach service {service:?} on {}",
+                shared.node
+            ),
+        ));
+    }
+    Ok(expose)
+}
+
+/// Reads the preamble (at most [`MAX_PREAMBLE_LEN`] bytes) under `timeout`;
+/// returns it with any client bytes that arrived behind it.
+async fn read_preamble(
+    recv: &mut RecvStream,
+    timeout: Duration,
+) -> Result<(Preamble, Bytes), String> {
+    let read = async {
+        let mut buffer = BytesMut::new();
+        loop {
+            match Preamble::decode(&buffer) {
+                Ok(Decoded::Complete { preamble, len }) => {
+                    let payload = buffer.split_off(len).freeze();
+                    return Ok((preamble, payload));
+                }
+                Ok(Decoded::Incomplete { .. }) => {}
+                Err(error) => return Err(error.to_string()),
+            }
+            let wanted = MAX_PREAMBLE_LEN.saturating_sub(buffer.len()).max(1);
+            match recv.read_chunk(wanted, true).await {
+                Ok(Some(chunk)) => buffer.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err("stream ended inside the preamble".to_owned()),
+                Err(error) => return Err(format!("stream failed inside the preamble: {error}")),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no complete preamble within {timeout:?}")),
+    }
+}
+
+/// Sends a refusal and closes the stream both ways. The opener resets its
+/// local client when it reads the status.
+async fn answer_refusal(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    status: &Status,
+    code: StreamCode,
+) {
+    let _ = recv.stop(VarInt::from_u32(code.to_u32()));
+    let mut bytes = BytesMut::with_capacity(status.encoded_len());
+    status.encode(&mut bytes);
+    if send.write_chunk(bytes.freeze()).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Connects to an expose target, trying each resolved address in turn, all
+/// within `timeout`. Errors become the status the opener sees.
+async fn connect(target: &HostPort, timeout: Duration) -> Result<TcpStream, Status> {
+    let attempt = async {
+        let addrs: Vec<SocketAddr> = match target.to_socket_addr_if_literal() {
+            Some(addr) => vec![addr],
+            None => tokio::net::lookup_host(target.to_string())
+                .await
+                .map_err(|error| {
+                    refuse(
+                        StatusCode::Unreachable,
+                        format!("cannot resolve {target}: {error}"),
+                    )
+                })?
+                .collect(),
+        };
+        let mut last: Option<io::Error> = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(match last {
+            Some(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                refuse(StatusCode::Refused, format!("{target}: connection refused"))
+            }
+            Some(error) => refuse(StatusCode::Unreachable, format!("{target}: {error}")),
+            None => refuse(StatusCode::Unreachable, format!("{target}: no addresses")),
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(refuse(
+            StatusCode::Unreachable,
+            format!("{target}: connect timed out after {timeout:?}"),
+        )),
+    }
+}

@@ -1,0 +1,142 @@
+//! Forward listeners: local TCP connections in, QUIC streams to a peer out.
+//!
+//! The accept loop only accepts and dispatches; everything that can wait on
+//! the network (picking a connection, opening the stream, the peer's status)
+//! happens in the per-connection task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use meshtun_proto::{Preamble, ServiceName, StreamCode};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::peer::PeerLinks;
+use crate::splice::{self, Downlink};
+use crate::Shared;
+
+/// How long a new local connection may wait for a peer connection whose
+/// handshake is under way (at start-up, or right after a peer restart).
+/// If no dial is in progress the client is reset at once.
+const PEER_WAIT: Duration = Duration::from_millis(500);
+
+/// How long opening a stream may wait for the peer to grant stream credit
+/// (it is at `quic.max_streams_per_peer`). Past that the client is reset.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One `[[forward]]`: its bound listener and where it sends connections.
+#[derive(Debug)]
+pub(crate) struct Forward {
+    pub(crate) listener: TcpListener,
+    pub(crate) local: SocketAddr,
+    pub(crate) peer: Arc<PeerLinks>,
+    pub(crate) service: ServiceName,
+}
+
+/// Accepts local connections until the node stops accepting.
+pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
+    let preamble = {
+        let preamble = Preamble::service(forward.service.clone());
+        let mut bytes = BytesMut::with_capacity(preamble.encoded_len());
+        preamble.encode(&mut bytes);
+        bytes.freeze()
+    };
+    loop {
+        let accepted = tokio::select! {
+            accepted = forward.listener.accept() => accepted,
+            () = shared.stop_accepting.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                let span = tracing::debug_span!(
+                    "forward",
+                    listen = %forward.local,
+                    peer = %forward.peer.name(),
+                    service = %forward.service,
+                    %client,
+                );
+                let task = forward_one(tcp, forward.peer.clone(), preamble.clone(), shared.clone());
+                shared.streams.spawn(task.instrument(span));
+            }
+            Err(error) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                warn!(listen = %forward.local, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Carries one local TCP connection over one QUIC stream.
+async fn forward_one(
+    mut tcp: TcpStream,
+    peer: Arc<PeerLinks>,
+    preamble: bytes::Bytes,
+    shared: Arc<Shared>,
+) {
+    if let Err(error) = tcp.set_nodelay(true) {
+        debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let Some(connection) = peer.connection(PEER_WAIT).await else {
+        info!("peer not connected; resetting local connection");
+        splice::reset_on_close(&tcp);
+        return;
+    };
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(OPEN_TIMEOUT, connection.open_bi()) => opened,
+        () = shared.abort_streams.cancelled() => {
+            splice::reset_on_close(&tcp);
+            return;
+        }
+    };
+    let (mut send, mut recv) = match opened {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(error)) => {
+            info!(%error, "cannot open stream; resetting local connection");
+            splice::reset_on_close(&tcp);
+            return;
+        }
+        Err(_) => {
+            warn!(timeout = ?OPEN_TIMEOUT, "peer granted no stream in time; resetting local connection");
+            splice::reset_on_close(&tcp);
+            return;
+        }
+    };
+    let stream = send.id();
+    let span = tracing::debug_span!("stream", id = %stream);
+    async {
+        // The preamble goes out now and the client's bytes right behind it:
+        // no round trip is spent waiting for the peer's status.
+        if let Err(error) = send.write_chunk(preamble).await {
+            info!(%error, "stream failed before the preamble was sent");
+            splice::abort(&tcp, &mut send, &mut recv, StreamCode::Internal);
+            return;
+        }
+        let result = splice::splice(
+            &mut tcp,
+            &mut send,
+            &mut recv,
+            Downlink::AwaitStatus,
+            &shared.abort_streams,
+        )
+        .await;
+        match result {
+            Ok(totals) => debug!(sent = totals.uplink, received = totals.downlink, "closed"),
+            Err((failure, totals)) => {
+                match &failure {
+                    splice::Failure::Refused(_) => {
+                        info!(%failure, "stream refused; resetting local connection")
+                    }
+                    _ => {
+                        debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset")
+                    }
+                }
+                splice::abort(&tcp, &mut send, &mut recv, failure.stream_code());
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}

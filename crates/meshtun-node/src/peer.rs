@@ -1,0 +1,254 @@
+//! Warm QUIC connections to each configured peer.
+//!
+//! Every `[[peer]]` gets `quic.connections_per_peer` dialer tasks. Each keeps
+//! one connection up: it dials at start, waits for the connection to close,
+//! and dials again after a jittered exponential backoff. Forwarders pick a
+//! live connection round-robin; they never wait for a handshake unless one
+//! is already under way, so a down peer turns into a prompt reset.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshtun_config::HostPort;
+use meshtun_proto::NodeName;
+use quinn::{ClientConfig, Connection, Endpoint};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+/// The TLS server name sent by dialers. Identity is checked against the
+/// configured peer name by the verifier, not through SNI, so a constant keeps
+/// node names out of the clear-text ClientHello.
+pub(crate) const SERVER_NAME: &str = "meshtun";
+
+/// State of one connection slot.
+#[derive(Debug, Clone)]
+enum Slot {
+    /// A dial is under way; a forwarder may wait for it.
+    Dialing,
+    /// A connection is established.
+    Up(Connection),
+    /// The last dial failed; the dialer is backing off.
+    Down,
+}
+
+/// Backoff and timing for a dialer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DialTiming {
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) reconnect_min: Duration,
+    pub(crate) reconnect_max: Duration,
+}
+
+/// The connections to one peer, shared between its dialers and the
+/// forwarders that send streams to it.
+#[derive(Debug)]
+pub(crate) struct PeerLinks {
+    name: NodeName,
+    addr: HostPort,
+    slots: watch::Sender<Vec<Slot>>,
+    next: AtomicUsize,
+}
+
+impl PeerLinks {
+    pub(crate) fn new(name: NodeName, addr: HostPort, connections: usize) -> Self {
+        Self {
+            name,
+            addr,
+            slots: watch::Sender::new(vec![Slot::Dialing; connections]),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &NodeName {
+        &self.name
+    }
+
+    /// A live connection, round-robin over the slots. Waits up to `wait`
+    /// only while some dial is still in progress; returns `None` at once if
+    /// every slot is down.
+    pub(crate) async fn connection(&self, wait: Duration) -> Option<Connection> {
+        let deadline = Instant::now() + wait;
+        let mut slots = self.slots.subscribe();
+        loop {
+            {
+                let current = slots.borrow_and_update();
+                let count = current.len();
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                for offset in 0..count {
+                    if let Slot::Up(connection) = &current[(start + offset) % count] {
+                        if connection.close_reason().is_none() {
+                            return Some(connection.clone());
+                        }
+                    }
+                }
+                if !current.iter().any(|slot| matches!(slot, Slot::Dialing)) {
+                    return None;
+                }
+            }
+            match tokio::time::timeout_at(deadline, slots.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Whether at least one connection is up.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.slots.borrow().iter().any(|slot| match slot {
+            Slot::Up(connection) => connection.close_reason().is_none(),
+            _ => false,
+        })
+    }
+
+    /// Waits until at least one connection is up or `deadline` passes.
+    pub(crate) async fn wait_connected(&self, deadline: Instant) -> bool {
+        let mut slots = self.slots.subscribe();
+        loop {
+            if self.is_connected() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, slots.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return self.is_connected(),
+            }
+        }
+    }
+
+    fn set(&self, index: usize, slot: Slot) {
+        self.slots.send_modify(|slots| slots[index] = slot);
+    }
+
+    /// Keeps slot `index` connected until `cancel` fires.
+    pub(crate) async fn dial_loop(
+        self: Arc<Self>,
+        index: usize,
+        endpoint: Endpoint,
+        client: ClientConfig,
+        timing: DialTiming,
+        cancel: CancellationToken,
+    ) {
+        let mut delay = timing.reconnect_min;
+        let mut failures: u32 = 0;
+        loop {
+            self.set(index, Slot::Dialing);
+            let attempt = self.dial_once(&endpoint, &client, timing.handshake_timeout);
+            let result = tokio::select! {
+                result = attempt => result,
+                () = cancel.cancelled() => return,
+            };
+            match result {
+                Ok(connection) => {
+                    info!(
+                        remote = %connection.remote_address(),
+                        connection = index,
+                        "peer connected"
+                    );
+                    failures = 0;
+                    delay = timing.reconnect_min;
+                    self.set(index, Slot::Up(connection.clone()));
+                    tokio::select! {
+                        reason = connection.closed() => {
+                            info!(connection = index, %reason, "peer connection closed");
+                        }
+                        // On shutdown the connection stays in its slot so that
+                        // draining streams keep it; the node closes the endpoint.
+                        () = cancel.cancelled() => return,
+                    }
+                    self.set(index, Slot::Down);
+                }
+                Err(error) => {
+                    self.set(index, Slot::Down);
+                    failures += 1;
+                    // One warning per outage, then a reminder every tenth
+                    // attempt: a dead peer must not flood the log.
+                    if failures == 1 || failures % 10 == 0 {
+                        warn!(connection = index, attempts = failures, %error, "cannot connect to peer");
+                    } else {
+                        debug!(connection = index, attempts = failures, %error, "cannot connect to peer");
+                    }
+                }
+            }
+            let pause = jitter(delay);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = cancel.cancelled() => return,
+            }
+            delay = (delay * 2).min(timing.reconnect_max);
+        }
+    }
+
+    async fn dial_once(
+        &self,
+        endpoint: &Endpoint,
+        client: &ClientConfig,
+        handshake_timeout: Duration,
+    ) -> Result<Connection, DialError> {
+        let addr = self.resolve().await?;
+        let connecting = endpoint
+            .connect_with(client.clone(), addr, SERVER_NAME)
+            .map_err(DialError::Connect)?;
+        match tokio::time::timeout(handshake_timeout, connecting).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(DialError::Handshake(addr, error)),
+            Err(_) => Err(DialError::Timeout(addr, handshake_timeout)),
+        }
+    }
+
+    /// Resolves the peer's address on every dial, so DNS changes are seen.
+    async fn resolve(&self) -> Result<SocketAddr, DialError> {
+        if let Some(addr) = self.addr.to_socket_addr_if_literal() {
+            return Ok(addr);
+        }
+        let target = self.addr.to_string();
+        let mut addrs = tokio::net::lookup_host(target.clone())
+            .instrument(tracing::debug_span!("resolve", peer_addr = %target))
+            .await
+            .map_err(|error| DialError::Resolve(target.clone(), error.to_string()))?;
+        let first = addrs.next();
+        first.ok_or_else(|| DialError::Resolve(target, "no addresses".to_owned()))
+    }
+}
+
+/// A uniformly random pause in `[delay/2, delay]`, so peers that lost each
+/// other at the same moment do not re-dial in lockstep.
+fn jitter(delay: Duration) -> Duration {
+    let half = delay / 2;
+    let extra = rand::rng().random_range(0..=half.as_micros().min(u128::from(u64::MAX)) as u64);
+    half + Duration::from_micros(extra)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    #[error("cannot start a QUIC connection: {0}")]
+    Connect(quinn::ConnectError),
+    #[error("handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, quinn::ConnectionError),
+    #[error("handshake with {0} timed out after {1:?}")]
+    Timeout(SocketAddr, Duration),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_and_whole() {
+        for millis in [0u64, 1, 100, 10_000] {
+            let delay = Duration::from_millis(millis);
+            for _ in 0..100 {
+                let pause = jitter(delay);
+                assert!(
+                    pause >= delay / 2 && pause <= delay,
+                    "{pause:?} for {delay:?}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Moving bytes between one local TCP connection and one QUIC stream.
+//!
+//! Each direction is its own small state machine, in the manner of tokio's
+//! `copy_bidirectional`: TCP end of file becomes a stream FIN, a stream FIN
+//! becomes a TCP FIN (half-close works both ways), and any failure on either
+//! side becomes a reset on both (see [`abort`]). The copies avoid moving bytes
+//! more than the kernel makes us: TCP reads land in a `BytesMut` that is frozen
+//! and handed to quinn without a copy, and stream chunks are written to the
+//! socket with one vectored write.
+
+use std::io::{self, IoSlice};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use meshtun_proto::{Status, StatusCode, StreamCode, MAX_STATUS_LEN};
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Size of one TCP read. 64 KiB matches the largest GSO batch quinn sends and
+/// keeps the number of reads per gigabyte low.
+const READ_CHUNK: usize = 64 * 1024;
+/// Below this much spare capacity the read buffer is replaced rather than
+/// read into, so a read is never starved to a few bytes.
+const MIN_SPARE: usize = 8 * 1024;
+/// How many stream chunks one vectored socket write may carry.
+const MAX_CHUNKS: usize = 32;
+
+/// Why a spliced connection did not end cleanly. Every variant leads to a
+/// reset on both sides: a failure must never look like a clean end of file.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Failure {
+    #[error("local TCP read failed: {0}")]
+    TcpRead(io::Error),
+    #[error("local TCP write failed: {0}")]
+    TcpWrite(io::Error),
+    #[error("peer reset the stream (code {0})")]
+    StreamReset(VarInt),
+    #[error("peer stopped reading the stream (code {0})")]
+    StreamStopped(VarInt),
+    #[error("QUIC connection lost: {0}")]
+    ConnectionLost(quinn::ConnectionError),
+    #[error("stream closed unexpectedly")]
+    StreamClosed,
+    #[error("stream ended before the peer's status arrived")]
+    NoStatus,
+    #[error("peer sent a malformed status: {0}")]
+    BadStatus(meshtun_proto::StatusError),
+    #[error("peer refused the stream: {} ({})", .0.code.as_str(), .0.detail)]
+    Refused(Status),
+    #[error("node is shutting down")]
+    Shutdown,
+}
+
+impl Failure {
+    /// The QUIC code to reset the stream with when this failure ends it.
+    pub(crate) fn stream_code(&self) -> StreamCode {
+        match self {
+            Failure::TcpRead(_) | Failure::TcpWrite(_) => StreamCode::TcpReset,
+            Failure::Refused(_) => StreamCode::Refused,
+            Failure::BadStatus(_) | Failure::NoStatus => StreamCode::BadPreamble,
+            Failure::Shutdown => StreamCode::Shutdown,
+            // The peer already tore the stream down; the code is informational.
+            Failure::StreamReset(_)
+            | Failure::StreamStopped(_)
+            | Failure::ConnectionLost(_)
+            | Failure::StreamClosed => StreamCode::TcpReset,
+        }
+    }
+}
+
+impl From<ReadError> for Failure {
+    fn from(error: ReadError) -> Self {
+        match error {
+            ReadError::Reset(code) => Failure::StreamReset(code),
+            ReadError::ConnectionLost(error) => Failure::ConnectionLost(error),
+            ReadError::ClosedStream
+            | ReadError::IllegalOrderedRead
+            | ReadError::ZeroRttRejected => Failure::StreamClosed,
+        }
+    }
+}
+
+impl From<WriteError> for Failure {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Stopped(code) => Failure::StreamStopped(code),
+            WriteError::ConnectionLost(error) => Failure::ConnectionLost(error),
+            WriteError::ClosedStream | WriteError::ZeroRttRejected => Failure::StreamClosed,
+        }
+    }
+}
+
+/// Bytes moved by a spliced connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    /// From the local TCP socket into the stream.
+    pub(crate) uplink: u64,
+    /// From the stream to the local TCP socket.
+    pub(crate) downlink: u64,
+}
+
+/// What the stream→TCP direction must do before it copies.
+#[derive(Debug)]
+pub(crate) enum Downlink {
+    /// Write these bytes (already read off the stream) first.
+    Ready(Bytes),
+    /// Read the acceptor's status first; only `Ok` lets bytes through.
+    AwaitStatus,
+}
+
+/// Runs both directions until both ended cleanly, either failed, or `cancel`
+/// fired. On `Err` the caller must [`abort`]: nothing has been reset yet.
+pub(crate) async fn splice(
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    downlink: Downlink,
+    cancel: &CancellationToken,
+) -> Result<Totals, (Failure, Totals)> {
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let mut totals = Totals::default();
+    let up = tcp_to_stream(&mut tcp_read, send, &mut totals.uplink);
+    let down = stream_to_tcp(recv, &mut tcp_write, downlink, &mut totals.downlink);
+    let result = join_both(up, down, cancel).await;
+    match result {
+        Ok(()) => Ok(totals),
+        Err(failure) => Err((failure, totals)),
+    }
+}
+
+async fn join_both(
+    up: impl std::future::Future<Output = Result<(), Failure>>,
+    down: impl std::future::Future<Output = Result<(), Failure>>,
+    cancel: &CancellationToken,
+) -> Result<(), Failure> {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            result = &mut up, if !up_done => { result?; up_done = true; }
+            result = &mut down, if !down_done => { result?; down_done = true; }
+            () = cancel.cancelled() => return Err(Failure::Shutdown),
+        }
+    }
+    Ok(())
+}
+
+/// Local TCP → QUIC stream. TCP end of file finishes the stream.
+async fn tcp_to_stream(
+    tcp: &mut ReadHalf<'_>,
+    send: &mut SendStream,
+    moved: &mut u64,
+) -> Result<(), Failure> {
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if buffer.capacity() - buffer.len() < MIN_SPARE {
+            buffer.reserve(READ_CHUNK);
+        }
+        let read = tcp.read_buf(&mut buffer).await.map_err(Failure::TcpRead)?;
+        if read == 0 {
+            // The client half-closed: mirror its FIN. The stream may already
+            // be reset by the peer, which the other direction reports.
+            send.finish().map_err(|_| Failure::StreamClosed)?;
+            return Ok(());
+        }
+        *moved += read as u64;
+        // `split` hands over the filled bytes without copying; the spare
+        // capacity stays behind for the next read.
+        send.write_chunk(buffer.split().freeze()).await?;
+    }
+}
+
+/// QUIC stream → local TCP. Stream FIN shuts down the socket's write side.
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    tcp: &mut WriteHalf<'_>,
+    downlink: Downlink,
+    moved: &mut u64,
+) -> Result<(), Failure> {
+    let first = match downlink {
+        Downlink::Ready(bytes) => bytes,
+        Downlink::AwaitStatus => {
+            let (status, rest) = read_status(recv).await?;
+            if status.code != StatusCode::Ok {
+                return Err(Failure::Refused(status));
+            }
+            rest
+        }
+    };
+    if !first.is_empty() {
+        *moved += first.len() as u64;
+        tcp.write_all(&first).await.map_err(Failure::TcpWrite)?;
+    }
+    let mut chunks: [Bytes; MAX_CHUNKS] = Default::default();
+    loop {
+        match recv.read_chunks(&mut chunks).await? {
+            Some(count) => {
+                let chunks = &mut chunks[..count];
+                *moved += chunks.iter().map(|chunk| chunk.len() as u64).sum::<u64>();
+                write_all_chunks(tcp, chunks)
+                    .await
+                    .map_err(Failure::TcpWrite)?;
+            }
+            None => {
+                tcp.shutdown().await.map_err(Failure::TcpWrite)?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Writes every chunk with as few vectored writes as the socket allows.
+async fn write_all_chunks(tcp: &mut WriteHalf<'_>, mut chunks: &mut [Bytes]) -> io::Result<()> {
+    while let Some(first) = chunks.first() {
+        if first.is_empty() {
+            chunks = &mut chunks[1..];
+            continue;
+        }
+        let slices: Vec<IoSlice<'_>> = chunks.iter().map(|chunk| IoSlice::new(chunk)).collect();
+        let mut written = tcp.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            // `written` never exceeds the total length of `chunks`.
+            let chunk = &mut chunks[0];
+            let taken = written.min(chunk.len());
+            chunk.advance(taken);
+            written -= taken;
+            if chunk.is_empty() {
+                chunks = &mut chunks[1..];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the acceptor's status from the start of `recv`, and returns it with
+/// any payload bytes that arrived in the same chunk.
+pub(crate) async fn read_status(recv: &mut RecvStream) -> Result<(Status, Bytes), Failure> {
+    let mut buffer = BytesMut::new();
+    loop {
+        match Status::decode(&buffer) {
+            Ok(Some((status, len))) => {
+                let rest = buffer.split_off(len).freeze();
+                return Ok((status, rest));
+            }
+            Ok(None) => {}
+            Err(error) => return Err(Failure::BadStatus(error)),
+        }
+        // A status is at most MAX_STATUS_LEN bytes, so asking for no more
+        // than what is missing keeps payload in quinn's buffers.
+        let wanted = MAX_STATUS_LEN - buffer.len();
+        match recv.read_chunk(wanted, true).await? {
+            Some(chunk) => buffer.extend_from_slice(&chunk.bytes),
+            None => return Err(Failure::NoStatus),
+        }
+    }
+}
+
+/// Tears a failed connection down on both sides: the stream is reset and
+/// stopped with `code`, and the local TCP socket is set to close with RST, so
+/// the application sees a reset instead of a clean end of file.
+pub(crate) fn abort(
+    tcp: &TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    code: StreamCode,
+) {
+    let code = VarInt::from_u32(code.to_u32());
+    // Either half may already be closed; that is fine, the other side knows.
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+    reset_on_close(tcp);
+}
+
+/// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER = 0).
+pub(crate) fn reset_on_close(tcp: &TcpStream) {
+    if let Err(error) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
+        // Without linger the close becomes a FIN; say so rather than hide it.
+        tracing::warn!(%error, "could not arm TCP reset on close; the client may see EOF instead of a reset");
+    }
+}

@@ -1,0 +1,281 @@
+//! Node identity (DESIGN §3): the node name a certificate stands for.
+//!
+//! The identity is taken from the URI SAN `spiffe://<cluster>/node/<name>`
+//! when the certificate has one, else from its first DNS SAN, and it must be a
+//! valid [`NodeName`]. A URI SAN of that shape whose name is invalid is an
+//! error, never a reason to fall back to the DNS SAN: a certificate must not
+//! mean one thing to meshtun and another to a reader.
+
+use meshtun_proto::NodeName;
+use rustls_pki_types::CertificateDer;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+use crate::PkiError;
+
+/// The URI scheme of SPIFFE IDs, which meshtun uses for node and cluster names.
+const SPIFFE_SCHEME: &str = "spiffe://";
+
+/// Longest cluster name accepted, in bytes (the SPIFFE trust domain limit).
+const MAX_CLUSTER_LEN: usize = 255;
+
+/// The node's identity as carried by `cert` (DESIGN §3).
+///
+/// Fails when the certificate cannot be parsed, carries neither a URI SAN
+/// `spiffe://<cluster>/node/<name>` nor a DNS SAN, carries two different node
+/// URIs, or when the name found is not a valid [`NodeName`].
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<NodeName, PkiError> {
+    identity_with_origin(cert, "certificate")
+}
+
+/// [`identity_of`], with errors naming `origin` (a file or input).
+pub(crate) fn identity_with_origin(
+    cert: &CertificateDer<'_>,
+    origin: &str,
+) -> Result<NodeName, PkiError> {
+    let parsed = parse_certificate(cert, origin)?;
+    identity_of_parsed(&parsed).map_err(|detail| PkiError::Identity {
+        origin: origin.to_string(),
+        detail,
+    })
+}
+
+/// The SPIFFE ID meshtun writes into a node certificate.
+pub fn node_uri(cluster: &str, node: &NodeName) -> String {
+    format!("{SPIFFE_SCHEME}{cluster}/node/{node}")
+}
+
+/// The SPIFFE trust domain ID meshtun writes into a CA certificate.
+pub(crate) fn cluster_uri(cluster: &str) -> String {
+    format!("{SPIFFE_SCHEME}{cluster}")
+}
+
+/// Parses one DER certificate, refusing trailing bytes.
+pub(crate) fn parse_certificate<'a>(
+    der: &'a [u8],
+    origin: &str,
+) -> Result<X509Certificate<'a>, PkiError> {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok((rest, _)) => Err(PkiError::Certificate {
+            origin: origin.to_string(),
+            detail: format!("{} stray bytes after the certificate", rest.len()),
+        }),
+        Err(error) => Err(PkiError::Certificate {
+            origin: origin.to_string(),
+            detail: format!("not a valid X.509 certificate: {error}"),
+        }),
+    }
+}
+
+/// The identity rule on a parsed certificate; the error is a plain reason.
+pub(crate) fn identity_of_parsed(cert: &X509Certificate<'_>) -> Result<NodeName, String> {
+    let names = match cert.subject_alternative_name() {
+        Ok(Some(extension)) => &extension.value.general_names,
+        Ok(None) => {
+            return Err("the certificate has no subjectAltName; it needs a URI SAN \
+                 spiffe://<cluster>/node/<name> or a DNS SAN"
+                .to_string())
+        }
+        Err(error) => return Err(format!("unreadable subjectAltName: {error}")),
+    };
+
+    let mut from_uri: Option<NodeName> = None;
+    for name in names {
+        let GeneralName::URI(uri) = name else {
+            continue;
+        };
+        let Some(found) = node_from_uri(uri) else {
+            continue;
+        };
+        let found = found?;
+        match &from_uri {
+            Some(previous) if *previous != found => {
+                return Err(format!(
+                    "two node URI SANs name different nodes ({previous} and {found})"
+                ))
+            }
+            _ => from_uri = Some(found),
+        }
+    }
+    if let Some(node) = from_uri {
+        return Ok(node);
+    }
+
+    let first_dns = names.iter().find_map(|name| match name {
+        GeneralName::DNSName(dns) => Some(*dns),
+        _ => None,
+    });
+    match first_dns {
+        Some(dns) => NodeName::new(dns)
+            .map_err(|error| format!("first DNS SAN {dns:?} is not a valid node name: {error}")),
+        None => Err(
+            "neither a URI SAN spiffe://<cluster>/node/<name> nor a DNS SAN is present".to_string(),
+        ),
+    }
+}
+
+/// `Some` when `uri` has the shape `spiffe://<cluster>/node/<rest>`: then
+/// `rest` must be a valid node name. Other URIs are not node identities.
+fn node_from_uri(uri: &str) -> Option<Result<NodeName, String>> {
+    let rest = uri.strip_prefix(SPIFFE_SCHEME)?;
+    let (cluster, path) = rest.split_once('/')?;
+    let name = path.strip_prefix("node/")?;
+    if cluster.is_empty() {
+        return Some(Err(format!(
+            "URI SAN {uri:?} has an empty cluster (trust domain)"
+        )));
+    }
+    Some(
+        NodeName::new(name)
+            .map_err(|error| format!("URI SAN {uri:?} does not end in a valid node name: {error}")),
+    )
+}
+
+/// The cluster named by a CA certificate: its URI SAN `spiffe://<cluster>`,
+/// else a subject CN of the form `meshtun CA <cluster>`.
+pub(crate) fn cluster_of_parsed(cert: &X509Certificate<'_>) -> Option<String> {
+    if let Ok(Some(extension)) = cert.subject_alternative_name() {
+        for name in &extension.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if let Some(cluster) = uri.strip_prefix(SPIFFE_SCHEME) {
+                    let cluster = cluster.strip_suffix('/').unwrap_or(cluster);
+                    if check_cluster(cluster).is_ok() {
+                        return Some(cluster.to_string());
+                    }
+                }
+            }
+        }
+    }
+    cert.subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .filter_map(|cn| cn.strip_prefix("meshtun CA "))
+        .find(|cluster| check_cluster(cluster).is_ok())
+        .map(str::to_string)
+}
+
+/// A cluster name must be a SPIFFE trust domain: 1 to 255 bytes of lowercase
+/// ASCII letters, digits, '.', '-' and '_'.
+pub(crate) fn check_cluster(name: &str) -> Result<(), PkiError> {
+    let reject = |detail: String| PkiError::ClusterName {
+        name: name.to_string(),
+        detail,
+    };
+    if name.is_empty() {
+        return Err(reject("it is empty".to_string()));
+    }
+    if name.len() > MAX_CLUSTER_LEN {
+        return Err(reject(format!(
+            "it is {} bytes long; at most {MAX_CLUSTER_LEN} are allowed",
+            name.len()
+        )));
+    }
+    if let Some((at, found)) = name
+        .char_indices()
+        .find(|(_, c)| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_'))
+    {
+        return Err(reject(format!(
+            "{found:?} at byte {at}; only lowercase ASCII letters, digits, '.', '-' and '_' \
+             are allowed (it becomes the SPIFFE trust domain)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    /// A self-signed certificate with exactly `sans`.
+    fn cert_with(sans: Vec<SanType>) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn uri(value: &str) -> SanType {
+        SanType::URI(value.try_into().unwrap())
+    }
+
+    fn dns(value: &str) -> SanType {
+        SanType::DnsName(value.try_into().unwrap())
+    }
+
+    #[test]
+    fn identity_comes_from_the_uri_san_first() {
+        let cert = cert_with(vec![
+            dns("dns-name"),
+            uri("spiffe://prod/node/node-7"),
+            uri("https://example.invalid/other"),
+        ]);
+        assert_eq!(identity_of(&cert).unwrap().as_str(), "node-7");
+    }
+
+    #[test]
+    fn identity_falls_back_to_the_first_dns_san() {
+        let cert = cert_with(vec![
+            SanType::IpAddress([10, 0, 0, 1].into()),
+            dns("gpu01.rack2"),
+            dns("second"),
+        ]);
+        assert_eq!(identity_of(&cert).unwrap().as_str(), "gpu01.rack2");
+
+        // A SPIFFE ID of another shape is not a node identity.
+        let cert = cert_with(vec![uri("spiffe://prod/ns/default/sa/x"), dns("node-2")]);
+        assert_eq!(identity_of(&cert).unwrap().as_str(), "node-2");
+    }
+
+    #[test]
+    fn no_identity_is_an_error() {
+        let cert = cert_with(vec![SanType::IpAddress([10, 0, 0, 1].into())]);
+        assert!(matches!(identity_of(&cert), Err(PkiError::Identity { .. })));
+        let cert = cert_with(vec![]);
+        assert!(matches!(identity_of(&cert), Err(PkiError::Identity { .. })));
+    }
+
+    #[test]
+    fn bad_names_are_errors_not_fallbacks() {
+        // An invalid name in the node URI must not fall back to the DNS SAN.
+        let cert = cert_with(vec![uri("spiffe://prod/node/a/b"), dns("node-1")]);
+        let error = identity_of(&cert).unwrap_err().to_string();
+        assert!(error.contains("spiffe://prod/node/a/b"), "{error}");
+
+        let cert = cert_with(vec![uri("spiffe:///node/x")]);
+        assert!(identity_of(&cert).is_err());
+
+        let cert = cert_with(vec![
+            uri("spiffe://prod/node/one"),
+            uri("spiffe://prod/node/two"),
+        ]);
+        let error = identity_of(&cert).unwrap_err().to_string();
+        assert!(error.contains("one") && error.contains("two"), "{error}");
+
+        let cert = cert_with(vec![dns("*.wildcard.example")]);
+        assert!(identity_of(&cert).is_err());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bytes in [&b""[..], b"\x30", b"\x30\x03\x02\x01\x01", &[0xff; 64]] {
+            let error = identity_of(&CertificateDer::from(bytes.to_vec())).unwrap_err();
+            assert!(matches!(error, PkiError::Certificate { .. }), "{error}");
+        }
+        // Trailing bytes after a valid certificate are refused.
+        let mut der = cert_with(vec![dns("node-1")]).to_vec();
+        der.push(0);
+        assert!(identity_of(&CertificateDer::from(der)).is_err());
+    }
+
+    #[test]
+    fn cluster_names() {
+        assert!(check_cluster("prod").is_ok());
+        assert!(check_cluster("gpu-cluster.example_2").is_ok());
+        assert!(check_cluster("").is_err());
+        assert!(check_cluster("Prod").is_err());
+        assert!(check_cluster("a/b").is_err());
+        assert!(check_cluster(&"x".repeat(256)).is_err());
+    }
+}

@@ -1,0 +1,654 @@
+//! Certificate issuance with rcgen: the cluster CA and the node certificates
+//! it signs. Everything is ECDSA P-256 with SHA-256.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use meshtun_proto::NodeName;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+use crate::files::{self, NewFile, CERT_MODE, KEY_MODE};
+use crate::identity::{check_cluster, cluster_of_parsed, cluster_uri, node_uri, parse_certificate};
+use crate::load::{first_certificate, private_key_from_pem};
+use crate::PkiError;
+
+/// File name of the CA certificate inside a CA directory.
+pub const CA_CERT_FILE: &str = "ca.crt";
+
+/// File name of the CA private key inside a CA directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// How far `not_before` is set back from "now", to tolerate clock skew
+/// between the issuing machine and the nodes.
+const CLOCK_SKEW: Duration = Duration::hours(1);
+
+/// Random bytes in a serial number (RFC 5280 allows up to 20 octets).
+const SERIAL_LEN: usize = 16;
+
+/// The period a certificate is valid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// First instant the certificate is valid.
+    pub not_before: OffsetDateTime,
+    /// Last instant the certificate is valid.
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From one hour ago (clock skew) until `days` days from now.
+    pub fn days_from_now(days: u32) -> Self {
+        Self::days_from(OffsetDateTime::now_utc(), days)
+    }
+
+    /// From one hour before `start` until `days` days after it. A period
+    /// reaching past 9999-12-31T23:59:59Z (the end of X.509 time) ends there.
+    pub fn days_from(start: OffsetDateTime, days: u32) -> Self {
+        let not_before = start.checked_sub(CLOCK_SKEW).unwrap_or(start);
+        let not_after = start
+            .checked_add(Duration::days(i64::from(days)))
+            .map_or_else(latest_x509_time, |end| end.min(latest_x509_time()));
+        Self {
+            not_before,
+            not_after,
+        }
+    }
+
+    fn check(&self) -> Result<(), PkiError> {
+        if self.not_before >= self.not_after {
+            return Err(PkiError::Validity {
+                not_before: self.not_before,
+                not_after: self.not_after,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// 9999-12-31T23:59:59Z, the latest time X.509 can express.
+fn latest_x509_time() -> OffsetDateTime {
+    // The constant is in range for every `time` configuration; the fallback
+    // only keeps this function total.
+    OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// A cluster certificate authority held in memory: its certificate and key.
+///
+/// It signs node certificates. It can be generated here or loaded from a CA
+/// made elsewhere (openssl, step-ca), provided its certificate is a CA and
+/// names the cluster (URI SAN `spiffe://<cluster>` or CN `meshtun CA <cluster>`).
+pub struct Authority {
+    cluster: String,
+    cert_der: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+}
+
+impl Authority {
+    /// Generates a fresh CA for `cluster`: CN `meshtun CA <cluster>`, O
+    /// `meshtun`, OU `ca-<12 hex digits of its key's SHA-256>` (so that the
+    /// old and new CA of a rotation have distinct subjects), URI SAN `spiffe://<cluster>` (where the cluster name is read
+    /// back from), basicConstraints CA with path length 0 (it signs node
+    /// certificates directly), key usage keyCertSign and cRLSign.
+    ///
+    /// `cluster` must be a SPIFFE trust domain: lowercase ASCII letters,
+    /// digits, '.', '-' and '_'.
+    pub fn generate(cluster: &str, validity: Validity) -> Result<Self, PkiError> {
+        check_cluster(cluster)?;
+        validity.check()?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+
+        let mut params = CertificateParams::default();
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
+        params.serial_number = Some(random_serial()?);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("meshtun CA {cluster}"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "meshtun");
+        // CRLs are matched to their CA by subject name alone (webpki), so two
+        // CAs of one cluster (a rotation) must not share a subject.
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, ca_unit(&key));
+        params.subject_alt_names = vec![SanType::URI(cluster_uri(cluster).try_into()?)];
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cluster: cluster.to_string(),
+            cert_der: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// An authority from its certificate and key in PEM. The certificate
+    /// must be a CA, name its cluster, and match the key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        Self::from_pem_with_origin(cert_pem, key_pem, "CA certificate", "CA key")
+    }
+
+    /// Loads `DIR/ca.crt` and `DIR/ca.key`, refusing a key file that its
+    /// group or others may read.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_pem = files::read_text(&cert_path)?;
+        let key_pem = files::read_private_text(&key_path)?;
+        Self::from_pem_with_origin(
+            &cert_pem,
+            &key_pem,
+            &cert_path.display().to_string(),
+            &key_path.display().to_string(),
+        )
+    }
+
+    fn from_pem_with_origin(
+        cert_pem: &str,
+        key_pem: &str,
+        cert_origin: &str,
+        key_origin: &str,
+    ) -> Result<Self, PkiError> {
+        let cert_der = first_certificate(cert_pem, cert_origin)?;
+        let parsed = parse_certificate(&cert_der, cert_origin)?;
+        let certificate_error = |detail: &str| PkiError::Certificate {
+            origin: cert_origin.to_string(),
+            detail: detail.to_string(),
+        };
+        if !parsed.is_ca() {
+            return Err(certificate_error(
+                "not a CA certificate (basicConstraints CA:TRUE is missing); \
+                 a node certificate cannot sign others",
+            ));
+        }
+        if let Ok(Some(usage)) = parsed.key_usage() {
+            if !usage.value.key_cert_sign() {
+                return Err(certificate_error(
+                    "the CA certificate's key usage does not allow keyCertSign",
+                ));
+            }
+        }
+        let cluster = cluster_of_parsed(&parsed).ok_or_else(|| {
+            certificate_error(
+                "the CA certificate does not name its cluster: expected a URI SAN \
+                 spiffe://<cluster> or a subject CN \"meshtun CA <cluster>\"",
+            )
+        })?;
+
+        let key_der = private_key_from_pem(key_pem, key_origin)?;
+        let key = KeyPair::try_from(&key_der).map_err(|error| PkiError::Key {
+            origin: key_origin.to_string(),
+            detail: error.to_string(),
+        })?;
+        if rcgen::PublicKeyData::subject_public_key_info(&key) != parsed.public_key().raw {
+            return Err(PkiError::KeyMismatch {
+                cert_origin: cert_origin.to_string(),
+                key_origin: key_origin.to_string(),
+            });
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|error| {
+            certificate_error(&format!("cannot sign with this CA certificate: {error}"))
+        })?;
+
+        Ok(Self {
+            cluster,
+            cert_pem: pem_block("CERTIFICATE", &cert_der),
+            cert_der,
+            // The key as given: rcgen would label a SEC1 key "PRIVATE KEY".
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    /// The cluster (SPIFFE trust domain) this CA signs for.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// The CA certificate in PEM.
+    pub fn cert_pem(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// The CA certificate in DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The CA private key in PEM. Secret: write it only with [`Authority::write`].
+    pub fn key_pem(&self) -> String {
+        self.key_pem.clone()
+    }
+
+    /// Issues a certificate and a fresh P-256 key for `node`.
+    ///
+    /// The certificate carries the URI SAN `spiffe://<cluster>/node/<node>`,
+    /// the DNS SAN `<node>` followed by `dns` (duplicates dropped), the IP
+    /// SANs `ips`, extended key usage serverAuth and clientAuth,
+    /// basicConstraints CA:FALSE and a random 126-bit serial number.
+    pub fn issue(
+        &self,
+        node: &NodeName,
+        ips: &[IpAddr],
+        dns: &[String],
+        validity: Validity,
+    ) -> Result<Issued, PkiError> {
+        validity.check()?;
+        let mut names = vec![SanType::URI(node_uri(&self.cluster, node).try_into()?)];
+        let mut dns_names: Vec<&str> = vec![node.as_str()];
+        for name in dns {
+            if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() {
+                return Err(PkiError::DnsName { name: name.clone() });
+            }
+            if !dns_names.contains(&name.as_str()) {
+                dns_names.push(name);
+            }
+        }
+        for name in dns_names {
+            names.push(SanType::DnsName(name.try_into()?));
+        }
+        let mut seen_ips = Vec::new();
+        for ip in ips {
+            if !seen_ips.contains(ip) {
+                seen_ips.push(*ip);
+                names.push(SanType::IpAddress(*ip));
+            }
+        }
+
+        let mut params = CertificateParams::default();
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
+        params.serial_number = Some(random_serial()?);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node.as_str());
+        params.subject_alt_names = names;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes `DIR/ca.crt` (0644) and `DIR/ca.key` (0600), creating `DIR`
+    /// (0700) if needed. Existing files are kept unless `force` is set.
+    /// Returns the certificate and key paths.
+    pub fn write(&self, dir: &Path, force: bool) -> Result<(PathBuf, PathBuf), PkiError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let files = [
+            NewFile {
+                path: key_path.clone(),
+                contents: &self.key_pem,
+                mode: KEY_MODE,
+            },
+            NewFile {
+                path: cert_path.clone(),
+                contents: &self.cert_pem,
+                mode: CERT_MODE,
+            },
+        ];
+        files::write_files(dir, &files, force)?;
+        Ok((cert_path, key_path))
+    }
+}
+
+impl fmt::Debug for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authority")
+            .field("cluster", &self.cluster)
+            .field("key", &"[elided]")
+            .finish_non_exhaustive()
+    }
+}
+
+/// A node certificate and its private key, as issued.
+#[derive(Clone)]
+pub struct Issued {
+    /// The certificate in PEM.
+    pub cert_pem: String,
+    /// The private key in PEM (PKCS#8). Secret.
+    pub key_pem: String,
+}
+
+impl Issued {
+    /// Writes `DIR/<node>.crt` (0644) and `DIR/<node>.key` (0600), creating
+    /// `DIR` (0700) if needed. Existing files are kept unless `force` is set.
+    /// Returns the certificate and key paths.
+    pub fn write(
+        &self,
+        dir: &Path,
+        node: &NodeName,
+        force: bool,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
+        // A node name holds no '/' and does not start with '.', so it is a
+        // plain file name inside `dir`.
+        let cert_path = dir.join(format!("{node}.crt"));
+        let key_path = dir.join(format!("{node}.key"));
+        let files = [
+            NewFile {
+                path: key_path.clone(),
+                contents: &self.key_pem,
+                mode: KEY_MODE,
+            },
+            NewFile {
+                path: cert_path.clone(),
+                contents: &self.cert_pem,
+                mode: CERT_MODE,
+            },
+        ];
+        files::write_files(dir, &files, force)?;
+        Ok((cert_path, key_path))
+    }
+}
+
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"[elided]")
+            .finish()
+    }
+}
+
+/// `ca-` and the first 12 hex digits of the SHA-256 of `key`'s public key.
+fn ca_unit(key: &KeyPair) -> String {
+    let digest = Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(key));
+    let mut unit = String::from("ca-");
+    for byte in &digest[..6] {
+        unit.push_str(&format!("{byte:02x}"));
+    }
+    unit
+}
+
+/// A positive serial number with 126 random bits; the first octet is never
+/// zero, so the DER integer is minimal at full length.
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    let mut bytes = [0u8; SERIAL_LEN];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Random)?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// DER wrapped in a PEM block with 64-column base64 lines.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut encoded = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let symbols = [(n >> 18) & 63, (n >> 12) & 63, (n >> 6) & 63, n & 63];
+        for (index, symbol) in symbols.iter().enumerate() {
+            // `chunk` holds 1 to 3 bytes: it yields that many plus one symbols.
+            let byte = if index <= chunk.len() {
+                ALPHABET[*symbol as usize]
+            } else {
+                b'='
+            };
+            encoded.push(byte);
+        }
+    }
+    let mut pem = format!("-----BEGIN {label}-----\n");
+    for line in encoded.chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str(&format!("-----END {label}-----\n"));
+    pem
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::tests::TempDir;
+    use crate::identity::identity_of;
+    use crate::load::NodeCredentials;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn node(name: &str) -> NodeName {
+        NodeName::new(name).unwrap()
+    }
+
+    #[test]
+    fn validity_is_skewed_and_clamped() {
+        let start = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let validity = Validity::days_from(start, 10);
+        assert_eq!(validity.not_before, start - Duration::hours(1));
+        assert_eq!(validity.not_after, start + Duration::days(10));
+        let forever = Validity::days_from(start, u32::MAX);
+        assert_eq!(forever.not_after, latest_x509_time());
+        assert!(Authority::generate(
+            "prod",
+            Validity {
+                not_before: start,
+                not_after: start
+            }
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn generated_ca_round_trips_through_pem() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        assert_eq!(ca.cluster(), "prod");
+        let again = Authority::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(again.cluster(), "prod");
+        assert_eq!(again.cert_der(), ca.cert_der());
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+        let parsed = parse_certificate(ca.cert_der(), "ca").unwrap();
+        assert!(parsed.is_ca());
+        assert_eq!(
+            parsed
+                .subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            "meshtun CA prod"
+        );
+        assert!(format!("{ca:?}").contains("elided"));
+        assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn issue_round_trips_and_carries_the_identity() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let issued = ca
+            .issue(
+                &node("node-1"),
+                &["10.0.0.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+                &["node-1.example".to_string(), "node-1".to_string()],
+                Validity::days_from_now(7),
+            )
+            .unwrap();
+        let credentials = NodeCredentials::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
+        assert_eq!(credentials.identity().as_str(), "node-1");
+        assert_eq!(
+            identity_of(&credentials.chain()[0]).unwrap().as_str(),
+            "node-1"
+        );
+
+        let parsed = parse_certificate(&credentials.chain()[0], "node").unwrap();
+        assert!(!parsed.is_ca());
+        let sans: Vec<String> = parsed
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(crate::inspect::describe_name)
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                "URI:spiffe://prod/node/node-1",
+                "DNS:node-1",
+                "DNS:node-1.example",
+                "IP:10.0.0.1"
+            ],
+        );
+        let usage = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(usage.server_auth && usage.client_auth);
+        assert_eq!(parsed.raw_serial().len(), SERIAL_LEN);
+
+        // Serials are random, not derived from the key or the name.
+        let other = ca
+            .issue(&node("node-1"), &[], &[], Validity::days_from_now(7))
+            .unwrap();
+        let other = NodeCredentials::from_pem(&other.cert_pem, &other.key_pem).unwrap();
+        let other_parsed = parse_certificate(&other.chain()[0], "other").unwrap();
+        assert_ne!(parsed.raw_serial(), other_parsed.raw_serial());
+        assert!(!format!("{issued:?}").contains(&issued.key_pem));
+    }
+
+    #[test]
+    fn issue_rejects_bad_dns_names() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        for bad in ["", "has space", "a..b"] {
+            let result = ca.issue(
+                &node("node-1"),
+                &[],
+                &[bad.to_string()],
+                Validity::days_from_now(1),
+            );
+            assert!(matches!(result, Err(PkiError::DnsName { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn from_pem_refuses_a_node_certificate_and_a_foreign_key() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let issued = ca
+            .issue(&node("node-1"), &[], &[], Validity::days_from_now(7))
+            .unwrap();
+        let error = Authority::from_pem(&issued.cert_pem, &issued.key_pem).unwrap_err();
+        assert!(error.to_string().contains("not a CA"), "{error}");
+
+        let other = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let error = Authority::from_pem(&ca.cert_pem(), &other.key_pem()).unwrap_err();
+        assert!(matches!(error, PkiError::KeyMismatch { .. }), "{error}");
+
+        assert!(matches!(
+            Authority::from_pem("", &ca.key_pem()),
+            Err(PkiError::NoCertificate { .. })
+        ));
+        assert!(matches!(
+            Authority::from_pem(&ca.cert_pem(), ""),
+            Err(PkiError::NoPrivateKey { .. })
+        ));
+        assert!(matches!(
+            Authority::generate("Prod", Validity::days_from_now(1)),
+            Err(PkiError::ClusterName { .. })
+        ));
+    }
+
+    #[test]
+    fn ca_write_and_load() {
+        let dir = TempDir::new("ca");
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let (cert, key) = ca.write(dir.path(), false).unwrap();
+        assert_eq!(cert, dir.path().join("ca.crt"));
+        assert_eq!(key, dir.path().join("ca.key"));
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&cert) & 0o600, 0o600);
+        assert_eq!(mode(dir.path()), 0o700);
+
+        let loaded = Authority::load(dir.path()).unwrap();
+        assert_eq!(loaded.cluster(), "prod");
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+
+        // A second init must not destroy the first CA.
+        let other = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let error = other.write(dir.path(), false).unwrap_err();
+        assert!(matches!(error, PkiError::Exists { .. }), "{error}");
+        assert!(error.to_string().contains("--force"));
+        assert_eq!(
+            Authority::load(dir.path()).unwrap().cert_der(),
+            ca.cert_der()
+        );
+        other.write(dir.path(), true).unwrap();
+        assert_eq!(
+            Authority::load(dir.path()).unwrap().cert_der(),
+            other.cert_der()
+        );
+
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = Authority::load(dir.path()).unwrap_err();
+        assert!(matches!(error, PkiError::KeyPermissions { .. }), "{error}");
+    }
+
+    #[test]
+    fn issued_write_refuses_overwrite_without_force() {
+        let dir = TempDir::new("issued");
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let name = node("node-1");
+        let issued = ca
+            .issue(&name, &[], &[], Validity::days_from_now(7))
+            .unwrap();
+        let (cert, key) = issued.write(dir.path(), &name, false).unwrap();
+        assert_eq!(cert, dir.path().join("node-1.crt"));
+        assert_eq!(key, dir.path().join("node-1.key"));
+        let key_mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(key_mode, 0o600);
+
+        let second = ca
+            .issue(&name, &[], &[], Validity::days_from_now(7))
+            .unwrap();
+        let error = second.write(dir.path(), &name, false).unwrap_err();
+        assert!(matches!(error, PkiError::Exists { .. }), "{error}");
+        let loaded = NodeCredentials::load(&cert, &key).unwrap();
+        let first = NodeCredentials::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
+        assert_eq!(loaded.fingerprint(), first.fingerprint());
+
+        second.write(dir.path(), &name, true).unwrap();
+        let loaded = NodeCredentials::load(&cert, &key).unwrap();
+        assert_ne!(loaded.fingerprint(), first.fingerprint());
+    }
+
+    #[test]
+    fn pem_block_matches_rcgen() {
+        let ca = Authority::generate("prod", Validity::days_from_now(1)).unwrap();
+        assert_eq!(pem_block("CERTIFICATE", ca.cert_der()), ca.cert_pem());
+        assert_eq!(
+            pem_block("X", b"ab"),
+            "-----BEGIN X-----\nYWI=\n-----END X-----\n"
+        );
+        assert_eq!(
+            pem_block("X", b"a"),
+            "-----BEGIN X-----\nYQ==\n-----END X-----\n"
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! Mutual authentication: only cluster certificates get in, a dialer only
+//! accepts the exact peer it meant, expired certificates are refused, and
+//! per-service policy is enforced by identity.
+
+mod support;
+
+use std::time::Duration;
+
+use meshtun_pki::Validity;
+use support::{echo_server, ending, Ending, NodeSpec, Pki};
+
+const NOT_CONNECTED_WITHIN: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_is_rejected_in_the_handshake() {
+    support::init_logging();
+    let cluster = Pki::new("cluster");
+    let rogue_ca = Pki::new("rogue");
+    let echo = echo_server().await;
+    let node_b = NodeSpec::new("node-b")
+        .expose("echo", echo, &["*"])
+        .start(&cluster)
+        .await;
+    // Same name as a legitimate node, trusts the cluster CA, but its own
+    // certificate comes from another CA.
+    let rogue = NodeSpec::new("node-a")
+        .peer("node-b", node_b.quic_addr())
+        .forward("node-b", "echo")
+        .start_with(rogue_ca.credentials("node-a"), cluster.trust.clone())
+        .await;
+    let missing = rogue.wait_connected(NOT_CONNECTED_WITHIN).await;
+    assert_eq!(
+        missing.len(),
+        1,
+        "node-b must refuse a foreign client certificate"
+    );
+    let (how, _) = ending(rogue.forward_addrs()[0], Duration::from_secs(5)).await;
+    assert_eq!(how, Ending::Reset);
+
+    // The control: a cluster node gets in with the same config.
+    let node_a = NodeSpec::new("node-a")
+        .peer("node-b", node_b.quic_addr())
+        .forward("node-b", "echo")
+        .start(&cluster)
+        .await;
+    assert!(node_a
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .is_empty());
+    rogue.shutdown(Duration::ZERO).await;
+    node_a.shutdown(Duration::ZERO).await;
+    node_b.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_answering_for_another_peer_is_rejected() {
+    support::init_logging();
+    let pki = Pki::new("cluster");
+    let echo = echo_server().await;
+    // node-c holds a valid cluster certificate, but node-a dials it
+    // believing it is node-b (a compromised node impersonating another).
+    let node_c = NodeSpec::new("node-c")
+        .expose("echo", echo, &["*"])
+        .start(&pki)
+        .await;
+    let node_a = NodeSpec::new("node-a")
+        .peer("node-b", node_c.quic_addr())
+        .forward("node-b", "echo")
+        .start(&pki)
+        .await;
+    let missing = node_a.wait_connected(NOT_CONNECTED_WITHIN).await;
+    assert_eq!(
+        missing.len(),
+        1,
+        "node-a must reject a server that is not node-b"
+    );
+    let (how, _) = ending(node_a.forward_addrs()[0], Duration::from_secs(5)).await;
+    assert_eq!(how, Ending::Reset);
+    node_a.shutdown(Duration::ZERO).await;
+    node_c.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificates_are_rejected_on_either_side() {
+    support::init_logging();
+    let pki = Pki::new("cluster");
+    let echo = echo_server().await;
+    let now = time::OffsetDateTime::now_utc();
+    let expired = Validity {
+        not_before: now - time::Duration::days(10),
+        not_after: now - time::Duration::days(1),
+    };
+
+    // An expired client certificate: node-b refuses it.
+    let node_b = NodeSpec::new("node-b")
+        .expose("echo", echo, &["*"])
+        .start(&pki)
+        .await;
+    let stale_client = NodeSpec::new("node-a")
+        .peer("node-b", node_b.quic_addr())
+        .forward("node-b", "echo")
+        .start_with(
+            pki.credentials_with("node-a", expired.clone()),
+            pki.trust.clone(),
+        )
+        .await;
+    assert_eq!(
+        stale_client
+            .wait_connected(NOT_CONNECTED_WITHIN)
+            .await
+            .len(),
+        1
+    );
+
+    // An expired server certificate: node-a refuses it.
+    let stale_server = NodeSpec::new("node-s")
+        .expose("echo", echo, &["*"])
+        .start_with(pki.credentials_with("node-s", expired), pki.trust.clone())
+        .await;
+    let node_a = NodeSpec::new("node-a")
+        .peer("node-s", stale_server.quic_addr())
+        .forward("node-s", "echo")
+        .start(&pki)
+        .await;
+    assert_eq!(node_a.wait_connected(NOT_CONNECTED_WITHIN).await.len(), 1);
+    for node in [stale_client, node_b, stale_server, node_a] {
+        node.shutdown(Duration::ZERO).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_exposed_only_to_node_a_refuses_node_b() {
+    support::init_logging();
+    let pki = Pki::new("cluster");
+    let echo = echo_server().await;
+    let server = NodeSpec::new("node-s")
+        .expose("echo", echo, &["node-a"])
+        .start(&pki)
+        .await;
+    let node_a = NodeSpec::new("node-a")
+        .peer("node-s", server.quic_addr())
+        .forward("node-s", "echo")
+        .start(&pki)
+        .await;
+    let node_b = NodeSpec::new("node-b")
+        .peer("node-s", server.quic_addr())
+        .forward("node-s", "echo")
+        .start(&pki)
+        .await;
+    assert!(node_a
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .is_empty());
+    assert!(node_b
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .is_empty());
+
+    // node-b is authenticated (it connected) but not authorized.
+    let (how, after) = ending(node_b.forward_addrs()[0], Duration::from_secs(5)).await;
+    assert_eq!(how, Ending::Reset);
+    assert!(after < Duration::from_secs(1), "refusal took {after:?}");
+    // node-a may: its bytes come back and the connection stays open.
+    let (how, _) = ending(node_a.forward_addrs()[0], Duration::from_millis(500)).await;
+    assert_eq!(how, Ending::Hang);
+    for node in [node_a, node_b, server] {
+        node.shutdown(Duration::ZERO).await;
+    }
+}
