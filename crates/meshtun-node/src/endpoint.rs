@@ -75,16 +75,21 @@ fn transport(quic: &Quic, accept_streams: bool) -> Result<TransportConfig, NodeE
         .stream_receive_window(window(quic.stream_window, "stream_window")?)
         .receive_window(window(quic.connection_window, "connection_window")?)
         .send_window(quic.send_window)
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(None);
-    // Streams flow from the dialer to the acceptor only: a peer may not open
-    // streams on a connection this node dialled.
-    let bidi = if accept_streams {
-        VarInt::from_u32(quic.max_streams_per_peer)
+    // Forwarded streams flow from the dialer to the acceptor only: a peer may
+    // not open them on a connection this node dialled. The acceptor opens a
+    // single unidirectional stream, its welcome, to the dialer.
+    let (bidi, uni) = if accept_streams {
+        (
+            VarInt::from_u32(quic.max_streams_per_peer),
+            VarInt::from_u32(0),
+        )
     } else {
-        VarInt::from_u32(0)
+        (VarInt::from_u32(0), VarInt::from_u32(1))
     };
-    transport.max_concurrent_bidi_streams(bidi);
+    transport
+        .max_concurrent_bidi_streams(bidi)
+        .max_concurrent_uni_streams(uni);
     Ok(transport)
 }
 

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use meshtun_config::{Expose, HostPort};
 use meshtun_proto::{
     ConnectionCode, Decoded, Kind, NodeName, Preamble, Status, StatusCode, StreamCode,
-    MAX_PREAMBLE_LEN,
+    MAX_PREAMBLE_LEN, WELCOME,
 };
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
@@ -68,6 +68,10 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     };
     let span = tracing::info_span!("peer", peer = %identity);
     async {
+        if let Err(error) = send_welcome(&connection).await {
+            info!(%error, "peer left before the welcome");
+            return;
+        }
         info!("peer connected (incoming)");
         loop {
             let (send, recv) = match connection.accept_bi().await {
@@ -84,6 +88,16 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     }
     .instrument(span)
     .await;
+}
+
+/// Tells the dialer its certificate was accepted (see [`WELCOME`]).
+async fn send_welcome(connection: &Connection) -> Result<(), quinn::WriteError> {
+    let mut stream = connection.open_uni().await?;
+    stream.write_all(WELCOME).await?;
+    // Finishing only fails if the stream is already closed, which the write
+    // above would have reported.
+    let _ = stream.finish();
+    Ok(())
 }
 
 fn peer_identity(connection: &Connection) -> Result<NodeName, String> {

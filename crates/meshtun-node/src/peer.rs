@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshtun_config::HostPort;
-use meshtun_proto::NodeName;
-use quinn::{ClientConfig, Connection, Endpoint};
+use meshtun_proto::{ConnectionCode, NodeName, WELCOME};
+use quinn::{ClientConfig, Connection, Endpoint, VarInt};
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -192,9 +192,21 @@ impl PeerLinks {
         let connecting = endpoint
             .connect_with(client.clone(), addr, SERVER_NAME)
             .map_err(DialError::Connect)?;
-        match tokio::time::timeout(handshake_timeout, connecting).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(DialError::Handshake(addr, error)),
+        let handshake = async {
+            let connection = connecting
+                .await
+                .map_err(|error| DialError::Handshake(addr, error))?;
+            welcome(&connection).await.map_err(|error| {
+                connection.close(
+                    VarInt::from_u32(ConnectionCode::ProtocolViolation.to_u32()),
+                    b"no welcome",
+                );
+                DialError::Welcome(addr, error)
+            })?;
+            Ok(connection)
+        };
+        match tokio::time::timeout(handshake_timeout, handshake).await {
+            Ok(result) => result,
             Err(_) => Err(DialError::Timeout(addr, handshake_timeout)),
         }
     }
@@ -214,6 +226,23 @@ impl PeerLinks {
     }
 }
 
+/// Waits for the acceptor's [`WELCOME`]: proof that it accepted our
+/// certificate. If it refused, the connection's close reason says why.
+async fn welcome(connection: &Connection) -> Result<(), String> {
+    let mut stream = connection
+        .accept_uni()
+        .await
+        .map_err(|error| error.to_string())?;
+    let greeting = stream
+        .read_to_end(WELCOME.len())
+        .await
+        .map_err(|error| format!("reading the welcome: {error}"))?;
+    if greeting != WELCOME {
+        return Err("peer sent an unexpected welcome; is it a meshtun/1 node?".to_owned());
+    }
+    Ok(())
+}
+
 /// A uniformly random pause in `[delay/2, delay]`, so peers that lost each
 /// other at the same moment do not re-dial in lockstep.
 fn jitter(delay: Duration) -> Duration {
@@ -230,6 +259,8 @@ enum DialError {
     Connect(quinn::ConnectError),
     #[error("handshake with {0} failed: {1}")]
     Handshake(SocketAddr, quinn::ConnectionError),
+    #[error("{0} did not accept this node: {1}")]
+    Welcome(SocketAddr, String),
     #[error("handshake with {0} timed out after {1:?}")]
     Timeout(SocketAddr, Duration),
 }

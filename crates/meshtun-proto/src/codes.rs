@@ -1,6 +1,13 @@
 //! QUIC application error codes meshtun uses when it resets a stream or
 //! closes a connection, so each side can tell the other why.
 
+/// The acceptor's greeting, sent on the one unidirectional stream it opens
+/// after it has checked the dialer's identity. A TLS 1.3 client finishes its
+/// handshake before the server has looked at the client certificate, so the
+/// dialer counts a connection as usable only once this has arrived: a
+/// rejected certificate then shows up as a failed dial, with the reason.
+pub const WELCOME: &[u8] = b"meshtun/1 welcome";
+
 /// Codes for `RESET_STREAM` / `STOP_SENDING` on a forwarded stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]

@@ -12,7 +12,7 @@ mod name;
 mod preamble;
 mod status;
 
-pub use codes::{ConnectionCode, StreamCode};
+pub use codes::{ConnectionCode, StreamCode, WELCOME};
 pub use name::{NameError, NodeName, ServiceName, MAX_NAME_LEN};
 pub use preamble::{Decoded, Kind, Preamble, PreambleError, MAX_PREAMBLE_LEN, VERSION};
 pub use status::{Status, StatusCode, StatusError, MAX_DETAIL_LEN, MAX_STATUS_LEN};

@@ -179,7 +179,8 @@ pub async fn ending(addr: SocketAddr, within: Duration) -> (Ending, Duration) {
     let attempt = async {
         let mut tcp = match TcpStream::connect(addr).await {
             Ok(tcp) => tcp,
-            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => return Ending::Reset,
+            // On loopback the reset can land before connect() returns.
+            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => return Ending::Reset,
             Err(error) => panic!("connect to {addr}: {error}"),
         };
         let _ = tcp.write_all(b"hello").await;
