@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use meshtun_node::Node;
 use meshtun_pki::{NodeCredentials, TrustBundle};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{init_logging, runtime, EXIT_CONFIG, EXIT_RUNTIME};
 
@@ -59,6 +59,10 @@ pub(crate) fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    if let Some(admin) = &config.admin {
+        // Say so instead of silently serving nothing on the configured port.
+        warn!(listen = %admin.listen, "[admin] is configured, but this build does not serve /metrics or /status yet");
+    }
     runtime.block_on(async move {
         let grace = config.limits.drain_grace;
         let node = match Node::start(config, credentials, trust).await {
