@@ -2,6 +2,9 @@
 //! accepts the exact peer it meant, expired certificates are refused, and
 //! per-service policy is enforced by identity.
 
+// A panic in test code is a failed test, which is what an unwrap here means.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;
@@ -100,7 +103,7 @@ async fn expired_certificates_are_rejected_on_either_side() {
         .peer("node-b", node_b.quic_addr())
         .forward("node-b", "echo")
         .start_with(
-            pki.credentials_with("node-a", expired.clone()),
+            pki.credentials_with("node-a", expired),
             pki.trust.clone(),
         )
         .await;

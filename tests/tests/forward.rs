@@ -1,6 +1,9 @@
 //! The forward-mode data plane on loopback: bytes arrive intact and in full,
 //! many connections share one QUIC connection, and half-close is mirrored.
 
+// A panic in test code is a failed test, which is what an unwrap here means.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -1,6 +1,9 @@
 //! Every way a forwarded connection can be refused ends in a prompt reset of
 //! the local client: never a hang, never a clean EOF that hides a failure.
 
+// A panic in test code is a failed test, which is what an unwrap here means.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;
