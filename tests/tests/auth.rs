@@ -102,10 +102,7 @@ async fn expired_certificates_are_rejected_on_either_side() {
     let stale_client = NodeSpec::new("node-a")
         .peer("node-b", node_b.quic_addr())
         .forward("node-b", "echo")
-        .start_with(
-            pki.credentials_with("node-a", expired),
-            pki.trust.clone(),
-        )
+        .start_with(pki.credentials_with("node-a", expired), pki.trust.clone())
         .await;
     assert_eq!(
         stale_client

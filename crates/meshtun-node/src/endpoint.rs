@@ -11,6 +11,7 @@ use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::warn;
 
+use crate::cid::KeyedCidGenerator;
 use crate::NodeError;
 
 /// Binds the UDP socket with the configured buffer sizes.
@@ -100,7 +101,11 @@ fn transport(quic: &Quic, accept_streams: bool) -> Result<TransportConfig, NodeE
 pub(crate) fn endpoint_config(credentials: &NodeCredentials) -> EndpointConfig {
     let secret = credentials.stateless_reset_secret();
     let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret);
-    EndpointConfig::new(Arc::new(key))
+    let mut config = EndpointConfig::new(Arc::new(key));
+    // The reset is only sent for connection IDs the new process recognizes.
+    let generator = KeyedCidGenerator::new(&secret);
+    config.cid_generator(move || Box::new(generator.clone()));
+    config
 }
 
 /// Server side: every client must present a cluster certificate.

@@ -12,6 +12,7 @@
 //! streams drain for a grace period, resets what is left and closes QUIC with
 //! a code.
 
+mod cid;
 mod endpoint;
 mod expose;
 mod forward;

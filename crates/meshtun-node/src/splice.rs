@@ -48,7 +48,7 @@ pub(crate) enum Failure {
     NoStatus,
     #[error("peer sent a malformed status: {0}")]
     BadStatus(meshtun_proto::StatusError),
-    #[error("peer refused the stream: {} ({})", .0.code.as_str(), .0.detail)]
+    #[error("peer refused the stream: {} ({:?})", .0.code.as_str(), .0.detail)]
     Refused(Status),
     #[error("node is shutting down")]
     Shutdown,

@@ -1,0 +1,242 @@
+//! Helpers shared by the tests that run the `meshtun` binary as a process:
+//! unique temporary directories, commands with a time bound, child processes
+//! that are killed when a test fails, and OS-chosen loopback ports.
+// Each test file uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a one-shot CLI command (`check`, `pki ...`, a `run` that must
+/// fail) may take. Generous: the binary is a debug build on a shared machine.
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Exit code for a command line the binary cannot understand.
+pub(crate) const EXIT_USAGE: i32 = 64;
+/// Exit code for a bad configuration or certificate.
+pub(crate) const EXIT_CONFIG: i32 = 78;
+
+/// A fresh directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(label: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "meshtun-bin-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `self/name`.
+    pub(crate) fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The directory as a string with a trailing '/', for config text.
+    pub(crate) fn prefix(&self) -> String {
+        let text = self.0.to_str().expect("temp dir path is UTF-8");
+        format!("{text}/")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The binary under test, with no configuration or logging settings
+/// inherited from the environment of whoever runs the tests.
+pub(crate) fn meshtun() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meshtun"));
+    command
+        .env_remove("MESHTUN_CONFIG")
+        .env_remove("MESHTUN_LOG")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    command
+}
+
+/// What a finished command printed, and how it ended.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl Finished {
+    /// The exit code; panics (with the output) if a signal ended it.
+    pub(crate) fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {self}"))
+    }
+
+    /// Asserts exit code 0.
+    pub(crate) fn success(self) -> Self {
+        assert_eq!(self.code(), 0, "expected success: {self}");
+        self
+    }
+}
+
+impl std::fmt::Display for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `command` to completion, killing it and failing the test if it
+/// takes longer than [`COMMAND_TIMEOUT`].
+pub(crate) fn run(command: &mut Command) -> Finished {
+    let mut child = ChildGuard::new(
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn meshtun"),
+    );
+    let stdout = drain(child.0.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.0.stderr.take().expect("piped stderr"));
+    let status = child
+        .wait_until(Instant::now() + COMMAND_TIMEOUT)
+        .unwrap_or_else(|| panic!("{command:?} did not finish within {COMMAND_TIMEOUT:?}"));
+    Finished {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+/// `meshtun ARGS...`, run to completion.
+pub(crate) fn meshtun_with(args: &[&str]) -> Finished {
+    run(meshtun().args(args))
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// A child process that is killed and reaped when dropped, so a failing
+/// test never leaves a daemon behind.
+#[derive(Debug)]
+pub(crate) struct ChildGuard(pub(crate) Child);
+
+impl ChildGuard {
+    pub(crate) fn new(child: Child) -> Self {
+        Self(child)
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Polls for the child's exit until `deadline`; `None` if it still runs.
+    pub(crate) fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub(crate) fn free_tcp_port(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).expect("bind TCP port 0");
+    listener.local_addr().expect("local addr")
+}
+
+/// A loopback UDP port that was free a moment ago.
+pub(crate) fn free_udp_port(ip: &str) -> SocketAddr {
+    let socket = UdpSocket::bind((ip, 0)).expect("bind UDP port 0");
+    socket.local_addr().expect("local addr")
+}
+
+/// The permission bits of `path`.
+pub(crate) fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|error| panic!("stat {}: {error}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+pub(crate) fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|error| panic!("chmod {}: {error}", path.display()));
+}
+
+/// `meshtun pki init-ca --cluster CLUSTER --out DIR`, which must succeed.
+pub(crate) fn init_ca(cluster: &str, dir: &Path) {
+    meshtun_with(&[
+        "pki",
+        "init-ca",
+        "--cluster",
+        cluster,
+        "--out",
+        dir.to_str().expect("UTF-8 path"),
+    ])
+    .success();
+}
+
+/// `meshtun pki issue --ca CA --node NODE --out OUT`, which must succeed.
+pub(crate) fn issue(ca: &Path, node: &str, out: &Path) {
+    meshtun_with(&[
+        "pki",
+        "issue",
+        "--ca",
+        ca.to_str().expect("UTF-8 path"),
+        "--node",
+        node,
+        "--out",
+        out.to_str().expect("UTF-8 path"),
+    ])
+    .success();
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
