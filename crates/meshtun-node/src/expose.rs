@@ -16,19 +16,18 @@ use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::splice::{self, Downlink};
+use crate::splice::{self, Downlink, Outbound};
 use crate::Shared;
 
-/// Accepts incoming QUIC connections until the node stops accepting.
+/// Accepts incoming QUIC connections until the endpoint closes. While the
+/// node drains, new connections are refused at once (the dialer sees a
+/// refusal, not a handshake timeout).
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    loop {
-        let incoming = tokio::select! {
-            incoming = endpoint.accept() => incoming,
-            () = shared.stop_accepting.cancelled() => return,
-        };
-        let Some(incoming) = incoming else {
-            return; // endpoint closed
-        };
+    while let Some(incoming) = endpoint.accept().await {
+        if shared.stop_accepting.is_cancelled() {
+            incoming.refuse();
+            continue;
+        }
         let span = tracing::info_span!("incoming", remote = %incoming.remote_address());
         shared
             .tasks
@@ -72,6 +71,7 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
             info!(%error, "peer left before the welcome");
             return;
         }
+        let _tracked = shared.track_incoming(&identity);
         info!("peer connected (incoming)");
         loop {
             let (send, recv) = match connection.accept_bi().await {
@@ -118,12 +118,23 @@ fn refuse(code: StatusCode, detail: String) -> Status {
     Status::new(code, detail)
 }
 
+/// Serves one incoming stream until it ends or the node's `abort_streams`
+/// token fires; the guards on the stream and the target socket make a
+/// cancellation a reset on both sides.
+async fn serve_stream(send: SendStream, recv: RecvStream, identity: NodeName, shared: Arc<Shared>) {
+    let send = Outbound::new(send);
+    tokio::select! {
+        () = answer_stream(send, recv, identity, &shared) => {}
+        () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
+    }
+}
+
 /// Reads the preamble, authorizes, connects, answers, then splices.
-async fn serve_stream(
-    mut send: SendStream,
+async fn answer_stream(
+    mut send: Outbound,
     mut recv: RecvStream,
     identity: NodeName,
-    shared: Arc<Shared>,
+    shared: &Shared,
 ) {
     let (preamble, payload) = match read_preamble(&mut recv, shared.preamble_timeout).await {
         Ok(read) => read,
@@ -134,7 +145,7 @@ async fn serve_stream(
             return;
         }
     };
-    let expose = match authorize(&shared, &preamble, &identity) {
+    let expose = match authorize(shared, &preamble, &identity) {
         Ok(expose) => expose,
         Err(status) => {
             info!(code = status.code.as_str(), detail = %status.detail, "stream refused");
@@ -157,12 +168,13 @@ async fn serve_stream(
                 return;
             }
         };
+        splice::reset_on_close(&tcp);
         if let Err(error) = tcp.set_nodelay(true) {
             debug!(%error, "cannot set TCP_NODELAY");
         }
         let mut ok = BytesMut::with_capacity(2);
         Status::ok().encode(&mut ok);
-        if let Err(error) = send.write_chunk(ok.freeze()).await {
+        if let Err(error) = send.stream.write_chunk(ok.freeze()).await {
             debug!(%error, "stream failed before the status was sent");
             splice::abort(&tcp, &mut send, &mut recv, StreamCode::Internal);
             return;
@@ -254,20 +266,24 @@ async fn read_preamble(
     }
 }
 
-/// Sends a refusal and closes the stream both ways. The opener resets its
-/// local client when it reads the status.
+/// Sends a refusal and closes the stream both ways. The status goes out
+/// before the stop, so the opener reads the reason rather than just a stop;
+/// it then resets its local client.
 async fn answer_refusal(
-    send: &mut SendStream,
+    send: &mut Outbound,
     recv: &mut RecvStream,
     status: &Status,
     code: StreamCode,
 ) {
-    let _ = recv.stop(VarInt::from_u32(code.to_u32()));
     let mut bytes = BytesMut::with_capacity(status.encoded_len());
     status.encode(&mut bytes);
-    if send.write_chunk(bytes.freeze()).await.is_ok() {
+    if send.stream.write_chunk(bytes.freeze()).await.is_ok() {
+        // A failed finish means the stream is gone; the opener knows.
         let _ = send.finish();
+    } else {
+        send.reset(code);
     }
+    let _ = recv.stop(VarInt::from_u32(code.to_u32()));
 }
 
 /// Connects to an expose target, trying each resolved address in turn, all

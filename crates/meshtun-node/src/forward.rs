@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use meshtun_proto::{Preamble, ServiceName, StreamCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::peer::PeerLinks;
-use crate::splice::{self, Downlink};
+use crate::splice::{self, Downlink, Outbound};
 use crate::Shared;
 
 /// How long a new local connection may wait for a peer connection whose
@@ -69,47 +69,43 @@ pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
     }
 }
 
-/// Carries one local TCP connection over one QUIC stream.
-async fn forward_one(
-    mut tcp: TcpStream,
-    peer: Arc<PeerLinks>,
-    preamble: bytes::Bytes,
-    shared: Arc<Shared>,
-) {
+/// Carries one local TCP connection over one QUIC stream. The node's
+/// `abort_streams` token cancels it at any point; the socket is armed to
+/// reset on close from the start, so cancellation or any early return
+/// resets the client rather than closing it cleanly.
+async fn forward_one(tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared: Arc<Shared>) {
+    splice::reset_on_close(&tcp);
     if let Err(error) = tcp.set_nodelay(true) {
         debug!(%error, "cannot set TCP_NODELAY");
     }
+    tokio::select! {
+        () = carry(tcp, peer, preamble, &shared) => {}
+        () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
+    }
+}
+
+async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared: &Shared) {
     let Some(connection) = peer.connection(PEER_WAIT).await else {
         info!("peer not connected; resetting local connection");
-        splice::reset_on_close(&tcp);
         return;
     };
-    let opened = tokio::select! {
-        opened = tokio::time::timeout(OPEN_TIMEOUT, connection.open_bi()) => opened,
-        () = shared.abort_streams.cancelled() => {
-            splice::reset_on_close(&tcp);
-            return;
-        }
-    };
-    let (mut send, mut recv) = match opened {
+    let (send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, connection.open_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(error)) => {
             info!(%error, "cannot open stream; resetting local connection");
-            splice::reset_on_close(&tcp);
             return;
         }
         Err(_) => {
             warn!(timeout = ?OPEN_TIMEOUT, "peer granted no stream in time; resetting local connection");
-            splice::reset_on_close(&tcp);
             return;
         }
     };
-    let stream = send.id();
-    let span = tracing::debug_span!("stream", id = %stream);
+    let mut send = Outbound::new(send);
+    let span = tracing::debug_span!("stream", id = %send.stream.id());
     async {
         // The preamble goes out now and the client's bytes right behind it:
         // no round trip is spent waiting for the peer's status.
-        if let Err(error) = send.write_chunk(preamble).await {
+        if let Err(error) = send.stream.write_chunk(preamble).await {
             info!(%error, "stream failed before the preamble was sent");
             splice::abort(&tcp, &mut send, &mut recv, StreamCode::Internal);
             return;

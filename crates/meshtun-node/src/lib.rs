@@ -21,7 +21,7 @@ mod splice;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshtun_config::{Config, Expose};
@@ -57,6 +57,10 @@ pub enum NodeError {
     Quic(String),
 }
 
+/// How long shutdown waits for reset stream tasks to end before it closes
+/// the endpoint under them.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
 /// State shared by the node's tasks. Read-only after start.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -73,6 +77,47 @@ pub(crate) struct Shared {
     tasks: TaskTracker,
     /// One task per forwarded stream, on either side.
     streams: TaskTracker,
+    /// Identities of the peers connected to this node, with how many
+    /// connections each has open.
+    incoming: Mutex<BTreeMap<NodeName, usize>>,
+}
+
+impl Shared {
+    /// Records an incoming connection from `peer` until the guard drops.
+    pub(crate) fn track_incoming(self: &Arc<Self>, peer: &NodeName) -> IncomingGuard {
+        let mut incoming = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *incoming.entry(peer.clone()).or_insert(0) += 1;
+        IncomingGuard {
+            shared: self.clone(),
+            peer: peer.clone(),
+        }
+    }
+}
+
+/// Un-counts an incoming connection when its task ends.
+#[derive(Debug)]
+pub(crate) struct IncomingGuard {
+    shared: Arc<Shared>,
+    peer: NodeName,
+}
+
+impl Drop for IncomingGuard {
+    fn drop(&mut self) {
+        let mut incoming = self
+            .shared
+            .incoming
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = incoming.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                incoming.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// A running node.
@@ -169,6 +214,7 @@ impl Node {
             abort_streams: CancellationToken::new(),
             tasks: TaskTracker::new(),
             streams: TaskTracker::new(),
+            incoming: Mutex::new(BTreeMap::new()),
         });
 
         let timing = DialTiming {
@@ -225,6 +271,18 @@ impl Node {
             .is_some_and(|links| links.is_connected())
     }
 
+    /// Identities of the peers whose connections this node has accepted
+    /// (their certificates verified against the cluster CA) and that are
+    /// still connected.
+    pub fn incoming_peers(&self) -> Vec<NodeName> {
+        let incoming = self
+            .shared
+            .incoming
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        incoming.keys().cloned().collect()
+    }
+
     /// Waits until every configured peer has a live connection, or `timeout`
     /// passes. Returns the peers still not connected.
     pub async fn wait_connected(&self, timeout: Duration) -> Vec<NodeName> {
@@ -257,7 +315,9 @@ impl Node {
                 "drain period over; resetting open streams"
             );
             shared.abort_streams.cancel();
-            shared.streams.wait().await;
+            // Cancelled stream tasks end at their next poll; the bound only
+            // guards against a peer that keeps opening streams meanwhile.
+            let _ = tokio::time::timeout(ABORT_WAIT, shared.streams.wait()).await;
         }
         let code = ConnectionCode::Shutdown;
         self.endpoint

@@ -115,7 +115,7 @@ pub(crate) enum Downlink {
 /// fired. On `Err` the caller must [`abort`]: nothing has been reset yet.
 pub(crate) async fn splice(
     tcp: &mut TcpStream,
-    send: &mut SendStream,
+    send: &mut Outbound,
     recv: &mut RecvStream,
     downlink: Downlink,
     cancel: &CancellationToken,
@@ -126,7 +126,11 @@ pub(crate) async fn splice(
     let down = stream_to_tcp(recv, &mut tcp_write, downlink, &mut totals.downlink);
     let result = join_both(up, down, cancel).await;
     match result {
-        Ok(()) => Ok(totals),
+        Ok(()) => {
+            // Both FINs went through: the socket may now close gracefully.
+            close_gracefully(tcp);
+            Ok(totals)
+        }
         Err(failure) => Err((failure, totals)),
     }
 }
@@ -148,28 +152,49 @@ async fn join_both(
     Ok(())
 }
 
-/// Local TCP → QUIC stream. TCP end of file finishes the stream.
+/// Local TCP → QUIC stream. TCP end of file finishes the stream, and the
+/// direction is done once the peer has acknowledged every byte and the FIN,
+/// so a drain never closes the connection under unacknowledged data. While
+/// the client is quiet, a stop or a lost connection still ends it at once:
+/// a dead peer resets even an idle, half-closed client.
 async fn tcp_to_stream(
     tcp: &mut ReadHalf<'_>,
-    send: &mut SendStream,
+    send: &mut Outbound,
     moved: &mut u64,
 ) -> Result<(), Failure> {
+    let stopped = send.stream.stopped();
+    tokio::pin!(stopped);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK);
     loop {
         if buffer.capacity() - buffer.len() < MIN_SPARE {
             buffer.reserve(READ_CHUNK);
         }
-        let read = tcp.read_buf(&mut buffer).await.map_err(Failure::TcpRead)?;
+        let read = tokio::select! {
+            read = tcp.read_buf(&mut buffer) => read.map_err(Failure::TcpRead)?,
+            outcome = &mut stopped => return Err(stopped_early(outcome)),
+        };
         if read == 0 {
-            // The client half-closed: mirror its FIN. The stream may already
-            // be reset by the peer, which the other direction reports.
-            send.finish().map_err(|_| Failure::StreamClosed)?;
-            return Ok(());
+            // The client half-closed: mirror its FIN.
+            send.finish()?;
+            return match stopped.await {
+                Ok(None) => Ok(()),
+                outcome => Err(stopped_early(outcome)),
+            };
         }
         *moved += read as u64;
         // `split` hands over the filled bytes without copying; the spare
         // capacity stays behind for the next read.
-        send.write_chunk(buffer.split().freeze()).await?;
+        send.stream.write_chunk(buffer.split().freeze()).await?;
+    }
+}
+
+/// The failure behind a `stopped()` outcome other than "all data acknowledged".
+fn stopped_early(outcome: Result<Option<VarInt>, quinn::StoppedError>) -> Failure {
+    match outcome {
+        Ok(Some(code)) => Failure::StreamStopped(code),
+        Ok(None) => Failure::StreamClosed,
+        Err(quinn::StoppedError::ConnectionLost(error)) => Failure::ConnectionLost(error),
+        Err(quinn::StoppedError::ZeroRttRejected) => Failure::StreamClosed,
     }
 }
 
@@ -264,20 +289,70 @@ pub(crate) async fn read_status(recv: &mut RecvStream) -> Result<(Status, Bytes)
 /// Tears a failed connection down on both sides: the stream is reset and
 /// stopped with `code`, and the local TCP socket is set to close with RST, so
 /// the application sees a reset instead of a clean end of file.
-pub(crate) fn abort(
-    tcp: &TcpStream,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
-    code: StreamCode,
-) {
-    let code = VarInt::from_u32(code.to_u32());
-    // Either half may already be closed; that is fine, the other side knows.
-    let _ = send.reset(code);
-    let _ = recv.stop(code);
+pub(crate) fn abort(tcp: &TcpStream, send: &mut Outbound, recv: &mut RecvStream, code: StreamCode) {
+    send.reset(code);
+    // The receive half may already be finished; then there is nothing to stop.
+    let _ = recv.stop(VarInt::from_u32(code.to_u32()));
     reset_on_close(tcp);
 }
 
+/// The sending half of a forwarded stream, which fails closed.
+///
+/// quinn finishes a `SendStream` that is dropped, which would show the peer
+/// a clean end of stream even if the transfer was cut short (a task
+/// cancelled by shutdown, say). This guard resets the stream instead unless
+/// it was explicitly finished or reset.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    pub(crate) stream: SendStream,
+    closed: bool,
+}
+
+impl Outbound {
+    pub(crate) fn new(stream: SendStream) -> Self {
+        Self {
+            stream,
+            closed: false,
+        }
+    }
+
+    /// Sends FIN after everything written so far.
+    pub(crate) fn finish(&mut self) -> Result<(), Failure> {
+        self.closed = true;
+        self.stream.finish().map_err(|_| Failure::StreamClosed)
+    }
+
+    /// Abandons the stream with `code`; the peer sees a reset.
+    pub(crate) fn reset(&mut self, code: StreamCode) {
+        self.closed = true;
+        // An already finished or reset stream is fine: the peer knows.
+        let _ = self.stream.reset(VarInt::from_u32(code.to_u32()));
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        if !self.closed {
+            let _ = self
+                .stream
+                .reset(VarInt::from_u32(StreamCode::Shutdown.to_u32()));
+        }
+    }
+}
+
+/// Lets the next close of `tcp` send FIN again (the default linger).
+fn close_gracefully(tcp: &TcpStream) {
+    if let Err(error) = socket2::SockRef::from(tcp).set_linger(None) {
+        tracing::warn!(%error, "could not restore graceful close; the client may see a reset after a complete transfer");
+    }
+}
+
 /// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER = 0).
+///
+/// Every forwarded socket is armed like this as soon as it exists, so any
+/// way out of its task other than a completed [`splice`] (an error, a
+/// cancelled task) resets it: a failure can never look like a clean end of
+/// file. `splice` disarms it once both directions ended cleanly.
 pub(crate) fn reset_on_close(tcp: &TcpStream) {
     if let Err(error) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
         // Without linger the close becomes a FIN; say so rather than hide it.

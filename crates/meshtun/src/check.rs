@@ -40,19 +40,19 @@ pub(crate) fn check(path: &Path) -> ExitCode {
         }
     }
     for fact in &report.facts {
-        println!("ok: {fact}");
+        say!("ok: {fact}");
     }
     for warning in &report.warnings {
-        println!("warning: {warning}");
+        say!("warning: {warning}");
     }
     for error in &report.errors {
-        println!("error: {error}");
+        say!("error: {error}");
     }
     if report.errors.is_empty() {
-        println!("{}: OK", path.display());
+        say!("{}: OK", path.display());
         ExitCode::SUCCESS
     } else {
-        println!("{}: {} problem(s)", path.display(), report.errors.len());
+        say!("{}: {} problem(s)", path.display(), report.errors.len());
         ExitCode::from(EXIT_CONFIG)
     }
 }

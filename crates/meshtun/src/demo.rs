@@ -36,7 +36,7 @@ pub(crate) fn demo(mib: u64) -> ExitCode {
     match runtime.block_on(run_demo(mib)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            println!("\nsome checks FAILED (see ✗ above)");
+            say!("\nsome checks FAILED (see ✗ above)");
             ExitCode::from(EXIT_RUNTIME)
         }
         Err(problem) => {
@@ -137,12 +137,12 @@ struct Checks {
 impl Checks {
     fn report(&mut self, passed: bool, line: impl AsRef<str>) {
         self.all_passed &= passed;
-        println!("{} {}", if passed { "✓" } else { "✗" }, line.as_ref());
+        say!("{} {}", if passed { "✓" } else { "✗" }, line.as_ref());
     }
 }
 
 async fn run_demo(mib: u64) -> Result<bool, DemoError> {
-    println!("meshtun demo: two nodes on loopback, a throwaway CA, nothing written to disk\n");
+    say!("meshtun demo: two nodes on loopback, a throwaway CA, nothing written to disk\n");
     let authority = Authority::generate("demo", Validity::days_from_now(1))?;
     let trust = TrustBundle::from_pem(&authority.cert_pem())?;
     let credentials = |name: &str| -> Result<NodeCredentials, DemoError> {
@@ -171,11 +171,11 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
     let (a_config, _) = node_configs(node_b.quic_addr(), &services)?;
     let node_a = Node::start(a_config, credentials("node-a")?, trust.clone()).await?;
     let forwards = node_a.forward_addrs().to_vec();
-    println!(
+    say!(
         "node-b  QUIC {}  exposes demo-echo -> {echo_addr} (allow node-a)",
         node_b.quic_addr()
     );
-    println!(
+    say!(
         "node-a  QUIC {}  forwards {} -> node-b/demo-echo\n",
         node_a.quic_addr(),
         forwards[0]
@@ -183,9 +183,14 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
 
     let mut checks = Checks { all_passed: true };
     let missing = node_a.wait_connected(Duration::from_secs(5)).await;
+    let seen_by_b = node_b.incoming_peers();
     checks.report(
-        missing.is_empty(),
-        "mutual TLS 1.3 (ALPN meshtun/1): node-a verified that the server is node-b, node-b verified node-a's client certificate",
+        missing.is_empty() && seen_by_b.iter().map(NodeName::as_str).eq(["node-a"]),
+        format!(
+            "mutual TLS 1.3 (ALPN meshtun/1): node-a verified the server's certificate names node-b; \
+             node-b verified the client certificate and sees identity {}",
+            seen_by_b.iter().map(NodeName::as_str).collect::<Vec<_>>().join(", ")
+        ),
     );
 
     let started = Instant::now();
@@ -217,7 +222,7 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
                 true,
                 format!("{bulk_mib} MiB one way into a sink, byte count confirmed by the sink"),
             );
-            println!(
+            say!(
                 "  throughput: {tunnel:.2} Gbit/s through meshtun, {direct:.2} Gbit/s direct TCP on loopback ({:.0}%)",
                 100.0 * tunnel / direct
             );
@@ -233,7 +238,7 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
                 true,
                 format!("{PING_ROUNDS} ping-pongs of 64 B through the tunnel"),
             );
-            println!(
+            say!(
                 "  latency: median round trip {:.1} us through meshtun, {:.1} us direct; added {:.1} us (p99 {:.1} us vs {:.1} us)",
                 tunnel.median, direct.median, tunnel.median - direct.median, tunnel.p99, direct.p99
             );
@@ -283,7 +288,7 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
     node_a.shutdown(Duration::from_secs(1)).await;
     node_b.shutdown(Duration::from_secs(1)).await;
     if checks.all_passed {
-        println!("\nall checks passed");
+        say!("\nall checks passed");
     }
     Ok(checks.all_passed)
 }

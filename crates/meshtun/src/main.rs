@@ -5,6 +5,19 @@
 //! Exit codes follow DESIGN.md §5: 0 ok, 64 usage, 78 bad configuration or
 //! certificates, 1 runtime failure.
 
+/// Prints a line to stdout. A closed stdout (`meshtun demo | head`) ends
+/// the output, not the program: `println!` would panic there.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod check;
 mod demo;
 mod pki;

@@ -69,14 +69,12 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
         } => Authority::generate(&cluster, Validity::days_from_now(days))
             .and_then(|authority| authority.write(&out, force))
             .map(|(cert, key)| {
-                println!(
+                say!(
                     "wrote {} and {} (cluster {cluster:?}, {days} days)",
                     cert.display(),
                     key.display()
                 );
-                println!(
-                    "keep ca.key offline or on one trusted host; copy only ca.crt to the nodes"
-                );
+                say!("keep ca.key offline or on one trusted host; copy only ca.crt to the nodes");
             }),
         PkiCommand::Issue {
             ca,
@@ -90,7 +88,7 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
             .and_then(|authority| authority.issue(&node, &ips, &dns, Validity::days_from_now(days)))
             .and_then(|issued| issued.write(&out, &node, force))
             .map(|(cert, key)| {
-                println!(
+                say!(
                     "wrote {} and {} (node {node}, {days} days)",
                     cert.display(),
                     key.display()
@@ -100,9 +98,9 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
             Ok(pem) => meshtun_pki::inspect_pem(&pem).map(|certificates| {
                 for (index, certificate) in certificates.iter().enumerate() {
                     if index > 0 {
-                        println!();
+                        say!();
                     }
-                    println!("{certificate}");
+                    say!("{certificate}");
                 }
             }),
             Err(error) => {

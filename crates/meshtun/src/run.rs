@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use meshtun_node::Node;
 use meshtun_pki::{NodeCredentials, TrustBundle};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{init_logging, runtime, EXIT_CONFIG, EXIT_RUNTIME};
@@ -65,6 +66,15 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     }
     runtime.block_on(async move {
         let grace = config.limits.drain_grace;
+        // Signal handlers go in before any port is bound, so a signal that
+        // arrives during start-up still gets an orderly stop.
+        let mut signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(problem) => {
+                error!("cannot listen for signals: {problem}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
         let node = match Node::start(config, credentials, trust).await {
             Ok(node) => node,
             Err(problem) => {
@@ -72,26 +82,41 @@ pub(crate) fn run(path: &Path) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        match shutdown_signal().await {
-            Ok(signal) => info!(signal, "stopping"),
-            Err(problem) => {
-                error!("cannot listen for signals: {problem}");
-                node.shutdown(grace).await;
-                return ExitCode::from(EXIT_RUNTIME);
+        let signal = signals.next().await;
+        info!(
+            signal,
+            ?grace,
+            "stopping: draining open streams (signal again to stop at once)"
+        );
+        tokio::select! {
+            () = node.shutdown(grace) => ExitCode::SUCCESS,
+            signal = signals.next() => {
+                warn!(signal, "second signal: exiting without finishing the drain");
+                ExitCode::from(EXIT_RUNTIME)
             }
         }
-        node.shutdown(grace).await;
-        ExitCode::SUCCESS
     })
 }
 
-/// Resolves on SIGTERM or SIGINT, naming which.
-async fn shutdown_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => Ok("SIGTERM"),
-        _ = interrupt.recv() => Ok("SIGINT"),
+/// SIGTERM and SIGINT, installed once.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT, naming which.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
     }
 }
