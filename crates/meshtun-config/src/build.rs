@@ -181,7 +181,7 @@ fn quic(sink: &mut Sink, table: &Table) -> Option<Quic> {
     let stream_window = quic.or_default(sink, "stream_window", 4 * MIB, |value| {
         size_in(value, 64 * KIB..=GIB)
     });
-    let mut connection_window = quic.or_default(sink, "connection_window", 32 * MIB, |value| {
+    let mut connection_window = quic.or_default(sink, "connection_window", 128 * MIB, |value| {
         size_in(value, 64 * KIB..=4 * GIB)
     });
     let send_window = quic.or_default(sink, "send_window", 32 * MIB, |value| {

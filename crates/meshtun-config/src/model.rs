@@ -66,7 +66,8 @@ pub struct Quic {
     /// sized for 25 Gbit/s x 1 ms).
     pub stream_window: u64,
     /// Per-connection receive window in bytes; at least `stream_window`, at
-    /// most 4 GiB (default 32 MiB).
+    /// most 4 GiB (default 128 MiB: room for 32 streams whose local reader
+    /// stalls before the other streams of the connection must wait).
     pub connection_window: u64,
     /// Per-connection send window in bytes (64 KiB..=4 GiB, default 32 MiB).
     pub send_window: u64,

@@ -232,7 +232,7 @@ fn defaults_are_applied() {
     assert_eq!(quic.handshake_timeout, Duration::from_secs(5));
     assert_eq!(quic.max_streams_per_peer, 4096);
     assert_eq!(quic.stream_window, 4_194_304);
-    assert_eq!(quic.connection_window, 32 << 20);
+    assert_eq!(quic.connection_window, 128 << 20);
     assert_eq!(quic.send_window, 32 << 20);
     assert_eq!(quic.udp_send_buffer, 8 << 20);
     assert_eq!(quic.udp_recv_buffer, 8 << 20);
@@ -987,7 +987,7 @@ fn quic_settings_that_must_agree() {
     one_error(
         &with("stream_window = \"64MiB\"", ""),
         "quic.connection_window",
-        "must be at least quic.stream_window (64MiB), got 32MiB",
+        "must be at least quic.stream_window (256MiB), got 128MiB",
     );
     one_error(
         &with("reconnect_min = \"2s\"\nreconnect_max = \"1s\"", ""),
