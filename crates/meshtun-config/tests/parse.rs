@@ -985,7 +985,7 @@ fn quic_settings_that_must_agree() {
         "must be at least quic.stream_window (8MiB), got 4MiB",
     );
     one_error(
-        &with("stream_window = \"64MiB\"", ""),
+        &with("stream_window = \"256MiB\"", ""),
         "quic.connection_window",
         "must be at least quic.stream_window (256MiB), got 128MiB",
     );
