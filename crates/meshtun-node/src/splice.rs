@@ -144,12 +144,31 @@ async fn join_both(
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
-            result = &mut up, if !up_done => { result?; up_done = true; }
+            result = &mut up, if !up_done => match result {
+                Ok(()) => up_done = true,
+                Err(Failure::StreamStopped(code)) if !down_done && is_refusal(code) => {
+                    // The acceptor writes its status before it stops our
+                    // sending half, but the stop may be seen first: give
+                    // the status a moment to arrive so the log says why.
+                    return Err(match tokio::time::timeout(STATUS_GRACE, &mut down).await {
+                        Ok(Err(failure @ Failure::Refused(_))) => failure,
+                        _ => Failure::StreamStopped(code),
+                    });
+                }
+                Err(failure) => return Err(failure),
+            },
             result = &mut down, if !down_done => { result?; down_done = true; }
             () = cancel.cancelled() => return Err(Failure::Shutdown),
         }
     }
     Ok(())
+}
+
+/// How long a stopped opener waits for the acceptor's status to learn why.
+const STATUS_GRACE: Duration = Duration::from_millis(200);
+
+fn is_refusal(code: VarInt) -> bool {
+    StreamCode::from_u64(code.into_inner()) == Some(StreamCode::Refused)
 }
 
 /// Local TCP → QUIC stream. TCP end of file finishes the stream, and the
