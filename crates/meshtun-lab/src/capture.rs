@@ -1,0 +1,1 @@
+//! Packet captures on a host's wire interface (tcpdump). Being written.

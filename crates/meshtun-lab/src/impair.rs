@@ -1,0 +1,1 @@
+//! Link impairments: loss, duplication, delay and reordering. Being written.
