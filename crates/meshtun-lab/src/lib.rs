@@ -186,17 +186,34 @@ pub fn lab_namespaces() -> Vec<String> {
 
 /// Removes lab namespaces whose creating process is gone (a test run that
 /// was killed). Namespaces of live processes, such as parallel tests, stay.
+/// A lab made by `meshtun-lab up` (named without a process id) is left
+/// alone: it lives until `meshtun-lab down`.
 pub fn sweep_stale() {
     for ns in lab_namespaces() {
         let pid = ns
             .strip_prefix(NAMESPACE_PREFIX)
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok());
-        let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            remove_namespace(&ns);
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                remove_namespace(&ns);
+            }
         }
     }
+}
+
+/// Removes every namespace whose name starts with `prefix` (and the
+/// processes inside). Used by `meshtun-lab down`.
+pub fn remove_lab(prefix: &str) -> usize {
+    let mut removed = 0;
+    for ns in lab_namespaces()
+        .into_iter()
+        .filter(|ns| ns.starts_with(prefix))
+    {
+        remove_namespace(&ns);
+        removed += 1;
+    }
+    removed
 }
 
 /// One test host: a namespace with `lo` and `eth0` on the lab switch.
@@ -316,6 +333,7 @@ pub struct Lab {
     pub switch: String,
     hosts: Vec<Host>,
     binary: PathBuf,
+    persistent: bool,
 }
 
 impl Lab {
@@ -323,11 +341,16 @@ impl Lab {
     /// `["node-a", "node-b"]`), addresses `198.18.0.11`, `.12`, ..., and a
     /// cluster PKI with a certificate per host.
     pub fn new(names: &[&str]) -> Result<Lab> {
+        let sequence = LAB_SEQUENCE.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{NAMESPACE_PREFIX}{}-{sequence}", std::process::id());
+        Self::with_id(id, names)
+    }
+
+    /// Like [`Lab::new`], with namespace names starting with `id`.
+    pub fn with_id(id: String, names: &[&str]) -> Result<Lab> {
         availability().map_err(LabError::Unavailable)?;
         sweep_stale();
         let binary = meshtun_binary()?;
-        let sequence = LAB_SEQUENCE.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{NAMESPACE_PREFIX}{}-{sequence}", std::process::id());
         let dir = std::env::temp_dir().join(&id);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)
@@ -337,6 +360,7 @@ impl Lab {
             switch: format!("{id}-sw"),
             hosts: Vec::new(),
             binary,
+            persistent: false,
         };
         // From here on, Drop cleans up whatever part was built.
         ip(&["netns", "add", &lab.switch])?;
@@ -507,8 +531,19 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Keeps the namespaces and files after this value is gone (for
+    /// `meshtun-lab up`); remove them with [`remove_lab`].
+    pub fn persist(mut self) {
+        self.persistent = true;
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        if self.persistent {
+            return;
+        }
         for host in &self.hosts {
             remove_namespace(&host.namespace);
         }
