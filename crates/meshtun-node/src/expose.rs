@@ -174,24 +174,21 @@ async fn answer_stream(
         }
         let mut ok = BytesMut::with_capacity(2);
         Status::ok().encode(&mut ok);
-        if let Err(error) = send.stream.write_chunk(ok.freeze()).await {
-            debug!(%error, "stream failed before the status was sent");
-            splice::abort(&tcp, &mut send, &mut recv, StreamCode::Internal);
-            return;
-        }
-        let result = splice::splice(
+        let downlink = Downlink::Ready(payload);
+        let cancel = &shared.abort_streams;
+        match splice::carry(
             &mut tcp,
             &mut send,
             &mut recv,
-            Downlink::Ready(payload),
-            &shared.abort_streams,
+            ok.freeze(),
+            downlink,
+            cancel,
         )
-        .await;
-        match result {
+        .await
+        {
             Ok(totals) => debug!(received = totals.downlink, sent = totals.uplink, "closed"),
             Err((failure, totals)) => {
-                debug!(%failure, received = totals.downlink, sent = totals.uplink, "reset");
-                splice::abort(&tcp, &mut send, &mut recv, failure.stream_code());
+                debug!(%failure, received = totals.downlink, sent = totals.uplink, "reset")
             }
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use meshtun_proto::{Preamble, ServiceName, StreamCode};
+use meshtun_proto::{Preamble, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
@@ -105,31 +105,15 @@ async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared
     async {
         // The preamble goes out now and the client's bytes right behind it:
         // no round trip is spent waiting for the peer's status.
-        if let Err(error) = send.stream.write_chunk(preamble).await {
-            info!(%error, "stream failed before the preamble was sent");
-            splice::abort(&tcp, &mut send, &mut recv, StreamCode::Internal);
-            return;
-        }
-        let result = splice::splice(
-            &mut tcp,
-            &mut send,
-            &mut recv,
-            Downlink::AwaitStatus,
-            &shared.abort_streams,
-        )
-        .await;
-        match result {
+        let downlink = Downlink::AwaitStatus;
+        let cancel = &shared.abort_streams;
+        match splice::carry(&mut tcp, &mut send, &mut recv, preamble, downlink, cancel).await {
             Ok(totals) => debug!(sent = totals.uplink, received = totals.downlink, "closed"),
+            Err((failure @ splice::Failure::Refused(_), _)) => {
+                info!(%failure, "stream refused; local connection reset")
+            }
             Err((failure, totals)) => {
-                match &failure {
-                    splice::Failure::Refused(_) => {
-                        info!(%failure, "stream refused; resetting local connection")
-                    }
-                    _ => {
-                        debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset")
-                    }
-                }
-                splice::abort(&tcp, &mut send, &mut recv, failure.stream_code());
+                debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset")
             }
         }
     }

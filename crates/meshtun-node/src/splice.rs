@@ -111,6 +111,27 @@ pub(crate) enum Downlink {
     AwaitStatus,
 }
 
+/// Writes `header` (the opener's preamble or the acceptor's ok status) and
+/// splices; on any failure both sides are reset ([`abort`]) before the
+/// failure is returned for the caller to log.
+pub(crate) async fn carry(
+    tcp: &mut TcpStream,
+    send: &mut Outbound,
+    recv: &mut RecvStream,
+    header: Bytes,
+    downlink: Downlink,
+    cancel: &CancellationToken,
+) -> Result<Totals, (Failure, Totals)> {
+    let result = match send.stream.write_chunk(header).await {
+        Ok(()) => splice(tcp, send, recv, downlink, cancel).await,
+        Err(error) => Err((Failure::from(error), Totals::default())),
+    };
+    if let Err((failure, _)) = &result {
+        abort(tcp, send, recv, failure.stream_code());
+    }
+    result
+}
+
 /// Runs both directions until both ended cleanly, either failed, or `cancel`
 /// fired. On `Err` the caller must [`abort`]: nothing has been reset yet.
 pub(crate) async fn splice(

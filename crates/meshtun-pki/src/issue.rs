@@ -297,22 +297,14 @@ impl Authority {
     /// (0700) if needed. Existing files are kept unless `force` is set.
     /// Returns the certificate and key paths.
     pub fn write(&self, dir: &Path, force: bool) -> Result<(PathBuf, PathBuf), PkiError> {
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_path = dir.join(CA_KEY_FILE);
-        let files = [
-            NewFile {
-                path: key_path.clone(),
-                contents: &self.key_pem,
-                mode: KEY_MODE,
-            },
-            NewFile {
-                path: cert_path.clone(),
-                contents: &self.cert_pem,
-                mode: CERT_MODE,
-            },
-        ];
-        files::write_files(dir, &files, force)?;
-        Ok((cert_path, key_path))
+        write_pair(
+            dir,
+            dir.join(CA_CERT_FILE),
+            &self.cert_pem,
+            dir.join(CA_KEY_FILE),
+            &self.key_pem,
+            force,
+        )
     }
 }
 
@@ -346,23 +338,41 @@ impl Issued {
     ) -> Result<(PathBuf, PathBuf), PkiError> {
         // A node name holds no '/' and does not start with '.', so it is a
         // plain file name inside `dir`.
-        let cert_path = dir.join(format!("{node}.crt"));
-        let key_path = dir.join(format!("{node}.key"));
-        let files = [
-            NewFile {
-                path: key_path.clone(),
-                contents: &self.key_pem,
-                mode: KEY_MODE,
-            },
-            NewFile {
-                path: cert_path.clone(),
-                contents: &self.cert_pem,
-                mode: CERT_MODE,
-            },
-        ];
-        files::write_files(dir, &files, force)?;
-        Ok((cert_path, key_path))
+        write_pair(
+            dir,
+            dir.join(format!("{node}.crt")),
+            &self.cert_pem,
+            dir.join(format!("{node}.key")),
+            &self.key_pem,
+            force,
+        )
     }
+}
+
+/// Writes a certificate (0644) and its key (0600) into `dir`, both or
+/// neither, and returns their paths.
+fn write_pair(
+    dir: &Path,
+    cert_path: PathBuf,
+    cert_pem: &str,
+    key_path: PathBuf,
+    key_pem: &str,
+    force: bool,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let files = [
+        NewFile {
+            path: key_path.clone(),
+            contents: key_pem,
+            mode: KEY_MODE,
+        },
+        NewFile {
+            path: cert_path.clone(),
+            contents: cert_pem,
+            mode: CERT_MODE,
+        },
+    ];
+    files::write_files(dir, &files, force)?;
+    Ok((cert_path, key_path))
 }
 
 impl fmt::Debug for Issued {
