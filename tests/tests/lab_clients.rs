@@ -1,0 +1,293 @@
+//! Real clients through the tunnel between two lab hosts (issue 3, evidence
+//! 5): iperf3 (a control and a data connection to one forwarded port) and a
+//! pyzmq ROUTER/DEALER exchange shaped like vLLM's data-parallel handshake.
+
+// A panic in test code is a failed test, which is what an unwrap here means.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use meshtun_lab::{require_netns, Host, Lab, REQUIRE_ENV};
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// Whether `command` (a probe for a tool the test needs) succeeds; if not,
+/// prints a SKIP line, or fails the test when `MESHTUN_REQUIRE_NETNS=1`.
+fn require_tool(test: &str, what: &str, command: &mut Command) -> bool {
+    let ok = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !ok {
+        if std::env::var(REQUIRE_ENV).is_ok_and(|value| value == "1") {
+            panic!("{test}: {REQUIRE_ENV}=1 but {what} is missing");
+        }
+        println!("SKIP {test}: {what} is missing");
+    }
+    ok
+}
+
+/// A process inside a host that is killed when dropped, with its output
+/// collected on threads so that a full pipe never blocks it.
+struct Process {
+    child: Child,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+fn collect(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<String>> {
+    pipe.map(|mut pipe| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    })
+}
+
+impl Process {
+    fn spawn(mut command: Command) -> Process {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = collect(child.stdout.take());
+        let stderr = collect(child.stderr.take());
+        Process {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits at most `timeout` for the exit; kills the process if it runs
+    /// longer. Returns its status (`None` if it was killed) and output.
+    fn finish(mut self, timeout: Duration) -> (Option<ExitStatus>, String, String) {
+        let deadline = Instant::now() + timeout;
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                status = Some(exit);
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let stdout = self.stdout.take().map(|thread| thread.join().unwrap());
+        let stderr = self.stderr.take().map(|thread| thread.join().unwrap());
+        (
+            status,
+            stdout.unwrap_or_default(),
+            stderr.unwrap_or_default(),
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (at most 10 s) until something listens on TCP `port` in `host`.
+fn wait_listening(host: &Host, port: u16) -> bool {
+    let filter = format!("sport = :{port}");
+    for _ in 0..500 {
+        let listening = host
+            .command("ss")
+            .args(["-Hltn", &filter])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|output| !output.stdout.is_empty());
+        if listening {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Starts node-b exposing `service` at `target` to node-a, and node-a
+/// forwarding `forward` to it.
+fn pair(
+    lab: &Lab,
+    service: &str,
+    target: SocketAddr,
+    forward: SocketAddr,
+) -> (meshtun_lab::Daemon, meshtun_lab::Daemon) {
+    let daemon_b = lab
+        .start(1, &lab.config(1).expose(service, target, &["node-a"]))
+        .unwrap();
+    let daemon_a = lab
+        .start(
+            0,
+            &lab.config(0)
+                .peer(lab.host(1))
+                .forward(forward, "node-b", service),
+        )
+        .unwrap();
+    (daemon_a, daemon_b)
+}
+
+/// The number after `"key":` at or after `from` in pretty JSON text.
+fn json_number_after(text: &str, from: usize, key: &str) -> Option<f64> {
+    let at = from + text.get(from..)?.find(&format!("\"{key}\""))?;
+    let rest = text.get(at + key.len() + 2..)?.trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// (e) iperf3 between two hosts through the tunnel: the control connection
+/// and the data connection are two forwarded connections to one port.
+#[test]
+fn iperf3_runs_through_the_tunnel() {
+    let test = "iperf3_runs_through_the_tunnel";
+    if !require_netns(test) {
+        return;
+    }
+    if !require_tool(test, "iperf3", Command::new("iperf3").arg("--version")) {
+        return;
+    }
+    let lab = Lab::new(&["node-a", "node-b"]).unwrap();
+    let (a, b) = (lab.host(0), lab.host(1));
+    let port = 5201;
+    let local = addr("127.0.0.1:5201");
+    let mut server = b.command("iperf3");
+    server.args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]);
+    let server = Process::spawn(server);
+    assert!(wait_listening(b, port), "iperf3 server did not listen");
+    let (daemon_a, daemon_b) = pair(&lab, "iperf3", local, local);
+
+    let mut client = a.command("iperf3");
+    client.args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "3", "-J"]);
+    let (status, json, stderr) = Process::spawn(client).finish(Duration::from_secs(40));
+    drop(server);
+    let logs = || {
+        format!(
+            "--- iperf3 stdout ---\n{json}\n--- stderr ---\n{stderr}\n--- A ---\n{}\n--- B ---\n{}",
+            daemon_a.log_since_start(),
+            daemon_b.log_since_start()
+        )
+    };
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "iperf3 client failed ({status:?})\n{}",
+        logs()
+    );
+    assert!(
+        !json.contains("\"error\""),
+        "iperf3 reported an error\n{}",
+        logs()
+    );
+    let end = json
+        .find("\"end\"")
+        .unwrap_or_else(|| panic!("no end\n{}", logs()));
+    let received = json
+        .get(end..)
+        .and_then(|tail| tail.find("\"sum_received\""))
+        .map(|at| end + at)
+        .and_then(|at| json_number_after(&json, at, "bits_per_second"));
+    let sent_bytes = json
+        .get(end..)
+        .and_then(|tail| tail.find("\"sum_received\""))
+        .map(|at| end + at)
+        .and_then(|at| json_number_after(&json, at, "bytes"));
+    println!(
+        "FIGURE iperf3: {:.2} Gbit/s received ({:.0} MiB in 3 s)",
+        received.unwrap_or(0.0) / 1e9,
+        sent_bytes.unwrap_or(0.0) / 1024.0 / 1024.0
+    );
+    assert!(
+        received.is_some_and(|bits| bits > 0.0),
+        "iperf3 measured a rate\n{}",
+        logs()
+    );
+}
+
+fn zmq_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/zmq_handshake.py")
+}
+
+/// (f) A pyzmq ROUTER (host B) and two DEALERs (host A) exchange 20 rounds
+/// of "ready" + payload / "config" through the tunnel, as vLLM's
+/// data-parallel ranks do with their coordinator.
+#[test]
+fn zmq_router_dealer_handshake_runs_through_the_tunnel() {
+    let test = "zmq_router_dealer_handshake_runs_through_the_tunnel";
+    if !require_netns(test) {
+        return;
+    }
+    if !require_tool(
+        test,
+        "python3 with pyzmq",
+        Command::new("python3").args(["-c", "import zmq"]),
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["node-a", "node-b"]).unwrap();
+    let (a, b) = (lab.host(0), lab.host(1));
+    let port = "5555";
+    let local = addr("127.0.0.1:5555");
+    let script = zmq_script();
+    let (dealers, rounds) = ("2", "20");
+    let arguments = ["--port", port, "--dealers", dealers, "--rounds", rounds];
+
+    let mut server = b.command("python3");
+    server
+        .arg(&script)
+        .arg("server")
+        .args(arguments)
+        .args(["--timeout", "40"]);
+    let server = Process::spawn(server);
+    assert!(wait_listening(b, 5555), "ROUTER did not listen");
+    let (daemon_a, daemon_b) = pair(&lab, "zmq", local, local);
+
+    let mut client = a.command("python3");
+    client
+        .arg(&script)
+        .arg("client")
+        .args(arguments)
+        .args(["--timeout", "30"]);
+    let started = Instant::now();
+    let (client_status, client_out, client_err) =
+        Process::spawn(client).finish(Duration::from_secs(45));
+    let took = started.elapsed();
+    let (server_status, server_out, server_err) = server.finish(Duration::from_secs(15));
+    let logs = format!(
+        "--- client ---\n{client_out}{client_err}\n--- server ---\n{server_out}{server_err}\n--- A ---\n{}\n--- B ---\n{}",
+        daemon_a.log_since_start(),
+        daemon_b.log_since_start()
+    );
+    println!("FIGURE zmq: {} in {took:.2?}", client_out.trim());
+    assert!(
+        client_status.is_some_and(|status| status.success()),
+        "DEALER side failed ({client_status:?})\n{logs}"
+    );
+    assert!(
+        server_status.is_some_and(|status| status.success()),
+        "ROUTER side failed ({server_status:?})\n{logs}"
+    );
+    assert!(
+        client_out.contains("client OK rounds=20 dealers=2 messages=40"),
+        "{logs}"
+    );
+    assert!(server_out.contains("server OK messages=40"), "{logs}");
+}
