@@ -666,4 +666,31 @@ fn junk_datagrams_at_quic_port_do_not_hurt_a_transfer() {
         !lower.contains("panic") && !log_b.contains("ERROR"),
         "B's log is calm\n--- B ---\n{log_b}"
     );
+    // B says it is being sprayed: one summary line per 10 s interval, at
+    // the default log level, not a line per datagram.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let summary = loop {
+        let log_b = daemon_b.log_since_start();
+        if let Some(line) = log_b
+            .lines()
+            .find(|line| line.contains("dropped datagrams on the QUIC port"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never logged the junk\n--- B ---\n{log_b}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("FIGURE junk: B's summary: {summary}");
+    let summaries = daemon_b
+        .log_since_start()
+        .lines()
+        .filter(|line| line.contains("dropped datagrams on the QUIC port"))
+        .count();
+    assert!(
+        summaries <= 4,
+        "junk is summarized, not logged per datagram ({summaries} lines)"
+    );
 }

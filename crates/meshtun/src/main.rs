@@ -20,6 +20,7 @@ macro_rules! say {
 
 mod check;
 mod demo;
+mod junk;
 mod pki;
 mod run;
 
@@ -90,8 +91,13 @@ fn main() -> ExitCode {
 }
 
 /// Installs the stderr logger. `MESHTUN_LOG` (or `RUST_LOG`) takes a
-/// tracing filter; the default shows connection-level events.
-fn init_logging(default: &str) {
+/// tracing filter; the default shows connection-level events. Returns the
+/// counter of junk datagrams (see [`junk`]).
+fn init_logging(default: &str) -> junk::JunkCounter {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
     let filter = std::env::var("MESHTUN_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default.to_owned());
@@ -100,11 +106,19 @@ fn init_logging(default: &str) {
     // Colour only for a human at a terminal: journald and log files get
     // plain text, and NO_COLOR is honoured.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        .with_filter(filter);
+    let counter = junk::JunkCounter::default();
+    let junk = junk::JunkLayer::new(counter.clone()).with_filter(
+        tracing_subscriber::filter::Targets::new().with_target(junk::TARGET, tracing::Level::TRACE),
+    );
+    tracing_subscriber::registry()
+        .with(output)
+        .with(junk)
         .init();
+    counter
 }
 
 /// A multi-threaded tokio runtime, or the reason there is none.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use meshtun_node::Node;
 use meshtun_pki::{NodeCredentials, TrustBundle};
@@ -11,8 +11,11 @@ use tracing::{error, info, warn};
 
 use crate::{init_logging, runtime, EXIT_CONFIG, EXIT_RUNTIME};
 
+/// How often dropped junk datagrams are summarized in the log.
+const JUNK_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
 pub(crate) fn run(path: &Path) -> ExitCode {
-    init_logging("info");
+    let junk = init_logging("info");
     // Everything is parsed and loaded before any port is bound.
     let config = match meshtun_config::load(path) {
         Ok(config) => config,
@@ -82,6 +85,8 @@ pub(crate) fn run(path: &Path) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
+        // Ends with the runtime when `run` returns.
+        tokio::spawn(crate::junk::report(junk, JUNK_REPORT_INTERVAL));
         let signal = signals.next().await;
         info!(
             signal,
