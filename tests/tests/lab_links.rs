@@ -1,0 +1,463 @@
+//! Integrity under bad links (issue 3, evidence 3): 64 MiB each way at once
+//! through a forward from host A to a service on host B, under 1% loss, 5%
+//! loss, 20 ms ± 5 ms delay with reordering, and 1% duplication. Each case
+//! checks that every byte arrives, in order (SHA-256 both ways), that no read
+//! waits as long as the idle timeout, and that the impairment was really in
+//! effect. The kernel here has no netem; `meshtun_lab::impair` says which
+//! mechanism emulates what.
+
+// A panic in test code is a failed test, which is what an unwrap here means.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use meshtun_lab::impair::{
+    split_segments, ArrivalCounter, PathFaults, Relay, WireCounters, WireFaults, WireImpairment,
+    RELAY_ADDR,
+};
+use meshtun_lab::{require_netns, Daemon, Lab};
+use sha2::{Digest, Sha256};
+
+/// Bytes each side sends.
+const LEN: u64 = 64 << 20;
+/// The QUIC idle timeout both daemons are configured with; no read may
+/// wait this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A transfer still running after this long has failed: the cases are
+/// meant to take well under a minute, and a slow one must not hold CI for
+/// the full nextest timeout.
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(90);
+const SERVICE: &str = "127.0.0.1:7000";
+const FORWARD: &str = "127.0.0.1:7100";
+
+/// One side of the exchange, as measured by that side.
+#[derive(Debug)]
+struct Side {
+    sent: [u8; 32],
+    received: [u8; 32],
+    received_bytes: u64,
+    /// Longest wait for a read (from the start, between reads, and for EOF).
+    longest_gap: Duration,
+    elapsed: Duration,
+}
+
+/// Sends `LEN` pseudo-random bytes (from `seed`) on `tcp` while reading and
+/// hashing everything the other side sends until EOF, giving up at
+/// `deadline`.
+fn exchange(tcp: TcpStream, seed: u64, deadline: Instant) -> io::Result<Side> {
+    let start = Instant::now();
+    tcp.set_write_timeout(Some(TRANSFER_DEADLINE))?;
+    let mut writer = tcp.try_clone()?;
+    let sending = std::thread::spawn(move || -> io::Result<[u8; 32]> {
+        let mut stream = Stream(seed);
+        let mut hash = Sha256::new();
+        let mut buffer = vec![0u8; 64 << 10];
+        let mut left = LEN;
+        while left > 0 {
+            let chunk = &mut buffer[..usize::try_from(left.min(64 << 10)).unwrap()];
+            stream.fill(chunk);
+            hash.update(&*chunk);
+            writer.write_all(chunk)?;
+            left -= chunk.len() as u64;
+        }
+        writer.shutdown(Shutdown::Write)?;
+        Ok(hash.finalize().into())
+    });
+    let mut reader = tcp;
+    let mut hash = Sha256::new();
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut received_bytes = 0u64;
+    let mut longest_gap = Duration::ZERO;
+    let mut last = Instant::now();
+    let outcome = loop {
+        // A read waiting longer than the idle timeout has already failed
+        // the test; the margin only lets us measure how long it waited.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = left.min(IDLE_TIMEOUT + Duration::from_secs(5));
+        if wait.is_zero() {
+            break Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "transfer deadline passed",
+            ));
+        }
+        reader.set_read_timeout(Some(wait))?;
+        let read = reader.read(&mut buffer);
+        let now = Instant::now();
+        longest_gap = longest_gap.max(now - last);
+        last = now;
+        match read {
+            Ok(0) => break Ok(()),
+            Ok(len) => {
+                hash.update(&buffer[..len]);
+                received_bytes += len as u64;
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) if now >= deadline => {
+                break Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the transfer deadline ({TRANSFER_DEADLINE:?}) passed"),
+                ))
+            }
+            Err(error) => break Err(error),
+        }
+    };
+    if outcome.is_err() {
+        // Unblocks the sender too.
+        let _ = reader.shutdown(Shutdown::Both);
+    }
+    let sent = sending.join().expect("sender thread");
+    let elapsed = start.elapsed();
+    if let Err(error) = outcome {
+        return Err(io::Error::new(
+            error.kind(),
+            format!(
+                "read failed after {:.1} MiB in {elapsed:.1?}, longest gap {longest_gap:?}: {error}",
+                mib(received_bytes)
+            ),
+        ));
+    }
+    Ok(Side {
+        sent: sent?,
+        received: hash.finalize().into(),
+        received_bytes,
+        longest_gap,
+        elapsed,
+    })
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+/// A deterministic pseudo-random byte stream (splitmix64), so that a lost,
+/// repeated or reordered chunk changes the hash.
+struct Stream(u64);
+
+impl Stream {
+    fn fill(&mut self, buffer: &mut [u8]) {
+        for word in buffer.chunks_mut(8) {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            word.copy_from_slice(&z.to_le_bytes()[..word.len()]);
+        }
+    }
+}
+
+/// Accepts one connection on `listener` within 30 s.
+fn accept_one(listener: &TcpListener) -> io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match listener.accept() {
+            Ok((tcp, _)) => {
+                tcp.set_nonblocking(false)?;
+                return Ok(tcp);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The daemons of one case: B exposes the service, A forwards to it and
+/// dials B at `b_addr` (B itself, or a relay in front of it).
+fn start_daemons(lab: &Lab, b_addr: SocketAddr) -> (Daemon, Daemon) {
+    let quic = format!(
+        "idle_timeout = \"{}s\"\nkeep_alive = \"2s\"",
+        IDLE_TIMEOUT.as_secs()
+    );
+    let b = lab
+        .start(
+            1,
+            &lab.config(1)
+                .quic(&quic)
+                .expose("bulk", SERVICE.parse().unwrap(), &["node-a"]),
+        )
+        .unwrap();
+    let a = lab
+        .start(
+            0,
+            &lab.config(0).quic(&quic).peer_at("node-b", b_addr).forward(
+                FORWARD.parse().unwrap(),
+                "node-b",
+                "bulk",
+            ),
+        )
+        .unwrap();
+    (a, b)
+}
+
+/// What one transfer did, checked by [`Transfer::check`] once the case has
+/// printed its impairment figures.
+struct Transfer {
+    case: String,
+    /// Client (on A) and service (on B), or why they failed.
+    sides: Result<(Side, Side), String>,
+}
+
+/// Runs the 64 MiB-each-way exchange from A's forward to B's service and
+/// prints its figures.
+fn transfer(case: &str, lab: &Lab, daemons: &(Daemon, Daemon)) -> Transfer {
+    let (a, b) = (lab.host(0), lab.host(1));
+    let listener = b.listen(SERVICE.parse().unwrap()).unwrap();
+    let start = Instant::now();
+    let deadline = start + TRANSFER_DEADLINE;
+    let service = std::thread::spawn(move || exchange(accept_one(&listener)?, 0xb0b, deadline));
+    let client = a
+        .connect(FORWARD.parse().unwrap())
+        .unwrap()
+        .and_then(|tcp| exchange(tcp, 0xa11ce, deadline));
+    let service = service.join().expect("service thread");
+    let elapsed = start.elapsed();
+    let sides = match (client, service) {
+        (Ok(client), Ok(service)) => {
+            println!(
+                "{case}: {:.0} MiB each way in {:.1} s: A->B {:.1} MiB/s, B->A {:.1} MiB/s; \
+                 longest read gap on A {:?}, on B {:?} (idle timeout {IDLE_TIMEOUT:?})",
+                mib(LEN),
+                elapsed.as_secs_f64(),
+                mib(service.received_bytes) / service.elapsed.as_secs_f64(),
+                mib(client.received_bytes) / client.elapsed.as_secs_f64(),
+                client.longest_gap,
+                service.longest_gap,
+            );
+            Ok((client, service))
+        }
+        (client, service) => {
+            let failure = format!(
+                "transfer failed after {elapsed:.1?}\nclient (A): {client:?}\nservice (B): {service:?}\n\
+                 --- A log ---\n{}\n--- B log ---\n{}",
+                daemons.0.log_since_start(),
+                daemons.1.log_since_start()
+            );
+            println!("{case}: {failure}");
+            Err(failure)
+        }
+    };
+    Transfer {
+        case: case.to_owned(),
+        sides,
+    }
+}
+
+impl Transfer {
+    /// Every byte arrived intact both ways, and no read stalled as long as
+    /// the idle timeout.
+    fn check(self) {
+        let case = self.case;
+        let (client, service) = match self.sides {
+            Ok(sides) => sides,
+            Err(failure) => panic!("{case}: {failure}"),
+        };
+        assert_eq!(service.received_bytes, LEN, "{case}: bytes A -> B");
+        assert_eq!(client.received_bytes, LEN, "{case}: bytes B -> A");
+        assert!(service.received == client.sent, "{case}: A -> B corrupted");
+        assert!(client.received == service.sent, "{case}: B -> A corrupted");
+        for (side, gap) in [("A", client.longest_gap), ("B", service.longest_gap)] {
+            assert!(
+                gap < IDLE_TIMEOUT,
+                "{case}: a read on {side} waited {gap:?}, not less than the idle timeout {IDLE_TIMEOUT:?}"
+            );
+        }
+    }
+}
+
+/// The switch impairs what each host sends with `faults`; returns the
+/// counters of each direction with what the other host received.
+fn wire_case(case: &str, faults: WireFaults) -> Vec<(&'static str, WireCounters, u64)> {
+    let lab = Lab::new(&["node-a", "node-b"]).unwrap();
+    let (a, b) = (lab.host(0), lab.host(1));
+    split_segments(a).unwrap();
+    split_segments(b).unwrap();
+    let a_out = WireImpairment::install(&lab, a, b, faults).unwrap();
+    let b_out = WireImpairment::install(&lab, b, a, faults).unwrap();
+    let at_b = ArrivalCounter::install(b, a.addr).unwrap();
+    let at_a = ArrivalCounter::install(a, b.addr).unwrap();
+    let daemons = start_daemons(&lab, b.quic_addr());
+    let outcome = transfer(case, &lab, &daemons);
+    let mut directions = Vec::new();
+    for (direction, wire, arrived) in [("A->B", &a_out, &at_b), ("B->A", &b_out, &at_a)] {
+        let counters = wire.counters().unwrap();
+        let arrived = arrived.count().unwrap().packets;
+        println!(
+            "{case}: {direction}: {} datagrams sent (mean {} B), {} dropped ({:.2}%), \
+             {} duplicated ({:.2}%), {arrived} arrived",
+            counters.seen.packets,
+            counters.seen.mean_size(),
+            counters.dropped.packets,
+            percent(counters.dropped.packets, counters.seen.packets),
+            counters.duplicated.packets,
+            percent(counters.duplicated.packets, counters.seen.packets),
+        );
+        directions.push((direction, counters, arrived));
+    }
+    outcome.check();
+    for (direction, counters, _) in &directions {
+        // The switch saw datagrams, not offload batches of them, so the
+        // rates below are per datagram.
+        assert!(
+            counters.seen.packets > 10_000 && counters.seen.mean_size() <= 1500,
+            "{case}: {direction}: {counters:?}"
+        );
+    }
+    directions
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    part as f64 * 100.0 / whole.max(1) as f64
+}
+
+/// The switch drops `per_mille` of the datagrams each host sends.
+fn loss_case(case: &str, per_mille: u16) {
+    let faults = WireFaults {
+        loss_per_mille: per_mille,
+        ..WireFaults::default()
+    };
+    for (direction, counters, arrived) in wire_case(case, faults) {
+        // The loss rate is the configured one, within a wide margin ...
+        let rate = counters.dropped.packets as f64 / counters.seen.packets as f64;
+        let target = f64::from(per_mille) / 1000.0;
+        assert!(
+            rate > target * 0.5 && rate < target * 1.5,
+            "{case}: {direction}: {counters:?}"
+        );
+        // ... and what was dropped never reached the other host (a few
+        // keep-alives may pass between the two readings).
+        let delivered = counters.seen.packets - counters.dropped.packets;
+        assert!(
+            arrived >= delivered && arrived <= delivered + 20,
+            "{case}: {direction}: {counters:?}, {arrived} arrived"
+        );
+    }
+}
+
+#[test]
+fn one_percent_loss_both_ways_loses_no_byte() {
+    if !require_netns("one_percent_loss_both_ways_loses_no_byte") {
+        return;
+    }
+    loss_case("1% loss", 10);
+}
+
+#[test]
+fn five_percent_loss_both_ways_loses_no_byte() {
+    if !require_netns("five_percent_loss_both_ways_loses_no_byte") {
+        return;
+    }
+    loss_case("5% loss", 50);
+}
+
+#[test]
+fn one_percent_duplication_both_ways_adds_no_byte() {
+    if !require_netns("one_percent_duplication_both_ways_adds_no_byte") {
+        return;
+    }
+    let case = "1% duplication";
+    let faults = WireFaults {
+        duplicate_per_mille: 10,
+        ..WireFaults::default()
+    };
+    for (direction, counters, arrived) in wire_case(case, faults) {
+        let rate = counters.duplicated.packets as f64 / counters.seen.packets as f64;
+        assert!(
+            rate > 0.005 && rate < 0.015,
+            "{case}: {direction}: {counters:?}"
+        );
+        // The copies really reached the other host: more datagrams arrived
+        // than were sent, by the number duplicated.
+        let expected = counters.seen.packets + counters.duplicated.packets;
+        assert!(
+            arrived >= expected && arrived <= expected + 20,
+            "{case}: {direction}: {counters:?}, {arrived} arrived"
+        );
+    }
+}
+
+/// A relay holds each datagram for `20 ms ± jitter`, both ways.
+fn delay_case(case: &str, jitter: Duration) {
+    let lab = Lab::new(&["node-a", "node-b"]).unwrap();
+    let (a, b) = (lab.host(0), lab.host(1));
+    let path = PathFaults::delay(Duration::from_millis(20), jitter);
+    let relay = Relay::start(&lab, a.quic_addr(), b.quic_addr(), path.clone(), path).unwrap();
+    let from_a = ArrivalCounter::install(b, a.addr).unwrap();
+    let from_relay = ArrivalCounter::install(b, RELAY_ADDR).unwrap();
+    let daemons = start_daemons(&lab, relay.addr());
+    let outcome = transfer(case, &lab, &daemons);
+    let paths = [("A->B", relay.to_server()), ("B->A", relay.to_client())];
+    for (direction, stats) in paths {
+        println!(
+            "{case}: {direction}: {} datagrams relayed, held {:.1}..{:.1} ms, \
+             {} sent after a later arrival ({:.1}%)",
+            stats.sent,
+            stats.min_held_micros as f64 / 1000.0,
+            stats.max_held_micros as f64 / 1000.0,
+            stats.reordered,
+            percent(stats.reordered, stats.sent),
+        );
+    }
+    outcome.check();
+    let low = Duration::from_millis(20) - jitter;
+    for (direction, stats) in paths {
+        assert!(stats.sent > 10_000, "{case}: {direction}: {stats:?}");
+        assert_eq!(
+            (stats.strays, stats.overflowed, stats.send_errors),
+            (0, 0, 0),
+            "{case}: {direction}: {stats:?}"
+        );
+        // Every datagram was held at least the shortest delay, and not much
+        // more than the longest (the relay's own scheduling on a busy
+        // machine adds a little) ...
+        assert!(
+            u128::from(stats.min_held_micros) >= low.as_micros() && stats.max_held_micros < 60_000,
+            "{case}: {direction}: {stats:?}"
+        );
+        // ... and the jitter, and only the jitter, reordered them.
+        if jitter.is_zero() {
+            assert_eq!(stats.reordered, 0, "{case}: {direction}: {stats:?}");
+        } else {
+            assert!(
+                stats.reordered * 100 > stats.sent,
+                "{case}: {direction}: {stats:?}"
+            );
+        }
+    }
+    // All of A's traffic to B went through the relay.
+    assert_eq!(from_a.count().unwrap().packets, 0, "A reached B directly");
+    assert!(from_relay.count().unwrap().packets > 10_000);
+}
+
+/// OPEN PROBLEM, not a passing check: under 20 ms ± 5 ms with reordering
+/// meshtun keeps every byte intact in short runs, but quinn's throughput
+/// collapses to about 0.1 MiB/s (the relay loses nothing; quinn declares
+/// about 11% of packets lost and its window stays at 7-13 KB; raising
+/// quinn's packet and time thresholds did not help), so 64 MiB each way
+/// does not finish in any time CI can afford. Run it with
+/// `cargo nextest run -p meshtun-tests --test lab_links --run-ignored all`.
+#[test]
+#[ignore = "open problem: QUIC throughput collapses under heavy reordering (see the doc comment)"]
+fn delay_with_jitter_that_reorders_loses_no_byte() {
+    if !require_netns("delay_with_jitter_that_reorders_loses_no_byte") {
+        return;
+    }
+    delay_case("20 ms ± 5 ms delay", Duration::from_millis(5));
+}
+
+/// The control for the case above: the same relay and delay without
+/// jitter, so nothing is reordered.
+#[test]
+fn fixed_delay_without_reordering_loses_no_byte() {
+    if !require_netns("fixed_delay_without_reordering_loses_no_byte") {
+        return;
+    }
+    delay_case("20 ms fixed delay", Duration::ZERO);
+}
