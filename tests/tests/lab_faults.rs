@@ -11,7 +11,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use meshtun_lab::{require_netns, Host, Lab};
+use meshtun_lab::{require_netns, Daemon, Host, Lab};
 
 const MIB: u64 = 1024 * 1024;
 /// The `[quic]` timing every case sets explicitly, so the bounds below do
@@ -145,6 +145,23 @@ fn bulk(host: &Host, forward: SocketAddr, size: u64) -> Duration {
     start.elapsed()
 }
 
+/// Starts host A's daemon forwarding `to_sink` and `to_echo` to node-b's
+/// `sink` and `echo` services, and waits until an echo goes through.
+fn start_forwarding_host(lab: &Lab, to_sink: SocketAddr, to_echo: SocketAddr) -> Daemon {
+    let config = lab
+        .config(0)
+        .quic(TIMING)
+        .peer(lab.host(1))
+        .forward(to_sink, "node-b", "sink")
+        .forward(to_echo, "node-b", "echo");
+    let daemon = lab.start(0, &config).unwrap();
+    assert!(
+        first_round_trip(lab.host(0), to_echo, Duration::from_secs(10)).is_some(),
+        "A never reached B"
+    );
+    daemon
+}
+
 fn mbit_per_second(size: u64, took: Duration) -> f64 {
     size as f64 * 8.0 / took.as_secs_f64() / 1e6
 }
@@ -189,20 +206,7 @@ fn killed_peer_resets_clients_and_restarted_peer_serves_at_once() {
         .expose("echo", echo_at, &["node-a"]);
     let mut daemon_b = lab.start(1, &config_b).unwrap();
     let (to_sink, to_echo) = (addr("127.0.0.1:7100"), addr("127.0.0.1:7101"));
-    let mut daemon_a = lab
-        .start(
-            0,
-            &lab.config(0)
-                .quic(TIMING)
-                .peer(b)
-                .forward(to_sink, "node-b", "sink")
-                .forward(to_echo, "node-b", "echo"),
-        )
-        .unwrap();
-    assert!(
-        first_round_trip(a, to_echo, Duration::from_secs(10)).is_some(),
-        "A never reached B"
-    );
+    let mut daemon_a = start_forwarding_host(&lab, to_sink, to_echo);
     let pid_a = daemon_a.pid();
 
     // A few MiB into the sink, then B dies.
@@ -580,20 +584,7 @@ fn junk_datagrams_at_quic_port_do_not_hurt_a_transfer() {
         )
         .unwrap();
     let (to_sink, to_echo) = (addr("127.0.0.1:7100"), addr("127.0.0.1:7101"));
-    let _daemon_a = lab
-        .start(
-            0,
-            &lab.config(0)
-                .quic(TIMING)
-                .peer(b)
-                .forward(to_sink, "node-b", "sink")
-                .forward(to_echo, "node-b", "echo"),
-        )
-        .unwrap();
-    assert!(
-        first_round_trip(a, to_echo, Duration::from_secs(10)).is_some(),
-        "A never reached B"
-    );
+    let _daemon_a = start_forwarding_host(&lab, to_sink, to_echo);
 
     // The machine is shared: a pair (clean, then with junk) is measured up
     // to three times, and one pair at or above the bar passes.
