@@ -456,3 +456,37 @@ fn fixed_delay_without_reordering_loses_no_byte() {
     }
     delay_case("20 ms fixed delay", Duration::ZERO);
 }
+
+/// A rate-limited link (token bucket on both hosts' egress, in place of
+/// netem's `rate`): the transfer is intact, and the shaper really held it
+/// back (its overlimits counter moved).
+#[test]
+fn rate_limited_link_loses_no_byte() {
+    if !require_netns("rate_limited_link_loses_no_byte") {
+        return;
+    }
+    const MBIT: u32 = 400;
+    let case = "400 Mbit/s link";
+    let lab = Lab::new(&["node-a", "node-b"]).unwrap();
+    let (a, b) = (lab.host(0), lab.host(1));
+    a.shape_rate(MBIT).unwrap();
+    b.shape_rate(MBIT).unwrap();
+    let daemons = start_daemons(&lab, b.quic_addr());
+    let outcome = transfer(case, &lab, &daemons);
+    for host in [a, b] {
+        let stats = host.shaping_stats().unwrap();
+        println!("{case}: {} egress: {}", host.name, stats.trim());
+        let overlimits = stats
+            .split_whitespace()
+            .skip_while(|word| *word != "overlimits")
+            .nth(1)
+            .and_then(|count| count.parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(
+            stats.contains("tbf") && overlimits > 0,
+            "{case}: the shaper on {} never held a packet back:\n{stats}",
+            host.name
+        );
+    }
+    outcome.check();
+}

@@ -34,7 +34,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 /// Prefix of every namespace the lab creates; the sweep only touches these.
-pub const NAMESPACE_PREFIX: &str = "mtlab-";
+pub const NAMESPACE_PREFIX: &str = "meshtun-lab-";
 /// The UDP port every host's QUIC endpoint listens on.
 pub const QUIC_PORT: u16 = 4433;
 /// The environment variable that turns a SKIP into a failure (set by CI).
@@ -304,6 +304,51 @@ impl Host {
             if up { "up" } else { "down" },
         ])
         .map(drop)
+    }
+
+    /// Limits the host's egress on its wire interface to `mbit` Mbit/s with
+    /// a token bucket (`tc qdisc ... tbf`): netem's `rate` is not available
+    /// on kernels built without netem, tbf is.
+    pub fn shape_rate(&self, mbit: u32) -> Result<()> {
+        let rate = format!("{mbit}mbit");
+        // A burst of about 1 ms at the rate (at least 64 KiB so a GSO batch
+        // fits), and a queue of 50 ms before packets are dropped.
+        let burst = (u64::from(mbit) * 1_000_000 / 8 / 1000)
+            .max(64 * 1024)
+            .to_string();
+        run_command(self.command("tc").args([
+            "qdisc",
+            "replace",
+            "dev",
+            self.interface,
+            "root",
+            "tbf",
+            "rate",
+            &rate,
+            "burst",
+            &burst,
+            "latency",
+            "50ms",
+        ]))
+        .map(drop)
+    }
+
+    /// Removes any shaping from the wire interface.
+    pub fn clear_shaping(&self) -> Result<()> {
+        run_command(
+            self.command("tc")
+                .args(["qdisc", "del", "dev", self.interface, "root"]),
+        )
+        .map(drop)
+    }
+
+    /// `tc -s qdisc show` of the wire interface: shaping counters (sent,
+    /// dropped, overlimits) for tests to check a limit was in effect.
+    pub fn shaping_stats(&self) -> Result<String> {
+        run_command(
+            self.command("tc")
+                .args(["-s", "qdisc", "show", "dev", self.interface]),
+        )
     }
 
     /// Loads an nftables ruleset (as `nft -f -` would) inside this host.
