@@ -284,8 +284,15 @@ async fn write_all_chunks(tcp: &mut WriteHalf<'_>, mut chunks: &mut [Bytes]) -> 
             chunks = &mut chunks[1..];
             continue;
         }
-        let slices: Vec<IoSlice<'_>> = chunks.iter().map(|chunk| IoSlice::new(chunk)).collect();
-        let mut written = tcp.write_vectored(&slices).await?;
+        let mut written = {
+            // On the stack: this runs for every batch of received chunks.
+            let mut slices = [IoSlice::new(&[]); MAX_CHUNKS];
+            let count = chunks.len().min(MAX_CHUNKS);
+            for (slice, chunk) in slices.iter_mut().zip(chunks.iter()) {
+                *slice = IoSlice::new(chunk);
+            }
+            tcp.write_vectored(&slices[..count]).await?
+        };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
