@@ -36,6 +36,26 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, PkiError> {
     read_bounded(file, path)
 }
 
+/// A certificate file and its private key file, read, with their paths as
+/// error origins.
+pub(crate) struct PemPair {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
+    pub(crate) cert_origin: String,
+    pub(crate) key_origin: String,
+}
+
+/// Reads a certificate and its key, refusing a key file that its group or
+/// others may read.
+pub(crate) fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, PkiError> {
+    Ok(PemPair {
+        cert_pem: read_text(cert)?,
+        key_pem: read_private_text(key)?,
+        cert_origin: cert.display().to_string(),
+        key_origin: key.display().to_string(),
+    })
+}
+
 /// Reads a whole file as UTF-8 text.
 pub(crate) fn read_text(path: &Path) -> Result<String, PkiError> {
     into_text(read_bytes(path)?, path)

@@ -105,14 +105,7 @@ impl Authority {
         validity.check()?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
 
-        let mut params = CertificateParams::default();
-        params.not_before = validity.not_before;
-        params.not_after = validity.not_after;
-        params.serial_number = Some(random_serial()?);
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("meshtun CA {cluster}"));
+        let mut params = base_params(validity, format!("meshtun CA {cluster}"))?;
         params
             .distinguished_name
             .push(DnType::OrganizationName, "meshtun");
@@ -144,15 +137,12 @@ impl Authority {
     /// Loads `DIR/ca.crt` and `DIR/ca.key`, refusing a key file that its
     /// group or others may read.
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_path = dir.join(CA_KEY_FILE);
-        let cert_pem = files::read_text(&cert_path)?;
-        let key_pem = files::read_private_text(&key_path)?;
+        let pair = files::read_pair(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))?;
         Self::from_pem_with_origin(
-            &cert_pem,
-            &key_pem,
-            &cert_path.display().to_string(),
-            &key_path.display().to_string(),
+            &pair.cert_pem,
+            &pair.key_pem,
+            &pair.cert_origin,
+            &pair.key_origin,
         )
     }
 
@@ -268,14 +258,7 @@ impl Authority {
             }
         }
 
-        let mut params = CertificateParams::default();
-        params.not_before = validity.not_before;
-        params.not_after = validity.not_after;
-        params.serial_number = Some(random_serial()?);
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, node.as_str());
+        let mut params = base_params(validity, node.as_str().to_owned())?;
         params.subject_alt_names = names;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -347,6 +330,20 @@ impl Issued {
             force,
         )
     }
+}
+
+/// What every certificate meshtun issues starts from: its validity, a
+/// random serial and a subject holding only `common_name`.
+fn base_params(validity: Validity, common_name: String) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(random_serial()?);
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    Ok(params)
 }
 
 /// Writes a certificate (0644) and its key (0600) into `dir`, both or

@@ -167,13 +167,12 @@ impl NodeCredentials {
     /// Loads the certificate chain at `cert` and the key at `key`, refusing a
     /// key file that its group or others may read.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, PkiError> {
-        let cert_pem = files::read_text(cert)?;
-        let key_pem = files::read_private_text(key)?;
+        let pair = files::read_pair(cert, key)?;
         Self::from_pem_with_origin(
-            &cert_pem,
-            &key_pem,
-            &cert.display().to_string(),
-            &key.display().to_string(),
+            &pair.cert_pem,
+            &pair.key_pem,
+            &pair.cert_origin,
+            &pair.key_origin,
         )
     }
 
