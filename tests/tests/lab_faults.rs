@@ -162,6 +162,17 @@ fn start_forwarding_host(lab: &Lab, to_sink: SocketAddr, to_echo: SocketAddr) ->
     daemon
 }
 
+/// What one read or write says about a connection: `None` to keep going.
+fn ending(op: &'static str, result: io::Result<usize>) -> Option<Outcome> {
+    match result {
+        Ok(0) if op == "read" => Some(Outcome::CleanEof),
+        Ok(_) => None,
+        Err(error) if is_timeout(&error) => None,
+        Err(error) if error.kind() == io::ErrorKind::ConnectionReset => Some(Outcome::Reset(op)),
+        Err(error) => Some(Outcome::Other(op, error)),
+    }
+}
+
 fn mbit_per_second(size: u64, took: Duration) -> f64 {
     size as f64 * 8.0 / took.as_secs_f64() / 1e6
 }
@@ -235,33 +246,13 @@ fn killed_peer_resets_clients_and_restarted_peer_serves_at_once() {
         if killed.elapsed() > limit {
             break;
         }
-        match client.write(&chunk) {
-            Ok(_) => {}
-            Err(error) if is_timeout(&error) => {}
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
-                outcome = Outcome::Reset("write");
-                break;
-            }
-            Err(error) => {
-                outcome = Outcome::Other("write", error);
-                break;
-            }
+        if let Some(ending) = ending("write", client.write(&chunk)) {
+            outcome = ending;
+            break;
         }
-        match client.read(&mut reply) {
-            Ok(0) => {
-                outcome = Outcome::CleanEof;
-                break;
-            }
-            Ok(_) => {}
-            Err(error) if is_timeout(&error) => {}
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
-                outcome = Outcome::Reset("read");
-                break;
-            }
-            Err(error) => {
-                outcome = Outcome::Other("read", error);
-                break;
-            }
+        if let Some(ending) = ending("read", client.read(&mut reply)) {
+            outcome = ending;
+            break;
         }
     }
     let reset_after = killed.elapsed();
