@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use meshtun_config::{Expose, HostPort};
 use meshtun_proto::{
     ConnectionCode, Decoded, Kind, NodeName, Preamble, Status, StatusCode, StreamCode,
-    MAX_PREAMBLE_LEN, WELCOME,
+    MAX_PREAMBLE_LEN, OK_STATUS, WELCOME,
 };
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
@@ -172,15 +172,14 @@ async fn answer_stream(
         if let Err(error) = tcp.set_nodelay(true) {
             debug!(%error, "cannot set TCP_NODELAY");
         }
-        let mut ok = BytesMut::with_capacity(2);
-        Status::ok().encode(&mut ok);
+
         let downlink = Downlink::Ready(payload);
         let cancel = &shared.abort_streams;
         match splice::carry(
             &mut tcp,
             &mut send,
             &mut recv,
-            ok.freeze(),
+            Bytes::from_static(OK_STATUS),
             downlink,
             cancel,
         )

@@ -15,7 +15,7 @@ mod status;
 pub use codes::{ConnectionCode, StreamCode, WELCOME};
 pub use name::{NameError, NodeName, ServiceName, MAX_NAME_LEN};
 pub use preamble::{Decoded, Kind, Preamble, PreambleError, MAX_PREAMBLE_LEN, VERSION};
-pub use status::{Status, StatusCode, StatusError, MAX_DETAIL_LEN, MAX_STATUS_LEN};
+pub use status::{Status, StatusCode, StatusError, MAX_DETAIL_LEN, MAX_STATUS_LEN, OK_STATUS};
 
 /// The ALPN protocol id both sides must offer; anything else fails the handshake.
 pub const ALPN: &[u8] = b"meshtun/1";

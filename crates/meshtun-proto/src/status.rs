@@ -81,6 +81,10 @@ impl StatusCode {
     }
 }
 
+/// The encoded `ok` status (code 0, no detail), for senders that answer it
+/// on every stream without encoding it each time.
+pub const OK_STATUS: &[u8] = &[0, 0];
+
 /// A status answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -222,6 +226,11 @@ mod tests {
         assert!(bytes.len() <= MAX_STATUS_LEN);
         let (decoded, _) = Status::decode(&bytes).expect("valid").expect("complete");
         assert_eq!(decoded.detail, status.detail);
+    }
+
+    #[test]
+    fn the_ok_constant_is_the_encoded_ok_status() {
+        assert_eq!(encode(&Status::ok()), OK_STATUS);
     }
 
     #[test]
