@@ -25,10 +25,12 @@ const LEN: u64 = 64 << 20;
 /// The QUIC idle timeout both daemons are configured with; no read may
 /// wait this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A transfer still running after this long has failed: the cases are
-/// meant to take well under a minute, and a slow one must not hold CI for
-/// the full nextest timeout.
-const TRANSFER_DEADLINE: Duration = Duration::from_secs(90);
+/// A transfer still running after this long has failed. Most cases take
+/// seconds; the reordering case took 14-66 s across runs on 2 shared cores
+/// (quinn's ACK handling, see the README's known limits), so the bound sits
+/// well above that and below nextest's 300 s kill. Stalls are caught by the
+/// read-gap check against the idle timeout, not by this deadline.
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(200);
 const SERVICE: &str = "127.0.0.1:7000";
 const FORWARD: &str = "127.0.0.1:7100";
 
