@@ -16,8 +16,9 @@ use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::metrics::{handshake_reason, Direction, PeerStats};
 use crate::splice::{self, Downlink, Outbound};
-use crate::Shared;
+use crate::{Policy, Shared};
 
 /// Accepts incoming QUIC connections until the endpoint closes. While the
 /// node drains, new connections are refused at once (the dialer sees a
@@ -49,10 +50,14 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             warn!(%error, "handshake failed");
+            shared
+                .metrics
+                .incoming_handshake_failed(handshake_reason(&error));
             return;
         }
         Err(_) => {
             warn!(timeout = ?shared.handshake_timeout, "handshake timed out");
+            shared.metrics.incoming_handshake_failed("timeout");
             return;
         }
     };
@@ -60,6 +65,7 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
         Ok(identity) => identity,
         Err(reason) => {
             warn!(%reason, "closing connection without a usable identity");
+            shared.metrics.incoming_handshake_failed("no_identity");
             let code = ConnectionCode::NoIdentity;
             connection.close(VarInt::from_u32(code.to_u32()), code.reason());
             return;
@@ -71,7 +77,8 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
             info!(%error, "peer left before the welcome");
             return;
         }
-        let _tracked = shared.track_incoming(&identity);
+        let _tracked = shared.track_incoming(&identity, &connection);
+        let stats = shared.metrics.peer(&identity);
         info!("peer connected (incoming)");
         loop {
             let (send, recv) = match connection.accept_bi().await {
@@ -82,7 +89,7 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
                 }
             };
             let span = tracing::debug_span!("stream", id = %send.id());
-            let task = serve_stream(send, recv, identity.clone(), shared.clone());
+            let task = serve_stream(send, recv, identity.clone(), stats.clone(), shared.clone());
             shared.streams.spawn(task.instrument(span));
         }
     }
@@ -121,10 +128,17 @@ fn refuse(code: StatusCode, detail: String) -> Status {
 /// Serves one incoming stream until it ends or the node's `abort_streams`
 /// token fires; the guards on the stream and the target socket make a
 /// cancellation a reset on both sides.
-async fn serve_stream(send: SendStream, recv: RecvStream, identity: NodeName, shared: Arc<Shared>) {
+async fn serve_stream(
+    send: SendStream,
+    recv: RecvStream,
+    identity: NodeName,
+    stats: Arc<PeerStats>,
+    shared: Arc<Shared>,
+) {
     let send = Outbound::new(send);
+    let stream = stats.stream(Direction::incoming);
     tokio::select! {
-        () = answer_stream(send, recv, identity, &shared) => {}
+        () = answer_stream(send, recv, identity, stream.stats(), &shared) => {}
         () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
     }
 }
@@ -134,36 +148,43 @@ async fn answer_stream(
     mut send: Outbound,
     mut recv: RecvStream,
     identity: NodeName,
+    stats: &PeerStats,
     shared: &Shared,
 ) {
-    let (preamble, payload) = match read_preamble(&mut recv, shared.preamble_timeout).await {
+    // One policy for the whole stream, even if a reload lands meanwhile.
+    let policy = shared.policy();
+    let (preamble, payload) = match read_preamble(&mut recv, policy.preamble_timeout).await {
         Ok(read) => read,
         Err(detail) => {
             warn!(%detail, "bad stream preamble");
             let status = refuse(StatusCode::BadPreamble, detail);
+            stats.refused(Direction::incoming, status.code.as_str());
             answer_refusal(&mut send, &mut recv, &status, StreamCode::BadPreamble).await;
             return;
         }
     };
-    let expose = match authorize(shared, &preamble, &identity) {
+    let expose = match authorize(&shared.node, &policy, &preamble, &identity) {
         Ok(expose) => expose,
         Err(status) => {
             info!(code = status.code.as_str(), detail = %status.detail, "stream refused");
+            stats.refused(Direction::incoming, status.code.as_str());
             answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
             return;
         }
     };
     if shared.stop_accepting.is_cancelled() {
         let status = refuse(StatusCode::Unavailable, "node is shutting down".to_owned());
+        stats.refused(Direction::incoming, status.code.as_str());
         answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
         return;
     }
     let span = tracing::debug_span!("expose", service = %expose.service, target = %expose.target);
     async {
-        let mut tcp = match connect(&expose.target, shared.connect_timeout).await {
+        let mut tcp = match connect(&expose.target, policy.connect_timeout).await {
             Ok(tcp) => tcp,
             Err(status) => {
                 info!(code = status.code.as_str(), detail = %status.detail, "target unavailable");
+                stats.refused(Direction::incoming, status.code.as_str());
                 answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
                 return;
             }
@@ -181,6 +202,7 @@ async fn answer_stream(
             &mut recv,
             Bytes::from_static(OK_STATUS),
             downlink,
+            stats,
             cancel,
         )
         .await
@@ -196,7 +218,8 @@ async fn answer_stream(
 }
 
 fn authorize<'a>(
-    shared: &'a Shared,
+    node: &NodeName,
+    policy: &'a Policy,
     preamble: &Preamble,
     identity: &NodeName,
 ) -> Result<&'a Expose, Status> {
@@ -209,23 +232,20 @@ fn authorize<'a>(
             ));
         }
     };
-    let expose = shared
+    let expose = policy
         .exposes
         .iter()
         .find(|expose| &expose.service == service)
         .ok_or_else(|| {
             refuse(
                 StatusCode::UnknownService,
-                format!("service {service:?} is not exposed by {}", shared.node),
+                format!("service {service:?} is not exposed by {node}"),
             )
         })?;
     if !expose.allow.permits(identity) {
         return Err(refuse(
             StatusCode::Forbidden,
-            format!(
-                "{identity} may not reach service {service:?} on {}",
-                shared.node
-            ),
+            format!("{identity} may not reach service {service:?} on {node}"),
         ));
     }
     Ok(expose)

@@ -13,6 +13,7 @@ use meshtun_proto::{Preamble, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::metrics::Direction;
 use crate::peer::PeerLinks;
 use crate::splice::{self, Downlink, Outbound};
 use crate::Shared;
@@ -85,18 +86,23 @@ async fn forward_one(tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shar
 }
 
 async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared: &Shared) {
+    let stream = peer.stats().stream(Direction::outgoing);
+    let stats = stream.stats();
     let Some(connection) = peer.connection(PEER_WAIT).await else {
         info!("peer not connected; resetting local connection");
+        stats.refused(Direction::outgoing, "not_connected");
         return;
     };
     let (send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, connection.open_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(error)) => {
             info!(%error, "cannot open stream; resetting local connection");
+            stats.refused(Direction::outgoing, "not_connected");
             return;
         }
         Err(_) => {
             warn!(timeout = ?OPEN_TIMEOUT, "peer granted no stream in time; resetting local connection");
+            stats.refused(Direction::outgoing, "no_stream_credit");
             return;
         }
     };
@@ -107,9 +113,16 @@ async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared
         // no round trip is spent waiting for the peer's status.
         let downlink = Downlink::AwaitStatus;
         let cancel = &shared.abort_streams;
-        match splice::carry(&mut tcp, &mut send, &mut recv, preamble, downlink, cancel).await {
+        match splice::carry(
+            &mut tcp, &mut send, &mut recv, preamble, downlink, stats, cancel,
+        )
+        .await
+        {
             Ok(totals) => debug!(sent = totals.uplink, received = totals.downlink, "closed"),
             Err((failure @ splice::Failure::Refused(_), _)) => {
+                if let splice::Failure::Refused(status) = &failure {
+                    stats.refused(Direction::outgoing, status.code.as_str());
+                }
                 info!(%failure, "stream refused; local connection reset")
             }
             Err((failure, totals)) => {

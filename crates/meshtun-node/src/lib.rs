@@ -12,28 +12,37 @@
 //! streams drain for a grace period, resets what is left and closes QUIC with
 //! a code.
 
+mod admin;
 mod cid;
 mod endpoint;
 mod expose;
 mod forward;
+mod metrics;
 mod peer;
 mod splice;
+mod status;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshtun_config::{Config, Expose};
+use meshtun_config::{Allow, Config, Expose};
 use meshtun_pki::{NodeCredentials, TrustBundle};
 use meshtun_proto::{ConnectionCode, NodeName};
-use quinn::VarInt;
+use quinn::{Connection, VarInt};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+use crate::metrics::{Direction, Metrics};
 use crate::peer::{DialTiming, PeerLinks};
+
+pub use crate::status::{
+    CertificateStatus, ExposeStatus, ForwardStatus, NodeStatus, PeerStatus, ReloadStatus,
+};
 
 /// Why a node could not start. Each variant says which part of the
 /// configuration or environment is at fault.
@@ -57,42 +66,214 @@ pub enum NodeError {
     Quic(String),
 }
 
+/// Why a reload was refused. The node keeps running on what it had.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new configuration changes settings that only a restart applies.
+    #[error("{} changed; restart meshtun to apply (nothing was reloaded)", .0.join(", "))]
+    NeedsRestart(Vec<&'static str>),
+    /// The new certificates could not be turned into TLS configs.
+    #[error(transparent)]
+    Pki(#[from] NodeError),
+}
+
 /// How long shutdown waits for reset stream tasks to end before it closes
 /// the endpoint under them.
 const ABORT_WAIT: Duration = Duration::from_secs(1);
 
-/// State shared by the node's tasks. Read-only after start.
+/// What a reload may change without a restart: who may reach which service,
+/// and the timeouts of the forwarding path. Replaced whole, so a stream sees
+/// one consistent version.
+#[derive(Debug)]
+pub(crate) struct Policy {
+    pub(crate) exposes: Vec<Expose>,
+    pub(crate) preamble_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl Policy {
+    fn from_config(config: &Config) -> Self {
+        Self {
+            exposes: config.exposes.clone(),
+            preamble_timeout: config.limits.preamble_timeout,
+            connect_timeout: config.limits.connect_timeout,
+        }
+    }
+}
+
+/// State shared by the node's tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
     node: NodeName,
-    exposes: Vec<Expose>,
+    policy: RwLock<Arc<Policy>>,
     handshake_timeout: Duration,
-    preamble_timeout: Duration,
-    connect_timeout: Duration,
     /// Fires when the node stops taking new work (SIGTERM).
     stop_accepting: CancellationToken,
     /// Fires when the drain period is over: open streams are reset.
     abort_streams: CancellationToken,
+    /// Fires last, when the endpoint closes: the admin endpoint stops.
+    closing: CancellationToken,
     /// Accept loops, dialers and connection tasks.
     tasks: TaskTracker,
     /// One task per forwarded stream, on either side.
     streams: TaskTracker,
-    /// Identities of the peers connected to this node, with how many
-    /// connections each has open.
-    incoming: Mutex<BTreeMap<NodeName, usize>>,
+    /// Connections peers dialled to this node, by verified identity.
+    incoming: Mutex<BTreeMap<NodeName, Vec<Connection>>>,
+    /// The peers this node dials.
+    peers: BTreeMap<NodeName, Arc<PeerLinks>>,
+    metrics: Metrics,
+    /// What `/status` reports that is fixed between reloads.
+    facts: Mutex<Facts>,
+    started: Instant,
+}
+
+/// Descriptive state for `/status`, replaced on reload.
+#[derive(Debug)]
+struct Facts {
+    quic_listen: SocketAddr,
+    certificate: CertificateStatus,
+    forwards: Vec<ForwardStatus>,
+    exposes: Vec<ExposeStatus>,
+    last_reload_unix: Option<i64>,
+    last_reload_error: Option<String>,
 }
 
 impl Shared {
+    /// The policy in force now.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Records an incoming connection from `peer` until the guard drops.
-    pub(crate) fn track_incoming(self: &Arc<Self>, peer: &NodeName) -> IncomingGuard {
+    pub(crate) fn track_incoming(
+        self: &Arc<Self>,
+        peer: &NodeName,
+        connection: &Connection,
+    ) -> IncomingGuard {
         let mut incoming = self
             .incoming
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *incoming.entry(peer.clone()).or_insert(0) += 1;
+        incoming
+            .entry(peer.clone())
+            .or_default()
+            .push(connection.clone());
         IncomingGuard {
             shared: self.clone(),
             peer: peer.clone(),
+            id: connection.stable_id(),
+        }
+    }
+
+    fn facts(&self) -> std::sync::MutexGuard<'_, Facts> {
+        self.facts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads live connection state into the gauges and returns, per peer,
+    /// (dialled up, incoming up, best RTT in seconds).
+    fn refresh_live(&self) -> BTreeMap<NodeName, (usize, usize, Option<f64>)> {
+        let mut live: BTreeMap<NodeName, (usize, usize, Option<f64>)> = BTreeMap::new();
+        let best = |current: Option<f64>, rtt: Duration| {
+            let rtt = rtt.as_secs_f64();
+            Some(current.map_or(rtt, |current: f64| current.min(rtt)))
+        };
+        for (name, links) in &self.peers {
+            let entry = live.entry(name.clone()).or_default();
+            for connection in links.live_connections() {
+                entry.0 += 1;
+                entry.2 = best(entry.2, connection.rtt());
+            }
+        }
+        {
+            let incoming = self
+                .incoming
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (name, connections) in incoming.iter() {
+                let entry = live.entry(name.clone()).or_default();
+                for connection in connections {
+                    if connection.close_reason().is_none() {
+                        entry.1 += 1;
+                        entry.2 = best(entry.2, connection.rtt());
+                    }
+                }
+            }
+        }
+        for (name, stats) in self.metrics.peers() {
+            let (outgoing, incoming, rtt) = live.get(&name).copied().unwrap_or_default();
+            stats.set_live(outgoing, incoming, rtt);
+        }
+        live
+    }
+
+    /// The `/metrics` text: live gauges refreshed, then every family.
+    pub(crate) fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        self.refresh_live();
+        self.metrics.encode()
+    }
+
+    /// The `/status` document.
+    pub(crate) fn status(&self) -> NodeStatus {
+        let live = self.refresh_live();
+        let mut peers = Vec::new();
+        for (name, stats) in self.metrics.peers() {
+            let (up, incoming, rtt) = live.get(&name).copied().unwrap_or_default();
+            let links = self.peers.get(&name);
+            let counts = stats.counts();
+            let named = |map: &BTreeMap<&'static str, u64>| {
+                map.iter()
+                    .map(|(reason, count)| ((*reason).to_owned(), *count))
+                    .collect()
+            };
+            peers.push(PeerStatus {
+                name: name.to_string(),
+                addr: links.map(|links| links.addr().to_string()),
+                connections_up: up,
+                connections_configured: links.map_or(0, |links| links.slots()),
+                connections_incoming: incoming,
+                rtt_ms: rtt.map(|seconds| seconds * 1000.0),
+                sent_bytes: counts.sent,
+                received_bytes: counts.received,
+                streams_outgoing: counts.streams[Direction::outgoing as usize],
+                streams_incoming: counts.streams[Direction::incoming as usize],
+                open_streams: counts.open.iter().sum(),
+                refused_outgoing: named(&counts.refused[Direction::outgoing as usize]),
+                refused_incoming: named(&counts.refused[Direction::incoming as usize]),
+                handshakes_failed: named(&counts.handshakes_failed),
+                reconnects: counts.reconnects,
+                last_error: links.and_then(|links| links.last_error()),
+            });
+        }
+        let facts = self.facts();
+        let mut certificate = facts.certificate.clone();
+        certificate.expires_in_seconds = certificate.not_after_unix - unix_now();
+        NodeStatus {
+            node: self.node.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            quic_listen: facts.quic_listen,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            draining: self.stop_accepting.is_cancelled(),
+            certificate,
+            reload: ReloadStatus {
+                successes: self.metrics.reloads("success"),
+                failures: self.metrics.reloads("failure"),
+                last_attempt_unix: facts.last_reload_unix,
+                last_error: facts.last_reload_error.clone(),
+            },
+            peers,
+            incoming_handshakes_failed: self
+                .metrics
+                .incoming_handshakes_failed()
+                .into_iter()
+                .map(|(reason, count)| (reason.to_owned(), count))
+                .collect(),
+            forwards: facts.forwards.clone(),
+            exposes: facts.exposes.clone(),
         }
     }
 }
@@ -102,6 +283,7 @@ impl Shared {
 pub(crate) struct IncomingGuard {
     shared: Arc<Shared>,
     peer: NodeName,
+    id: usize,
 }
 
 impl Drop for IncomingGuard {
@@ -111,13 +293,70 @@ impl Drop for IncomingGuard {
             .incoming
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = incoming.get_mut(&self.peer) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+        if let Some(connections) = incoming.get_mut(&self.peer) {
+            connections.retain(|connection| connection.stable_id() != self.id);
+            if connections.is_empty() {
                 incoming.remove(&self.peer);
             }
         }
     }
+}
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+fn unix_now() -> i64 {
+    unix_seconds(SystemTime::now())
+}
+
+fn certificate_status(credentials: &NodeCredentials) -> CertificateStatus {
+    let not_after_unix = unix_seconds(credentials.not_after());
+    CertificateStatus {
+        identity: credentials.identity().to_string(),
+        fingerprint: credentials.fingerprint(),
+        not_after_unix,
+        expires_in_seconds: not_after_unix - unix_now(),
+    }
+}
+
+fn expose_statuses(exposes: &[Expose]) -> Vec<ExposeStatus> {
+    exposes
+        .iter()
+        .map(|expose| ExposeStatus {
+            service: expose.service.to_string(),
+            target: expose.target.to_string(),
+            allow: match &expose.allow {
+                Allow::Any => vec!["*".to_owned()],
+                Allow::Only(names) => names.iter().map(ToString::to_string).collect(),
+            },
+        })
+        .collect()
+}
+
+/// The parts of a configuration that only a restart applies, with the key
+/// an operator would look for. Everything else is reloadable.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.node != new.node {
+        changed.push("node");
+    }
+    if old.quic != new.quic {
+        changed.push("[quic]");
+    }
+    if old.peers != new.peers {
+        changed.push("[[peer]]");
+    }
+    if old.forwards != new.forwards {
+        changed.push("[[forward]]");
+    }
+    if old.admin != new.admin {
+        changed.push("[admin]");
+    }
+    changed
 }
 
 /// A running node.
@@ -127,13 +366,19 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     quic_addr: SocketAddr,
     forward_addrs: Vec<SocketAddr>,
-    peers: BTreeMap<NodeName, Arc<PeerLinks>>,
+    admin_addr: Option<SocketAddr>,
+    /// The configuration in force, to tell what a reload changes.
+    config: Mutex<Config>,
+    /// The accept loops; one that ends before shutdown is a fault the
+    /// watchdog reports.
+    loops: Vec<(String, JoinHandle<()>)>,
 }
 
 impl Node {
-    /// Binds the QUIC endpoint and every forward listener, then starts the
-    /// dialers and accept loops. When this returns `Ok`, every listener is
-    /// bound and the node serves; peers may still be connecting.
+    /// Binds the QUIC endpoint, every forward listener and the admin
+    /// endpoint, then starts the dialers and accept loops. When this returns
+    /// `Ok`, every listener accepts and the node serves; peers may still be
+    /// connecting.
     ///
     /// Must be called inside a tokio runtime.
     pub async fn start(
@@ -156,38 +401,29 @@ impl Node {
             source,
         })?;
         let quic_addr = endpoint::local_addr(&endpoint, quic.listen)?;
+        let metrics = Metrics::new();
+        metrics.set_certificate_expiry(unix_seconds(credentials.not_after()));
 
         let mut peers = BTreeMap::new();
-        let mut clients = Vec::new();
         for peer in &config.peers {
             let client = endpoint::client_config(quic, &trust, &credentials, &peer.name)?;
             let links = Arc::new(PeerLinks::new(
                 peer.name.clone(),
                 peer.addr.clone(),
                 quic.connections_per_peer.get(),
+                client,
+                metrics.peer(&peer.name),
             ));
-            peers.insert(peer.name.clone(), links.clone());
-            clients.push((links, client));
+            peers.insert(peer.name.clone(), links);
         }
 
-        // Bind every forward listener before spawning anything, so a port
-        // conflict fails the start instead of leaving a half-running node.
+        // Bind every listener before spawning anything, so a port conflict
+        // fails the start instead of leaving a half-running node.
         let mut forwards = Vec::new();
         let mut forward_addrs = Vec::new();
+        let mut forward_statuses = Vec::new();
         for forward in &config.forwards {
-            let listener =
-                TcpListener::bind(forward.listen)
-                    .await
-                    .map_err(|source| NodeError::Bind {
-                        what: "forward listener",
-                        addr: forward.listen,
-                        source,
-                    })?;
-            let local = listener.local_addr().map_err(|source| NodeError::Bind {
-                what: "forward listener",
-                addr: forward.listen,
-                source,
-            })?;
+            let (listener, local) = bind_tcp("forward listener", forward.listen).await?;
             // The config refers only to declared peers.
             let Some(links) = peers.get(&forward.peer) else {
                 return Err(NodeError::Quic(format!(
@@ -196,6 +432,11 @@ impl Node {
                 )));
             };
             forward_addrs.push(local);
+            forward_statuses.push(ForwardStatus {
+                listen: local,
+                peer: forward.peer.to_string(),
+                service: forward.service.to_string(),
+            });
             forwards.push(forward::Forward {
                 listener,
                 local,
@@ -203,18 +444,32 @@ impl Node {
                 service: forward.service.clone(),
             });
         }
+        let admin = match &config.admin {
+            Some(admin) => Some(bind_tcp("admin endpoint (admin.listen)", admin.listen).await?),
+            None => None,
+        };
 
         let shared = Arc::new(Shared {
             node: config.node.clone(),
-            exposes: config.exposes.clone(),
+            policy: RwLock::new(Arc::new(Policy::from_config(&config))),
             handshake_timeout: quic.handshake_timeout,
-            preamble_timeout: config.limits.preamble_timeout,
-            connect_timeout: config.limits.connect_timeout,
             stop_accepting: CancellationToken::new(),
             abort_streams: CancellationToken::new(),
+            closing: CancellationToken::new(),
             tasks: TaskTracker::new(),
             streams: TaskTracker::new(),
             incoming: Mutex::new(BTreeMap::new()),
+            peers,
+            metrics,
+            facts: Mutex::new(Facts {
+                quic_listen: quic_addr,
+                certificate: certificate_status(&credentials),
+                forwards: forward_statuses,
+                exposes: expose_statuses(&config.exposes),
+                last_reload_unix: None,
+                last_reload_error: None,
+            }),
+            started: Instant::now(),
         });
 
         let timing = DialTiming {
@@ -222,35 +477,42 @@ impl Node {
             reconnect_min: quic.reconnect_min,
             reconnect_max: quic.reconnect_max,
         };
-        for (links, client) in clients {
+        for links in shared.peers.values() {
             for index in 0..quic.connections_per_peer.get() {
                 let span = tracing::info_span!("peer", peer = %links.name());
                 let task = links.clone().dial_loop(
                     index,
                     endpoint.clone(),
-                    client.clone(),
                     timing,
                     shared.stop_accepting.clone(),
                 );
                 shared.tasks.spawn(task.instrument(span));
             }
         }
-        shared
-            .tasks
-            .spawn(expose::accept_loop(endpoint.clone(), shared.clone()));
+        let mut loops = Vec::new();
+        let accept = expose::accept_loop(endpoint.clone(), shared.clone());
+        loops.push(("QUIC accept loop".to_owned(), shared.tasks.spawn(accept)));
         for forward in forwards {
             info!(listen = %forward.local, peer = %forward.peer.name(), service = %forward.service, "forwarding");
-            shared
-                .tasks
-                .spawn(forward::accept_loop(forward, shared.clone()));
+            let name = format!("forward listener {}", forward.local);
+            let task = forward::accept_loop(forward, shared.clone());
+            loops.push((name, shared.tasks.spawn(task)));
         }
-        info!(node = %config.node, quic = %quic_addr, peers = peers.len(), exposes = config.exposes.len(), "node started");
+        let admin_addr = admin.map(|(listener, local)| {
+            info!(listen = %local, "admin endpoint serving /metrics and /status");
+            let task = admin::serve(listener, shared.clone());
+            loops.push((format!("admin endpoint {local}"), shared.tasks.spawn(task)));
+            local
+        });
+        info!(node = %config.node, quic = %quic_addr, peers = shared.peers.len(), exposes = config.exposes.len(), "node started");
         Ok(Node {
             shared,
             endpoint,
             quic_addr,
             forward_addrs,
-            peers,
+            admin_addr,
+            config: Mutex::new(config),
+            loops,
         })
     }
 
@@ -264,9 +526,15 @@ impl Node {
         &self.forward_addrs
     }
 
+    /// The bound admin address, if `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Whether at least one QUIC connection to `peer` is up.
     pub fn is_connected(&self, peer: &NodeName) -> bool {
-        self.peers
+        self.shared
+            .peers
             .get(peer)
             .is_some_and(|links| links.is_connected())
     }
@@ -283,12 +551,115 @@ impl Node {
         incoming.keys().cloned().collect()
     }
 
+    /// The node's state, as `/status` serves it.
+    pub fn status(&self) -> NodeStatus {
+        self.shared.status()
+    }
+
+    /// Whether the node's own machinery still runs: every accept loop is
+    /// alive. Called from the runtime that serves traffic, so a wedged
+    /// runtime fails the check by never getting to it (the systemd watchdog
+    /// relies on both).
+    pub fn health(&self) -> Result<(), String> {
+        if self.shared.stop_accepting.is_cancelled() {
+            return Ok(());
+        }
+        match self.loops.iter().find(|(_, handle)| handle.is_finished()) {
+            Some((name, _)) => Err(format!("{name} has stopped")),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies a new configuration and certificates without dropping any
+    /// connection or stream. New handshakes use the new certificates, trust
+    /// bundle and CRL; new streams see the new `[[expose]]` rules and
+    /// `[limits]`. Streams already open keep going under the rules they
+    /// were admitted by.
+    ///
+    /// Settings that need new sockets or dialers (`node`, `[quic]`,
+    /// `[[peer]]`, `[[forward]]`, `[admin]`) are not reloadable: if any
+    /// changed, nothing is applied and the error names them.
+    pub fn reload(
+        &self,
+        config: Config,
+        credentials: NodeCredentials,
+        trust: TrustBundle,
+    ) -> Result<(), ReloadError> {
+        let result = self.apply(config, credentials, trust);
+        match &result {
+            Ok(()) => self.record_reload(None),
+            Err(error) => self.record_reload(Some(error.to_string())),
+        }
+        result
+    }
+
+    /// Records a reload that failed before the node saw new material (an
+    /// unreadable file, a config error), for `/status` and the metrics.
+    pub fn reload_failed(&self, error: &str) {
+        self.record_reload(Some(error.to_owned()));
+    }
+
+    fn apply(
+        &self,
+        config: Config,
+        credentials: NodeCredentials,
+        trust: TrustBundle,
+    ) -> Result<(), ReloadError> {
+        let mut current = self
+            .config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let changed = restart_only_changes(&current, &config);
+        if !changed.is_empty() {
+            return Err(ReloadError::NeedsRestart(changed));
+        }
+        // Build everything first, so a failure applies nothing.
+        let server = endpoint::server_config(&config.quic, &trust, &credentials)?;
+        let mut clients = Vec::new();
+        for (name, links) in &self.shared.peers {
+            let client = endpoint::client_config(&config.quic, &trust, &credentials, name)?;
+            clients.push((links, client));
+        }
+        self.endpoint.set_server_config(Some(server));
+        for (links, client) in clients {
+            links.set_client(client);
+        }
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Arc::new(Policy::from_config(&config));
+        self.shared
+            .metrics
+            .set_certificate_expiry(unix_seconds(credentials.not_after()));
+        {
+            let mut facts = self.shared.facts();
+            facts.certificate = certificate_status(&credentials);
+            facts.exposes = expose_statuses(&config.exposes);
+        }
+        *current = config;
+        Ok(())
+    }
+
+    fn record_reload(&self, error: Option<String>) {
+        let result = if error.is_some() {
+            "failure"
+        } else {
+            "success"
+        };
+        self.shared.metrics.reload(result);
+        let mut facts = self.shared.facts();
+        facts.last_reload_unix = Some(unix_now());
+        facts.last_reload_error = error;
+    }
+
     /// Waits until every configured peer has a live connection, or `timeout`
     /// passes. Returns the peers still not connected.
     pub async fn wait_connected(&self, timeout: Duration) -> Vec<NodeName> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut missing = Vec::new();
-        for (name, links) in &self.peers {
+        for (name, links) in &self.shared.peers {
             if !links.wait_connected(deadline).await {
                 missing.push(name.clone());
             }
@@ -322,6 +693,7 @@ impl Node {
         let code = ConnectionCode::Shutdown;
         self.endpoint
             .close(VarInt::from_u32(code.to_u32()), code.reason());
+        shared.closing.cancel();
         shared.tasks.close();
         // Connection tasks end once the endpoint is closed; waiting for the
         // close frames to go out is bounded so a vanished peer cannot hold us.
@@ -332,4 +704,15 @@ impl Node {
         .await;
         info!("node stopped");
     }
+}
+
+/// Binds a TCP listener and reads back its address (port 0 becomes real).
+async fn bind_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let bind_error = |source| NodeError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }

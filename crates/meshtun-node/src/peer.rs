@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshtun_config::HostPort;
@@ -19,6 +19,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
+
+use crate::metrics::{handshake_reason, PeerStats};
 
 /// The TLS server name sent by dialers. Identity is checked against the
 /// configured peer name by the verifier, not through SNI, so a constant keeps
@@ -52,20 +54,91 @@ pub(crate) struct PeerLinks {
     addr: HostPort,
     slots: watch::Sender<Vec<Slot>>,
     next: AtomicUsize,
+    /// TLS for the next dial; a reload replaces it.
+    client: Mutex<ClientConfig>,
+    /// Why the last dial failed, until one succeeds.
+    last_error: Mutex<Option<String>>,
+    stats: Arc<PeerStats>,
 }
 
 impl PeerLinks {
-    pub(crate) fn new(name: NodeName, addr: HostPort, connections: usize) -> Self {
+    pub(crate) fn new(
+        name: NodeName,
+        addr: HostPort,
+        connections: usize,
+        client: ClientConfig,
+        stats: Arc<PeerStats>,
+    ) -> Self {
         Self {
             name,
             addr,
             slots: watch::Sender::new(vec![Slot::Dialing; connections]),
             next: AtomicUsize::new(0),
+            client: Mutex::new(client),
+            last_error: Mutex::new(None),
+            stats,
         }
     }
 
     pub(crate) fn name(&self) -> &NodeName {
         &self.name
+    }
+
+    pub(crate) fn addr(&self) -> &HostPort {
+        &self.addr
+    }
+
+    /// How many connections this node keeps to the peer.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.borrow().len()
+    }
+
+    pub(crate) fn stats(&self) -> &Arc<PeerStats> {
+        &self.stats
+    }
+
+    /// Replaces the TLS config used by the next dials. Live connections
+    /// keep the one they were made with.
+    pub(crate) fn set_client(&self, client: ClientConfig) {
+        *self
+            .client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+    }
+
+    fn client(&self) -> ClientConfig {
+        self.client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
+    }
+
+    /// The connections that are up now.
+    pub(crate) fn live_connections(&self) -> Vec<Connection> {
+        self.slots
+            .borrow()
+            .iter()
+            .filter_map(|slot| match slot {
+                Slot::Up(connection) if connection.close_reason().is_none() => {
+                    Some(connection.clone())
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// A live connection, round-robin over the slots. Waits up to `wait`
@@ -128,14 +201,15 @@ impl PeerLinks {
         self: Arc<Self>,
         index: usize,
         endpoint: Endpoint,
-        client: ClientConfig,
         timing: DialTiming,
         cancel: CancellationToken,
     ) {
         let mut delay = timing.reconnect_min;
         let mut failures: u32 = 0;
+        let mut was_up = false;
         loop {
             self.set(index, Slot::Dialing);
+            let client = self.client();
             let attempt = self.dial_once(&endpoint, &client, timing.handshake_timeout);
             let result = tokio::select! {
                 result = attempt => result,
@@ -150,6 +224,11 @@ impl PeerLinks {
                     );
                     failures = 0;
                     delay = timing.reconnect_min;
+                    if was_up {
+                        self.stats.reconnected();
+                    }
+                    was_up = true;
+                    self.set_last_error(None);
                     self.set(index, Slot::Up(connection.clone()));
                     tokio::select! {
                         reason = connection.closed() => {
@@ -163,6 +242,8 @@ impl PeerLinks {
                 }
                 Err(error) => {
                     self.set(index, Slot::Down);
+                    self.stats.handshake_failed(error.reason());
+                    self.set_last_error(Some(error.to_string()));
                     failures += 1;
                     // One warning per outage, then a reminder every tenth
                     // attempt: a dead peer must not flood the log.
@@ -263,6 +344,19 @@ enum DialError {
     Welcome(SocketAddr, String),
     #[error("handshake with {0} timed out after {1:?}")]
     Timeout(SocketAddr, Duration),
+}
+
+impl DialError {
+    /// The metric label for this failure.
+    fn reason(&self) -> &'static str {
+        match self {
+            DialError::Resolve(..) => "resolve",
+            DialError::Connect(_) => "local",
+            DialError::Handshake(_, error) => handshake_reason(error),
+            DialError::Welcome(..) => "no_welcome",
+            DialError::Timeout(..) => "timeout",
+        }
+    }
 }
 
 #[cfg(test)]

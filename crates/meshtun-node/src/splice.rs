@@ -19,6 +19,8 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::PeerStats;
+
 /// Size of one TCP read. 64 KiB matches the largest GSO batch quinn sends and
 /// keeps the number of reads per gigabyte low.
 const READ_CHUNK: usize = 64 * 1024;
@@ -102,6 +104,26 @@ pub(crate) struct Totals {
     pub(crate) downlink: u64,
 }
 
+/// Counts one direction's bytes for its stream and for the peer's metric.
+/// Bytes are counted when they are handed on (to quinn, or to the socket),
+/// so `/metrics` moves while a long-lived connection is busy.
+struct Moved<'a> {
+    total: &'a mut u64,
+    metric: &'a prometheus_client::metrics::counter::Counter,
+}
+
+impl<'a> Moved<'a> {
+    fn new(total: &'a mut u64, metric: &'a prometheus_client::metrics::counter::Counter) -> Self {
+        Self { total, metric }
+    }
+
+    fn add(&mut self, bytes: usize) {
+        let bytes = bytes as u64;
+        *self.total += bytes;
+        self.metric.inc_by(bytes);
+    }
+}
+
 /// What the stream→TCP direction must do before it copies.
 #[derive(Debug)]
 pub(crate) enum Downlink {
@@ -120,10 +142,11 @@ pub(crate) async fn carry(
     recv: &mut RecvStream,
     header: Bytes,
     downlink: Downlink,
+    stats: &PeerStats,
     cancel: &CancellationToken,
 ) -> Result<Totals, (Failure, Totals)> {
     let result = match send.stream.write_chunk(header).await {
-        Ok(()) => splice(tcp, send, recv, downlink, cancel).await,
+        Ok(()) => splice(tcp, send, recv, downlink, stats, cancel).await,
         Err(error) => Err((Failure::from(error), Totals::default())),
     };
     if let Err((failure, _)) = &result {
@@ -139,12 +162,22 @@ pub(crate) async fn splice(
     send: &mut Outbound,
     recv: &mut RecvStream,
     downlink: Downlink,
+    stats: &PeerStats,
     cancel: &CancellationToken,
 ) -> Result<Totals, (Failure, Totals)> {
     let (mut tcp_read, mut tcp_write) = tcp.split();
     let mut totals = Totals::default();
-    let up = tcp_to_stream(&mut tcp_read, send, &mut totals.uplink);
-    let down = stream_to_tcp(recv, &mut tcp_write, downlink, &mut totals.downlink);
+    let up = tcp_to_stream(
+        &mut tcp_read,
+        send,
+        Moved::new(&mut totals.uplink, &stats.sent),
+    );
+    let down = stream_to_tcp(
+        recv,
+        &mut tcp_write,
+        downlink,
+        Moved::new(&mut totals.downlink, &stats.received),
+    );
     let result = join_both(up, down, cancel).await;
     match result {
         Ok(()) => {
@@ -200,7 +233,7 @@ fn is_refusal(code: VarInt) -> bool {
 async fn tcp_to_stream(
     tcp: &mut ReadHalf<'_>,
     send: &mut Outbound,
-    moved: &mut u64,
+    mut moved: Moved<'_>,
 ) -> Result<(), Failure> {
     let stopped = send.stream.stopped();
     tokio::pin!(stopped);
@@ -221,7 +254,7 @@ async fn tcp_to_stream(
                 outcome => Err(stopped_early(outcome)),
             };
         }
-        *moved += read as u64;
+        moved.add(read);
         // `split` hands over the filled bytes without copying; the spare
         // capacity stays behind for the next read.
         send.stream.write_chunk(buffer.split().freeze()).await?;
@@ -243,7 +276,7 @@ async fn stream_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut WriteHalf<'_>,
     downlink: Downlink,
-    moved: &mut u64,
+    mut moved: Moved<'_>,
 ) -> Result<(), Failure> {
     let first = match downlink {
         Downlink::Ready(bytes) => bytes,
@@ -256,7 +289,7 @@ async fn stream_to_tcp(
         }
     };
     if !first.is_empty() {
-        *moved += first.len() as u64;
+        moved.add(first.len());
         tcp.write_all(&first).await.map_err(Failure::TcpWrite)?;
     }
     let mut chunks: [Bytes; MAX_CHUNKS] = Default::default();
@@ -264,7 +297,7 @@ async fn stream_to_tcp(
         match recv.read_chunks(&mut chunks).await? {
             Some(count) => {
                 let chunks = &mut chunks[..count];
-                *moved += chunks.iter().map(|chunk| chunk.len() as u64).sum::<u64>();
+                moved.add(chunks.iter().map(Bytes::len).sum());
                 write_all_chunks(tcp, chunks)
                     .await
                     .map_err(Failure::TcpWrite)?;

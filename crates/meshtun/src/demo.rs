@@ -25,7 +25,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) fn demo(mib: u64) -> ExitCode {
     // Expected refusals (the rogue node) would log warnings; keep the
     // output to what the demo proves unless MESHTUN_LOG asks for more.
-    let _junk = crate::init_logging("error");
+    let _junk = crate::init_logging("error", crate::LogFormat::Text);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(problem) => {

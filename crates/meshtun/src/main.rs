@@ -21,14 +21,16 @@ macro_rules! say {
 mod check;
 mod demo;
 mod junk;
+mod notify;
 mod pki;
 mod run;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Exit code for a command line the program cannot understand (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -48,11 +50,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the daemon (logs to stderr).
+    /// Run the daemon (logs to stderr). SIGHUP reloads, SIGTERM drains.
     Run {
         /// The node's configuration file.
         #[arg(short, long, env = "MESHTUN_CONFIG")]
         config: PathBuf,
+        /// Log lines as human-readable text or as one JSON object each.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "MESHTUN_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
+    /// Show a running node's peers, streams, bytes and certificate, read
+    /// from its admin endpoint.
+    Status {
+        /// The node's configuration file; its `[admin] listen` is read.
+        #[arg(short, long, env = "MESHTUN_CONFIG", required_unless_present = "admin")]
+        config: Option<PathBuf>,
+        /// The admin endpoint's address, instead of reading the config.
+        #[arg(long, conflicts_with = "config")]
+        admin: Option<std::net::SocketAddr>,
+        /// Print the raw JSON document instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a configuration and its certificates; print every problem.
     Check {
@@ -83,17 +101,31 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config } => run::run(&config),
+        Command::Run { config, log_format } => run::run(&config, log_format),
+        Command::Status {
+            config,
+            admin,
+            json,
+        } => status::status(config.as_deref(), admin, json),
         Command::Check { config } => check::check(&config),
         Command::Demo { mib } => demo::demo(mib),
         Command::Pki(command) => pki::pki(command),
     }
 }
 
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
 /// Installs the stderr logger. `MESHTUN_LOG` (or `RUST_LOG`) takes a
 /// tracing filter; the default shows connection-level events. Returns the
 /// counter of junk datagrams (see [`junk`]).
-fn init_logging(default: &str) -> junk::JunkCounter {
+fn init_logging(default: &str, format: LogFormat) -> junk::JunkCounter {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
@@ -106,10 +138,19 @@ fn init_logging(default: &str) -> junk::JunkCounter {
     // Colour only for a human at a terminal: journald and log files get
     // plain text, and NO_COLOR is honoured.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let output = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_filter(filter);
+    let output = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(true)
+            .with_span_list(true)
+            .boxed(),
+    }
+    .with_filter(filter);
     let counter = junk::JunkCounter::default();
     let junk = junk::JunkLayer::new(counter.clone()).with_filter(
         tracing_subscriber::filter::Targets::new().with_target(junk::TARGET, tracing::Level::TRACE),

@@ -4,58 +4,34 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use meshtun_config::Config;
 use meshtun_node::Node;
 use meshtun_pki::{NodeCredentials, TrustBundle};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::{init_logging, runtime, EXIT_CONFIG, EXIT_RUNTIME};
+use crate::notify::Notifier;
+use crate::{init_logging, runtime, LogFormat, EXIT_CONFIG, EXIT_RUNTIME};
 
 /// How often dropped junk datagrams are summarized in the log.
 const JUNK_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
-pub(crate) fn run(path: &Path) -> ExitCode {
-    let junk = init_logging("info");
+pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
+    let junk = init_logging("info", format);
     // Everything is parsed and loaded before any port is bound.
-    let config = match meshtun_config::load(path) {
-        Ok(config) => config,
-        Err(errors) => {
-            for problem in errors.iter() {
-                error!("{}: {problem}", path.display());
+    let Material {
+        config,
+        credentials,
+        trust,
+    } = match Material::load(path) {
+        Ok(material) => material,
+        Err(problems) => {
+            for problem in problems {
+                error!("{problem}");
             }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let tls = &config.tls;
-    let trust = match TrustBundle::load(&tls.ca, tls.crl.as_deref()) {
-        Ok(trust) => trust,
-        Err(problem) => {
-            error!("tls.ca: {problem}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let credentials = match NodeCredentials::load(&tls.cert, &tls.key) {
-        Ok(credentials) => credentials,
-        Err(problem) => {
-            error!("tls.cert/tls.key: {problem}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    if credentials.identity() != &config.node {
-        error!(
-            "tls.cert: certificate identity is {:?} but node = {:?}; the certificate must name this node",
-            credentials.identity().as_str(),
-            config.node.as_str()
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    if credentials.not_after() <= SystemTime::now() {
-        error!(
-            "tls.cert: certificate {} has expired; issue a new one with `meshtun pki issue`",
-            tls.cert.display()
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(problem) => {
@@ -63,12 +39,9 @@ pub(crate) fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    if let Some(admin) = &config.admin {
-        // Say so instead of silently serving nothing on the configured port.
-        warn!(listen = %admin.listen, "[admin] is configured, but this build does not serve /metrics or /status yet");
-    }
+    let notifier = Notifier::from_env();
     runtime.block_on(async move {
-        let grace = config.limits.drain_grace;
+        let mut grace = config.limits.drain_grace;
         // Signal handlers go in before any port is bound, so a signal that
         // arrives during start-up still gets an orderly stop.
         let mut signals = match Signals::install() {
@@ -85,9 +58,45 @@ pub(crate) fn run(path: &Path) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
+        // `start` returned, so the endpoint and every listener accept.
+        notifier.ready(&summary(&node));
         // Ends with the runtime when `run` returns.
         tokio::spawn(crate::junk::report(junk, JUNK_REPORT_INTERVAL));
-        let signal = signals.next().await;
+        // Pings at half the interval systemd allows, from this task: if the
+        // runtime wedges or an accept loop dies, the pings stop.
+        let mut watchdog = notifier.watchdog().map(|limit| {
+            let mut ticks = tokio::time::interval(limit / 2);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        let mut unhealthy = false;
+        let signal = loop {
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    "SIGHUP" => {
+                        notifier.reloading();
+                        if let Some(new_grace) = reload(path, &node) {
+                            grace = new_grace;
+                        }
+                        notifier.ready(&summary(&node));
+                    }
+                    stop => break stop,
+                },
+                _ = tick(&mut watchdog) => match node.health() {
+                    Ok(()) => {
+                        unhealthy = false;
+                        notifier.watchdog_ping();
+                    }
+                    Err(problem) => {
+                        if !unhealthy {
+                            error!(%problem, "unhealthy: withholding the systemd watchdog ping");
+                        }
+                        unhealthy = true;
+                    }
+                },
+            }
+        };
+        notifier.stopping();
         info!(
             signal,
             ?grace,
@@ -95,7 +104,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         );
         tokio::select! {
             () = node.shutdown(grace) => ExitCode::SUCCESS,
-            signal = signals.next() => {
+            signal = signals.next_stop() => {
                 warn!(signal, "second signal: exiting without finishing the drain");
                 ExitCode::from(EXIT_RUNTIME)
             }
@@ -103,10 +112,103 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     })
 }
 
-/// SIGTERM and SIGINT, installed once.
+/// Re-reads the configuration and certificates and hands them to the node.
+/// Returns the new drain grace if the reload applied. A failure keeps
+/// everything as it was and is logged once, with every problem.
+fn reload(path: &Path, node: &Node) -> Option<Duration> {
+    info!(config = %path.display(), "SIGHUP: reloading configuration and certificates");
+    let material = match Material::load(path) {
+        Ok(material) => material,
+        Err(problems) => {
+            let joined = problems.join("; ");
+            error!(problems = %joined, "reload failed; still running the previous configuration");
+            node.reload_failed(&joined);
+            return None;
+        }
+    };
+    let grace = material.config.limits.drain_grace;
+    let fingerprint = material.credentials.fingerprint();
+    match node.reload(material.config, material.credentials, material.trust) {
+        Ok(()) => {
+            info!(certificate = %fingerprint, "reloaded; new handshakes and streams use the new configuration");
+            Some(grace)
+        }
+        Err(problem) => {
+            error!(%problem, "reload failed; still running the previous configuration");
+            None
+        }
+    }
+}
+
+/// One line for systemd's STATUS=.
+fn summary(node: &Node) -> String {
+    let status = node.status();
+    format!(
+        "serving: {} peers, {} forwards, {} exposes",
+        status.peers.len(),
+        status.forwards.len(),
+        status.exposes.len()
+    )
+}
+
+/// The next watchdog tick, or never if the watchdog is off.
+async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(ticks) => {
+            ticks.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A configuration with its certificates, loaded and checked together.
+struct Material {
+    config: Config,
+    credentials: NodeCredentials,
+    trust: TrustBundle,
+}
+
+impl Material {
+    /// Loads `path` and the files it names. Each problem is one line that
+    /// names the file or key at fault.
+    fn load(path: &Path) -> Result<Self, Vec<String>> {
+        let config = meshtun_config::load(path).map_err(|errors| {
+            errors
+                .iter()
+                .map(|problem| format!("{}: {problem}", path.display()))
+                .collect::<Vec<_>>()
+        })?;
+        let tls = &config.tls;
+        let trust = TrustBundle::load(&tls.ca, tls.crl.as_deref())
+            .map_err(|problem| vec![format!("tls.ca: {problem}")])?;
+        let credentials = NodeCredentials::load(&tls.cert, &tls.key)
+            .map_err(|problem| vec![format!("tls.cert/tls.key: {problem}")])?;
+        if credentials.identity() != &config.node {
+            return Err(vec![format!(
+                "tls.cert: certificate identity is {:?} but node = {:?}; the certificate must name this node",
+                credentials.identity().as_str(),
+                config.node.as_str()
+            )]);
+        }
+        if credentials.not_after() <= SystemTime::now() {
+            return Err(vec![format!(
+                "tls.cert: certificate {} has expired; issue a new one with `meshtun pki issue`",
+                tls.cert.display()
+            )]);
+        }
+        Ok(Self {
+            config,
+            credentials,
+            trust,
+        })
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, installed once.
 struct Signals {
     terminate: Signal,
     interrupt: Signal,
+    hangup: Signal,
 }
 
 impl Signals {
@@ -114,11 +216,22 @@ impl Signals {
         Ok(Self {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Resolves on the next SIGTERM or SIGINT, naming which.
+    /// Resolves on the next SIGTERM, SIGINT or SIGHUP, naming which.
     async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.hangup.recv() => "SIGHUP",
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT; SIGHUP is ignored while
+    /// draining.
+    async fn next_stop(&mut self) -> &'static str {
         tokio::select! {
             _ = self.terminate.recv() => "SIGTERM",
             _ = self.interrupt.recv() => "SIGINT",

@@ -1,0 +1,521 @@
+//! The node's counters, exported at `/metrics` in the OpenMetrics text
+//! format (which Prometheus scrapes natively) and summarized at `/status`.
+//!
+//! Counters live in a `prometheus-client` registry. Hot paths never look a
+//! label set up: each peer's handles are resolved once ([`PeerStats`]) and
+//! every update after that is one relaxed atomic add. Values that are a
+//! property of live state (connections up, RTT) are not tracked at all; they
+//! are read off the connections when a scrape asks ([`Metrics::encode`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use meshtun_proto::NodeName;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Which side opened a connection or a stream, seen from this node.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the variant names are the label values
+pub(crate) enum Direction {
+    /// This node dialled the connection or opened the stream (a forward).
+    outgoing,
+    /// The peer did (an expose).
+    incoming,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerDirectionLabels {
+    peer: String,
+    direction: Direction,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    peer: String,
+    direction: Direction,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Every metric the node exports.
+pub(crate) struct Metrics {
+    registry: Registry,
+    connections: Family<PeerDirectionLabels, Gauge>,
+    rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    sent: Family<PeerLabels, Counter>,
+    received: Family<PeerLabels, Counter>,
+    streams: Family<PeerDirectionLabels, Counter>,
+    streams_open: Family<PeerDirectionLabels, Gauge>,
+    refused: Family<ReasonLabels, Counter>,
+    handshakes_failed: Family<ReasonLabels, Counter>,
+    reconnects: Family<PeerLabels, Counter>,
+    certificate_expiry: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+    /// Handles per peer, so the hot path and `/status` never search the
+    /// families. Grows by one entry per peer identity ever seen.
+    peers: Mutex<BTreeMap<NodeName, Arc<PeerStats>>>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Refusal reasons a stream can end with, as label values. The acceptor's
+/// status codes first, then the opener's own failures before any status.
+pub(crate) const REFUSAL_REASONS: &[&str] = &[
+    "unknown_service",
+    "forbidden",
+    "refused",
+    "unreachable",
+    "bad_preamble",
+    "unavailable",
+    "other",
+    "not_connected",
+    "no_stream_credit",
+];
+
+/// Handshake failure reasons, as label values.
+pub(crate) const HANDSHAKE_REASONS: &[&str] = &[
+    "timeout",
+    "tls",
+    "rejected",
+    "no_identity",
+    "no_welcome",
+    "resolve",
+    "local",
+    "reset",
+    "other",
+];
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshtun");
+        let connections = Family::default();
+        registry.register(
+            "peer_connections",
+            "QUIC connections to the peer that are up, by who dialled",
+            Family::clone(&connections),
+        );
+        let rtt = Family::default();
+        registry.register_with_unit(
+            "peer_rtt",
+            "Smoothed round-trip time of the best connection to the peer",
+            Unit::Seconds,
+            Family::clone(&rtt),
+        );
+        let sent = Family::default();
+        registry.register_with_unit(
+            "peer_sent",
+            "Stream payload bytes sent to the peer",
+            Unit::Bytes,
+            Family::clone(&sent),
+        );
+        let received = Family::default();
+        registry.register_with_unit(
+            "peer_received",
+            "Stream payload bytes received from the peer",
+            Unit::Bytes,
+            Family::clone(&received),
+        );
+        let streams = Family::default();
+        registry.register(
+            "peer_streams",
+            "Forwarded TCP connections (QUIC streams), by who opened them",
+            Family::clone(&streams),
+        );
+        let streams_open = Family::default();
+        registry.register(
+            "peer_open_streams",
+            "Forwarded TCP connections open now, by who opened them",
+            Family::clone(&streams_open),
+        );
+        let refused = Family::default();
+        registry.register(
+            "peer_streams_refused",
+            "Streams that never carried data, by reason; outgoing = refused to this node, incoming = refused by it",
+            Family::clone(&refused),
+        );
+        let handshakes_failed = Family::default();
+        registry.register(
+            "peer_handshakes_failed",
+            "QUIC handshakes that failed, by reason; incoming ones carry peer=\"\" as the peer is not yet known",
+            Family::clone(&handshakes_failed),
+        );
+        let reconnects = Family::default();
+        registry.register(
+            "peer_reconnects",
+            "Times a dialled connection to the peer came back after it was lost",
+            Family::clone(&reconnects),
+        );
+        let certificate_expiry = Gauge::default();
+        registry.register_with_unit(
+            "certificate_expiry_timestamp",
+            "When this node's certificate expires (Unix time)",
+            Unit::Seconds,
+            certificate_expiry.clone(),
+        );
+        let reloads = Family::default();
+        registry.register(
+            "reloads",
+            "Configuration and certificate reloads, by result",
+            Family::clone(&reloads),
+        );
+        registry.register(
+            "build",
+            "The running meshtun version",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        Self {
+            registry,
+            connections,
+            rtt,
+            sent,
+            received,
+            streams,
+            streams_open,
+            refused,
+            handshakes_failed,
+            reconnects,
+            certificate_expiry,
+            reloads,
+            peers: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The handles for `peer`, created on first use.
+    pub(crate) fn peer(&self, peer: &NodeName) -> Arc<PeerStats> {
+        let mut peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        peers
+            .entry(peer.clone())
+            .or_insert_with(|| Arc::new(self.new_peer(peer)))
+            .clone()
+    }
+
+    /// Every peer seen so far with its handles.
+    pub(crate) fn peers(&self) -> Vec<(NodeName, Arc<PeerStats>)> {
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        peers
+            .iter()
+            .map(|(name, stats)| (name.clone(), stats.clone()))
+            .collect()
+    }
+
+    fn new_peer(&self, peer: &NodeName) -> PeerStats {
+        let labels = PeerLabels {
+            peer: peer.to_string(),
+        };
+        let by_direction = |direction| PeerDirectionLabels {
+            peer: peer.to_string(),
+            direction,
+        };
+        let outgoing = by_direction(Direction::outgoing);
+        let incoming = by_direction(Direction::incoming);
+        PeerStats {
+            name: peer.to_string(),
+            sent: self.sent.get_or_create_owned(&labels),
+            received: self.received.get_or_create_owned(&labels),
+            streams: [
+                self.streams.get_or_create_owned(&outgoing),
+                self.streams.get_or_create_owned(&incoming),
+            ],
+            open: [
+                self.streams_open.get_or_create_owned(&outgoing),
+                self.streams_open.get_or_create_owned(&incoming),
+            ],
+            connections: [
+                self.connections.get_or_create_owned(&outgoing),
+                self.connections.get_or_create_owned(&incoming),
+            ],
+            rtt: self.rtt.get_or_create_owned(&labels),
+            reconnects: self.reconnects.get_or_create_owned(&labels),
+            refused: self.refused.clone(),
+            handshakes_failed: self.handshakes_failed.clone(),
+        }
+    }
+
+    /// Counts a failed incoming handshake, whose peer is not known.
+    pub(crate) fn incoming_handshake_failed(&self, reason: &'static str) {
+        self.handshakes_failed
+            .get_or_create(&ReasonLabels {
+                peer: String::new(),
+                direction: Direction::incoming,
+                reason,
+            })
+            .inc();
+    }
+
+    /// Failed incoming handshakes by reason (only reasons seen).
+    pub(crate) fn incoming_handshakes_failed(&self) -> BTreeMap<&'static str, u64> {
+        count_reasons(
+            &self.handshakes_failed,
+            "",
+            Direction::incoming,
+            HANDSHAKE_REASONS,
+        )
+    }
+
+    pub(crate) fn set_certificate_expiry(&self, unix_seconds: i64) {
+        self.certificate_expiry.set(unix_seconds);
+    }
+
+    pub(crate) fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub(crate) fn reloads(&self, result: &'static str) -> u64 {
+        self.reloads
+            .get(&ResultLabels { result })
+            .map_or(0, |counter| counter.get())
+    }
+
+    /// The registry in OpenMetrics text.
+    pub(crate) fn encode(&self) -> Result<String, fmt::Error> {
+        let mut text = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+fn count_reasons(
+    family: &Family<ReasonLabels, Counter>,
+    peer: &str,
+    direction: Direction,
+    reasons: &[&'static str],
+) -> BTreeMap<&'static str, u64> {
+    reasons
+        .iter()
+        .filter_map(|&reason| {
+            let labels = ReasonLabels {
+                peer: peer.to_owned(),
+                direction,
+                reason,
+            };
+            let count = family.get(&labels).map_or(0, |counter| counter.get());
+            (count > 0).then_some((reason, count))
+        })
+        .collect()
+}
+
+/// One peer's metric handles. Cheap to update from any task.
+pub(crate) struct PeerStats {
+    name: String,
+    /// Payload bytes this node sent to the peer, over all streams.
+    pub(crate) sent: Counter,
+    /// Payload bytes received from the peer.
+    pub(crate) received: Counter,
+    streams: [Counter; 2],
+    open: [Gauge; 2],
+    connections: [Gauge; 2],
+    rtt: Gauge<f64, AtomicU64>,
+    reconnects: Counter,
+    refused: Family<ReasonLabels, Counter>,
+    handshakes_failed: Family<ReasonLabels, Counter>,
+}
+
+impl fmt::Debug for PeerStats {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("PeerStats")
+            .field("peer", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of one peer's counters, for `/status`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerCounts {
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    pub(crate) streams: [u64; 2],
+    pub(crate) open: [i64; 2],
+    pub(crate) reconnects: u64,
+    pub(crate) refused: [BTreeMap<&'static str, u64>; 2],
+    pub(crate) handshakes_failed: BTreeMap<&'static str, u64>,
+}
+
+impl PeerStats {
+    /// Counts a stream and holds it open until the guard drops.
+    pub(crate) fn stream(self: &Arc<Self>, direction: Direction) -> OpenStream {
+        self.streams[direction as usize].inc();
+        self.open[direction as usize].inc();
+        OpenStream {
+            stats: self.clone(),
+            direction,
+        }
+    }
+
+    pub(crate) fn refused(&self, direction: Direction, reason: &'static str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                peer: self.name.clone(),
+                direction,
+                reason,
+            })
+            .inc();
+    }
+
+    pub(crate) fn handshake_failed(&self, reason: &'static str) {
+        self.handshakes_failed
+            .get_or_create(&ReasonLabels {
+                peer: self.name.clone(),
+                direction: Direction::outgoing,
+                reason,
+            })
+            .inc();
+    }
+
+    pub(crate) fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    /// Records the live state read off the connections at scrape time.
+    pub(crate) fn set_live(&self, outgoing: usize, incoming: usize, rtt: Option<f64>) {
+        self.connections[Direction::outgoing as usize].set(saturating_i64(outgoing));
+        self.connections[Direction::incoming as usize].set(saturating_i64(incoming));
+        // No connection, no RTT: NaN is how OpenMetrics says "unknown".
+        self.rtt.set(rtt.unwrap_or(f64::NAN));
+    }
+
+    pub(crate) fn counts(&self) -> PeerCounts {
+        let refused =
+            |direction| count_reasons(&self.refused, &self.name, direction, REFUSAL_REASONS);
+        PeerCounts {
+            sent: self.sent.get(),
+            received: self.received.get(),
+            streams: [self.streams[0].get(), self.streams[1].get()],
+            open: [self.open[0].get(), self.open[1].get()],
+            reconnects: self.reconnects.get(),
+            refused: [refused(Direction::outgoing), refused(Direction::incoming)],
+            handshakes_failed: count_reasons(
+                &self.handshakes_failed,
+                &self.name,
+                Direction::outgoing,
+                HANDSHAKE_REASONS,
+            ),
+        }
+    }
+}
+
+fn saturating_i64(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// An open stream, counted in `meshtun_peer_open_streams` until dropped.
+#[derive(Debug)]
+pub(crate) struct OpenStream {
+    stats: Arc<PeerStats>,
+    direction: Direction,
+}
+
+impl OpenStream {
+    pub(crate) fn stats(&self) -> &PeerStats {
+        &self.stats
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.stats.open[self.direction as usize].dec();
+    }
+}
+
+/// The label value for a QUIC connection error during a handshake.
+pub(crate) fn handshake_reason(error: &quinn::ConnectionError) -> &'static str {
+    use quinn::ConnectionError;
+    let is_crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match error {
+        ConnectionError::TimedOut => "timeout",
+        ConnectionError::TransportError(error) if is_crypto(error.code) => "tls",
+        ConnectionError::ConnectionClosed(close) if is_crypto(close.error_code) => "tls",
+        ConnectionError::ConnectionClosed(_) | ConnectionError::ApplicationClosed(_) => "rejected",
+        ConnectionError::Reset => "reset",
+        ConnectionError::LocallyClosed | ConnectionError::CidsExhausted => "local",
+        ConnectionError::VersionMismatch | ConnectionError::TransportError(_) => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> NodeName {
+        NodeName::new(text).unwrap()
+    }
+
+    #[test]
+    fn peer_handles_are_shared_and_counted_once() {
+        let metrics = Metrics::new();
+        let first = metrics.peer(&name("node-1"));
+        let second = metrics.peer(&name("node-1"));
+        first.sent.inc_by(10);
+        second.sent.inc_by(5);
+        assert_eq!(metrics.peer(&name("node-1")).counts().sent, 15);
+        assert_eq!(metrics.peers().len(), 1);
+    }
+
+    #[test]
+    fn open_streams_fall_when_the_guard_drops() {
+        let metrics = Metrics::new();
+        let stats = metrics.peer(&name("node-1"));
+        let guard = stats.stream(Direction::incoming);
+        assert_eq!(stats.counts().open, [0, 1]);
+        drop(guard);
+        let counts = stats.counts();
+        assert_eq!(counts.open, [0, 0]);
+        assert_eq!(counts.streams, [0, 1]);
+    }
+
+    #[test]
+    fn encoding_names_every_family_with_its_labels() {
+        let metrics = Metrics::new();
+        let stats = metrics.peer(&name("node-1"));
+        stats.refused(Direction::incoming, "forbidden");
+        stats.received.inc_by(42);
+        metrics.reload("success");
+        let text = metrics.encode().unwrap();
+        for expected in [
+            "meshtun_peer_received_bytes_total{peer=\"node-1\"} 42",
+            "meshtun_peer_streams_refused_total{peer=\"node-1\",direction=\"incoming\",reason=\"forbidden\"} 1",
+            "meshtun_reloads_total{result=\"success\"} 1",
+            "meshtun_build_info{version=",
+            "# EOF",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from\n{text}");
+        }
+        assert_eq!(
+            stats.counts().refused[Direction::incoming as usize].get("forbidden"),
+            Some(&1)
+        );
+    }
+}

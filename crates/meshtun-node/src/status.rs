@@ -1,0 +1,122 @@
+//! What `/status` returns: the node's state as JSON, for `meshtun status`
+//! and for scripts. The same types deserialize it again, so the CLI and the
+//! daemon cannot drift apart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole `/status` document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node's name (its certificate identity).
+    pub node: String,
+    /// The meshtun version that is running.
+    pub version: String,
+    /// The UDP address of the QUIC endpoint.
+    pub quic_listen: SocketAddr,
+    /// Seconds since the node started.
+    pub uptime_seconds: u64,
+    /// Whether the node is draining (SIGTERM received).
+    pub draining: bool,
+    /// The certificate in use.
+    pub certificate: CertificateStatus,
+    /// Reloads so far and the last failure.
+    pub reload: ReloadStatus,
+    /// Every configured peer, and every peer that connected to this node.
+    pub peers: Vec<PeerStatus>,
+    /// Incoming handshakes that failed before a peer identity was known,
+    /// by reason.
+    pub incoming_handshakes_failed: BTreeMap<String, u64>,
+    /// The forward listeners.
+    pub forwards: Vec<ForwardStatus>,
+    /// The exposed services.
+    pub exposes: Vec<ExposeStatus>,
+}
+
+/// The node certificate in use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    /// The identity the certificate names.
+    pub identity: String,
+    /// SHA-256 fingerprint of the certificate.
+    pub fingerprint: String,
+    /// Expiry, Unix seconds.
+    pub not_after_unix: i64,
+    /// Seconds until expiry (negative once expired).
+    pub expires_in_seconds: i64,
+}
+
+/// Reload history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// Reloads applied.
+    pub successes: u64,
+    /// Reloads refused; the node kept its previous configuration.
+    pub failures: u64,
+    /// Unix seconds of the last reload attempt, if any.
+    pub last_attempt_unix: Option<i64>,
+    /// Why the last attempt failed; `None` once a reload succeeds.
+    pub last_error: Option<String>,
+}
+
+/// One peer, seen from this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer's name.
+    pub name: String,
+    /// The configured address, if this node dials the peer.
+    pub addr: Option<String>,
+    /// Dialled connections that are up.
+    pub connections_up: usize,
+    /// Dialled connections configured (`quic.connections_per_peer`), 0 for
+    /// peers that only connect to us.
+    pub connections_configured: usize,
+    /// Connections the peer dialled to this node that are up.
+    pub connections_incoming: usize,
+    /// Smoothed RTT of the best live connection, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Stream payload bytes sent to the peer.
+    pub sent_bytes: u64,
+    /// Stream payload bytes received from the peer.
+    pub received_bytes: u64,
+    /// Streams this node opened to the peer (forwards), in all.
+    pub streams_outgoing: u64,
+    /// Streams the peer opened to this node (exposes), in all.
+    pub streams_incoming: u64,
+    /// Streams open now, both directions.
+    pub open_streams: i64,
+    /// Streams refused to this node, by reason.
+    pub refused_outgoing: BTreeMap<String, u64>,
+    /// Streams this node refused the peer, by reason.
+    pub refused_incoming: BTreeMap<String, u64>,
+    /// Failed dials to the peer, by reason.
+    pub handshakes_failed: BTreeMap<String, u64>,
+    /// Times a lost connection came back.
+    pub reconnects: u64,
+    /// The last dial error, if the peer is not reachable now.
+    pub last_error: Option<String>,
+}
+
+/// One `[[forward]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardStatus {
+    /// The bound local address.
+    pub listen: SocketAddr,
+    /// The peer it sends to.
+    pub peer: String,
+    /// The service it asks for.
+    pub service: String,
+}
+
+/// One `[[expose]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExposeStatus {
+    /// The service name.
+    pub service: String,
+    /// Where its streams go.
+    pub target: String,
+    /// Who may use it; `["*"]` for every cluster identity.
+    pub allow: Vec<String>,
+}

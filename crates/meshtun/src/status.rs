@@ -1,0 +1,310 @@
+//! `meshtun status`: asks a running node's admin endpoint for `/status`
+//! and prints it for a human, one block per peer, the way `wg show` does.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use meshtun_node::{NodeStatus, PeerStatus};
+
+use crate::{runtime, EXIT_CONFIG, EXIT_RUNTIME};
+
+/// The whole exchange must finish within this.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// A status document larger than this is not one.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+pub(crate) fn status(config: Option<&Path>, admin: Option<SocketAddr>, json: bool) -> ExitCode {
+    let addr = match (admin, config) {
+        (Some(addr), _) => addr,
+        (None, Some(path)) => match meshtun_config::load(path) {
+            Ok(config) => match config.admin {
+                Some(admin) => admin.listen,
+                None => {
+                    eprintln!(
+                        "{}: no [admin] section; `meshtun status` reads the admin endpoint, so add [admin] listen = \"127.0.0.1:9464\" and restart",
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            Err(errors) => {
+                for problem in errors.iter() {
+                    eprintln!("{}: {problem}", path.display());
+                }
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        // clap requires one of the two.
+        (None, None) => return ExitCode::from(crate::EXIT_USAGE),
+    };
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let body = match runtime.block_on(tokio::time::timeout(TIMEOUT, fetch(addr))) {
+        Ok(Ok(body)) => body,
+        Ok(Err(error)) => {
+            eprintln!("cannot read status from the admin endpoint at {addr}: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        Err(_) => {
+            eprintln!("the admin endpoint at {addr} did not answer within {TIMEOUT:?}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    if json {
+        say!("{}", String::from_utf8_lossy(&body).trim_end());
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_slice::<NodeStatus>(&body) {
+        Ok(status) => {
+            say!("{}", render(&status).trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{addr}/status is not a meshtun status document: {error}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// GET /status over one HTTP/1.1 connection.
+async fn fetch(addr: SocketAddr) -> Result<Bytes, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|error| format!("{error} (is meshtun running with [admin] on this address?)"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|error| error.to_string())?;
+    // The connection task ends when the response is read or the runtime stops.
+    tokio::spawn(connection);
+    let request = Request::get("/status")
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|error| error.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|error| error.to_string())?;
+    let code = response.status();
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|error| error.to_string())?
+        .to_bytes();
+    if !code.is_success() {
+        return Err(format!(
+            "HTTP {code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    Ok(body)
+}
+
+/// The human form: the node, then one block per peer.
+pub(crate) fn render(status: &NodeStatus) -> String {
+    let mut out = String::new();
+    let certificate = &status.certificate;
+    let _ = writeln!(out, "node: {}", status.node);
+    let _ = writeln!(out, "  version: {}", status.version);
+    let _ = writeln!(out, "  quic listen: {}", status.quic_listen);
+    let _ = writeln!(
+        out,
+        "  up: {}{}",
+        duration(status.uptime_seconds),
+        if status.draining { " (draining)" } else { "" }
+    );
+    let expiry = if certificate.expires_in_seconds >= 0 {
+        format!(
+            "expires in {}",
+            duration(certificate.expires_in_seconds.unsigned_abs())
+        )
+    } else {
+        format!(
+            "EXPIRED {} ago",
+            duration(certificate.expires_in_seconds.unsigned_abs())
+        )
+    };
+    let _ = writeln!(
+        out,
+        "  certificate: {} ({expiry}; {})",
+        certificate.identity, certificate.fingerprint
+    );
+    let reload = &status.reload;
+    if reload.successes + reload.failures > 0 {
+        let _ = writeln!(
+            out,
+            "  reloads: {} ok, {} failed",
+            reload.successes, reload.failures
+        );
+    }
+    if let Some(error) = &reload.last_error {
+        let _ = writeln!(out, "  last reload FAILED: {error}");
+    }
+    if !status.incoming_handshakes_failed.is_empty() {
+        let _ = writeln!(
+            out,
+            "  failed incoming handshakes: {}",
+            reasons(&status.incoming_handshakes_failed)
+        );
+    }
+    for forward in &status.forwards {
+        let _ = writeln!(
+            out,
+            "  forward: {} -> {}/{}",
+            forward.listen, forward.peer, forward.service
+        );
+    }
+    for expose in &status.exposes {
+        let _ = writeln!(
+            out,
+            "  expose: {} -> {} (allow {})",
+            expose.service,
+            expose.target,
+            expose.allow.join(", ")
+        );
+    }
+    for peer in &status.peers {
+        out.push('\n');
+        render_peer(&mut out, peer);
+    }
+    out
+}
+
+fn render_peer(out: &mut String, peer: &PeerStatus) {
+    let _ = writeln!(out, "peer: {}", peer.name);
+    if let Some(addr) = &peer.addr {
+        let _ = writeln!(out, "  endpoint: {addr}");
+    }
+    let state = if peer.connections_up + peer.connections_incoming > 0 {
+        "connected"
+    } else {
+        "NOT CONNECTED"
+    };
+    let mut links = Vec::new();
+    if peer.connections_configured > 0 {
+        links.push(format!(
+            "{}/{} dialled",
+            peer.connections_up, peer.connections_configured
+        ));
+    }
+    if peer.connections_incoming > 0 {
+        links.push(format!("{} incoming", peer.connections_incoming));
+    }
+    let links = if links.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", links.join(", "))
+    };
+    let _ = writeln!(out, "  state: {state}{links}");
+    if let Some(rtt) = peer.rtt_ms {
+        let _ = writeln!(out, "  rtt: {rtt:.2} ms");
+    }
+    let _ = writeln!(
+        out,
+        "  transfer: {} received, {} sent",
+        bytes(peer.received_bytes),
+        bytes(peer.sent_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "  streams: {} open; {} opened here, {} by the peer",
+        peer.open_streams, peer.streams_outgoing, peer.streams_incoming
+    );
+    if !peer.refused_outgoing.is_empty() {
+        let _ = writeln!(out, "  refused to us: {}", reasons(&peer.refused_outgoing));
+    }
+    if !peer.refused_incoming.is_empty() {
+        let _ = writeln!(out, "  refused by us: {}", reasons(&peer.refused_incoming));
+    }
+    if !peer.handshakes_failed.is_empty() {
+        let _ = writeln!(
+            out,
+            "  failed handshakes: {}",
+            reasons(&peer.handshakes_failed)
+        );
+    }
+    if peer.reconnects > 0 {
+        let _ = writeln!(out, "  reconnects: {}", peer.reconnects);
+    }
+    if let Some(error) = &peer.last_error {
+        let _ = writeln!(out, "  last error: {error}");
+    }
+}
+
+fn reasons(map: &std::collections::BTreeMap<String, u64>) -> String {
+    map.iter()
+        .map(|(reason, count)| format!("{count} {}", reason.replace('_', " ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Bytes in binary units, as `wg show` prints transfer.
+fn bytes(count: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = count as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{count} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// Seconds as the two largest units: "3 days, 4 hours", "5 minutes, 2 seconds".
+fn duration(seconds: u64) -> String {
+    let parts = [
+        (seconds / 86_400, "day"),
+        (seconds / 3_600 % 24, "hour"),
+        (seconds / 60 % 60, "minute"),
+        (seconds % 60, "second"),
+    ];
+    let shown: Vec<String> = parts
+        .iter()
+        .skip_while(|(value, _)| *value == 0)
+        .take(2)
+        .filter(|(value, _)| *value > 0)
+        .map(|(value, unit)| format!("{value} {unit}{}", if *value == 1 { "" } else { "s" }))
+        .collect();
+    if shown.is_empty() {
+        "0 seconds".to_owned()
+    } else {
+        shown.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_use_binary_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.50 KiB");
+        assert_eq!(bytes(5 * 1024 * 1024 * 1024), "5.00 GiB");
+    }
+
+    #[test]
+    fn durations_show_two_units() {
+        assert_eq!(duration(0), "0 seconds");
+        assert_eq!(duration(1), "1 second");
+        assert_eq!(duration(125), "2 minutes, 5 seconds");
+        assert_eq!(duration(3 * 86_400 + 4 * 3_600 + 7), "3 days, 4 hours");
+        assert_eq!(duration(86_400 + 30), "1 day");
+    }
+}
