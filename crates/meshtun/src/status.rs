@@ -51,7 +51,7 @@ pub(crate) fn status(config: Option<&Path>, admin: Option<SocketAddr>, json: boo
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let body = match runtime.block_on(tokio::time::timeout(TIMEOUT, fetch(addr))) {
+    let body = match runtime.block_on(async { tokio::time::timeout(TIMEOUT, fetch(addr)).await }) {
         Ok(Ok(body)) => body,
         Ok(Err(error)) => {
             eprintln!("cannot read status from the admin endpoint at {addr}: {error}");

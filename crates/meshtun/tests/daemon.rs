@@ -42,15 +42,27 @@ struct Daemon {
     name: &'static str,
     config: PathBuf,
     log: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<ChildGuard>,
 }
 
 impl Daemon {
     fn spawn(name: &'static str, config: PathBuf, log: PathBuf) -> Self {
+        Self::spawn_with(name, config, log, Vec::new())
+    }
+
+    /// Like [`Daemon::spawn`], with extra environment variables.
+    fn spawn_with(
+        name: &'static str,
+        config: PathBuf,
+        log: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let mut daemon = Self {
             name,
             config,
             log,
+            env,
             child: None,
         };
         daemon.respawn();
@@ -71,6 +83,7 @@ impl Daemon {
             .arg("-c")
             .arg(&self.config)
             .env("MESHTUN_LOG", log_filter())
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(log))
             .spawn()
@@ -91,12 +104,17 @@ impl Daemon {
 
     /// Sends SIGTERM.
     fn terminate(&mut self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`kill -NAME`).
+    fn signal(&mut self, name: &str) {
         let pid = self.child().id().to_string();
         let status = Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([&format!("-{name}"), &pid])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}: {status}");
+        assert!(status.success(), "kill -{name} {pid}: {status}");
     }
 
     /// Whether the process is still alive.
@@ -133,7 +151,8 @@ impl Drop for Daemon {
 }
 
 /// node-a forwards `echo` and `source` to node-b, which exposes them to
-/// node-a with targets served by this test.
+/// node-a with targets served by this test. node-a also forwards `missing`,
+/// which node-b does not expose. Both serve an admin endpoint.
 struct Cluster {
     // Fields drop in order: the daemons die before their directory goes.
     node_a: Daemon,
@@ -142,13 +161,42 @@ struct Cluster {
     echo: SocketAddr,
     /// node-a's forward to the endless source service.
     source: SocketAddr,
-    _dir: TempDir,
+    /// node-a's forward to a service node-b does not expose.
+    missing: SocketAddr,
+    /// The admin endpoints of node-a and node-b.
+    admin_a: SocketAddr,
+    admin_b: SocketAddr,
+    dir: TempDir,
+}
+
+/// How a test wants its cluster started.
+struct Options {
+    /// `[limits] drain_grace` of both daemons.
+    drain_grace: Duration,
+    /// Environment for node-a only (NOTIFY_SOCKET, WATCHDOG_USEC).
+    node_a_env: Vec<(String, String)>,
+    /// Wait for an echo through node-a before returning.
+    wait_ready: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            drain_grace: DRAIN_GRACE,
+            node_a_env: Vec::new(),
+            wait_ready: true,
+        }
+    }
 }
 
 impl Cluster {
     /// Writes the CA, both nodes' certificates and configs, starts node-b
     /// then node-a, and waits until an echo round trip through node-a works.
     async fn start(label: &str) -> Self {
+        Self::start_with(label, Options::default()).await
+    }
+
+    async fn start_with(label: &str, options: Options) -> Self {
         let dir = TempDir::new(label);
         let authority =
             Authority::generate("test", Validity::days_from_now(2)).expect("generate CA");
@@ -167,15 +215,22 @@ impl Cluster {
         let node_b_quic = free_udp_port("127.0.0.3");
         let echo = free_tcp_port("127.0.0.1");
         let source = free_tcp_port("127.0.0.1");
+        let missing = free_tcp_port("127.0.0.1");
+        let admin_a = free_tcp_port("127.0.0.1");
+        let admin_b = free_tcp_port("127.0.0.1");
         let quic = "idle_timeout = \"3s\"\nkeep_alive = \"1s\"\nreconnect_max = \"1s\"\n";
-        let limits = format!("[limits]\ndrain_grace = \"{}s\"\n", DRAIN_GRACE.as_secs());
+        let limits = format!(
+            "[limits]\ndrain_grace = \"{}ms\"\n",
+            options.drain_grace.as_millis()
+        );
         let node_b_config = format!(
             "node = \"node-b\"\n\
              [quic]\nlisten = \"{node_b_quic}\"\n{quic}\
              [tls]\nca = \"ca.crt\"\ncert = \"node-b.crt\"\nkey = \"node-b.key\"\n\
              [[expose]]\nservice = \"echo\"\ntarget = \"{echo_target}\"\nallow = [\"node-a\"]\n\
              [[expose]]\nservice = \"source\"\ntarget = \"{source_target}\"\nallow = [\"node-a\"]\n\
-             {limits}"
+             {limits}\
+             [admin]\nlisten = \"{admin_b}\"\n"
         );
         let node_a_config = format!(
             "node = \"node-a\"\n\
@@ -184,7 +239,9 @@ impl Cluster {
              [[peer]]\nname = \"node-b\"\naddr = \"{node_b_quic}\"\n\
              [[forward]]\nlisten = \"{echo}\"\npeer = \"node-b\"\nservice = \"echo\"\n\
              [[forward]]\nlisten = \"{source}\"\npeer = \"node-b\"\nservice = \"source\"\n\
-             {limits}"
+             [[forward]]\nlisten = \"{missing}\"\npeer = \"node-b\"\nservice = \"missing\"\n\
+             {limits}\
+             [admin]\nlisten = \"{admin_a}\"\n"
         );
         let write = |name: &str, text: &str| {
             let path = dir.join(name);
@@ -196,20 +253,28 @@ impl Cluster {
             write("node-b.toml", &node_b_config),
             dir.join("node-b.log"),
         );
-        let node_a = Daemon::spawn(
+        let node_a = Daemon::spawn_with(
             "node-a",
             write("node-a.toml", &node_a_config),
             dir.join("node-a.log"),
+            options.node_a_env,
         );
         let cluster = Self {
             node_a,
             node_b,
             echo,
             source,
-            _dir: dir,
+            missing,
+            admin_a,
+            admin_b,
+            dir,
         };
-        if let Err(error) = echo_until(cluster.echo, READY_TIMEOUT, Duration::from_secs(1)).await {
-            panic!("the daemons did not carry an echo within {READY_TIMEOUT:?}: {error}");
+        if options.wait_ready {
+            if let Err(error) =
+                echo_until(cluster.echo, READY_TIMEOUT, Duration::from_secs(1)).await
+            {
+                panic!("the daemons did not carry an echo within {READY_TIMEOUT:?}: {error}");
+            }
         }
         cluster
     }
@@ -454,4 +519,535 @@ async fn a_restarted_peer_is_reachable_at_once() {
         "node-a took {recovered:?} to reach the restarted node-b; the stateless reset should make it drop the stale connection at once"
     );
     assert!(cluster.node_a.is_running(), "node-a was not restarted");
+}
+
+/// GET `path` from an admin endpoint: (HTTP status code, body).
+async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| io::Error::other(format!("no header end in {response:?}")))?;
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no status code in {head:?}")))?;
+        Ok((code, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+}
+
+/// `/status` of a node, parsed.
+async fn status_of(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = http_get(admin, "/status").await.expect("GET /status");
+    assert_eq!(code, 200, "GET /status: {body}");
+    serde_json::from_str(&body)
+        .unwrap_or_else(|error| panic!("/status is not JSON ({error}): {body}"))
+}
+
+/// One sample of a scrape: metric name, labels, value (`None` for NaN).
+#[derive(Debug, serde::Deserialize)]
+struct Sample(
+    String,
+    std::collections::BTreeMap<String, String>,
+    Option<f64>,
+);
+
+/// Parses `/metrics` with the Prometheus project's own Python client
+/// (`prometheus_client.openmetrics.parser`), which rejects anything that is
+/// not valid OpenMetrics. Returns `None` (after printing SKIP) if the parser
+/// is not installed and the environment does not require it.
+fn parse_openmetrics(text: &str) -> Option<Vec<Sample>> {
+    const SCRIPT: &str = "\
+import json, math, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value if math.isfinite(s.value) else None])
+print(json.dumps(out))
+";
+    let required = std::env::var("CI").is_ok_and(|value| value == "true")
+        || std::env::var("MESHTUN_REQUIRE_NETNS").is_ok_and(|value| value == "1");
+    let probe = Command::new("python3")
+        .args(["-c", "import prometheus_client.openmetrics.parser"])
+        .output();
+    if !probe.is_ok_and(|output| output.status.success()) {
+        assert!(
+            !required,
+            "python3 with prometheus_client is required here: pip install prometheus-client"
+        );
+        println!("SKIP: python3 with prometheus_client is missing; /metrics not parsed");
+        return None;
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write metrics");
+    }
+    let output = child.wait_with_output().expect("python3 output");
+    assert!(
+        output.status.success(),
+        "the OpenMetrics parser rejected /metrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(serde_json::from_slice(&output.stdout).expect("parser output"))
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|Sample(sample, have, _)| {
+            sample == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| have.get(*key).map(String::as_str) == Some(*value))
+        })
+        .map(|Sample(_, _, value)| value.unwrap_or(f64::NAN))
+}
+
+/// Scrapes `/metrics` until `ready` holds for the parsed samples (counters
+/// are updated by stream tasks that may finish just after the client).
+async fn scrape_until(
+    admin: SocketAddr,
+    what: &str,
+    ready: impl Fn(&[Sample]) -> bool,
+) -> Option<Vec<Sample>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, text) = http_get(admin, "/metrics").await.expect("GET /metrics");
+        assert_eq!(code, 200, "GET /metrics: {text}");
+        let samples = parse_openmetrics(&text)?;
+        if ready(&samples) {
+            return Some(samples);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not seen in /metrics within 5s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_follow_forwarded_bytes_and_refusals() {
+    let cluster = Cluster::start("metrics").await;
+    let outgoing = [("peer", "node-b"), ("direction", "outgoing")];
+    // The start-up echo already opened a stream or more.
+    let Some(baseline) = scrape_until(cluster.admin_a, "a stream count", |samples| {
+        sample(samples, "meshtun_peer_streams_total", &outgoing).is_some()
+    })
+    .await
+    else {
+        return;
+    };
+    let streams_before =
+        sample(&baseline, "meshtun_peer_streams_total", &outgoing).unwrap_or_default();
+    let payload: Vec<u8> = (0..MIB).map(|index| (index % 253) as u8).collect();
+    let mut tcp = TcpStream::connect(cluster.echo)
+        .await
+        .expect("connect echo");
+    let (mut read, mut write) = tcp.split();
+    let sending = async {
+        write.write_all(&payload).await?;
+        write.shutdown().await
+    };
+    let mut echoed = Vec::new();
+    let (sent, received) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(sending, read.read_to_end(&mut echoed))
+    })
+    .await
+    .expect("1 MiB echo within 20s");
+    sent.expect("send 1 MiB");
+    received.expect("read the echo");
+    assert!(echoed == payload, "the echo differs from what was sent");
+    drop(tcp);
+
+    // A service node-b does not expose: the client is reset, and both
+    // sides count the refusal.
+    let mut refused = TcpStream::connect(cluster.missing)
+        .await
+        .expect("connect missing");
+    let _ = refused.write_all(b"hello").await;
+    let mut buffer = [0u8; 16];
+    let outcome = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buffer))
+        .await
+        .expect("the refused client is closed within 5s");
+    assert!(
+        matches!(&outcome, Err(error) if error.kind() == io::ErrorKind::ConnectionReset),
+        "a refused stream must reset the client, got {outcome:?}"
+    );
+
+    let mib = MIB as f64;
+    let peer_b = [("peer", "node-b")];
+    let Some(samples_a) = scrape_until(cluster.admin_a, "node-a's counters", |samples| {
+        sample(samples, "meshtun_peer_received_bytes_total", &peer_b).unwrap_or(0.0) >= mib
+            && sample(
+                samples,
+                "meshtun_peer_streams_refused_total",
+                &[
+                    ("peer", "node-b"),
+                    ("direction", "outgoing"),
+                    ("reason", "unknown_service"),
+                ],
+            ) == Some(1.0)
+    })
+    .await
+    else {
+        return;
+    };
+    let sent_a = sample(&samples_a, "meshtun_peer_sent_bytes_total", &peer_b).unwrap_or(0.0);
+    assert!(
+        sent_a >= mib,
+        "node-a counted {sent_a} bytes sent to node-b"
+    );
+    assert_eq!(
+        sample(&samples_a, "meshtun_peer_connections", &outgoing),
+        Some(1.0)
+    );
+    // The echo and the refused stream.
+    assert_eq!(
+        sample(&samples_a, "meshtun_peer_streams_total", &outgoing),
+        Some(streams_before + 2.0)
+    );
+    assert_eq!(
+        sample(&samples_a, "meshtun_peer_open_streams", &outgoing),
+        Some(0.0)
+    );
+    let rtt = sample(&samples_a, "meshtun_peer_rtt_seconds", &peer_b).unwrap_or(f64::NAN);
+    assert!(rtt > 0.0 && rtt < 1.0, "node-a's RTT to node-b: {rtt}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = sample(
+        &samples_a,
+        "meshtun_certificate_expiry_timestamp_seconds",
+        &[],
+    )
+    .expect("certificate expiry exported");
+    assert!(
+        expiry > now + 86_400.0 && expiry < now + 3.0 * 86_400.0,
+        "the certificate was issued for 2 days; expiry {expiry} vs now {now}"
+    );
+
+    let peer_a = [("peer", "node-a")];
+    let samples_b = scrape_until(cluster.admin_b, "node-b's counters", |samples| {
+        sample(samples, "meshtun_peer_received_bytes_total", &peer_a).unwrap_or(0.0) >= mib
+            && sample(
+                samples,
+                "meshtun_peer_streams_refused_total",
+                &[
+                    ("peer", "node-a"),
+                    ("direction", "incoming"),
+                    ("reason", "unknown_service"),
+                ],
+            ) == Some(1.0)
+    })
+    .await
+    .expect("the parser was there a moment ago");
+    let incoming = [("peer", "node-a"), ("direction", "incoming")];
+    assert_eq!(
+        sample(&samples_b, "meshtun_peer_connections", &incoming),
+        Some(1.0)
+    );
+    let sent_b = sample(&samples_b, "meshtun_peer_sent_bytes_total", &peer_a).unwrap_or(0.0);
+    assert!(
+        sent_b >= mib,
+        "node-b counted {sent_b} bytes sent to node-a"
+    );
+
+    // `meshtun status` shows the same: the peer, its state and its bytes.
+    let config = cluster.dir.join("node-a.toml");
+    let human = tokio::task::spawn_blocking(move || {
+        common::run(meshtun().args(["status", "-c"]).arg(config)).success()
+    })
+    .await
+    .expect("meshtun status");
+    let text = human.stdout;
+    for expected in [
+        "node: node-a",
+        "peer: node-b",
+        "state: connected (1/1 dialled)",
+        "refused to us: 1 unknown service",
+        "forward: ",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from meshtun status:\n{text}"
+        );
+    }
+    let transfer = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("transfer:"))
+        .unwrap_or_else(|| panic!("no transfer line in meshtun status:\n{text}"));
+    assert!(
+        transfer.contains("MiB received") && transfer.contains("MiB sent"),
+        "1 MiB each way should show in MiB: {transfer}"
+    );
+    let status = status_of(cluster.admin_a).await;
+    let peer = &status["peers"][0];
+    assert_eq!(peer["name"], "node-b");
+    assert!(
+        peer["sent_bytes"].as_u64().unwrap_or(0) >= MIB as u64,
+        "{peer}"
+    );
+    assert!(
+        peer["received_bytes"].as_u64().unwrap_or(0) >= MIB as u64,
+        "{peer}"
+    );
+}
+
+/// A socket standing in for systemd's `$NOTIFY_SOCKET`: records every
+/// message the daemon sends.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    /// WATCHDOG=1 pings seen so far (skipped by [`NotifySocket::next`]).
+    watchdog_pings: usize,
+    _dir: TempDir,
+}
+
+impl NotifySocket {
+    fn bind() -> Self {
+        let dir = TempDir::new("notify");
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        Self {
+            socket,
+            path,
+            watchdog_pings: 0,
+            _dir: dir,
+        }
+    }
+
+    /// The next message other than a watchdog ping, within `within`.
+    async fn next(&mut self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let message = self.receive(deadline).await;
+            if message == "WATCHDOG=1" {
+                self.watchdog_pings += 1;
+                continue;
+            }
+            return message;
+        }
+    }
+
+    async fn receive(&mut self, deadline: Instant) -> String {
+        let mut buffer = [0u8; 4096];
+        loop {
+            // Non-blocking reads polled from the test's runtime.
+            self.socket.set_nonblocking(true).expect("non-blocking");
+            match self.socket.recv(&mut buffer) {
+                Ok(len) => return String::from_utf8_lossy(&buffer[..len]).into_owned(),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => panic!("notify socket: {error}"),
+            }
+            assert!(Instant::now() < deadline, "no notify message in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_after_the_listeners_reload_brackets_and_stopping() {
+    let mut notify = NotifySocket::bind();
+    let options = Options {
+        node_a_env: vec![
+            (
+                "NOTIFY_SOCKET".to_owned(),
+                notify.path.display().to_string(),
+            ),
+            // 400 ms: pings every 200 ms.
+            ("WATCHDOG_USEC".to_owned(), "400000".to_owned()),
+        ],
+        wait_ready: false,
+        ..Options::default()
+    };
+    let mut cluster = Cluster::start_with("notify", options).await;
+
+    // READY=1 comes first, and when it does every listener already accepts.
+    let ready = notify.next(READY_TIMEOUT).await;
+    assert!(ready.starts_with("READY=1\n"), "first message: {ready:?}");
+    assert!(
+        ready.contains("STATUS=serving: 1 peers, 3 forwards"),
+        "{ready:?}"
+    );
+    for forward in [cluster.echo, cluster.source, cluster.missing] {
+        TcpStream::connect(forward)
+            .await
+            .unwrap_or_else(|error| panic!("forward {forward} not accepting at READY: {error}"));
+    }
+    let status = status_of(cluster.admin_a).await;
+    assert_eq!(status["node"], "node-a");
+    echo_until(cluster.echo, READY_TIMEOUT, Duration::from_secs(1))
+        .await
+        .expect("echo after READY");
+
+    // SIGHUP: RELOADING=1 with the monotonic time, then READY=1 again.
+    cluster.node_a.signal("HUP");
+    let reloading = notify.next(Duration::from_secs(5)).await;
+    let usec = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .unwrap_or_else(|| panic!("expected RELOADING=1 with MONOTONIC_USEC, got {reloading:?}"));
+    assert!(usec.parse::<u64>().is_ok(), "MONOTONIC_USEC={usec:?}");
+    let ready = notify.next(Duration::from_secs(5)).await;
+    assert!(ready.starts_with("READY=1"), "after RELOADING: {ready:?}");
+    let status = status_of(cluster.admin_a).await;
+    assert_eq!(status["reload"]["successes"], 1, "{status}");
+    assert_eq!(status["reload"]["last_error"], serde_json::Value::Null);
+
+    // A broken config: the reload fails, is bracketed all the same, is
+    // visible in /status, and node-a keeps forwarding on the old one.
+    let config = cluster.dir.join("node-a.toml");
+    let good = fs::read_to_string(&config).expect("read config");
+    fs::write(&config, format!("{good}\nbogus_key = 1\n")).expect("break config");
+    cluster.node_a.signal("HUP");
+    assert!(notify
+        .next(Duration::from_secs(5))
+        .await
+        .starts_with("RELOADING=1\n"));
+    assert!(notify
+        .next(Duration::from_secs(5))
+        .await
+        .starts_with("READY=1"));
+    let status = status_of(cluster.admin_a).await;
+    assert_eq!(status["reload"]["failures"], 1, "{status}");
+    let error = status["reload"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("bogus_key"),
+        "the failure should name the bad key: {error:?}"
+    );
+    echo_once(cluster.echo, Duration::from_secs(5))
+        .await
+        .expect("echo after a failed reload");
+
+    // A change that needs a restart is refused as a whole and says why.
+    let moved = good.replace(
+        &format!("listen = \"{}\"", cluster.missing),
+        &format!("listen = \"{}\"", free_tcp_port("127.0.0.1")),
+    );
+    assert_ne!(moved, good, "the test should move a forward");
+    fs::write(&config, moved).expect("move a forward");
+    cluster.node_a.signal("HUP");
+    assert!(notify
+        .next(Duration::from_secs(5))
+        .await
+        .starts_with("RELOADING=1\n"));
+    assert!(notify
+        .next(Duration::from_secs(5))
+        .await
+        .starts_with("READY=1"));
+    let status = status_of(cluster.admin_a).await;
+    assert_eq!(status["reload"]["failures"], 2, "{status}");
+    let error = status["reload"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("[[forward]] changed; restart"), "{error:?}");
+
+    // The watchdog pings keep coming while the node is healthy.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while notify.watchdog_pings < 3 {
+        let message = notify.receive(deadline).await;
+        if message == "WATCHDOG=1" {
+            notify.watchdog_pings += 1;
+        }
+    }
+
+    // SIGTERM: STOPPING=1, then an orderly exit.
+    cluster.node_a.terminate();
+    let stopping = notify.next(Duration::from_secs(5)).await;
+    assert!(
+        stopping.starts_with("STOPPING=1"),
+        "after SIGTERM: {stopping:?}"
+    );
+    let status = cluster
+        .node_a
+        .exited_by(Instant::now() + DRAIN_GRACE + Duration::from_secs(3))
+        .await
+        .expect("node-a exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "node-a exit status: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_lets_the_transfer_finish_and_exits_0() {
+    let grace = Duration::from_secs(20);
+    let options = Options {
+        drain_grace: grace,
+        ..Options::default()
+    };
+    let mut cluster = Cluster::start_with("sigterm-load", options).await;
+    let total = 64 * MIB;
+    let block: Vec<u8> = (0..MIB).map(|index| (index * 7 % 251) as u8).collect();
+    let mut tcp = TcpStream::connect(cluster.echo)
+        .await
+        .expect("connect echo");
+    let (mut read, mut write) = tcp.split();
+    let sending = async {
+        for _ in 0..total / MIB {
+            write.write_all(&block).await?;
+        }
+        write.shutdown().await
+    };
+    let mut signalled = None;
+    let receiving = async {
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut received = 0usize;
+        let mut mismatch = None;
+        loop {
+            let count = read.read(&mut buffer).await?;
+            if count == 0 {
+                return Ok::<_, io::Error>((received, mismatch));
+            }
+            for (offset, byte) in buffer[..count].iter().enumerate() {
+                let at = received + offset;
+                if mismatch.is_none() && *byte != block[at % MIB] {
+                    mismatch = Some(at);
+                }
+            }
+            received += count;
+            // SIGTERM once the transfer is well under way.
+            if signalled.is_none() && received >= 4 * MIB {
+                cluster.node_a.terminate();
+                signalled = Some(Instant::now());
+            }
+        }
+    };
+    let (sent, received) = tokio::time::timeout(grace, async { tokio::join!(sending, receiving) })
+        .await
+        .expect("the transfer finishes within the drain grace");
+    sent.expect("send 64 MiB");
+    let (received, mismatch) = received.expect("the echo is read to its end, not reset");
+    let signalled = signalled.expect("SIGTERM was sent mid-transfer");
+    let finished = Instant::now();
+    assert_eq!(received, total, "echoed bytes");
+    assert_eq!(mismatch, None, "first corrupted byte offset");
+    eprintln!("transfer finished {:?} after SIGTERM", finished - signalled);
+    drop(tcp);
+
+    // node-a exits once its last stream is done, not at the end of the grace.
+    let status = cluster
+        .node_a
+        .exited_by(finished + Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("node-a still runs 5s after its last stream ended"));
+    assert_eq!(status.code(), Some(0), "node-a exit status: {status}");
+    assert!(
+        signalled.elapsed() < grace,
+        "node-a waited out the whole grace period"
+    );
 }
