@@ -156,9 +156,9 @@ async fn answer_stream(
     let (preamble, payload) = match read_preamble(&mut recv, policy.preamble_timeout).await {
         Ok(read) => read,
         Err(detail) => {
-            warn!(%detail, "bad stream preamble");
             let status = refuse(StatusCode::BadPreamble, detail);
-            stats.refused(Direction::incoming, status.code.as_str());
+            let verdict = stats.refused(Direction::incoming, status.code.as_str());
+            log_refusal!(verdict, detail = %status.detail, "bad stream preamble");
             answer_refusal(&mut send, &mut recv, &status, StreamCode::BadPreamble).await;
             return;
         }
@@ -166,15 +166,16 @@ async fn answer_stream(
     let expose = match authorize(&shared.node, &policy, &preamble, &identity) {
         Ok(expose) => expose,
         Err(status) => {
-            info!(code = status.code.as_str(), detail = %status.detail, "stream refused");
-            stats.refused(Direction::incoming, status.code.as_str());
+            let verdict = stats.refused(Direction::incoming, status.code.as_str());
+            log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "stream refused");
             answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
             return;
         }
     };
     if shared.stop_accepting.is_cancelled() {
         let status = refuse(StatusCode::Unavailable, "node is shutting down".to_owned());
-        stats.refused(Direction::incoming, status.code.as_str());
+        let verdict = stats.refused(Direction::incoming, status.code.as_str());
+        log_refusal!(verdict, "stream refused: node is draining");
         answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
         return;
     }
@@ -183,8 +184,8 @@ async fn answer_stream(
         let mut tcp = match connect(&expose.target, policy.connect_timeout).await {
             Ok(tcp) => tcp,
             Err(status) => {
-                info!(code = status.code.as_str(), detail = %status.detail, "target unavailable");
-                stats.refused(Direction::incoming, status.code.as_str());
+                let verdict = stats.refused(Direction::incoming, status.code.as_str());
+                log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "target unavailable");
                 answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
                 return;
             }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use meshtun_proto::{Preamble, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::metrics::Direction;
 use crate::peer::PeerLinks;
@@ -89,20 +89,20 @@ async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared
     let stream = peer.stats().stream(Direction::outgoing);
     let stats = stream.stats();
     let Some(connection) = peer.connection(PEER_WAIT).await else {
-        info!("peer not connected; resetting local connection");
-        stats.refused(Direction::outgoing, "not_connected");
+        let verdict = stats.refused(Direction::outgoing, "not_connected");
+        log_refusal!(verdict, "peer not connected; resetting local connection");
         return;
     };
     let (send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, connection.open_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(error)) => {
-            info!(%error, "cannot open stream; resetting local connection");
-            stats.refused(Direction::outgoing, "not_connected");
+            let verdict = stats.refused(Direction::outgoing, "not_connected");
+            log_refusal!(verdict, %error, "cannot open stream; resetting local connection");
             return;
         }
         Err(_) => {
-            warn!(timeout = ?OPEN_TIMEOUT, "peer granted no stream in time; resetting local connection");
-            stats.refused(Direction::outgoing, "no_stream_credit");
+            let verdict = stats.refused(Direction::outgoing, "no_stream_credit");
+            log_refusal!(verdict, timeout = ?OPEN_TIMEOUT, "peer granted no stream in time; resetting local connection");
             return;
         }
     };
@@ -119,11 +119,9 @@ async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared
         .await
         {
             Ok(totals) => debug!(sent = totals.uplink, received = totals.downlink, "closed"),
-            Err((failure @ splice::Failure::Refused(_), _)) => {
-                if let splice::Failure::Refused(status) = &failure {
-                    stats.refused(Direction::outgoing, status.code.as_str());
-                }
-                info!(%failure, "stream refused; local connection reset")
+            Err((splice::Failure::Refused(status), _)) => {
+                let verdict = stats.refused(Direction::outgoing, status.code.as_str());
+                log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "stream refused by the peer; local connection reset");
             }
             Err((failure, totals)) => {
                 debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset")

@@ -12,6 +12,17 @@
 //! streams drain for a grace period, resets what is left and closes QUIC with
 //! a code.
 
+/// Logs a refused stream at info if [`metrics::PeerStats::refused`] says
+/// so (with how many were quiet since), else at debug.
+macro_rules! log_refusal {
+    ($verdict:expr, $($field:tt)+) => {
+        match $verdict {
+            Some(quiet) => tracing::info!(similar_since_last_report = quiet, $($field)+),
+            None => tracing::debug!($($field)+),
+        }
+    };
+}
+
 mod admin;
 mod cid;
 mod endpoint;

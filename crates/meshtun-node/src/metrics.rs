@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use meshtun_proto::NodeName;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -155,7 +156,7 @@ impl Metrics {
         let refused = Family::default();
         registry.register(
             "peer_streams_refused",
-            "Streams that never carried data, by reason; outgoing = refused to this node, incoming = refused by it",
+            "Streams that never reached their target, by reason; outgoing = refused to this node, incoming = refused by it",
             Family::clone(&refused),
         );
         let handshakes_failed = Family::default();
@@ -261,6 +262,7 @@ impl Metrics {
             reconnects: self.reconnects.get_or_create_owned(&labels),
             refused: self.refused.clone(),
             handshakes_failed: self.handshakes_failed.clone(),
+            refusal_log: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -341,7 +343,17 @@ pub(crate) struct PeerStats {
     reconnects: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshakes_failed: Family<ReasonLabels, Counter>,
+    /// When each kind of refusal was last logged at info, and how many of
+    /// that kind went to debug since.
+    refusal_log: Mutex<BTreeMap<RefusalKind, (Instant, u64)>>,
 }
+
+/// A kind of refusal: who refused, and why.
+type RefusalKind = (Direction, &'static str);
+
+/// At most one info line per kind of refusal and peer in this period; the
+/// rest go to debug, and every one is counted in the metrics.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 
 impl fmt::Debug for PeerStats {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -375,7 +387,11 @@ impl PeerStats {
         }
     }
 
-    pub(crate) fn refused(&self, direction: Direction, reason: &'static str) {
+    /// Counts a refused stream. Returns `Some(n)` if this one should be
+    /// logged at info, `n` being how many like it went to debug since the
+    /// last info line; `None` means log it at debug. A peer or a client
+    /// retrying a forbidden service cannot flood the log this way.
+    pub(crate) fn refused(&self, direction: Direction, reason: &'static str) -> Option<u64> {
         self.refused
             .get_or_create(&ReasonLabels {
                 peer: self.name.clone(),
@@ -383,6 +399,25 @@ impl PeerStats {
                 reason,
             })
             .inc();
+        let now = Instant::now();
+        let mut log = self
+            .refusal_log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match log.get_mut(&(direction, reason)) {
+            Some((last, quiet)) if now.duration_since(*last) < REFUSAL_LOG_PERIOD => {
+                *quiet += 1;
+                None
+            }
+            Some((last, quiet)) => {
+                *last = now;
+                Some(std::mem::take(quiet))
+            }
+            None => {
+                log.insert((direction, reason), (now, 0));
+                Some(0)
+            }
+        }
     }
 
     pub(crate) fn handshake_failed(&self, reason: &'static str) {
@@ -494,6 +529,24 @@ mod tests {
         let counts = stats.counts();
         assert_eq!(counts.open, [0, 0]);
         assert_eq!(counts.streams, [0, 1]);
+    }
+
+    #[test]
+    fn repeated_refusals_are_logged_once_per_period_and_all_counted() {
+        let metrics = Metrics::new();
+        let stats = metrics.peer(&name("node-1"));
+        assert_eq!(stats.refused(Direction::incoming, "forbidden"), Some(0));
+        for _ in 0..100 {
+            assert_eq!(stats.refused(Direction::incoming, "forbidden"), None);
+        }
+        // Another reason or direction has its own budget.
+        assert_eq!(stats.refused(Direction::outgoing, "forbidden"), Some(0));
+        assert_eq!(stats.refused(Direction::incoming, "refused"), Some(0));
+        let counts = stats.counts();
+        assert_eq!(
+            counts.refused[Direction::incoming as usize].get("forbidden"),
+            Some(&101)
+        );
     }
 
     #[test]

@@ -244,9 +244,26 @@ fn render_peer(out: &mut String, peer: &PeerStatus) {
 
 fn reasons(map: &std::collections::BTreeMap<String, u64>) -> String {
     map.iter()
-        .map(|(reason, count)| format!("{count} {}", reason.replace('_', " ")))
+        .map(|(reason, count)| format!("{count} {}", reason_text(reason)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A metric reason label in words. Labels this build does not know (a newer
+/// daemon) are shown as they are.
+fn reason_text(reason: &str) -> String {
+    let text = match reason {
+        "refused" => "target refused the connection",
+        "unreachable" => "target unreachable",
+        "unavailable" => "node draining",
+        "not_connected" => "peer not connected",
+        "no_stream_credit" => "no stream credit from peer",
+        "no_welcome" => "not welcomed by peer",
+        "rejected" => "rejected by peer",
+        "tls" => "TLS (certificate) failure",
+        other => return other.replace('_', " "),
+    };
+    text.to_owned()
 }
 
 /// Bytes in binary units, as `wg show` prints transfer.
