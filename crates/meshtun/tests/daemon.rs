@@ -1051,3 +1051,63 @@ async fn sigterm_under_load_lets_the_transfer_finish_and_exits_0() {
         "node-a waited out the whole grace period"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_connection_and_stream_events_but_no_key_material() {
+    let options = Options {
+        node_a_env: vec![
+            ("MESHTUN_LOG_FORMAT".to_owned(), "json".to_owned()),
+            // Debug: per-stream detail too, the most a log ever says.
+            ("MESHTUN_LOG".to_owned(), "debug".to_owned()),
+        ],
+        ..Options::default()
+    };
+    let mut cluster = Cluster::start_with("json-logs", options).await;
+    echo_once(cluster.echo, Duration::from_secs(5))
+        .await
+        .expect("echo");
+    let _ = TcpStream::connect(cluster.missing).await;
+    cluster.node_a.terminate();
+    let status = cluster
+        .node_a
+        .exited_by(Instant::now() + DRAIN_GRACE + Duration::from_secs(3))
+        .await
+        .expect("node-a exits");
+    assert_eq!(status.code(), Some(0));
+
+    let log = fs::read_to_string(cluster.dir.join("node-a.log")).expect("read log");
+    let mut messages = Vec::new();
+    for line in log.lines().filter(|line| !line.is_empty()) {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|error| panic!("not a JSON log line ({error}): {line}"));
+        assert!(
+            event["level"].is_string() && event["timestamp"].is_string(),
+            "{line}"
+        );
+        messages.push(
+            event["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    for expected in ["node started", "peer connected", "closed", "node stopped"] {
+        assert!(
+            messages.iter().any(|message| message == expected),
+            "no {expected:?} event in the JSON log:\n{log}"
+        );
+    }
+
+    // Neither key's PEM body, nor any long run of it, appears in the log.
+    for key in ["node-a.key", "node-b.key", "ca.key"] {
+        let pem = fs::read_to_string(cluster.dir.join(key)).expect("read key");
+        for body_line in pem.lines().filter(|line| !line.starts_with("-----")) {
+            let needle = &body_line[..body_line.len().min(24)];
+            assert!(!log.contains(needle), "{key} material appears in the log");
+        }
+    }
+    assert!(
+        !log.contains("PRIVATE KEY"),
+        "a private key header appears in the log"
+    );
+}
