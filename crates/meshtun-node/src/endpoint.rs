@@ -35,21 +35,24 @@ pub(crate) fn bind_udp(quic: &Quic) -> Result<UdpSocket, NodeError> {
     if let Err(error) = socket.set_send_buffer_size(quic.udp_send_buffer) {
         warn!(%error, "cannot set UDP send buffer");
     }
-    // Linux reports twice the usable size; anything below the request means
-    // the sysctl cap applied.
+    // Linux grants min(request, net.core.*mem_max) and reports twice what it
+    // granted (the kernel's bookkeeping overhead), so a full grant reads back
+    // as at least twice the request; anything less means the cap applied.
     if let Ok(got) = socket.recv_buffer_size() {
-        if got < quic.udp_recv_buffer {
+        if got < quic.udp_recv_buffer.saturating_mul(2) {
             warn!(
                 requested = quic.udp_recv_buffer,
-                got, "UDP receive buffer capped by the kernel; raise net.core.rmem_max"
+                granted = got / 2,
+                "UDP receive buffer capped by the kernel; raise net.core.rmem_max (see examples/systemd/README.md)"
             );
         }
     }
     if let Ok(got) = socket.send_buffer_size() {
-        if got < quic.udp_send_buffer {
+        if got < quic.udp_send_buffer.saturating_mul(2) {
             warn!(
                 requested = quic.udp_send_buffer,
-                got, "UDP send buffer capped by the kernel; raise net.core.wmem_max"
+                granted = got / 2,
+                "UDP send buffer capped by the kernel; raise net.core.wmem_max (see examples/systemd/README.md)"
             );
         }
     }
