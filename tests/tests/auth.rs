@@ -39,6 +39,28 @@ async fn a_certificate_from_another_ca_is_rejected_in_the_handshake() {
     );
     let (how, _) = ending(rogue.forward_addrs()[0], Duration::from_secs(5)).await;
     assert_eq!(how, Ending::Reset);
+    // Both sides count the failure by reason, for /metrics and /status.
+    let dialer = peer_status(&rogue, "node-b");
+    assert!(
+        dialer.handshakes_failed.get("tls").copied().unwrap_or(0) >= 1,
+        "the rogue's failed dials should count as TLS failures: {dialer:?}"
+    );
+    assert_eq!(
+        dialer.refused_outgoing.get("not_connected"),
+        Some(&1),
+        "{dialer:?}"
+    );
+    let acceptor = node_b.status();
+    assert!(
+        acceptor
+            .incoming_handshakes_failed
+            .get("tls")
+            .copied()
+            .unwrap_or(0)
+            >= 1,
+        "node-b should count the rejected client certificate: {:?}",
+        acceptor.incoming_handshakes_failed
+    );
 
     // The control: a cluster node gets in with the same config.
     let node_a = NodeSpec::new("node-a")
@@ -79,6 +101,12 @@ async fn a_cluster_node_answering_for_another_peer_is_rejected() {
     );
     let (how, _) = ending(node_a.forward_addrs()[0], Duration::from_secs(5)).await;
     assert_eq!(how, Ending::Reset);
+    let dialer = peer_status(&node_a, "node-b");
+    assert!(
+        dialer.handshakes_failed.get("tls").copied().unwrap_or(0) >= 1,
+        "rejecting the impersonator should count as a TLS failure: {dialer:?}"
+    );
+    assert!(dialer.last_error.is_some(), "{dialer:?}");
     node_a.shutdown(Duration::ZERO).await;
     node_c.shutdown(Duration::ZERO).await;
 }
@@ -166,4 +194,14 @@ async fn a_service_exposed_only_to_node_a_refuses_node_b() {
     for node in [node_a, node_b, server] {
         node.shutdown(Duration::ZERO).await;
     }
+}
+
+/// `node`'s view of `peer`, from its status.
+fn peer_status(node: &meshtun_node::Node, peer: &str) -> meshtun_node::PeerStatus {
+    let status = node.status();
+    status
+        .peers
+        .into_iter()
+        .find(|candidate| candidate.name == peer)
+        .unwrap_or_else(|| panic!("{peer} missing from {}'s status", status.node))
 }

@@ -308,20 +308,36 @@ impl PeerLinks {
 }
 
 /// Waits for the acceptor's [`WELCOME`]: proof that it accepted our
-/// certificate. If it refused, the connection's close reason says why.
-async fn welcome(connection: &Connection) -> Result<(), String> {
+/// certificate. If it refused, the connection's close reason says why (in
+/// TLS 1.3 the client's side of the handshake completes before the server
+/// has judged the client's certificate).
+async fn welcome(connection: &Connection) -> Result<(), WelcomeError> {
     let mut stream = connection
         .accept_uni()
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(WelcomeError::Closed)?;
     let greeting = stream
         .read_to_end(WELCOME.len())
         .await
-        .map_err(|error| format!("reading the welcome: {error}"))?;
+        .map_err(|error| WelcomeError::Garbled(format!("reading the welcome: {error}")))?;
     if greeting != WELCOME {
-        return Err("peer sent an unexpected welcome; is it a meshtun/1 node?".to_owned());
+        return Err(WelcomeError::Garbled(
+            "peer sent an unexpected welcome; is it a meshtun/1 node?".to_owned(),
+        ));
     }
     Ok(())
+}
+
+/// Why no welcome came.
+#[derive(Debug, thiserror::Error)]
+enum WelcomeError {
+    /// The acceptor closed the connection (typically: it refused our
+    /// certificate).
+    #[error(transparent)]
+    Closed(quinn::ConnectionError),
+    /// Something else arrived.
+    #[error("{0}")]
+    Garbled(String),
 }
 
 /// A uniformly random pause in `[delay/2, delay]`, so peers that lost each
@@ -341,7 +357,7 @@ enum DialError {
     #[error("handshake with {0} failed: {1}")]
     Handshake(SocketAddr, quinn::ConnectionError),
     #[error("{0} did not accept this node: {1}")]
-    Welcome(SocketAddr, String),
+    Welcome(SocketAddr, WelcomeError),
     #[error("handshake with {0} timed out after {1:?}")]
     Timeout(SocketAddr, Duration),
 }
@@ -353,7 +369,8 @@ impl DialError {
             DialError::Resolve(..) => "resolve",
             DialError::Connect(_) => "local",
             DialError::Handshake(_, error) => handshake_reason(error),
-            DialError::Welcome(..) => "no_welcome",
+            DialError::Welcome(_, WelcomeError::Closed(error)) => handshake_reason(error),
+            DialError::Welcome(_, WelcomeError::Garbled(_)) => "no_welcome",
             DialError::Timeout(..) => "timeout",
         }
     }
