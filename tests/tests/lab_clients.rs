@@ -291,3 +291,158 @@ fn zmq_router_dealer_handshake_runs_through_the_tunnel() {
     );
     assert!(server_out.contains("server OK messages=40"), "{logs}");
 }
+
+/// A recipe from `examples/`, as an operator would install it: the text of
+/// `path`, with only the certificate paths under /etc/meshtun/ pointed at
+/// the lab's PKI.
+fn recipe_config(lab: &Lab, index: usize, path: &str) -> String {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(path);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lab_config = lab.config(index);
+    let name = &lab.host(index).name;
+    let text = text
+        .replace("/etc/meshtun/ca.crt", &lab_config.ca.display().to_string())
+        .replace(
+            &format!("/etc/meshtun/{name}.crt"),
+            &lab_config.cert.display().to_string(),
+        )
+        .replace(
+            &format!("/etc/meshtun/{name}.key"),
+            &lab_config.key.display().to_string(),
+        );
+    assert!(
+        !text.contains("/etc/meshtun/"),
+        "{path}: a path the lab cannot provide is left:\n{text}"
+    );
+    text
+}
+
+/// Whether a TCP connect from `host` to `target` is answered within `wait`
+/// (`Some(true)` connected, `Some(false)` refused), or `None` when nothing
+/// answers at all: the SYN was dropped.
+fn probe(host: &Host, target: SocketAddr, wait: Duration) -> Option<bool> {
+    host.run(
+        move || match std::net::TcpStream::connect_timeout(&target, wait) {
+            Ok(_) => Some(true),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => Some(false),
+            Err(_) => None,
+        },
+    )
+    .unwrap()
+}
+
+/// The two-node vLLM recipe (`examples/vllm-dp-2node/`) run as written, with
+/// the nftables guard (`examples/nftables/`) loaded on the head, and pyzmq
+/// standing in for vLLM's DP handshake socket: the handshake goes through
+/// meshtun, the public API port stays reachable, and a service that listens
+/// on every interface (as torch's TCPStore does) is not reachable from the
+/// other node any more. `meshtun status` on the headless node shows the
+/// head connected.
+#[test]
+fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
+    let test = "the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard";
+    if !require_netns(test) {
+        return;
+    }
+    if !require_tool(
+        test,
+        "python3 with pyzmq",
+        Command::new("python3").args(["-c", "import zmq"]),
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["node-0", "node-1"]).unwrap();
+    let (head, headless) = (lab.host(0), lab.host(1));
+    // The recipe's addresses are the lab's.
+    assert_eq!(head.quic_addr(), addr("198.18.0.11:4433"));
+    assert_eq!(headless.quic_addr(), addr("198.18.0.12:4433"));
+    let guard = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/nftables/meshtun.nft"),
+    )
+    .unwrap();
+    head.nft(&guard).unwrap();
+
+    // On the head: the DP handshake socket on loopback (as the recipe binds
+    // it), a public API port and a store that listen on every interface.
+    let port = "13345";
+    let script = zmq_script();
+    let arguments = ["--port", port, "--dealers", "2", "--rounds", "5"];
+    let mut server = head.command("python3");
+    server
+        .arg(&script)
+        .arg("server")
+        .args(arguments)
+        .args(["--timeout", "40"]);
+    let server = Process::spawn(server);
+    assert!(wait_listening(head, 13345), "ROUTER did not listen");
+    let api = head.listen(addr("0.0.0.0:8000")).unwrap();
+    let store = head.listen(addr("0.0.0.0:29500")).unwrap();
+
+    let head_daemon = lab
+        .start_toml(0, &recipe_config(&lab, 0, "vllm-dp-2node/head.toml"))
+        .unwrap();
+    let headless_config = recipe_config(&lab, 1, "vllm-dp-2node/headless.toml");
+    let headless_daemon = lab.start_toml(1, &headless_config).unwrap();
+
+    let mut client = headless.command("python3");
+    client
+        .arg(&script)
+        .arg("client")
+        .args(arguments)
+        .args(["--timeout", "30"]);
+    let (client_status, client_out, client_err) =
+        Process::spawn(client).finish(Duration::from_secs(45));
+    let (server_status, server_out, server_err) = server.finish(Duration::from_secs(15));
+    let logs = format!(
+        "--- client ---\n{client_out}{client_err}\n--- server ---\n{server_out}{server_err}\n--- head ---\n{}\n--- headless ---\n{}",
+        head_daemon.log_since_start(),
+        headless_daemon.log_since_start()
+    );
+    assert!(
+        client_status.is_some_and(|status| status.success())
+            && server_status.is_some_and(|status| status.success()),
+        "the DP handshake through the recipe failed\n{logs}"
+    );
+
+    // The guard: the public API answers, everything else is dropped.
+    let wait = Duration::from_secs(2);
+    assert_eq!(
+        probe(headless, addr("198.18.0.11:8000"), wait),
+        Some(true),
+        "the API port must stay reachable"
+    );
+    assert_eq!(
+        probe(headless, addr("198.18.0.11:29500"), wait),
+        None,
+        "a store listening on every interface must be dropped by the guard"
+    );
+    assert_eq!(
+        probe(headless, addr("198.18.0.11:13345"), wait),
+        None,
+        "the handshake port must not be reachable directly"
+    );
+    drop((api, store));
+
+    // `meshtun status` on the headless node, reading its recipe's [admin].
+    let config_path = lab.dir.join("node-1.toml");
+    let output = headless
+        .command(lab.binary())
+        .arg("status")
+        .arg("-c")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "meshtun status: {output:?}");
+    for expected in [
+        "peer: node-0",
+        "state: connected (1/1 dialled)",
+        "opened here",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing:\n{text}");
+    }
+    println!("FIGURE recipe vllm-dp-2node: {}", client_out.trim());
+}

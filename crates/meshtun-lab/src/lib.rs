@@ -531,9 +531,15 @@ impl Lab {
     /// Starts `meshtun run` inside host `index` with `config`, and waits
     /// (at most 10 s) until it logs that it started.
     pub fn start(&self, index: usize, config: &NodeConfig) -> Result<Daemon> {
+        self.start_toml(index, &config.to_toml())
+    }
+
+    /// Like [`Lab::start`], with the config as TOML text (a config from
+    /// `examples/`, say, with its certificate paths pointed at the lab's).
+    pub fn start_toml(&self, index: usize, config: &str) -> Result<Daemon> {
         let host = &self.hosts[index];
         let config_path = self.dir.join(format!("{}.toml", host.name));
-        fs::write(&config_path, config.to_toml())
+        fs::write(&config_path, config)
             .map_err(|error| LabError::Io(format!("writing {}", config_path.display()), error))?;
         let log = self.dir.join(format!("{}.log", host.name));
         let log_file = fs::OpenOptions::new()
