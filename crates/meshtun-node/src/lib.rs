@@ -52,7 +52,8 @@ use crate::metrics::{Direction, Metrics};
 use crate::peer::{DialTiming, PeerLinks};
 
 pub use crate::status::{
-    CertificateStatus, ExposeStatus, ForwardStatus, NodeStatus, PeerStatus, ReloadStatus,
+    CertificateStatus, ExposeStatus, ForwardStatus, NodeStatus, PeerCertificate, PeerStatus,
+    ReloadStatus,
 };
 
 /// Why a node could not start. Each variant says which part of the
@@ -185,19 +186,14 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reads live connection state into the gauges and returns, per peer,
-    /// (dialled up, incoming up, best RTT in seconds).
-    fn refresh_live(&self) -> BTreeMap<NodeName, (usize, usize, Option<f64>)> {
-        let mut live: BTreeMap<NodeName, (usize, usize, Option<f64>)> = BTreeMap::new();
-        let best = |current: Option<f64>, rtt: Duration| {
-            let rtt = rtt.as_secs_f64();
-            Some(current.map_or(rtt, |current: f64| current.min(rtt)))
-        };
+    /// Reads live connection state into the gauges and returns it per peer.
+    fn refresh_live(&self) -> BTreeMap<NodeName, Live> {
+        let mut live: BTreeMap<NodeName, Live> = BTreeMap::new();
         for (name, links) in &self.peers {
             let entry = live.entry(name.clone()).or_default();
             for connection in links.live_connections() {
-                entry.0 += 1;
-                entry.2 = best(entry.2, connection.rtt());
+                entry.outgoing += 1;
+                entry.add(&connection);
             }
         }
         {
@@ -209,15 +205,19 @@ impl Shared {
                 let entry = live.entry(name.clone()).or_default();
                 for connection in connections {
                     if connection.close_reason().is_none() {
-                        entry.1 += 1;
-                        entry.2 = best(entry.2, connection.rtt());
+                        entry.incoming += 1;
+                        entry.add(connection);
                     }
                 }
             }
         }
         for (name, stats) in self.metrics.peers() {
-            let (outgoing, incoming, rtt) = live.get(&name).copied().unwrap_or_default();
-            stats.set_live(outgoing, incoming, rtt);
+            let entry = live.get(&name);
+            stats.set_live(
+                entry.map_or(0, |live| live.outgoing),
+                entry.map_or(0, |live| live.incoming),
+                entry.and_then(|live| live.rtt),
+            );
         }
         live
     }
@@ -233,7 +233,8 @@ impl Shared {
         let live = self.refresh_live();
         let mut peers = Vec::new();
         for (name, stats) in self.metrics.peers() {
-            let (up, incoming, rtt) = live.get(&name).copied().unwrap_or_default();
+            let empty = Live::default();
+            let peer_live = live.get(&name).unwrap_or(&empty);
             let links = self.peers.get(&name);
             let counts = stats.counts();
             let named = |map: &BTreeMap<&'static str, u64>| {
@@ -244,10 +245,18 @@ impl Shared {
             peers.push(PeerStatus {
                 name: name.to_string(),
                 addr: links.map(|links| links.addr().to_string()),
-                connections_up: up,
+                connections_up: peer_live.outgoing,
                 connections_configured: links.map_or(0, |links| links.slots()),
-                connections_incoming: incoming,
-                rtt_ms: rtt.map(|seconds| seconds * 1000.0),
+                connections_incoming: peer_live.incoming,
+                rtt_ms: peer_live.rtt.map(|seconds| seconds * 1000.0),
+                certificates: peer_live
+                    .certificates
+                    .iter()
+                    .map(|(serial, fingerprint)| PeerCertificate {
+                        serial: serial.clone(),
+                        fingerprint: fingerprint.clone(),
+                    })
+                    .collect(),
                 sent_bytes: counts.sent,
                 received_bytes: counts.received,
                 streams_outgoing: counts.streams[Direction::outgoing as usize],
@@ -289,6 +298,34 @@ impl Shared {
     }
 }
 
+/// A peer's live connections, read when `/metrics` or `/status` asks.
+#[derive(Debug, Default)]
+struct Live {
+    /// Dialled connections up.
+    outgoing: usize,
+    /// Connections the peer dialled that are up.
+    incoming: usize,
+    /// The best smoothed RTT, seconds.
+    rtt: Option<f64>,
+    /// The certificates the peer presented on them: (serial, fingerprint).
+    certificates: std::collections::BTreeSet<(String, String)>,
+}
+
+impl Live {
+    fn add(&mut self, connection: &Connection) {
+        let rtt = connection.rtt().as_secs_f64();
+        self.rtt = Some(self.rtt.map_or(rtt, |best| best.min(rtt)));
+        if let Some(leaf) = expose::peer_chain(connection)
+            .ok()
+            .and_then(|chain| chain.first().cloned())
+        {
+            if let Ok(described) = meshtun_pki::serial_and_fingerprint(&leaf) {
+                self.certificates.insert(described);
+            }
+        }
+    }
+}
+
 /// Un-counts an incoming connection when its task ends.
 #[derive(Debug)]
 pub(crate) struct IncomingGuard {
@@ -326,8 +363,15 @@ fn unix_now() -> i64 {
 
 fn certificate_status(credentials: &NodeCredentials) -> CertificateStatus {
     let not_after_unix = unix_seconds(credentials.not_after());
+    let serial = credentials
+        .chain()
+        .first()
+        .and_then(|leaf| meshtun_pki::serial_and_fingerprint(leaf).ok())
+        .map(|(serial, _)| serial)
+        .unwrap_or_default();
     CertificateStatus {
         identity: credentials.identity().to_string(),
+        serial,
         fingerprint: credentials.fingerprint(),
         not_after_unix,
         expires_in_seconds: not_after_unix - unix_now(),
@@ -562,6 +606,13 @@ impl Node {
         incoming.keys().cloned().collect()
     }
 
+    /// The certificate in use, with the seconds left until it expires.
+    pub fn certificate(&self) -> CertificateStatus {
+        let mut certificate = self.shared.facts().certificate.clone();
+        certificate.expires_in_seconds = certificate.not_after_unix - unix_now();
+        certificate
+    }
+
     /// The node's state, as `/status` serves it.
     pub fn status(&self) -> NodeStatus {
         self.shared.status()
@@ -650,7 +701,46 @@ impl Node {
             facts.exposes = expose_statuses(&config.exposes);
         }
         *current = config;
+        drop(current);
+        self.drop_untrusted(&trust);
         Ok(())
+    }
+
+    /// Closes every live connection whose peer certificate `trust` no
+    /// longer accepts (a new CRL revoked it, or its CA left the bundle). New
+    /// handshakes are refused by the new TLS configs already; this ends what
+    /// was admitted under the old ones. Returns how many were closed.
+    fn drop_untrusted(&self, trust: &TrustBundle) -> usize {
+        let now = SystemTime::now();
+        let mut live: Vec<Connection> = self
+            .shared
+            .peers
+            .values()
+            .flat_map(|links| links.live_connections())
+            .collect();
+        {
+            let incoming = self
+                .shared
+                .incoming
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            live.extend(incoming.values().flatten().cloned());
+        }
+        let mut closed = 0;
+        for connection in live {
+            let verdict = expose::peer_chain(&connection).and_then(|chain| {
+                trust
+                    .verify_peer_chain(&chain, now)
+                    .map_err(|error| error.to_string())
+            });
+            if let Err(reason) = verdict {
+                warn!(remote = %connection.remote_address(), %reason, "closing connection: the peer's certificate is no longer trusted");
+                let code = ConnectionCode::Untrusted;
+                connection.close(VarInt::from_u32(code.to_u32()), code.reason());
+                closed += 1;
+            }
+        }
+        closed
     }
 
     fn record_reload(&self, error: Option<String>) {

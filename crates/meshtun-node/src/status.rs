@@ -40,6 +40,8 @@ pub struct NodeStatus {
 pub struct CertificateStatus {
     /// The identity the certificate names.
     pub identity: String,
+    /// Its serial number, hex.
+    pub serial: String,
     /// SHA-256 fingerprint of the certificate.
     pub fingerprint: String,
     /// Expiry, Unix seconds.
@@ -77,6 +79,9 @@ pub struct PeerStatus {
     pub connections_incoming: usize,
     /// Smoothed RTT of the best live connection, milliseconds.
     pub rtt_ms: Option<f64>,
+    /// The certificates the peer presented on its live connections (more
+    /// than one while connections from before a rotation are still open).
+    pub certificates: Vec<PeerCertificate>,
     /// Stream payload bytes sent to the peer.
     pub sent_bytes: u64,
     /// Stream payload bytes received from the peer.
@@ -97,6 +102,15 @@ pub struct PeerStatus {
     pub reconnects: u64,
     /// The last dial error, if the peer is not reachable now.
     pub last_error: Option<String>,
+}
+
+/// A certificate a peer presented.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerCertificate {
+    /// Serial number, hex.
+    pub serial: String,
+    /// SHA-256 fingerprint.
+    pub fingerprint: String,
 }
 
 /// One `[[forward]]`.

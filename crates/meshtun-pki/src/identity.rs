@@ -51,6 +51,16 @@ pub(crate) fn cluster_uri(cluster: &str) -> String {
 }
 
 /// Parses one DER certificate, refusing trailing bytes.
+/// A certificate's serial number (hex, as `openssl x509 -serial` and
+/// `meshtun pki inspect` print it) and SHA-256 fingerprint.
+pub fn serial_and_fingerprint(cert: &CertificateDer<'_>) -> Result<(String, String), PkiError> {
+    let parsed = parse_certificate(cert, "certificate")?;
+    Ok((
+        parsed.raw_serial_as_string(),
+        crate::load::fingerprint(cert),
+    ))
+}
+
 pub(crate) fn parse_certificate<'a>(
     der: &'a [u8],
     origin: &str,

@@ -26,7 +26,7 @@ mod tls;
 
 pub use error::PkiError;
 pub use files::key_file_mode_problem;
-pub use identity::{identity_of, node_uri};
+pub use identity::{identity_of, node_uri, serial_and_fingerprint};
 pub use inspect::{inspect_file, inspect_pem, Inspection};
 pub use issue::{Authority, Issued, Validity, CA_CERT_FILE, CA_KEY_FILE};
 pub use load::{NodeCredentials, TrustBundle};

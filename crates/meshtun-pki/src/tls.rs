@@ -122,6 +122,33 @@ impl TrustBundle {
     }
 }
 
+impl TrustBundle {
+    /// Checks a peer's certificate chain (as a live connection presented it)
+    /// against this bundle at `now`: chain, validity and CRLs. A node uses
+    /// it after loading a new CRL or CA bundle, to close connections of
+    /// peers it would no longer accept.
+    pub fn verify_peer_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now: SystemTime,
+    ) -> Result<NodeName, PkiError> {
+        let (leaf, intermediates) = chain.split_first().ok_or_else(|| PkiError::Untrusted {
+            identity: "(none)".to_string(),
+            reason: rustls::Error::NoCertificatesPresented,
+        })?;
+        let identity = crate::identity_of(leaf)?;
+        let now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+        let provider = Arc::new(crypto_provider());
+        client_verifier(self, &provider)?
+            .verify_client_cert(leaf, intermediates, now)
+            .map_err(|reason| PkiError::Untrusted {
+                identity: identity.to_string(),
+                reason,
+            })?;
+        Ok(identity)
+    }
+}
+
 fn client_verifier(
     trust: &TrustBundle,
     provider: &Arc<CryptoProvider>,

@@ -53,6 +53,9 @@ pub enum ConnectionCode {
     NoIdentity = 1,
     /// The peer broke the protocol (for example opened a unidirectional stream).
     ProtocolViolation = 2,
+    /// The peer's certificate no longer verifies against this node's trust
+    /// (revoked by a newly loaded CRL, or its CA no longer trusted).
+    Untrusted = 3,
 }
 
 impl ConnectionCode {
@@ -67,6 +70,7 @@ impl ConnectionCode {
             ConnectionCode::Shutdown => b"shutdown",
             ConnectionCode::NoIdentity => b"no meshtun identity in certificate",
             ConnectionCode::ProtocolViolation => b"protocol violation",
+            ConnectionCode::Untrusted => b"certificate no longer trusted (revoked?)",
         }
     }
 }

@@ -25,6 +25,7 @@ mod notify;
 mod pki;
 mod run;
 mod status;
+mod watch;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

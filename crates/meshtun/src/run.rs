@@ -11,10 +11,13 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::notify::Notifier;
+use crate::watch::{ExpiryWarnings, Watched, POLL_INTERVAL};
 use crate::{init_logging, runtime, LogFormat, EXIT_CONFIG, EXIT_RUNTIME};
 
 /// How often dropped junk datagrams are summarized in the log.
 const JUNK_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the certificate's remaining validity is looked at.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
     let junk = init_logging("info", format);
@@ -40,6 +43,7 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
         }
     };
     let notifier = Notifier::from_env();
+    let mut watched = Watched::new(path, &config);
     runtime.block_on(async move {
         let mut grace = config.limits.drain_grace;
         // Signal handlers go in before any port is bound, so a signal that
@@ -70,18 +74,39 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
             ticks
         });
         let mut unhealthy = false;
+        let mut polls = tokio::time::interval(POLL_INTERVAL);
+        polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expiry_checks = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
+        let mut expiry = ExpiryWarnings::default();
         let signal = loop {
             tokio::select! {
                 signal = signals.next() => match signal {
                     "SIGHUP" => {
+                        info!(config = %path.display(), "SIGHUP: reloading configuration and certificates");
                         notifier.reloading();
-                        if let Some(new_grace) = reload(path, &node) {
+                        if let Some((new_grace, new_watched)) = reload(path, &node) {
                             grace = new_grace;
+                            watched = new_watched;
                         }
                         notifier.ready(&summary(&node));
+                        warn_expiry(&node, &mut expiry);
                     }
                     stop => break stop,
                 },
+                _ = polls.tick() => {
+                    if let Some(files) = watched.poll() {
+                        let files: Vec<_> = files.iter().map(|file| file.display().to_string()).collect();
+                        info!(files = %files.join(", "), "configuration or certificate files changed: reloading");
+                        notifier.reloading();
+                        if let Some((new_grace, new_watched)) = reload(path, &node) {
+                            grace = new_grace;
+                            watched = new_watched;
+                        }
+                        notifier.ready(&summary(&node));
+                        warn_expiry(&node, &mut expiry);
+                    }
+                }
+                _ = expiry_checks.tick() => warn_expiry(&node, &mut expiry),
                 _ = tick(&mut watchdog) => match node.health() {
                     Ok(()) => {
                         unhealthy = false;
@@ -113,10 +138,10 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
 }
 
 /// Re-reads the configuration and certificates and hands them to the node.
-/// Returns the new drain grace if the reload applied. A failure keeps
-/// everything as it was and is logged once, with every problem.
-fn reload(path: &Path, node: &Node) -> Option<Duration> {
-    info!(config = %path.display(), "SIGHUP: reloading configuration and certificates");
+/// Returns the new drain grace and the files to watch if the reload
+/// applied. A failure keeps everything as it was and is logged once, with
+/// every problem.
+fn reload(path: &Path, node: &Node) -> Option<(Duration, Watched)> {
     let material = match Material::load(path) {
         Ok(material) => material,
         Err(problems) => {
@@ -127,16 +152,34 @@ fn reload(path: &Path, node: &Node) -> Option<Duration> {
         }
     };
     let grace = material.config.limits.drain_grace;
+    let watched = Watched::new(path, &material.config);
     let fingerprint = material.credentials.fingerprint();
     match node.reload(material.config, material.credentials, material.trust) {
         Ok(()) => {
             info!(certificate = %fingerprint, "reloaded; new handshakes and streams use the new configuration");
-            Some(grace)
+            Some((grace, watched))
         }
         Err(problem) => {
             error!(%problem, "reload failed; still running the previous configuration");
             None
         }
+    }
+}
+
+/// Warns once per threshold as the node certificate nears its expiry.
+fn warn_expiry(node: &Node, warnings: &mut ExpiryWarnings) {
+    let certificate = node.certificate();
+    match warnings.due(&certificate.fingerprint, certificate.expires_in_seconds) {
+        Some(0) => error!(
+            certificate = %certificate.fingerprint,
+            "the node certificate has expired: peers refuse new connections from this node; renew it with `meshtun pki renew`, then reload"
+        ),
+        Some(days) => warn!(
+            certificate = %certificate.fingerprint,
+            expires_in_hours = certificate.expires_in_seconds / 3600,
+            "the node certificate expires within {days} days; renew it with `meshtun pki renew`, then reload"
+        ),
+        None => {}
     }
 }
 

@@ -137,8 +137,8 @@ pub(crate) fn render(status: &NodeStatus) -> String {
     };
     let _ = writeln!(
         out,
-        "  certificate: {} ({expiry}; {})",
-        certificate.identity, certificate.fingerprint
+        "  certificate: {} serial {} ({expiry}; {})",
+        certificate.identity, certificate.serial, certificate.fingerprint
     );
     let reload = &status.reload;
     if reload.successes + reload.failures > 0 {
@@ -209,6 +209,13 @@ fn render_peer(out: &mut String, peer: &PeerStatus) {
     let _ = writeln!(out, "  state: {state}{links}");
     if let Some(rtt) = peer.rtt_ms {
         let _ = writeln!(out, "  rtt: {rtt:.2} ms");
+    }
+    for certificate in &peer.certificates {
+        let _ = writeln!(
+            out,
+            "  certificate: serial {} ({})",
+            certificate.serial, certificate.fingerprint
+        );
     }
     let _ = writeln!(
         out,

@@ -1111,3 +1111,169 @@ async fn json_logs_carry_connection_and_stream_events_but_no_key_material() {
         "a private key header appears in the log"
     );
 }
+
+/// Echoes `total` bytes through `addr` (a repeating 1 MiB pattern), checking
+/// every byte that comes back; `progress` is called with the bytes received
+/// so far after each read. Returns the bytes received and the offset of the
+/// first wrong byte, if any.
+async fn echo_checked(
+    addr: SocketAddr,
+    total: usize,
+    mut progress: impl FnMut(usize),
+) -> io::Result<(usize, Option<usize>)> {
+    let block: Vec<u8> = (0..MIB).map(|index| (index * 7 % 251) as u8).collect();
+    let mut tcp = TcpStream::connect(addr).await?;
+    let (mut read, mut write) = tcp.split();
+    let sending = async {
+        for _ in 0..total / MIB {
+            write.write_all(&block).await?;
+        }
+        write.shutdown().await
+    };
+    let receiving = async {
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut received = 0usize;
+        let mut mismatch = None;
+        loop {
+            let count = read.read(&mut buffer).await?;
+            if count == 0 {
+                return Ok::<_, io::Error>((received, mismatch));
+            }
+            for (offset, byte) in buffer[..count].iter().enumerate() {
+                let at = received + offset;
+                if mismatch.is_none() && *byte != block[at % MIB] {
+                    mismatch = Some(at);
+                }
+            }
+            received += count;
+            progress(received);
+        }
+    };
+    let (sent, received) = tokio::join!(sending, receiving);
+    sent?;
+    received
+}
+
+/// Issues a new certificate and key for `node` from the cluster CA in `dir`
+/// and renames them over the old files (key first), as `meshtun pki` and
+/// cert-manager replace files. Returns the new certificate's serial.
+fn rotate(dir: &TempDir, node: &str) -> String {
+    let authority = meshtun_pki::Authority::load(dir.path()).expect("load CA");
+    let name = NodeName::new(node).expect("node name");
+    let issued = authority
+        .issue(&name, &[], &[], Validity::days_from_now(2))
+        .expect("issue");
+    let staging = dir.join(&format!("staging-{node}"));
+    issued.write(&staging, &name, true).expect("write new pair");
+    for extension in ["key", "crt"] {
+        let file = format!("{node}.{extension}");
+        fs::rename(staging.join(&file), dir.join(&file)).expect("rename into place");
+    }
+    let pem = issued.cert_pem.clone();
+    let inspected = meshtun_pki::inspect_pem(&pem).expect("inspect new certificate");
+    inspected[0].serial.clone()
+}
+
+/// The serials of the certificates `peer` presents to the node behind `admin`.
+async fn peer_serials(admin: SocketAddr, peer: &str) -> Vec<String> {
+    let status = status_of(admin).await;
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["name"] == peer)
+        .flat_map(|entry| {
+            entry["certificates"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|certificate| certificate["serial"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until the node behind `admin` runs a certificate with `serial`.
+async fn wait_serial(admin: SocketAddr, serial: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = status_of(admin).await;
+        if status["certificate"]["serial"] == serial {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not running certificate {serial} 15s after the rotation: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_dropping_a_byte() {
+    let mut cluster = Cluster::start("rotate").await;
+    let old_b = status_of(cluster.admin_b).await["certificate"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        peer_serials(cluster.admin_a, "node-b").await,
+        vec![old_b.clone()]
+    );
+
+    // Mid-transfer, both nodes' certificates and keys are replaced on disk:
+    // node-a is told with SIGHUP, node-b notices the files by itself.
+    let total = 64 * MIB;
+    let mut new_serials = None;
+    let echo = cluster.echo;
+    let node_a = &mut cluster.node_a;
+    let dir = &cluster.dir;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        echo_checked(echo, total, |received| {
+            if new_serials.is_none() && received >= 8 * MIB {
+                let serials = (rotate(dir, "node-a"), rotate(dir, "node-b"));
+                node_a.signal("HUP");
+                new_serials = Some(serials);
+            }
+        }),
+    )
+    .await
+    .expect("the transfer finishes within 60s");
+    let (received, mismatch) = outcome.expect("the transfer is not reset by the rotation");
+    assert_eq!(received, total, "echoed bytes");
+    assert_eq!(mismatch, None, "first corrupted byte offset");
+    let (new_a, new_b) = new_serials.expect("rotated mid-transfer");
+    assert_ne!(new_b, old_b);
+
+    // Both now run the new certificates; the connection from before the
+    // rotation is still the one in use (no reconnect, old serial).
+    let status_a = wait_serial(cluster.admin_a, &new_a).await;
+    let status_b = wait_serial(cluster.admin_b, &new_b).await;
+    assert!(
+        status_a["reload"]["successes"].as_u64() >= Some(1),
+        "{status_a}"
+    );
+    assert_eq!(status_b["reload"]["successes"], 1, "{status_b}");
+    let peer = &status_a["peers"][0];
+    assert_eq!(peer["reconnects"], 0, "{peer}");
+    assert_eq!(peer["connections_up"], 1, "{peer}");
+    assert_eq!(peer_serials(cluster.admin_a, "node-b").await, vec![old_b]);
+    echo_once(cluster.echo, Duration::from_secs(5))
+        .await
+        .expect("echo after the rotation");
+
+    // A new connection (node-a restarted) uses the new certificates on
+    // both sides.
+    cluster.node_a.kill();
+    cluster.node_a.respawn();
+    echo_until(cluster.echo, READY_TIMEOUT, Duration::from_secs(1))
+        .await
+        .expect("echo through the restarted node-a");
+    assert_eq!(peer_serials(cluster.admin_a, "node-b").await, vec![new_b]);
+    assert!(
+        peer_serials(cluster.admin_b, "node-a")
+            .await
+            .contains(&new_a),
+        "node-b should see node-a's new certificate on the new connection"
+    );
+}

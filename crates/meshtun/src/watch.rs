@@ -1,0 +1,198 @@
+//! Noticing new certificates without a signal, and saying when the current
+//! one is about to expire.
+//!
+//! [`Watched`] polls the files a reload reads (the config, CA bundle, CRL,
+//! certificate and key). Polling `stat` every few seconds is cheap, needs no
+//! extra dependency, and sees every way a file can be replaced: cert-manager
+//! and `meshtun pki` write a new file and rename it over the old one, which
+//! changes the inode; an editor that writes in place changes the size or
+//! mtime. A change is acted on once the files have stopped changing for one
+//! poll, so a certificate and key replaced one after the other are reloaded
+//! together.
+//!
+//! [`ExpiryWarnings`] turns "seconds until expiry" into at most one warning
+//! per threshold (30, 7 and 1 days), not a line every hour.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshtun_config::Config;
+
+/// How often the watched files are checked.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What identifies one version of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified_ns: i128,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        device: meta.dev(),
+        inode: meta.ino(),
+        size: meta.size(),
+        modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    })
+}
+
+/// The files a reload would read, as last seen.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    files: Vec<(PathBuf, Option<Stamp>)>,
+    /// A change was seen and the files have not been stable for a poll yet.
+    settling: bool,
+}
+
+impl Watched {
+    /// Watches `config_path` and the TLS files `config` names.
+    pub(crate) fn new(config_path: &Path, config: &Config) -> Self {
+        let tls = &config.tls;
+        let mut paths = vec![
+            config_path.to_path_buf(),
+            tls.ca.clone(),
+            tls.cert.clone(),
+            tls.key.clone(),
+        ];
+        paths.extend(tls.crl.clone());
+        Self {
+            files: paths
+                .into_iter()
+                .map(|path| {
+                    let seen = stamp(&path);
+                    (path, seen)
+                })
+                .collect(),
+            settling: false,
+        }
+    }
+
+    /// Checks the files once. Returns the files that changed if a reload is
+    /// due now: something changed since the last reload and nothing changed
+    /// since the previous poll.
+    pub(crate) fn poll(&mut self) -> Option<Vec<PathBuf>> {
+        let mut changed_now = false;
+        for (path, seen) in &mut self.files {
+            let current = stamp(path);
+            if current != *seen {
+                *seen = current;
+                changed_now = true;
+            }
+        }
+        if changed_now {
+            self.settling = true;
+            return None;
+        }
+        if self.settling {
+            self.settling = false;
+            return Some(self.files.iter().map(|(path, _)| path.clone()).collect());
+        }
+        None
+    }
+}
+
+/// Days before expiry at which the daemon warns, largest first.
+pub(crate) const EXPIRY_WARNING_DAYS: [i64; 3] = [30, 7, 1];
+
+/// Remembers which expiry warnings were given for the current certificate.
+#[derive(Debug, Default)]
+pub(crate) struct ExpiryWarnings {
+    fingerprint: String,
+    /// The smallest threshold (in days) already warned about; 0 = expired.
+    warned: Option<i64>,
+}
+
+impl ExpiryWarnings {
+    /// The threshold crossed since the last warning, if any: `Some(days)`
+    /// for "expires within `days`", `Some(0)` for "has expired". A new
+    /// certificate (another fingerprint) starts afresh.
+    pub(crate) fn due(&mut self, fingerprint: &str, expires_in_seconds: i64) -> Option<i64> {
+        if fingerprint != self.fingerprint {
+            self.fingerprint = fingerprint.to_owned();
+            self.warned = None;
+        }
+        let crossed = if expires_in_seconds <= 0 {
+            Some(0)
+        } else {
+            EXPIRY_WARNING_DAYS
+                .iter()
+                .copied()
+                .filter(|days| expires_in_seconds <= days * 86_400)
+                .min()
+        }?;
+        if self.warned.is_some_and(|warned| warned <= crossed) {
+            return None;
+        }
+        self.warned = Some(crossed);
+        Some(crossed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn each_threshold_warns_once() {
+        let mut warnings = ExpiryWarnings::default();
+        assert_eq!(warnings.due("a", 90 * DAY), None);
+        assert_eq!(warnings.due("a", 29 * DAY), Some(30));
+        assert_eq!(warnings.due("a", 28 * DAY), None);
+        assert_eq!(warnings.due("a", 6 * DAY), Some(7));
+        assert_eq!(warnings.due("a", 5 * DAY), None);
+        assert_eq!(warnings.due("a", DAY / 2), Some(1));
+        assert_eq!(warnings.due("a", DAY / 4), None);
+        assert_eq!(warnings.due("a", 0), Some(0));
+        assert_eq!(warnings.due("a", -DAY), None);
+    }
+
+    #[test]
+    fn a_late_start_warns_only_for_the_nearest_threshold() {
+        let mut warnings = ExpiryWarnings::default();
+        assert_eq!(warnings.due("a", 3 * DAY), Some(7));
+        assert_eq!(warnings.due("a", 2 * DAY), None);
+    }
+
+    #[test]
+    fn a_renewed_certificate_starts_afresh() {
+        let mut warnings = ExpiryWarnings::default();
+        assert_eq!(warnings.due("old", 6 * DAY), Some(7));
+        assert_eq!(warnings.due("new", 365 * DAY), None);
+        assert_eq!(warnings.due("new", 20 * DAY), Some(30));
+    }
+
+    #[test]
+    fn a_replaced_file_is_reloaded_once_it_settles() {
+        let dir = std::env::temp_dir().join(format!("meshtun-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("node.crt");
+        std::fs::write(&file, "one").unwrap();
+        let mut watched = Watched {
+            files: vec![(file.clone(), stamp(&file))],
+            settling: false,
+        };
+        assert_eq!(watched.poll(), None, "nothing changed");
+        // Replaced by rename, as `meshtun pki` and cert-manager do.
+        let next = dir.join("node.crt.new");
+        std::fs::write(&next, "two").unwrap();
+        std::fs::rename(&next, &file).unwrap();
+        assert_eq!(watched.poll(), None, "changed: wait one poll to settle");
+        assert_eq!(watched.poll(), Some(vec![file.clone()]), "settled: reload");
+        assert_eq!(watched.poll(), None, "reloaded once");
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(watched.poll(), None);
+        assert_eq!(
+            watched.poll(),
+            Some(vec![file]),
+            "a removed file is a change too"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
