@@ -177,6 +177,9 @@ struct Options {
     node_a_env: Vec<(String, String)>,
     /// Wait for an echo through node-a before returning.
     wait_ready: bool,
+    /// Make node-b's key and certificate with the `openssl` command line
+    /// instead of meshtun.
+    openssl_node_b: bool,
 }
 
 impl Default for Options {
@@ -185,6 +188,7 @@ impl Default for Options {
             drain_grace: DRAIN_GRACE,
             node_a_env: Vec::new(),
             wait_ready: true,
+            openssl_node_b: false,
         }
     }
 }
@@ -208,6 +212,9 @@ impl Cluster {
                 .expect("issue")
                 .write(dir.path(), &node, false)
                 .expect("write node certificate");
+        }
+        if options.openssl_node_b {
+            openssl_node_certificate(&dir, "test", "node-b");
         }
 
         let echo_target = echo_server().await;
@@ -552,6 +559,13 @@ async fn status_of(admin: SocketAddr) -> serde_json::Value {
         .unwrap_or_else(|error| panic!("/status is not JSON ({error}): {body}"))
 }
 
+/// Whether a tool a test needs must be present (CI), so that its absence
+/// fails the test instead of skipping it.
+fn tools_required() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+        || std::env::var("MESHTUN_REQUIRE_NETNS").is_ok_and(|value| value == "1")
+}
+
 /// One sample of a scrape: metric name, labels, value (`None` for NaN).
 #[derive(Debug, serde::Deserialize)]
 struct Sample(
@@ -574,8 +588,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         out.append([s.name, s.labels, s.value if math.isfinite(s.value) else None])
 print(json.dumps(out))
 ";
-    let required = std::env::var("CI").is_ok_and(|value| value == "true")
-        || std::env::var("MESHTUN_REQUIRE_NETNS").is_ok_and(|value| value == "1");
+    let required = tools_required();
     let probe = Command::new("python3")
         .args(["-c", "import prometheus_client.openmetrics.parser"])
         .output();
@@ -1276,4 +1289,127 @@ async fn certificates_rotate_under_load_without_dropping_a_byte() {
             .contains(&new_a),
         "node-b should see node-a's new certificate on the new connection"
     );
+}
+
+/// Replaces `DIR/NODE.crt` and `DIR/NODE.key` with a key and certificate
+/// made by the `openssl` command line alone, signed by the CA in `DIR`, the
+/// way an operator with an existing openssl-based PKI would: an EC P-256
+/// key, and the URI SAN `spiffe://CLUSTER/node/NODE` as the identity.
+fn openssl_node_certificate(dir: &TempDir, cluster: &str, node: &str) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let key = format!("{node}.key");
+    let csr = format!("{node}.csr");
+    let cert = format!("{node}.crt");
+    let extensions = format!("{node}.ext");
+    let _ = fs::remove_file(dir.join(&key));
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &key,
+    ]);
+    common::set_mode(&dir.join(&key), 0o600);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &key,
+        "-subj",
+        &format!("/CN={node}"),
+        "-out",
+        &csr,
+    ]);
+    fs::write(
+        dir.join(&extensions),
+        format!(
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = serverAuth, clientAuth\n\
+             subjectAltName = URI:spiffe://{cluster}/node/{node}\n"
+        ),
+    )
+    .expect("write extensions");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        &extensions,
+        "-out",
+        &cert,
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_made_with_openssl_works_like_one_from_meshtun() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(!tools_required(), "openssl is required here");
+        println!("SKIP: openssl is not installed");
+        return;
+    }
+    let options = Options {
+        openssl_node_b: true,
+        ..Options::default()
+    };
+    // `start_with` waits for an echo through both daemons: node-b serves
+    // with the openssl certificate and node-a accepted it.
+    let cluster = Cluster::start_with("openssl", options).await;
+    let config = cluster.dir.join("node-b.toml");
+    let checked = tokio::task::spawn_blocking(move || {
+        common::run(meshtun().args(["check", "-c"]).arg(config))
+    })
+    .await
+    .expect("meshtun check");
+    assert_eq!(
+        checked.code(),
+        0,
+        "meshtun check on the openssl certificate: {}{}",
+        checked.stdout,
+        checked.stderr
+    );
+
+    let output = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(cluster.dir.join("node-b.crt"))
+        .output()
+        .expect("openssl x509 -serial");
+    let serial = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_lowercase();
+    let seen: Vec<String> = peer_serials(cluster.admin_a, "node-b")
+        .await
+        .into_iter()
+        .map(|serial| serial.replace(':', "").to_lowercase())
+        .collect();
+    assert_eq!(
+        seen,
+        vec![serial],
+        "node-a should be talking to the openssl certificate"
+    );
+    let status_b = status_of(cluster.admin_b).await;
+    assert_eq!(status_b["certificate"]["identity"], "node-b");
 }
