@@ -7,6 +7,10 @@
 //! loaded certificates; it must not parse configuration or read key files
 //! itself, and it never decides policy outside what the config says.
 //!
+//! It also holds the network side of enrollment ([`enroll`]): the server
+//! behind `meshtun pki serve` and the client call of `meshtun join`, which
+//! run outside any [`Node`].
+//!
 //! Every task it spawns is owned by a [`TaskTracker`] and stops through a
 //! [`CancellationToken`]: [`Node::shutdown`] stops accepting, lets open
 //! streams drain for a grace period, resets what is left and closes QUIC with
@@ -26,6 +30,7 @@ macro_rules! log_refusal {
 mod admin;
 mod cid;
 mod endpoint;
+pub mod enroll;
 mod expose;
 mod forward;
 mod metrics;

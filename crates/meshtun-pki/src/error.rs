@@ -98,6 +98,34 @@ pub enum PkiError {
         detail: String,
     },
 
+    /// A serial number given by a user is not hex or too long.
+    #[error(
+        "invalid serial number {input:?}: {detail}; expected hex digits as `meshtun pki inspect` \
+         prints them (colons optional), e.g. 4a:1b:2c"
+    )]
+    Serial {
+        /// The rejected text.
+        input: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// A revocation reason given by a user is not one of RFC 5280's.
+    #[error("unknown revocation reason {input:?}")]
+    Reason {
+        /// The rejected text.
+        input: String,
+    },
+
+    /// A certificate cannot be renewed as it is.
+    #[error("{origin}: cannot renew it: {detail}")]
+    Renew {
+        /// The file or input that holds the certificate.
+        origin: String,
+        /// Why.
+        detail: String,
+    },
+
     /// The private key does not belong to the certificate.
     #[error("{key_origin} does not hold the private key of the certificate in {cert_origin}")]
     KeyMismatch {
@@ -165,4 +193,31 @@ pub enum PkiError {
         /// Why verification failed.
         reason: rustls::Error,
     },
+}
+
+impl PkiError {
+    /// Whether a certificate was refused because a CRL revokes it.
+    pub fn is_revoked(&self) -> bool {
+        matches!(
+            self,
+            PkiError::Untrusted {
+                reason: rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked),
+                ..
+            }
+        )
+    }
+
+    /// Whether a certificate was refused because CRLs are configured but
+    /// none of them is from its CA (so its revocation status is unknown).
+    pub fn is_unknown_revocation_status(&self) -> bool {
+        matches!(
+            self,
+            PkiError::Untrusted {
+                reason: rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownRevocationStatus
+                ),
+                ..
+            }
+        )
+    }
 }

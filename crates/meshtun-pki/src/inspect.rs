@@ -1,5 +1,5 @@
-//! Human-readable certificate summaries for `meshtun pki inspect FILE` and
-//! `meshtun check`.
+//! Human-readable certificate and CRL summaries for `meshtun pki inspect
+//! FILE` and `meshtun check`.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -11,6 +11,7 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
+use crate::crl::{crls_from_bytes, parse_crl, Reason, CRL_PEM_BEGIN};
 use crate::files;
 use crate::identity::{identity_of_parsed, parse_certificate};
 use crate::load::{certificates_from_pem, fingerprint, system_time};
@@ -106,7 +107,7 @@ pub(crate) fn describe_name(name: &GeneralName<'_>) -> String {
     }
 }
 
-fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+pub(crate) fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
     if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
         return Some(IpAddr::from(v4));
     }
@@ -150,6 +151,141 @@ impl Inspection {
 }
 
 impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe(SystemTime::now()))
+    }
+}
+
+/// What one certificate revocation list says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlInspection {
+    /// Issuer distinguished name (the CA whose certificates it revokes).
+    pub issuer: String,
+    /// The CRL number, in decimal, if it carries one.
+    pub number: Option<String>,
+    /// When it was issued.
+    pub this_update: SystemTime,
+    /// When the next one is due, if it says.
+    pub next_update: Option<SystemTime>,
+    /// The revoked certificates, in file order.
+    pub revoked: Vec<RevokedInspection>,
+}
+
+/// One entry of a [`CrlInspection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedInspection {
+    /// Serial number as colon-separated hex, as [`Inspection::serial`].
+    pub serial: String,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+    /// The reason, e.g. `key-compromise`, when the entry gives one.
+    pub reason: Option<String>,
+}
+
+/// Whether `pem` holds a CRL (an `X509 CRL` PEM block), for a caller that
+/// must choose between [`inspect_pem`] and [`inspect_crl_pem`].
+pub fn is_crl_pem(pem: &str) -> bool {
+    pem.contains(CRL_PEM_BEGIN)
+}
+
+/// Every CRL in `pem` (one or more `X509 CRL` blocks), in order. Nothing is
+/// checked against a CA: this only reads what the file says.
+pub fn inspect_crl_pem(pem: &str) -> Result<Vec<CrlInspection>, PkiError> {
+    inspect_crl_with_origin(pem.as_bytes(), "input")
+}
+
+/// [`inspect_crl_pem`] on the file at `path` (PEM, or one DER CRL); errors
+/// name the file.
+pub fn inspect_crl_file(path: &Path) -> Result<Vec<CrlInspection>, PkiError> {
+    let bytes = files::read_bytes(path)?;
+    inspect_crl_with_origin(&bytes, &path.display().to_string())
+}
+
+fn inspect_crl_with_origin(bytes: &[u8], origin: &str) -> Result<Vec<CrlInspection>, PkiError> {
+    let mut found = Vec::new();
+    for (index, der) in crls_from_bytes(bytes, origin)?.iter().enumerate() {
+        let origin = format!("{origin}, CRL #{}", index + 1);
+        let crl = parse_crl(der, &origin)?;
+        let revoked = crl
+            .iter_revoked_certificates()
+            .map(|entry| {
+                Ok(RevokedInspection {
+                    serial: entry.raw_serial_as_string(),
+                    revoked_at: system_time(entry.revocation_date, &origin)?,
+                    reason: entry.reason_code().map(|(_, code)| {
+                        Reason::from_code(code.0).map_or_else(
+                            || format!("reason code {}", code.0),
+                            |reason| reason.name().to_string(),
+                        )
+                    }),
+                })
+            })
+            .collect::<Result<_, PkiError>>()?;
+        found.push(CrlInspection {
+            issuer: crl.issuer().to_string(),
+            number: crl.crl_number().map(ToString::to_string),
+            this_update: system_time(crl.last_update(), &origin)?,
+            next_update: crl
+                .next_update()
+                .map(|next| system_time(next, &origin))
+                .transpose()?,
+            revoked,
+        });
+    }
+    Ok(found)
+}
+
+impl CrlInspection {
+    /// The multi-line summary, with nextUpdate judged from `now`.
+    pub fn describe(&self, now: SystemTime) -> String {
+        let next_update = match self.next_update {
+            None => "(none)".to_string(),
+            Some(next) => format!("{} ({})", rfc3339(next), self.next_update_state(now)),
+        };
+        let mut text = format!(
+            "CRL issuer:  {}\n\
+             CRL number:  {}\n\
+             this update: {}\n\
+             next update: {next_update}\n\
+             revoked:     {}\n",
+            self.issuer,
+            self.number.as_deref().unwrap_or("(none)"),
+            rfc3339(self.this_update),
+            match self.revoked.len() {
+                0 => "none".to_string(),
+                1 => "1 certificate".to_string(),
+                count => format!("{count} certificates"),
+            },
+        );
+        for entry in &self.revoked {
+            text.push_str(&format!(
+                "  {} since {}{}\n",
+                entry.serial,
+                rfc3339(entry.revoked_at),
+                entry
+                    .reason
+                    .as_ref()
+                    .map(|reason| format!(" ({reason})"))
+                    .unwrap_or_default()
+            ));
+        }
+        text
+    }
+
+    /// `due in N days`, or how long ago nextUpdate passed and what that means.
+    pub fn next_update_state(&self, now: SystemTime) -> String {
+        match self.next_update.map(|next| next.duration_since(now)) {
+            None => "no nextUpdate".to_string(),
+            Some(Ok(left)) => format!("due in {}", days(left)),
+            Some(Err(past)) => format!(
+                "PASSED {} ago: meshtun still enforces it; re-sign it with `meshtun pki crl`",
+                days(past.duration())
+            ),
+        }
+    }
+}
+
+impl fmt::Display for CrlInspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.describe(SystemTime::now()))
     }
@@ -286,6 +422,55 @@ mod tests {
         let garbage = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
         let error = inspect_pem(garbage).unwrap_err();
         assert!(error.to_string().contains("certificate #1"), "{error}");
+    }
+
+    #[test]
+    fn inspects_a_crl() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let empty = crate::RevocationList::new()
+            .sign(&ca, UNIX_EPOCH + Duration::from_secs(1_767_225_600), 30)
+            .unwrap();
+        assert!(is_crl_pem(&empty));
+        assert!(!is_crl_pem(&ca.cert_pem()));
+        let found = inspect_crl_pem(&empty).unwrap();
+        assert_eq!(found.len(), 1);
+        let text = found[0].describe(at_day(3));
+        assert!(text.contains("CRL issuer:  CN=meshtun CA prod"), "{text}");
+        assert!(text.contains("CRL number:  1\n"), "{text}");
+        assert!(text.contains("this update: 2026-01-01T00:00:00Z"), "{text}");
+        assert!(
+            text.contains("next update: 2026-01-31T00:00:00Z (due in 27 days)"),
+            "{text}"
+        );
+        assert!(text.contains("revoked:     none"), "{text}");
+        assert!(found[0].describe(at_day(40)).contains("PASSED 10 days ago"));
+
+        let mut list = crate::RevocationList::from_pem(&empty, &ca).unwrap();
+        let serial: crate::Serial = "4a:1b".parse().unwrap();
+        list.revoke(serial, Some(crate::Reason::KeyCompromise), at_day(2));
+        list.revoke("7f".parse().unwrap(), None, at_day(2));
+        let pem = list.sign(&ca, at_day(2), 30).unwrap();
+        let text = inspect_crl_pem(&pem).unwrap()[0].describe(at_day(3));
+        assert!(text.contains("CRL number:  2\n"), "{text}");
+        assert!(text.contains("revoked:     2 certificates"), "{text}");
+        assert!(
+            text.contains("  4a:1b since 2026-01-03T00:00:00Z (key-compromise)\n"),
+            "{text}"
+        );
+        assert!(text.contains("  7f since 2026-01-03T00:00:00Z\n"), "{text}");
+
+        assert!(matches!(
+            inspect_crl_pem("-----BEGIN X509 CRL-----\nMAA=\n-----END X509 CRL-----\n"),
+            Err(PkiError::Crl { .. })
+        ));
+        let dir = TempDir::new("inspect-crl");
+        let error = inspect_crl_file(&dir.path().join("crl.pem")).unwrap_err();
+        assert!(error.to_string().contains("crl.pem"), "{error}");
+    }
+
+    /// 2026-01-01T00:00:00Z plus `days`.
+    fn at_day(days: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_767_225_600 + days * SECONDS_PER_DAY)
     }
 
     #[test]

@@ -13,9 +13,15 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
 
+use crate::crl::Serial;
 use crate::files::{self, NewFile, CERT_MODE, KEY_MODE};
-use crate::identity::{check_cluster, cluster_of_parsed, cluster_uri, node_uri, parse_certificate};
+use crate::identity::{
+    check_cluster, cluster_of_parsed, cluster_uri, identity_of_parsed, node_uri, parse_certificate,
+};
+use crate::inspect::{describe_name, ip_from};
 use crate::load::{first_certificate, private_key_from_pem};
 use crate::PkiError;
 
@@ -72,7 +78,7 @@ impl Validity {
 }
 
 /// 9999-12-31T23:59:59Z, the latest time X.509 can express.
-fn latest_x509_time() -> OffsetDateTime {
+pub(crate) fn latest_x509_time() -> OffsetDateTime {
     // The constant is in range for every `time` configuration; the fallback
     // only keeps this function total.
     OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap_or(OffsetDateTime::UNIX_EPOCH)
@@ -178,17 +184,7 @@ impl Authority {
             )
         })?;
 
-        let key_der = private_key_from_pem(key_pem, key_origin)?;
-        let key = KeyPair::try_from(&key_der).map_err(|error| PkiError::Key {
-            origin: key_origin.to_string(),
-            detail: error.to_string(),
-        })?;
-        if rcgen::PublicKeyData::subject_public_key_info(&key) != parsed.public_key().raw {
-            return Err(PkiError::KeyMismatch {
-                cert_origin: cert_origin.to_string(),
-                key_origin: key_origin.to_string(),
-            });
-        }
+        let key = key_pair_of(&parsed, cert_origin, key_pem, key_origin)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|error| {
             certificate_error(&format!("cannot sign with this CA certificate: {error}"))
         })?;
@@ -236,6 +232,217 @@ impl Authority {
         dns: &[String],
         validity: Validity,
     ) -> Result<Issued, PkiError> {
+        let key = new_key()?;
+        let cert_pem = self.issue_for_public_key(node, ips, dns, validity, &key)?;
+        Ok(Issued {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Re-issues the node certificate in `cert_pem`: the same identity and
+    /// the same SANs (URI, DNS and IP, copied in order), a new random serial,
+    /// `validity`, and otherwise exactly what [`Authority::issue`] writes.
+    ///
+    /// With `key_pem` the certificate keeps its key (which must be the
+    /// certificate's); without it a fresh P-256 key is generated. The
+    /// certificate may come from another CA of the same cluster (renewing
+    /// under a new CA is how nodes move during a CA rotation), but a node URI
+    /// naming another cluster, or a SAN of another kind, is refused.
+    pub fn renew(
+        &self,
+        cert_pem: &str,
+        key_pem: Option<&str>,
+        validity: Validity,
+    ) -> Result<Renewed, PkiError> {
+        self.renew_with_origin(
+            cert_pem,
+            "node certificate",
+            key_pem.map(|key_pem| (key_pem, "node key")),
+            validity,
+        )
+    }
+
+    /// [`Authority::renew`] on the certificate at `cert` and, to keep the
+    /// key, the key file at `key` (refused if group or others may read it).
+    pub fn renew_files(
+        &self,
+        cert: &Path,
+        key: Option<&Path>,
+        validity: Validity,
+    ) -> Result<Renewed, PkiError> {
+        match key {
+            Some(key) => {
+                let pair = files::read_pair(cert, key)?;
+                self.renew_with_origin(
+                    &pair.cert_pem,
+                    &pair.cert_origin,
+                    Some((&pair.key_pem, &pair.key_origin)),
+                    validity,
+                )
+            }
+            None => {
+                let cert_pem = files::read_text(cert)?;
+                self.renew_with_origin(&cert_pem, &cert.display().to_string(), None, validity)
+            }
+        }
+    }
+
+    fn renew_with_origin(
+        &self,
+        cert_pem: &str,
+        cert_origin: &str,
+        key: Option<(&str, &str)>,
+        validity: Validity,
+    ) -> Result<Renewed, PkiError> {
+        let renew_error = |detail: String| PkiError::Renew {
+            origin: cert_origin.to_string(),
+            detail,
+        };
+        let der = first_certificate(cert_pem, cert_origin)?;
+        let previous = parse_certificate(&der, cert_origin)?;
+        if previous.is_ca() {
+            return Err(renew_error(
+                "it is a CA certificate; `renew` renews node certificates".to_string(),
+            ));
+        }
+        let node = identity_of_parsed(&previous).map_err(|detail| PkiError::Identity {
+            origin: cert_origin.to_string(),
+            detail,
+        })?;
+        let names = self.copied_names(&previous).map_err(renew_error)?;
+        let ca = parse_certificate(&self.cert_der, "CA certificate")?;
+        let previous_issuer = (previous.issuer().as_raw() != ca.subject().as_raw())
+            .then(|| previous.issuer().to_string());
+
+        let (cert_pem, key_pem) = match key {
+            Some((key_pem, key_origin)) => {
+                let key = key_pair_of(&previous, cert_origin, key_pem, key_origin)?;
+                (self.sign_node(&node, names, validity, &key)?, None)
+            }
+            None => {
+                let key = new_key()?;
+                let cert_pem = self.sign_node(&node, names, validity, &key)?;
+                (cert_pem, Some(key.serialize_pem()))
+            }
+        };
+        let renewed = first_certificate(&cert_pem, "renewed certificate")?;
+        Ok(Renewed {
+            serial: Serial::of_certificate(&renewed)?,
+            previous_serial: Serial::of_parsed(&previous, cert_origin)?,
+            previous_issuer,
+            node,
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// The SANs of `previous`, for its renewal: URI, DNS and IP names in
+    /// their order. The error is a plain reason.
+    fn copied_names(&self, previous: &X509Certificate<'_>) -> Result<Vec<SanType>, String> {
+        let names = match previous.subject_alternative_name() {
+            Ok(Some(extension)) => &extension.value.general_names,
+            Ok(None) => return Err("it has no subjectAltName".to_string()),
+            Err(error) => return Err(format!("unreadable subjectAltName: {error}")),
+        };
+        let unusable =
+            |name: &GeneralName<'_>, why: &str| format!("its SAN {} {why}", describe_name(name));
+        let mut copied = Vec::with_capacity(names.len());
+        for name in names {
+            let san = match name {
+                GeneralName::URI(uri) => {
+                    // A node URI of another cluster would mean one thing to
+                    // this CA's cluster and another to its own.
+                    // `cluster_uri("")` is the bare scheme, "spiffe://".
+                    let cluster = uri
+                        .strip_prefix(cluster_uri("").as_str())
+                        .and_then(|rest| rest.split_once("/node/"))
+                        .map(|(cluster, _)| cluster);
+                    if let Some(cluster) = cluster.filter(|cluster| *cluster != self.cluster) {
+                        return Err(format!(
+                            "its URI SAN {uri} names cluster {cluster:?}, but this CA signs \
+                             for cluster {:?}; issue a new certificate with `meshtun pki issue`",
+                            self.cluster
+                        ));
+                    }
+                    SanType::URI(
+                        (*uri)
+                            .try_into()
+                            .map_err(|_| unusable(name, "is not ASCII"))?,
+                    )
+                }
+                GeneralName::DNSName(dns) => SanType::DnsName(
+                    (*dns)
+                        .try_into()
+                        .map_err(|_| unusable(name, "is not ASCII"))?,
+                ),
+                GeneralName::IPAddress(bytes) => SanType::IpAddress(
+                    ip_from(bytes).ok_or_else(|| unusable(name, "is malformed"))?,
+                ),
+                other => {
+                    return Err(unusable(
+                        other,
+                        "is of a kind meshtun does not copy (only URI, DNS and IP); \
+                         issue a new certificate with `meshtun pki issue`",
+                    ))
+                }
+            };
+            copied.push(san);
+        }
+        Ok(copied)
+    }
+
+    /// The one place a node certificate is built: CN `<node>`, the SANs
+    /// `names`, basicConstraints CA:FALSE, key usage digitalSignature,
+    /// extended key usage serverAuth and clientAuth, the authority key
+    /// identifier, a random serial, signed by this CA for `public_key`.
+    /// Returns it in PEM.
+    fn sign_node(
+        &self,
+        node: &NodeName,
+        names: Vec<SanType>,
+        validity: Validity,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, PkiError> {
+        validity.check()?;
+        let mut params = base_params(validity, node.as_str().to_owned())?;
+        params.subject_alt_names = names;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(public_key, &self.issuer)?.pem())
+    }
+
+    /// Writes `DIR/ca.crt` (0644) and `DIR/ca.key` (0600), creating `DIR`
+    /// (0700) if needed. Existing files are kept unless `force` is set.
+    /// Returns the certificate and key paths.
+    pub fn write(&self, dir: &Path, force: bool) -> Result<(PathBuf, PathBuf), PkiError> {
+        write_pair(
+            dir,
+            dir.join(CA_CERT_FILE),
+            &self.cert_pem,
+            dir.join(CA_KEY_FILE),
+            &self.key_pem,
+            force,
+        )
+    }
+
+    /// Like [`Authority::issue`], for a public key the node generated
+    /// itself (enrollment signs a CSR, so the private key never leaves the
+    /// node): the same names, extensions and serial rules; returns the
+    /// certificate in PEM.
+    pub(crate) fn issue_for_public_key(
+        &self,
+        node: &NodeName,
+        ips: &[IpAddr],
+        dns: &[String],
+        validity: Validity,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, PkiError> {
         validity.check()?;
         let mut names = vec![SanType::URI(node_uri(&self.cluster, node).try_into()?)];
         let mut dns_names: Vec<&str> = vec![node.as_str()];
@@ -257,37 +464,7 @@ impl Authority {
                 names.push(SanType::IpAddress(*ip));
             }
         }
-
-        let mut params = base_params(validity, node.as_str().to_owned())?;
-        params.subject_alt_names = names;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
-    }
-
-    /// Writes `DIR/ca.crt` (0644) and `DIR/ca.key` (0600), creating `DIR`
-    /// (0700) if needed. Existing files are kept unless `force` is set.
-    /// Returns the certificate and key paths.
-    pub fn write(&self, dir: &Path, force: bool) -> Result<(PathBuf, PathBuf), PkiError> {
-        write_pair(
-            dir,
-            dir.join(CA_CERT_FILE),
-            &self.cert_pem,
-            dir.join(CA_KEY_FILE),
-            &self.key_pem,
-            force,
-        )
+        self.sign_node(node, names, validity, public_key)
     }
 }
 
@@ -379,6 +556,90 @@ impl fmt::Debug for Issued {
             .field("key_pem", &"[elided]")
             .finish()
     }
+}
+
+/// A renewed node certificate, and its new key when one was generated.
+#[derive(Clone)]
+pub struct Renewed {
+    /// The node it stands for (the same as the previous certificate's).
+    pub node: NodeName,
+    /// The new certificate in PEM.
+    pub cert_pem: String,
+    /// The new private key in PEM (PKCS#8), or `None` when the certificate
+    /// keeps the previous key. Secret.
+    pub key_pem: Option<String>,
+    /// The new certificate's serial number.
+    pub serial: Serial,
+    /// The previous certificate's serial number.
+    pub previous_serial: Serial,
+    /// The previous certificate's issuer, when it was not this CA (a
+    /// renewal under a new CA of a rotation).
+    pub previous_issuer: Option<String>,
+}
+
+impl Renewed {
+    /// Writes `DIR/<node>.crt` (0644) and, with a new key, `DIR/<node>.key`
+    /// (0600, written first), creating `DIR` (0700) if needed. Existing files
+    /// are replaced, each atomically (a temporary file in `DIR` renamed over
+    /// it). Returns the certificate path and the new key's path.
+    pub fn write(&self, dir: &Path) -> Result<(PathBuf, Option<PathBuf>), PkiError> {
+        // A node name holds no '/' and does not start with '.'.
+        let cert_path = dir.join(format!("{}.crt", self.node));
+        match &self.key_pem {
+            Some(key_pem) => {
+                let key_path = dir.join(format!("{}.key", self.node));
+                write_pair(dir, cert_path, &self.cert_pem, key_path, key_pem, true)
+                    .map(|(cert, key)| (cert, Some(key)))
+            }
+            None => {
+                let file = NewFile {
+                    path: cert_path.clone(),
+                    contents: &self.cert_pem,
+                    mode: CERT_MODE,
+                };
+                files::write_files(dir, &[file], true)?;
+                Ok((cert_path, None))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Renewed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Renewed")
+            .field("node", &self.node)
+            .field("serial", &self.serial)
+            .field("previous_serial", &self.previous_serial)
+            .field("previous_issuer", &self.previous_issuer)
+            .field("new_key", &self.key_pem.as_ref().map(|_| "[elided]"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A fresh P-256 key, as every key meshtun generates.
+fn new_key() -> Result<KeyPair, PkiError> {
+    Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?)
+}
+
+/// The key pair in `key_pem`, which must hold the private key of `cert`.
+fn key_pair_of(
+    cert: &X509Certificate<'_>,
+    cert_origin: &str,
+    key_pem: &str,
+    key_origin: &str,
+) -> Result<KeyPair, PkiError> {
+    let key_der = private_key_from_pem(key_pem, key_origin)?;
+    let key = KeyPair::try_from(&key_der).map_err(|error| PkiError::Key {
+        origin: key_origin.to_string(),
+        detail: error.to_string(),
+    })?;
+    if rcgen::PublicKeyData::subject_public_key_info(&key) != cert.public_key().raw {
+        return Err(PkiError::KeyMismatch {
+            cert_origin: cert_origin.to_string(),
+            key_origin: key_origin.to_string(),
+        });
+    }
+    Ok(key)
 }
 
 /// `ca-` and the first 12 hex digits of the SHA-256 of `key`'s public key.
@@ -643,6 +904,180 @@ mod tests {
         second.write(dir.path(), &name, true).unwrap();
         let loaded = NodeCredentials::load(&cert, &key).unwrap();
         assert_ne!(loaded.fingerprint(), first.fingerprint());
+    }
+
+    /// The SANs of the first certificate in `pem`, as `inspect` shows them.
+    fn sans_of(pem: &str) -> Vec<String> {
+        crate::inspect_pem(pem).unwrap().remove(0).sans
+    }
+
+    fn public_key_of(pem: &str) -> Vec<u8> {
+        let der = first_certificate(pem, "cert").unwrap();
+        parse_certificate(&der, "cert")
+            .unwrap()
+            .public_key()
+            .raw
+            .to_vec()
+    }
+
+    #[test]
+    fn renew_keeps_identity_names_and_key_with_a_new_serial() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let name = node("node-1");
+        let issued = ca
+            .issue(
+                &name,
+                &["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+                &["n1.example".to_string()],
+                Validity::days_from_now(7),
+            )
+            .unwrap();
+        let renewed = ca
+            .renew(
+                &issued.cert_pem,
+                Some(&issued.key_pem),
+                Validity::days_from_now(90),
+            )
+            .unwrap();
+        assert_eq!(renewed.node, name);
+        assert!(renewed.key_pem.is_none());
+        assert_eq!(renewed.previous_issuer, None);
+        assert_eq!(sans_of(&renewed.cert_pem), sans_of(&issued.cert_pem));
+        assert_eq!(
+            public_key_of(&renewed.cert_pem),
+            public_key_of(&issued.cert_pem)
+        );
+
+        // The old key works with the new certificate; serial and fingerprint changed.
+        let old = NodeCredentials::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
+        let new = NodeCredentials::from_pem(&renewed.cert_pem, &issued.key_pem).unwrap();
+        assert_eq!(new.identity(), &name);
+        assert_ne!(new.fingerprint(), old.fingerprint());
+        assert_eq!(
+            renewed.previous_serial,
+            Serial::of_certificate(&old.chain()[0]).unwrap()
+        );
+        assert_eq!(
+            renewed.serial,
+            Serial::of_certificate(&new.chain()[0]).unwrap()
+        );
+        assert_ne!(renewed.serial, renewed.previous_serial);
+        assert!(new.not_after() > old.not_after() + std::time::Duration::from_secs(80 * 86_400));
+
+        // Same extensions as a freshly issued certificate.
+        let der = first_certificate(&renewed.cert_pem, "renewed").unwrap();
+        let parsed = parse_certificate(&der, "renewed").unwrap();
+        assert!(!parsed.is_ca());
+        let usage = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(usage.server_auth && usage.client_auth);
+        assert_eq!(parsed.subject().to_string(), "CN=node-1");
+        crate::TrustBundle::from_pem(&ca.cert_pem())
+            .unwrap()
+            .verify_node(&new, std::time::SystemTime::now())
+            .unwrap();
+    }
+
+    #[test]
+    fn renew_with_a_new_key() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let issued = ca
+            .issue(&node("node-1"), &[], &[], Validity::days_from_now(7))
+            .unwrap();
+        let renewed = ca
+            .renew(&issued.cert_pem, None, Validity::days_from_now(7))
+            .unwrap();
+        let key_pem = renewed.key_pem.clone().unwrap();
+        assert_ne!(
+            public_key_of(&renewed.cert_pem),
+            public_key_of(&issued.cert_pem)
+        );
+        assert_eq!(sans_of(&renewed.cert_pem), sans_of(&issued.cert_pem));
+        let new = NodeCredentials::from_pem(&renewed.cert_pem, &key_pem).unwrap();
+        assert_eq!(new.identity().as_str(), "node-1");
+        assert!(matches!(
+            NodeCredentials::from_pem(&renewed.cert_pem, &issued.key_pem),
+            Err(PkiError::KeyMismatch { .. })
+        ));
+        assert!(!format!("{renewed:?}").contains(&key_pem));
+
+        let dir = TempDir::new("renew");
+        let (cert, key) = renewed.write(dir.path()).unwrap();
+        let key = key.unwrap();
+        assert_eq!(cert, dir.path().join("node-1.crt"));
+        assert_eq!(key, dir.path().join("node-1.key"));
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        // Renewing again replaces the files (no --force needed: that is the point).
+        let again = ca
+            .renew_files(&cert, Some(&key), Validity::days_from_now(7))
+            .unwrap();
+        assert_eq!(again.write(dir.path()).unwrap(), (cert.clone(), None));
+        let loaded = NodeCredentials::load(&cert, &key).unwrap();
+        assert_eq!(
+            Serial::of_certificate(&loaded.chain()[0]).unwrap(),
+            again.serial
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn renew_refuses_what_it_cannot_renew_faithfully() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let issued = ca
+            .issue(&node("node-1"), &[], &[], Validity::days_from_now(7))
+            .unwrap();
+        let other = ca
+            .issue(&node("node-2"), &[], &[], Validity::days_from_now(7))
+            .unwrap();
+        let error = ca
+            .renew(
+                &issued.cert_pem,
+                Some(&other.key_pem),
+                Validity::days_from_now(7),
+            )
+            .unwrap_err();
+        assert!(matches!(error, PkiError::KeyMismatch { .. }), "{error}");
+
+        let error = ca
+            .renew(&ca.cert_pem(), None, Validity::days_from_now(7))
+            .unwrap_err();
+        assert!(error.to_string().contains("CA certificate"), "{error}");
+
+        // A node of another cluster keeps its cluster's name: refused.
+        let elsewhere = Authority::generate("staging", Validity::days_from_now(30)).unwrap();
+        let error = elsewhere
+            .renew(&issued.cert_pem, None, Validity::days_from_now(7))
+            .unwrap_err();
+        assert!(matches!(error, PkiError::Renew { .. }), "{error}");
+        assert!(error.to_string().contains("staging"), "{error}");
+
+        // An e-mail SAN cannot be copied.
+        let key = new_key().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::DnsName("node-3".try_into().unwrap()),
+            SanType::Rfc822Name("ops@example.invalid".try_into().unwrap()),
+        ];
+        let foreign = params.signed_by(&key, &ca.issuer).unwrap().pem();
+        let error = ca
+            .renew(&foreign, None, Validity::days_from_now(7))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("email:ops@example.invalid"),
+            "{error}"
+        );
+
+        // Another CA of the same cluster (a rotation): renewed, and said so.
+        let new_ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let moved = new_ca
+            .renew(
+                &issued.cert_pem,
+                Some(&issued.key_pem),
+                Validity::days_from_now(7),
+            )
+            .unwrap();
+        assert!(moved.previous_issuer.unwrap().contains("meshtun CA prod"));
+        assert_eq!(sans_of(&moved.cert_pem), sans_of(&issued.cert_pem));
     }
 
     #[test]

@@ -10,12 +10,21 @@
 //! to the expected peer identity).
 //!
 //! It must not open sockets, spawn tasks or threads, or read a file anywhere
-//! but in the explicit `load`, `write` and `inspect_file` functions (and
-//! [`key_file_mode_problem`]). Nothing it is given, by a user or by a peer,
+//! but in the explicit `load`, `write`, `inspect_file`, `inspect_crl_file`
+//! and `renew_files` functions (and [`key_file_mode_problem`]). Nothing it is given, by a user or by a peer,
 //! makes it panic: every failure is a [`PkiError`] naming what is wrong and,
 //! where a file is involved, which file. Private keys are written with mode
 //! 0600 from creation and refused on load when group or others may read them.
+//!
+//! Enrollment (`enroll.rs`, for `meshtun pki token|serve` and `meshtun join`)
+//! keeps its pure parts here: join tokens and their store [`TokenStore`]
+//! (which reads and rewrites `DIR/tokens.json` under a lock), CSR checks and
+//! signing ([`Enroller`]), the pinned-CA TLS configurations, and the joining
+//! node's checks and files ([`JoinKey`], [`JoinFiles`]). Its sockets are in
+//! `meshtun-node`.
 
+mod crl;
+mod enroll;
 mod error;
 mod files;
 mod identity;
@@ -24,10 +33,21 @@ mod issue;
 mod load;
 mod tls;
 
+pub use crl::{Reason, RevocationList, RevocationTarget, Revoked, Serial, CRL_FILE};
+pub use enroll::{
+    decode_response, encode_frame, enrollment_client_config, enrollment_server_config, format_utc,
+    frame_len, CaFingerprint, CaFingerprintMismatch, EnrollError, EnrollRequest, EnrollResponse,
+    Enrolled, Enroller, FingerprintFormatError, Grant, Granted, JoinFiles, JoinKey, JoinToken,
+    NewToken, PinnedCaVerifier, Refusal, RefusalCode, TokenFormatError, TokenStore, ENROLL_ALPN,
+    MAX_MESSAGE_LEN, PROTOCOL_VERSION, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
+};
 pub use error::PkiError;
 pub use files::key_file_mode_problem;
 pub use identity::{identity_of, node_uri, serial_and_fingerprint};
-pub use inspect::{inspect_file, inspect_pem, Inspection};
-pub use issue::{Authority, Issued, Validity, CA_CERT_FILE, CA_KEY_FILE};
+pub use inspect::{
+    inspect_crl_file, inspect_crl_pem, inspect_file, inspect_pem, is_crl_pem, CrlInspection,
+    Inspection, RevokedInspection,
+};
+pub use issue::{Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
 pub use load::{NodeCredentials, TrustBundle};
 pub use tls::{client_config, server_config, PeerMismatch};

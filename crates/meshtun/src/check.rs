@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use meshtun_config::Config;
-use meshtun_pki::{NodeCredentials, TrustBundle};
+use meshtun_pki::{NodeCredentials, PkiError, Serial, TrustBundle};
 
 use crate::EXIT_CONFIG;
 
-/// Below this many days left, `check` warns about the certificate's expiry.
-const EXPIRY_WARNING_DAYS: u64 = 30;
+/// Below this many days left, `check` warns about the certificate's expiry:
+/// the daemon's first warning threshold.
+const EXPIRY_WARNING_DAYS: u64 = crate::watch::EXPIRY_WARNING_DAYS[0].unsigned_abs();
 
 /// What `check` found, in the order it looked.
 #[derive(Debug, Default)]
@@ -68,11 +69,18 @@ fn check_tls(config: &Config, report: &mut Report, now: SystemTime) {
             ));
             Some(trust)
         }
+        Err(problem @ PkiError::Crl { .. }) => {
+            report.errors.push(format!("tls.crl: {problem}"));
+            None
+        }
         Err(problem) => {
             report.errors.push(format!("tls.ca: {problem}"));
             None
         }
     };
+    if let (Some(crl), Some(_)) = (&tls.crl, &trust) {
+        describe_crls(&tls.ca, crl, report, now);
+    }
     match meshtun_pki::key_file_mode_problem(&tls.key) {
         Ok(None) => {}
         Ok(Some(problem)) => report.errors.push(format!("tls.key: {problem}")),
@@ -120,12 +128,87 @@ fn check_tls(config: &Config, report: &mut Report, now: SystemTime) {
     }
     if let Some(trust) = &trust {
         if let Err(problem) = trust.verify_node(&credentials, now) {
-            report.errors.push(format!(
-                "tls.cert: does not verify against tls.ca: {problem}"
-            ));
+            report
+                .errors
+                .push(untrusted_node(config, &credentials, &problem));
         }
     }
     expiry(&credentials, now, report);
+}
+
+/// One line per CRL in `tls.crl`: whose it is, its number, how many it
+/// revokes and when the next is due; a warning when that date has passed,
+/// and one for each CA in `tls.ca` that has no CRL in the file (with CRLs
+/// configured, every certificate of such a CA is refused).
+fn describe_crls(ca: &Path, path: &Path, report: &mut Report, now: SystemTime) {
+    // TrustBundle::load read both a moment ago; say so if they changed since.
+    let crls = match meshtun_pki::inspect_crl_file(path) {
+        Ok(crls) => crls,
+        Err(problem) => return report.errors.push(format!("tls.crl: {problem}")),
+    };
+    let cas = match meshtun_pki::inspect_file(ca) {
+        Ok(cas) => cas,
+        Err(problem) => return report.errors.push(format!("tls.ca: {problem}")),
+    };
+    for ca in cas
+        .iter()
+        .filter(|ca| !crls.iter().any(|crl| crl.issuer == ca.subject))
+    {
+        report.warnings.push(format!(
+            "tls.crl: holds no CRL of the CA \"{}\" in tls.ca, so nodes refuse every \
+             certificate that CA issued; add its CRL to {} (`meshtun pki crl` writes one)",
+            ca.subject,
+            path.display()
+        ));
+    }
+    for crl in &crls {
+        let line = format!(
+            "tls.crl: CRL number {} of \"{}\" revokes {} certificate(s); next update {}",
+            crl.number.as_deref().unwrap_or("(none)"),
+            crl.issuer,
+            crl.revoked.len(),
+            crl.next_update_state(now)
+        );
+        if crl.next_update.is_some_and(|next| next <= now) {
+            report.warnings.push(line);
+        } else {
+            report.facts.push(line);
+        }
+    }
+}
+
+/// Why this node's own certificate fails against its trust bundle, in the
+/// operator's terms: revoked by tls.crl, no CRL of its CA in tls.crl, or
+/// not chaining to tls.ca.
+fn untrusted_node(config: &Config, credentials: &NodeCredentials, problem: &PkiError) -> String {
+    let crl = config
+        .tls
+        .crl
+        .as_ref()
+        .map(|path| path.display().to_string())
+        .unwrap_or_default();
+    let serial = credentials
+        .chain()
+        .first()
+        .and_then(|leaf| Serial::of_certificate(leaf).ok())
+        .map(|serial| serial.to_string())
+        .unwrap_or_default();
+    if problem.is_revoked() {
+        format!(
+            "tls.cert: certificate {serial} of {} is revoked by tls.crl ({crl}): peers that \
+             load this CRL refuse it; give this node a new certificate and key \
+             (`meshtun pki renew --new-key`)",
+            credentials.identity()
+        )
+    } else if problem.is_unknown_revocation_status() {
+        format!(
+            "tls.cert: tls.crl ({crl}) holds no CRL from the CA that issued this certificate, \
+             so its revocation status is unknown and peers that load this CRL refuse it; add \
+             that CA's CRL to the file (`meshtun pki crl` writes one)"
+        )
+    } else {
+        format!("tls.cert: does not verify against tls.ca: {problem}")
+    }
 }
 
 fn expiry(credentials: &NodeCredentials, now: SystemTime, report: &mut Report) {
@@ -141,14 +224,13 @@ fn expiry(credentials: &NodeCredentials, now: SystemTime, report: &mut Report) {
             if left < Duration::from_secs(EXPIRY_WARNING_DAYS * 86_400) {
                 report
                     .warnings
-                    .push(format!("{line}; renew it with `meshtun pki issue`"));
+                    .push(format!("{line}; renew it with `meshtun pki renew`"));
             } else {
                 report.facts.push(line);
             }
         }
         Err(_) => report.errors.push(
-            "tls.cert: certificate has expired; issue a new one with `meshtun pki issue`"
-                .to_owned(),
+            "tls.cert: certificate has expired; renew it with `meshtun pki renew`".to_owned(),
         ),
     }
 }

@@ -20,6 +20,7 @@ macro_rules! say {
 
 mod check;
 mod demo;
+mod join;
 mod junk;
 mod notify;
 mod pki;
@@ -88,6 +89,9 @@ enum Command {
     /// Certificate authority and node certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// Join the cluster: get this node's certificate from `meshtun pki
+    /// serve` with a join token; the key is made here and never sent.
+    Join(join::JoinArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check::check(&config),
         Command::Demo { mib } => demo::demo(mib),
         Command::Pki(command) => pki::pki(command),
+        Command::Join(args) => join::join(args),
     }
 }
 

@@ -157,6 +157,8 @@ struct Cluster {
     // Fields drop in order: the daemons die before their directory goes.
     node_a: Daemon,
     node_b: Daemon,
+    /// node-b's QUIC address.
+    node_b_quic: SocketAddr,
     /// node-a's forward to the echo service.
     echo: SocketAddr,
     /// node-a's forward to the endless source service.
@@ -205,7 +207,9 @@ impl Cluster {
         let authority =
             Authority::generate("test", Validity::days_from_now(2)).expect("generate CA");
         authority.write(dir.path(), false).expect("write CA");
-        for name in ["node-a", "node-b"] {
+        // node-c has a certificate and may use node-b's echo, for tests that
+        // start a third daemon.
+        for name in ["node-a", "node-b", "node-c"] {
             let node = NodeName::new(name).expect("node name");
             authority
                 .issue(&node, &[], &[], Validity::days_from_now(2))
@@ -234,7 +238,7 @@ impl Cluster {
             "node = \"node-b\"\n\
              [quic]\nlisten = \"{node_b_quic}\"\n{quic}\
              [tls]\nca = \"ca.crt\"\ncert = \"node-b.crt\"\nkey = \"node-b.key\"\n\
-             [[expose]]\nservice = \"echo\"\ntarget = \"{echo_target}\"\nallow = [\"node-a\"]\n\
+             [[expose]]\nservice = \"echo\"\ntarget = \"{echo_target}\"\nallow = [\"node-a\", \"node-c\"]\n\
              [[expose]]\nservice = \"source\"\ntarget = \"{source_target}\"\nallow = [\"node-a\"]\n\
              {limits}\
              [admin]\nlisten = \"{admin_b}\"\n"
@@ -269,6 +273,7 @@ impl Cluster {
         let cluster = Self {
             node_a,
             node_b,
+            node_b_quic,
             echo,
             source,
             missing,
@@ -1412,4 +1417,129 @@ async fn a_node_certificate_made_with_openssl_works_like_one_from_meshtun() {
     );
     let status_b = status_of(cluster.admin_b).await;
     assert_eq!(status_b["certificate"]["identity"], "node-b");
+}
+
+impl Cluster {
+    /// Starts node-c, which forwards a port of its own to node-b's echo
+    /// service. Returns the daemon, its forward and its admin endpoint.
+    fn start_node_c(&self) -> (Daemon, SocketAddr, SocketAddr) {
+        let echo = free_tcp_port("127.0.0.1");
+        let admin = free_tcp_port("127.0.0.1");
+        let config = format!(
+            "node = \"node-c\"\n\
+             [quic]\nlisten = \"127.0.0.4:0\"\nidle_timeout = \"3s\"\nkeep_alive = \"1s\"\nreconnect_max = \"1s\"\n\
+             [tls]\nca = \"ca.crt\"\ncert = \"node-c.crt\"\nkey = \"node-c.key\"\n\
+             [[peer]]\nname = \"node-b\"\naddr = \"{}\"\n\
+             [[forward]]\nlisten = \"{echo}\"\npeer = \"node-b\"\nservice = \"echo\"\n\
+             [admin]\nlisten = \"{admin}\"\n",
+            self.node_b_quic
+        );
+        let path = self.dir.join("node-c.toml");
+        fs::write(&path, config).expect("write node-c config");
+        let daemon = Daemon::spawn("node-c", path, self.dir.join("node-c.log"));
+        (daemon, echo, admin)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_peer_cuts_its_connection_and_keeps_it_out_while_others_carry_on() {
+    let cluster = Cluster::start("revoke").await;
+    let (_node_c, echo_c, admin_c) = cluster.start_node_c();
+    echo_until(echo_c, READY_TIMEOUT, Duration::from_secs(1))
+        .await
+        .expect("echo through node-c");
+    // A connection through each client node, open across the revocation.
+    let mut held_a = TcpStream::connect(cluster.echo)
+        .await
+        .expect("connect via node-a");
+    round_trip(&mut held_a).await.expect("echo via node-a");
+    let mut held_c = TcpStream::connect(echo_c)
+        .await
+        .expect("connect via node-c");
+    round_trip(&mut held_c).await.expect("echo via node-c");
+
+    // Revoke node-a on the CA and install the CRL on node-b: its config
+    // gains tls.crl, which its file watcher picks up (no signal).
+    let dir = cluster.dir.path().to_path_buf();
+    let revoked = tokio::task::spawn_blocking(move || {
+        common::run(
+            meshtun()
+                .args(["pki", "revoke", "--ca"])
+                .arg(&dir)
+                .arg("--cert")
+                .arg(dir.join("node-a.crt")),
+        )
+        .success()
+    })
+    .await
+    .expect("meshtun pki revoke");
+    assert!(
+        revoked.stdout.contains("revoked serial"),
+        "{}",
+        revoked.stdout
+    );
+    let config = cluster.dir.join("node-b.toml");
+    let text = fs::read_to_string(&config).expect("read node-b config");
+    let with_crl = text.replace(
+        "key = \"node-b.key\"\n",
+        "key = \"node-b.key\"\ncrl = \"crl.pem\"\n",
+    );
+    assert_ne!(with_crl, text);
+    fs::write(&config, with_crl).expect("add tls.crl");
+
+    // node-a's open connection is cut: its client sees a reset.
+    let mut buffer = [0u8; 64];
+    let cut = tokio::time::timeout(Duration::from_secs(15), held_a.read(&mut buffer))
+        .await
+        .expect("node-a's connection is cut within 15s of the CRL landing");
+    assert!(
+        matches!(&cut, Err(error) if error.kind() == io::ErrorKind::ConnectionReset),
+        "the revoked peer's client should see a reset, got {cut:?}"
+    );
+    let status_b = status_of(cluster.admin_b).await;
+    assert_eq!(status_b["reload"]["successes"], 1, "{status_b}");
+
+    // node-a cannot come back: its re-dials fail the handshake.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status_a = status_of(cluster.admin_a).await;
+        let failed = status_a["peers"][0]["handshakes_failed"]["tls"]
+            .as_u64()
+            .unwrap_or(0);
+        if failed >= 2 {
+            assert_eq!(status_a["peers"][0]["connections_up"], 0, "{status_a}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-a's re-dials were not refused: {status_a}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        echo_once(cluster.echo, Duration::from_secs(2))
+            .await
+            .is_err(),
+        "the revoked node must not reach node-b's services"
+    );
+    let status_b = status_of(cluster.admin_b).await;
+    assert!(
+        status_b["incoming_handshakes_failed"]["tls"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "node-b should count the refused handshakes: {status_b}"
+    );
+
+    // node-c carried on, on the same connection.
+    round_trip(&mut held_c)
+        .await
+        .expect("node-c's open connection still echoes");
+    echo_once(echo_c, Duration::from_secs(5))
+        .await
+        .expect("a new connection via node-c");
+    let status_c = status_of(admin_c).await;
+    let peer = &status_c["peers"][0];
+    assert_eq!(peer["reconnects"], 0, "{peer}");
+    assert_eq!(peer["connections_up"], 1, "{peer}");
 }
