@@ -80,46 +80,45 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
         let mut expiry = ExpiryWarnings::default();
         let signal = loop {
             tokio::select! {
-                signal = signals.next() => match signal {
-                    "SIGHUP" => {
-                        info!(config = %path.display(), "SIGHUP: reloading configuration and certificates");
-                        notifier.reloading();
-                        if let Some((new_grace, new_watched)) = reload(path, &node) {
-                            grace = new_grace;
-                            watched = new_watched;
-                        }
-                        notifier.ready(&summary(&node));
-                        warn_expiry(&node, &mut expiry);
+                signal = signals.next() => {
+                    if signal != "SIGHUP" {
+                        break signal;
                     }
-                    stop => break stop,
-                },
-                _ = polls.tick() => {
-                    if let Some(files) = watched.poll() {
-                        let files: Vec<_> = files.iter().map(|file| file.display().to_string()).collect();
-                        info!(files = %files.join(", "), "configuration or certificate files changed: reloading");
-                        notifier.reloading();
-                        if let Some((new_grace, new_watched)) = reload(path, &node) {
-                            grace = new_grace;
-                            watched = new_watched;
-                        }
-                        notifier.ready(&summary(&node));
-                        warn_expiry(&node, &mut expiry);
-                    }
+                    info!(config = %path.display(), "SIGHUP: reloading configuration and certificates");
                 }
-                _ = expiry_checks.tick() => warn_expiry(&node, &mut expiry),
-                _ = tick(&mut watchdog) => match node.health() {
-                    Ok(()) => {
-                        unhealthy = false;
-                        notifier.watchdog_ping();
-                    }
-                    Err(problem) => {
-                        if !unhealthy {
-                            error!(%problem, "unhealthy: withholding the systemd watchdog ping");
+                _ = polls.tick() => {
+                    let Some(files) = watched.poll() else { continue };
+                    let files: Vec<_> = files.iter().map(|file| file.display().to_string()).collect();
+                    info!(files = %files.join(", "), "configuration or certificate files changed: reloading");
+                }
+                _ = expiry_checks.tick() => {
+                    warn_expiry(&node, &mut expiry);
+                    continue;
+                }
+                _ = tick(&mut watchdog) => {
+                    match node.health() {
+                        Ok(()) => {
+                            unhealthy = false;
+                            notifier.watchdog_ping();
                         }
-                        unhealthy = true;
+                        Err(problem) => {
+                            if !unhealthy {
+                                error!(%problem, "unhealthy: withholding the systemd watchdog ping");
+                            }
+                            unhealthy = true;
+                        }
                     }
-                },
+                    continue;
+                }
             }
+            // A SIGHUP or changed files: reload, bracketed for systemd.
+            notifier.reloading();
+            if let Some((new_grace, new_watched)) = reload(path, &node) {
+                grace = new_grace;
+                watched = new_watched;
+            }
+            notifier.ready(&summary(&node));
+            warn_expiry(&node, &mut expiry);
         };
         notifier.stopping();
         info!(
