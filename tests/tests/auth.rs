@@ -205,3 +205,73 @@ fn peer_status(node: &meshtun_node::Node, peer: &str) -> meshtun_node::PeerStatu
         .find(|candidate| candidate.name == peer)
         .unwrap_or_else(|| panic!("{peer} missing from {}'s status", status.node))
 }
+
+/// The CA rotation the README describes: while every node trusts a bundle
+/// of the old and the new CA, a node still on an old-CA certificate and a
+/// node already on a new-CA certificate reach each other; a node that
+/// trusts only the old CA refuses a new-CA peer, and once the old CA leaves
+/// the bundle an old-CA certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_ca_rotation_a_two_ca_bundle_joins_old_and_new_certificates() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    support::init_logging();
+    let old = Pki::new("cluster");
+    let new = Pki::new("cluster");
+    let both = meshtun_pki::TrustBundle::from_pem(&format!(
+        "{}{}",
+        old.authority.cert_pem(),
+        new.authority.cert_pem()
+    ))
+    .unwrap();
+    let echo = echo_server().await;
+    let node_b = NodeSpec::new("node-b")
+        .expose("echo", echo, &["*"])
+        .start_with(new.credentials("node-b"), both.clone())
+        .await;
+    let node_a = NodeSpec::new("node-a")
+        .peer("node-b", node_b.quic_addr())
+        .forward("node-b", "echo")
+        .start_with(old.credentials("node-a"), both.clone())
+        .await;
+    assert!(node_a
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .is_empty());
+    let mut tcp = tokio::net::TcpStream::connect(node_a.forward_addrs()[0])
+        .await
+        .unwrap();
+    tcp.write_all(b"rotation").await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"rotation");
+
+    // A node that still trusts only the old CA refuses the new-CA node-b.
+    let old_only = NodeSpec::new("node-c")
+        .peer("node-b", node_b.quic_addr())
+        .forward("node-b", "echo")
+        .start_with(old.credentials("node-c"), old.trust.clone())
+        .await;
+    assert_eq!(old_only.wait_connected(NOT_CONNECTED_WITHIN).await.len(), 1);
+
+    // After the overlap: node-b trusts only the new CA, and an old-CA
+    // certificate no longer gets in.
+    let node_b_new_only = NodeSpec::new("node-b")
+        .expose("echo", echo, &["*"])
+        .start_with(new.credentials("node-b"), new.trust.clone())
+        .await;
+    let straggler = NodeSpec::new("node-d")
+        .peer("node-b", node_b_new_only.quic_addr())
+        .forward("node-b", "echo")
+        .start_with(old.credentials("node-d"), both)
+        .await;
+    assert_eq!(
+        straggler.wait_connected(NOT_CONNECTED_WITHIN).await.len(),
+        1
+    );
+    for node in [node_a, old_only, straggler, node_b, node_b_new_only] {
+        node.shutdown(Duration::ZERO).await;
+    }
+}
