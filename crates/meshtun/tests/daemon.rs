@@ -1269,12 +1269,17 @@ async fn certificates_rotate_under_load_without_dropping_a_byte() {
     assert_eq!(received, total, "echoed bytes");
     assert_eq!(mismatch, None, "first corrupted byte offset");
     let (new_a, new_b) = new_serials.expect("rotated mid-transfer");
+    let finished = Instant::now();
     assert_ne!(new_b, old_b);
 
     // Both now run the new certificates; the connection from before the
     // rotation is still the one in use (no reconnect, old serial).
     let status_a = wait_serial(cluster.admin_a, &new_a).await;
     let status_b = wait_serial(cluster.admin_b, &new_b).await;
+    eprintln!(
+        "FIGURE rotation: 64 MiB echoed intact across the rotation; node-b (file watch) on the new certificate {:?} after the transfer ended",
+        finished.elapsed()
+    );
     assert!(
         status_a["reload"]["successes"].as_u64() >= Some(1),
         "{status_a}"
@@ -1494,6 +1499,7 @@ async fn revoking_a_peer_cuts_its_connection_and_keeps_it_out_while_others_carry
     );
     assert_ne!(with_crl, text);
     fs::write(&config, with_crl).expect("add tls.crl");
+    let installed = Instant::now();
 
     // node-a's open connection is cut: its client sees a reset.
     let mut buffer = [0u8; 64];
@@ -1503,6 +1509,10 @@ async fn revoking_a_peer_cuts_its_connection_and_keeps_it_out_while_others_carry
     assert!(
         matches!(&cut, Err(error) if error.kind() == io::ErrorKind::ConnectionReset),
         "the revoked peer's client should see a reset, got {cut:?}"
+    );
+    eprintln!(
+        "FIGURE revocation: node-a's open connection cut {:?} after node-b's config gained the CRL",
+        installed.elapsed()
     );
     let status_b = status_of(cluster.admin_b).await;
     assert_eq!(status_b["reload"]["successes"], 1, "{status_b}");
