@@ -43,6 +43,9 @@ use tracing::{debug, info, warn, Instrument};
 
 /// Connections served at once; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once for one source (an address, or a /64 for
+/// IPv6), so one host cannot hold every slot.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 4;
 /// How long a client may take for the TLS handshake and its request.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the answer may take to be written.
@@ -90,8 +93,33 @@ struct State {
     enroller: Enroller,
     tls: Mutex<ServerTls>,
     limiter: Mutex<RateLimiter>,
+    /// Connections being served, per source key.
+    active: Mutex<HashMap<IpAddr, usize>>,
     tasks: TaskTracker,
     stop: CancellationToken,
+}
+
+/// One served connection, counted against its source until dropped.
+#[derive(Debug)]
+struct ActiveSlot {
+    state: Arc<State>,
+    key: IpAddr,
+}
+
+impl Drop for ActiveSlot {
+    fn drop(&mut self) {
+        let mut active = self
+            .state
+            .active
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = active.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                active.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// The acceptor with the server's current certificate, and its age.
@@ -128,6 +156,7 @@ impl EnrollServer {
                 made: Instant::now(),
             }),
             limiter: Mutex::new(RateLimiter::default()),
+            active: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         });
@@ -174,6 +203,24 @@ fn acceptor(enroller: &Enroller) -> Result<TlsAcceptor, PkiError> {
 }
 
 impl State {
+    /// Counts a connection from `ip`, unless its source is at
+    /// [`MAX_CONNECTIONS_PER_SOURCE`].
+    fn occupy(self: Arc<Self>, ip: IpAddr) -> Option<ActiveSlot> {
+        let key = source_key(ip);
+        {
+            let mut active = self
+                .active
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let count = active.entry(key).or_insert(0);
+            if *count >= MAX_CONNECTIONS_PER_SOURCE {
+                return None;
+            }
+            *count += 1;
+        }
+        Some(ActiveSlot { state: self, key })
+    }
+
     /// The current acceptor, made again when it is older than
     /// [`SERVER_CERT_REFRESH`] (on failure the old one is kept and the
     /// failure logged: it is valid for a day).
@@ -240,11 +287,19 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
+        // No source may hold more than a few slots, refused or not (a
+        // refused one still gets its "rate_limited" answer, so a person at
+        // the other end learns why).
+        let Some(slot) = state.clone().occupy(source.ip()) else {
+            debug!(%source, "enrollment: too many connections from this address; dropped");
+            continue;
+        };
         let span = tracing::info_span!("enroll", %source);
         let task_state = state.clone();
         state.tasks.spawn(
             async move {
                 let _permit = permit;
+                let _slot = slot;
                 serve_one(task_state, tcp, source).await;
             }
             .instrument(span),

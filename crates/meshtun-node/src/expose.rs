@@ -78,6 +78,10 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
             return;
         }
         let _tracked = shared.track_incoming(&identity, &connection);
+        // The handshake may have used a trust bundle a reload replaced.
+        if !crate::still_trusted(&connection, &shared.trust, meshtun_pki::PeerRole::Dialer) {
+            return;
+        }
         let stats = shared.metrics.peer(&identity);
         info!("peer connected (incoming)");
         loop {

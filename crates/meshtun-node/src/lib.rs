@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshtun_config::{Allow, Config, Expose};
-use meshtun_pki::{NodeCredentials, TrustBundle};
+use meshtun_pki::{NodeCredentials, PeerRole, TrustBundle};
 use meshtun_proto::{ConnectionCode, NodeName};
 use quinn::{Connection, VarInt};
 use tokio::net::TcpListener;
@@ -118,10 +118,45 @@ impl Policy {
     }
 }
 
+/// The trust bundle in force, shared with the dialers: a connection whose
+/// handshake raced a reload is checked again against the newest one.
+pub(crate) type TrustState = Arc<RwLock<Arc<TrustBundle>>>;
+
+/// Checks `connection`'s peer certificate against the trust in force, the
+/// way its handshake did (`role`), and closes the connection if it no
+/// longer passes. Call it after the connection is tracked (in `incoming` or
+/// a peer slot), so a reload's sweep or this check, whichever comes last,
+/// sees it. Returns whether the connection may stay.
+pub(crate) fn still_trusted(
+    connection: &Connection,
+    trust: &TrustState,
+    role: PeerRole<'_>,
+) -> bool {
+    let trust = trust
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let verdict = expose::peer_chain(connection).and_then(|chain| {
+        trust
+            .verify_peer_chain(&chain, role, SystemTime::now())
+            .map_err(|error| error.to_string())
+    });
+    match verdict {
+        Ok(_) => true,
+        Err(reason) => {
+            warn!(remote = %connection.remote_address(), %reason, "closing connection: the peer's certificate is no longer trusted");
+            let code = ConnectionCode::Untrusted;
+            connection.close(VarInt::from_u32(code.to_u32()), code.reason());
+            false
+        }
+    }
+}
+
 /// State shared by the node's tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
     node: NodeName,
+    trust: TrustState,
     policy: RwLock<Arc<Policy>>,
     handshake_timeout: Duration,
     /// Fires when the node stops taking new work (SIGTERM).
@@ -191,29 +226,39 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reads live connection state into the gauges and returns it per peer.
-    fn refresh_live(&self) -> BTreeMap<NodeName, Live> {
+    /// Reads live connection state into the gauges and returns it per peer;
+    /// with `certificates`, also what each peer presented (for `/status`
+    /// only: it parses certificates).
+    fn refresh_live(&self, certificates: bool) -> BTreeMap<NodeName, Live> {
         let mut live: BTreeMap<NodeName, Live> = BTreeMap::new();
         for (name, links) in &self.peers {
             let entry = live.entry(name.clone()).or_default();
             for connection in links.live_connections() {
                 entry.outgoing += 1;
-                entry.add(&connection);
+                entry.add(&connection, certificates);
             }
         }
-        {
+        // Copied out, so no work happens under the lock that connection
+        // set-up and tear-down take.
+        let incoming: Vec<(NodeName, Connection)> = {
             let incoming = self
                 .incoming
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (name, connections) in incoming.iter() {
-                let entry = live.entry(name.clone()).or_default();
-                for connection in connections {
-                    if connection.close_reason().is_none() {
-                        entry.incoming += 1;
-                        entry.add(connection);
-                    }
-                }
+            incoming
+                .iter()
+                .flat_map(|(name, connections)| {
+                    connections
+                        .iter()
+                        .map(|connection| (name.clone(), connection.clone()))
+                })
+                .collect()
+        };
+        for (name, connection) in incoming {
+            if connection.close_reason().is_none() {
+                let entry = live.entry(name).or_default();
+                entry.incoming += 1;
+                entry.add(&connection, certificates);
             }
         }
         for (name, stats) in self.metrics.peers() {
@@ -229,13 +274,13 @@ impl Shared {
 
     /// The `/metrics` text: live gauges refreshed, then every family.
     pub(crate) fn metrics_text(&self) -> Result<String, std::fmt::Error> {
-        self.refresh_live();
+        self.refresh_live(false);
         self.metrics.encode()
     }
 
     /// The `/status` document.
     pub(crate) fn status(&self) -> NodeStatus {
-        let live = self.refresh_live();
+        let live = self.refresh_live(true);
         let mut peers = Vec::new();
         for (name, stats) in self.metrics.peers() {
             let empty = Live::default();
@@ -317,9 +362,12 @@ struct Live {
 }
 
 impl Live {
-    fn add(&mut self, connection: &Connection) {
+    fn add(&mut self, connection: &Connection, certificates: bool) {
         let rtt = connection.rtt().as_secs_f64();
         self.rtt = Some(self.rtt.map_or(rtt, |best| best.min(rtt)));
+        if !certificates {
+            return;
+        }
         if let Some(leaf) = expose::peer_chain(connection)
             .ok()
             .and_then(|chain| chain.first().cloned())
@@ -463,6 +511,7 @@ impl Node {
         let quic_addr = endpoint::local_addr(&endpoint, quic.listen)?;
         let metrics = Metrics::new();
         metrics.set_certificate_expiry(unix_seconds(credentials.not_after()));
+        let trust_state: TrustState = Arc::new(RwLock::new(Arc::new(trust.clone())));
 
         let mut peers = BTreeMap::new();
         for peer in &config.peers {
@@ -473,6 +522,7 @@ impl Node {
                 quic.connections_per_peer.get(),
                 client,
                 metrics.peer(&peer.name),
+                trust_state.clone(),
             ));
             peers.insert(peer.name.clone(), links);
         }
@@ -511,6 +561,7 @@ impl Node {
 
         let shared = Arc::new(Shared {
             node: config.node.clone(),
+            trust: trust_state,
             policy: RwLock::new(Arc::new(Policy::from_config(&config))),
             handshake_timeout: quic.handshake_timeout,
             stop_accepting: CancellationToken::new(),
@@ -687,6 +738,14 @@ impl Node {
             let client = endpoint::client_config(&config.quic, &trust, &credentials, name)?;
             clients.push((links, client));
         }
+        // The trust state first: a handshake completing from here on is
+        // checked against it once tracked, and anything tracked before is
+        // swept below.
+        *self
+            .shared
+            .trust
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(trust);
         self.endpoint.set_server_config(Some(server));
         for (links, client) in clients {
             links.set_client(client);
@@ -707,41 +766,35 @@ impl Node {
         }
         *current = config;
         drop(current);
-        self.drop_untrusted(&trust);
+        self.drop_untrusted();
         Ok(())
     }
 
-    /// Closes every live connection whose peer certificate `trust` no
-    /// longer accepts (a new CRL revoked it, or its CA left the bundle). New
-    /// handshakes are refused by the new TLS configs already; this ends what
-    /// was admitted under the old ones. Returns how many were closed.
-    fn drop_untrusted(&self, trust: &TrustBundle) -> usize {
-        let now = SystemTime::now();
-        let mut live: Vec<Connection> = self
-            .shared
-            .peers
-            .values()
-            .flat_map(|links| links.live_connections())
-            .collect();
-        {
+    /// Closes every live connection whose peer certificate the trust in
+    /// force no longer accepts (a new CRL revoked it, or its CA left the
+    /// bundle). New handshakes are refused by the new TLS configs already;
+    /// this ends what was admitted under the old ones. Returns how many
+    /// were closed.
+    fn drop_untrusted(&self) -> usize {
+        let trust = &self.shared.trust;
+        let mut closed = 0;
+        for (name, links) in &self.shared.peers {
+            for connection in links.live_connections() {
+                if !still_trusted(&connection, trust, PeerRole::Acceptor(name)) {
+                    closed += 1;
+                }
+            }
+        }
+        let incoming: Vec<Connection> = {
             let incoming = self
                 .shared
                 .incoming
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            live.extend(incoming.values().flatten().cloned());
-        }
-        let mut closed = 0;
-        for connection in live {
-            let verdict = expose::peer_chain(&connection).and_then(|chain| {
-                trust
-                    .verify_peer_chain(&chain, now)
-                    .map_err(|error| error.to_string())
-            });
-            if let Err(reason) = verdict {
-                warn!(remote = %connection.remote_address(), %reason, "closing connection: the peer's certificate is no longer trusted");
-                let code = ConnectionCode::Untrusted;
-                connection.close(VarInt::from_u32(code.to_u32()), code.reason());
+            incoming.values().flatten().cloned().collect()
+        };
+        for connection in incoming {
+            if !still_trusted(&connection, trust, PeerRole::Dialer) {
                 closed += 1;
             }
         }

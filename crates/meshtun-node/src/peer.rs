@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::metrics::{handshake_reason, PeerStats};
+use crate::{still_trusted, TrustState};
 
 /// The TLS server name sent by dialers. Identity is checked against the
 /// configured peer name by the verifier, not through SNI, so a constant keeps
@@ -56,6 +57,8 @@ pub(crate) struct PeerLinks {
     next: AtomicUsize,
     /// TLS for the next dial; a reload replaces it.
     client: Mutex<ClientConfig>,
+    /// The trust in force, to re-check a handshake that raced a reload.
+    trust: TrustState,
     /// Why the last dial failed, until one succeeds.
     last_error: Mutex<Option<String>>,
     stats: Arc<PeerStats>,
@@ -68,6 +71,7 @@ impl PeerLinks {
         connections: usize,
         client: ClientConfig,
         stats: Arc<PeerStats>,
+        trust: TrustState,
     ) -> Self {
         Self {
             name,
@@ -75,6 +79,7 @@ impl PeerLinks {
             slots: watch::Sender::new(vec![Slot::Dialing; connections]),
             next: AtomicUsize::new(0),
             client: Mutex::new(client),
+            trust,
             last_error: Mutex::new(None),
             stats,
         }
@@ -230,6 +235,10 @@ impl PeerLinks {
                     was_up = true;
                     self.set_last_error(None);
                     self.set(index, Slot::Up(connection.clone()));
+                    // The handshake may have used a trust bundle a reload
+                    // replaced; if so the connection is closed right here.
+                    let role = meshtun_pki::PeerRole::Acceptor(&self.name);
+                    let _ = still_trusted(&connection, &self.trust, role);
                     tokio::select! {
                         reason = connection.closed() => {
                             info!(connection = index, %reason, "peer connection closed");

@@ -50,4 +50,4 @@ pub use inspect::{
 };
 pub use issue::{Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
 pub use load::{NodeCredentials, TrustBundle};
-pub use tls::{client_config, server_config, PeerMismatch};
+pub use tls::{client_config, server_config, PeerMismatch, PeerRole};

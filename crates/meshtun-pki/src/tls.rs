@@ -122,29 +122,53 @@ impl TrustBundle {
     }
 }
 
+/// Which role a peer's certificate played in the handshake, so it is
+/// re-checked the way it was first checked.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerRole<'a> {
+    /// The peer dialled this node: its certificate was a client certificate.
+    Dialer,
+    /// This node dialled the peer, expecting this identity: its certificate
+    /// was a server certificate.
+    Acceptor(&'a NodeName),
+}
+
 impl TrustBundle {
     /// Checks a peer's certificate chain (as a live connection presented it)
-    /// against this bundle at `now`: chain, validity and CRLs. A node uses
-    /// it after loading a new CRL or CA bundle, to close connections of
-    /// peers it would no longer accept.
+    /// against this bundle at `now`: chain, validity, extended key usage and
+    /// CRLs, as the handshake in `role` did. A node uses it after loading a
+    /// new CRL or CA bundle, to close connections of peers it would no
+    /// longer accept, and on connections whose handshake raced that reload.
     pub fn verify_peer_chain(
         &self,
         chain: &[CertificateDer<'static>],
+        role: PeerRole<'_>,
         now: SystemTime,
     ) -> Result<NodeName, PkiError> {
         let (leaf, intermediates) = chain.split_first().ok_or_else(|| PkiError::Untrusted {
             identity: "(none)".to_string(),
             reason: rustls::Error::NoCertificatesPresented,
         })?;
-        let identity = crate::identity_of(leaf)?;
+        let identity = identity_of(leaf)?;
+        let untrusted = |reason: rustls::Error| PkiError::Untrusted {
+            identity: identity.to_string(),
+            reason,
+        };
         let now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
         let provider = Arc::new(crypto_provider());
-        client_verifier(self, &provider)?
-            .verify_client_cert(leaf, intermediates, now)
-            .map_err(|reason| PkiError::Untrusted {
-                identity: identity.to_string(),
-                reason,
-            })?;
+        match role {
+            PeerRole::Dialer => {
+                client_verifier(self, &provider)?
+                    .verify_client_cert(leaf, intermediates, now)
+                    .map_err(untrusted)?;
+            }
+            PeerRole::Acceptor(expected) => {
+                let any_name = ServerName::from(IpAddr::from(Ipv4Addr::UNSPECIFIED));
+                PeerVerifier::new(self, &provider, expected.clone())?
+                    .verify_server_cert(leaf, intermediates, &any_name, &[], now)
+                    .map_err(untrusted)?;
+            }
+        }
         Ok(identity)
     }
 }

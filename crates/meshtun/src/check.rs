@@ -180,7 +180,11 @@ fn describe_crls(ca: &Path, path: &Path, report: &mut Report, now: SystemTime) {
 /// Why this node's own certificate fails against its trust bundle, in the
 /// operator's terms: revoked by tls.crl, no CRL of its CA in tls.crl, or
 /// not chaining to tls.ca.
-fn untrusted_node(config: &Config, credentials: &NodeCredentials, problem: &PkiError) -> String {
+pub(crate) fn untrusted_node(
+    config: &Config,
+    credentials: &NodeCredentials,
+    problem: &PkiError,
+) -> String {
     let crl = config
         .tls
         .crl

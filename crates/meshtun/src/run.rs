@@ -113,9 +113,10 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
             }
             // A SIGHUP or changed files: reload, bracketed for systemd.
             notifier.reloading();
+            let before = watched.snapshot();
             if let Some((new_grace, new_watched)) = reload(path, &node) {
                 grace = new_grace;
-                watched = new_watched;
+                watched = new_watched.seen_as(&before);
             }
             notifier.ready(&summary(&node));
             warn_expiry(&node, &mut expiry);
@@ -182,11 +183,16 @@ fn warn_expiry(node: &Node, warnings: &mut ExpiryWarnings) {
     }
 }
 
-/// One line for systemd's STATUS=.
+/// One line for systemd's STATUS= (`systemctl status` shows it), which
+/// says when the last reload failed.
 fn summary(node: &Node) -> String {
     let status = node.status();
+    let reload = match &status.reload.last_error {
+        Some(_) => "; LAST RELOAD FAILED, still on the previous configuration (see the journal)",
+        None => "",
+    };
     format!(
-        "serving: {} peers, {} forwards, {} exposes",
+        "serving: {} peers, {} forwards, {} exposes{reload}",
         status.peers.len(),
         status.forwards.len(),
         status.exposes.len()
@@ -234,8 +240,18 @@ impl Material {
         }
         if credentials.not_after() <= SystemTime::now() {
             return Err(vec![format!(
-                "tls.cert: certificate {} has expired; issue a new one with `meshtun pki issue`",
+                "tls.cert: certificate {} has expired; renew it with `meshtun pki renew`",
                 tls.cert.display()
+            )]);
+        }
+        // What `meshtun check` insists on, so that a reload from changed
+        // files cannot install a CA bundle or CRL that cuts this node off
+        // (a new CA copied over the old one instead of beside it, say).
+        if let Err(problem) = trust.verify_node(&credentials, SystemTime::now()) {
+            return Err(vec![crate::check::untrusted_node(
+                &config,
+                &credentials,
+                &problem,
             )]);
         }
         Ok(Self {

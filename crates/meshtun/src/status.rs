@@ -63,8 +63,17 @@ pub(crate) fn status(config: Option<&Path>, admin: Option<SocketAddr>, json: boo
         }
     };
     if json {
-        say!("{}", String::from_utf8_lossy(&body).trim_end());
-        return ExitCode::SUCCESS;
+        // Printed as served, once it is known to be JSON at all.
+        return match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(_) => {
+                say!("{}", String::from_utf8_lossy(&body).trim_end());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("{addr}/status is not JSON: {error}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        };
     }
     match serde_json::from_slice::<NodeStatus>(&body) {
         Ok(status) => {
@@ -149,7 +158,7 @@ pub(crate) fn render(status: &NodeStatus) -> String {
         );
     }
     if let Some(error) = &reload.last_error {
-        let _ = writeln!(out, "  last reload FAILED: {error}");
+        let _ = writeln!(out, "  last reload FAILED: {}", printable(error));
     }
     if !status.incoming_handshakes_failed.is_empty() {
         let _ = writeln!(
@@ -245,8 +254,22 @@ fn render_peer(out: &mut String, peer: &PeerStatus) {
         let _ = writeln!(out, "  reconnects: {}", peer.reconnects);
     }
     if let Some(error) = &peer.last_error {
-        let _ = writeln!(out, "  last error: {error}");
+        let _ = writeln!(out, "  last error: {}", printable(error));
     }
+}
+
+/// `text` with control characters escaped: an error can quote what a peer
+/// sent (its close reason), which must not reach a terminal as escapes.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|character| {
+            if character.is_control() {
+                character.escape_default().to_string()
+            } else {
+                character.to_string()
+            }
+        })
+        .collect()
 }
 
 fn reasons(map: &std::collections::BTreeMap<String, u64>) -> String {
@@ -314,6 +337,15 @@ fn duration(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_from_peers_are_escaped() {
+        assert_eq!(
+            printable("closed: \u{1b}[31mred\n"),
+            "closed: \\u{1b}[31mred\\n"
+        );
+        assert_eq!(printable("plain text"), "plain text");
+    }
 
     #[test]
     fn bytes_use_binary_units() {

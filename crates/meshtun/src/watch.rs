@@ -24,7 +24,7 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What identifies one version of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     device: u64,
     inode: u64,
     size: u64,
@@ -45,7 +45,9 @@ fn stamp(path: &Path) -> Option<Stamp> {
 #[derive(Debug)]
 pub(crate) struct Watched {
     files: Vec<(PathBuf, Option<Stamp>)>,
-    /// A change was seen and the files have not been stable for a poll yet.
+    /// Files that changed since the last reload; while not empty, a change
+    /// was seen and the files have not been still for a poll yet.
+    changed: Vec<PathBuf>,
     settling: bool,
 }
 
@@ -68,8 +70,30 @@ impl Watched {
                     (path, seen)
                 })
                 .collect(),
+            changed: Vec::new(),
             settling: false,
         }
+    }
+
+    /// The same files as they are now. Taken before a reload reads them, it
+    /// is what the reload saw at the latest: a file replaced while the
+    /// reload reads it shows as changed afterwards and is reloaded again.
+    pub(crate) fn snapshot(&self) -> Vec<(PathBuf, Option<Stamp>)> {
+        self.files
+            .iter()
+            .map(|(path, _)| (path.clone(), stamp(path)))
+            .collect()
+    }
+
+    /// Uses the stamps of `before` (a [`Watched::snapshot`] taken before
+    /// the reload read the files) for the files it covers.
+    pub(crate) fn seen_as(mut self, before: &[(PathBuf, Option<Stamp>)]) -> Self {
+        for (path, seen) in &mut self.files {
+            if let Some((_, earlier)) = before.iter().find(|(known, _)| known == path) {
+                *seen = *earlier;
+            }
+        }
+        self
     }
 
     /// Checks the files once. Returns the files that changed if a reload is
@@ -82,6 +106,9 @@ impl Watched {
             if current != *seen {
                 *seen = current;
                 changed_now = true;
+                if !self.changed.contains(path) {
+                    self.changed.push(path.clone());
+                }
             }
         }
         if changed_now {
@@ -90,7 +117,7 @@ impl Watched {
         }
         if self.settling {
             self.settling = false;
-            return Some(self.files.iter().map(|(path, _)| path.clone()).collect());
+            return Some(std::mem::take(&mut self.changed));
         }
         None
     }
@@ -174,8 +201,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("node.crt");
         std::fs::write(&file, "one").unwrap();
+        let other = dir.join("node.key");
+        std::fs::write(&other, "key").unwrap();
         let mut watched = Watched {
-            files: vec![(file.clone(), stamp(&file))],
+            files: vec![(file.clone(), stamp(&file)), (other.clone(), stamp(&other))],
+            changed: Vec::new(),
             settling: false,
         };
         assert_eq!(watched.poll(), None, "nothing changed");
@@ -184,7 +214,11 @@ mod tests {
         std::fs::write(&next, "two").unwrap();
         std::fs::rename(&next, &file).unwrap();
         assert_eq!(watched.poll(), None, "changed: wait one poll to settle");
-        assert_eq!(watched.poll(), Some(vec![file.clone()]), "settled: reload");
+        assert_eq!(
+            watched.poll(),
+            Some(vec![file.clone()]),
+            "settled: reload, naming only the changed file"
+        );
         assert_eq!(watched.poll(), None, "reloaded once");
         std::fs::remove_file(&file).unwrap();
         assert_eq!(watched.poll(), None);
