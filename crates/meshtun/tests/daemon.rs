@@ -1561,3 +1561,41 @@ async fn revoking_a_peer_cuts_its_connection_and_keeps_it_out_while_others_carry
     assert_eq!(peer["reconnects"], 0, "{peer}");
     assert_eq!(peer["connections_up"], 1, "{peer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_bundle_that_would_cut_the_node_off_is_refused_on_reload() {
+    let cluster = Cluster::start("wrong-ca").await;
+    let mut held = TcpStream::connect(cluster.echo).await.expect("connect");
+    round_trip(&mut held).await.expect("echo before");
+    // The mistake the CA rotation procedure warns about: the new CA copied
+    // over the old one instead of beside it. node-a's own certificate does
+    // not chain to it, so the reload (from the file watch) must refuse it
+    // rather than close every connection.
+    let other = Authority::generate("test", Validity::days_from_now(2)).expect("another CA");
+    let staging = cluster.dir.join("other-ca.crt");
+    fs::write(&staging, other.cert_pem()).expect("write other CA");
+    fs::rename(&staging, cluster.dir.join("ca.crt")).expect("replace ca.crt");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let status = status_of(cluster.admin_a).await;
+        if status["reload"]["failures"].as_u64() >= Some(1) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reload attempt within 15s: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = status["reload"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("does not verify against tls.ca"),
+        "{error:?}"
+    );
+    assert_eq!(status["reload"]["successes"], 0, "{status}");
+    assert_eq!(status["peers"][0]["connections_up"], 1, "{status}");
+    round_trip(&mut held)
+        .await
+        .expect("the open connection survives the refused reload");
+}
