@@ -35,7 +35,7 @@ const QUIC_KEYS: &[&str] = &[
     "reconnect_max",
 ];
 const TLS_KEYS: &[&str] = &["ca", "cert", "key", "crl"];
-const PEER_KEYS: &[&str] = &["name", "addr"];
+const PEER_KEYS: &[&str] = &["name", "addr", "overlay"];
 const FORWARD_KEYS: &[&str] = &["listen", "peer", "service", "allow_non_loopback"];
 const EXPOSE_KEYS: &[&str] = &["service", "target", "allow"];
 const LIMITS_KEYS: &[&str] = &["preamble_timeout", "connect_timeout", "drain_grace"];
@@ -73,10 +73,18 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
     if let Some(Some(admin)) = &admin {
         listeners.push(("admin.listen".to_string(), admin.listen));
     }
+    let overlay =
+        section(&root, sink, "overlay").and_then(|table| crate::overlay::overlay(sink, table));
+    if let Some(Some(overlay)) = &overlay {
+        listeners.push(("overlay.listen".to_string(), overlay.listen));
+    }
     check_overlapping_listeners(sink, &listeners);
+    if let Some(overlay) = &overlay {
+        check_overlay_addresses(sink, overlay.as_ref(), &peers.valid, &exposes);
+    }
 
-    match (node, quic, tls, limits, admin) {
-        (Some(node), Some(quic), Some(tls), Some(limits), Some(admin))
+    match (node, quic, tls, limits, admin, overlay) {
+        (Some(node), Some(quic), Some(tls), Some(limits), Some(admin), Some(overlay))
             if sink.errors.is_empty() =>
         {
             Ok(Config {
@@ -88,6 +96,7 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
                 exposes,
                 limits,
                 admin,
+                overlay,
             })
         }
         _ => {
@@ -342,8 +351,13 @@ fn peers(root: &TableReader<'_>, sink: &mut Sink, node: Option<&NodeName>) -> Pe
             "where to dial the peer, as host:port, e.g. \"198.18.0.1:4433\"",
             host_port,
         );
-        if let (Some(name), Some(addr)) = (name, addr) {
-            peers.valid.push(Peer { name, addr });
+        let overlay = peer.optional(sink, "overlay", crate::overlay::ipv4);
+        if let (Some(name), Some(addr), Some(overlay)) = (name, addr, overlay) {
+            peers.valid.push(Peer {
+                name,
+                addr,
+                overlay,
+            });
         }
     }
     peers
@@ -472,7 +486,7 @@ fn exposes(root: &TableReader<'_>, sink: &mut Sink) -> Vec<Expose> {
             "where this node connects for each accepted stream, as host:port, e.g. \"127.0.0.1:29500\"",
             host_port,
         );
-        let allow = allow(&expose, sink);
+        let allow = allow_list(&expose, sink, "allow");
         if let (Some(service), Some(target), Some(allow)) = (service, target, allow) {
             exposes.push(Expose {
                 service,
@@ -487,10 +501,11 @@ fn exposes(root: &TableReader<'_>, sink: &mut Sink) -> Vec<Expose> {
 const DEFAULT_DENY: &str =
     "default deny: an empty allow list lets nobody in; list node names or \"*\"";
 
-/// An expose's `allow` list: `["*"]`, or node names, never empty.
-fn allow(expose: &TableReader<'_>, sink: &mut Sink) -> Option<Allow> {
-    let key = expose.key("allow");
-    let items = match expose.get("allow") {
+/// A list of who may reach something (`allow` of an expose, `peers` of an
+/// overlay rule): `["*"]`, or node names, never empty.
+pub(crate) fn allow_list(expose: &TableReader<'_>, sink: &mut Sink, field: &str) -> Option<Allow> {
+    let key = expose.key(field);
+    let items = match expose.get(field) {
         None => {
             sink.error(key, format!("missing: {DEFAULT_DENY}"));
             return None;
@@ -605,8 +620,60 @@ fn admin(sink: &mut Sink, table: Option<&Table>) -> Option<Option<Admin>> {
     Some(Some(Admin { listen }))
 }
 
+/// The overlay addresses: each peer's is inside the prefix, unique and not
+/// this node's; peers have one only if `[overlay]` is on; and no expose
+/// target points at another node's overlay address, which would loop.
+fn check_overlay_addresses(
+    sink: &mut Sink,
+    overlay: Option<&crate::Overlay>,
+    peers: &[Peer],
+    exposes: &[Expose],
+) {
+    let mut seen: HashMap<std::net::Ipv4Addr, usize> = HashMap::new();
+    for (index, peer) in peers.iter().enumerate() {
+        let Some(address) = peer.overlay else {
+            continue;
+        };
+        let key = format!("peer[{index}].overlay");
+        let Some(overlay) = overlay else {
+            sink.error(
+                key,
+                "a peer overlay address needs an [overlay] section for this node",
+            );
+            continue;
+        };
+        if !overlay.prefix.contains(address) {
+            sink.error(
+                key,
+                format!("{address} is not inside overlay.prefix {}", overlay.prefix),
+            );
+        } else if address == overlay.address {
+            sink.error(key, format!("{address} is this node's own overlay.address"));
+        } else if let Some(first) = seen.insert(address, index) {
+            sink.error(
+                key,
+                format!("{address} is already peer[{first}]'s overlay address"),
+            );
+        }
+    }
+    if let Some(overlay) = overlay {
+        for (index, expose) in exposes.iter().enumerate() {
+            if let Some(target) = expose.target.to_socket_addr_if_literal() {
+                if let IpAddr::V4(ip) = target.ip() {
+                    if overlay.prefix.contains(ip) && ip != overlay.address {
+                        sink.error(
+                            format!("expose[{index}].target"),
+                            format!("{target} is another node's overlay address; meshtun's own connections must not be redirected into the overlay"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Loopback, counting IPv4-mapped IPv6 loopback addresses too.
-fn is_loopback(ip: IpAddr) -> bool {
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 

@@ -19,6 +19,7 @@ mod build;
 mod error;
 mod host_port;
 mod model;
+mod overlay;
 mod read;
 mod units;
 
@@ -26,7 +27,10 @@ use std::path::Path;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use host_port::{HostPort, HostPortError};
-pub use model::{Admin, Allow, Config, Expose, Forward, Limits, Peer, Quic, Tls};
+pub use model::{
+    Admin, Allow, Config, Expose, Forward, Limits, Overlay, OverlayAllow, OverlayPrefix, Peer,
+    Quic, Tls,
+};
 
 /// A complete, commented configuration of node-1 in a two-node cluster,
 /// with every optional key shown at its default. [`parse`] accepts it.

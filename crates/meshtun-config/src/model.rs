@@ -2,8 +2,9 @@
 //! code that holds a [`Config`] never re-validates or unwraps it.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub struct Config {
     pub limits: Limits,
     /// The metrics and status endpoint, if `[admin]` is present.
     pub admin: Option<Admin>,
+    /// Overlay mode, if `[overlay]` is present.
+    pub overlay: Option<Overlay>,
 }
 
 impl Config {
@@ -119,6 +122,9 @@ pub struct Peer {
     pub name: NodeName,
     /// Where to dial it; a DNS name is re-resolved on every dial.
     pub addr: HostPort,
+    /// Its overlay address (overlay mode): TCP to this address on this node
+    /// is carried to the peer. Inside `overlay.prefix`, unique.
+    pub overlay: Option<Ipv4Addr>,
 }
 
 /// A `[[forward]]`: a local TCP listener whose connections go to a service on a peer.
@@ -182,6 +188,66 @@ pub struct Limits {
 pub struct Admin {
     /// The TCP address to listen on; loopback unless `admin.allow_non_loopback = true`.
     pub listen: SocketAddr,
+}
+
+/// `[overlay]`: this node's overlay address, and which peers may reach
+/// which of its ports through it (DESIGN.md §2, overlay mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// This node's overlay address; applications bind and advertise it.
+    pub address: Ipv4Addr,
+    /// The block every node's overlay address is in.
+    pub prefix: OverlayPrefix,
+    /// The transparent listener redirected connections arrive at; loopback.
+    pub listen: SocketAddr,
+    /// The dummy interface that holds `address`.
+    pub interface: String,
+    /// Whether the daemon sets the interface and nftables table up at start
+    /// and removes them at stop (else `meshtun overlay up`/`down` does).
+    pub manage: bool,
+    /// Who may reach which ports of `address`; empty lets nobody in.
+    pub allow: Vec<OverlayAllow>,
+}
+
+impl Overlay {
+    /// Whether `identity` may reach `port` on this node's overlay address.
+    pub fn permits(&self, identity: &NodeName, port: u16) -> bool {
+        self.allow
+            .iter()
+            .any(|rule| rule.peers.permits(identity) && rule.ports.contains(&port))
+    }
+}
+
+/// An IPv4 block, `network/len`, with the host bits of `network` zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayPrefix {
+    /// The first address of the block.
+    pub network: Ipv4Addr,
+    /// The prefix length, 8 to 30.
+    pub len: u8,
+}
+
+impl OverlayPrefix {
+    /// Whether `address` is inside the block.
+    pub fn contains(&self, address: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+        u32::from(address) & mask == u32::from(self.network)
+    }
+}
+
+impl std::fmt::Display for OverlayPrefix {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}/{}", self.network, self.len)
+    }
+}
+
+/// One `[overlay] allow` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayAllow {
+    /// Which identities.
+    pub peers: Allow,
+    /// Which ports of this node's overlay address.
+    pub ports: RangeInclusive<u16>,
 }
 
 #[cfg(test)]

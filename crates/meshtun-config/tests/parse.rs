@@ -208,14 +208,15 @@ fn example_comments_state_the_real_defaults() {
             }
         })
         .collect();
-    // 12 [quic] keys, crl, 2 allow_non_loopback, 3 [limits] keys.
-    assert_eq!(uncommented, 18);
+    // 12 [quic] keys, crl, 2 allow_non_loopback, 3 [limits] keys, 3 [overlay] keys.
+    assert_eq!(uncommented, 21);
     let explicit = ok(&text);
     let defaults = ok(EXAMPLE);
     assert_eq!(explicit.quic, defaults.quic);
     assert_eq!(explicit.limits, defaults.limits);
     assert_eq!(explicit.forwards, defaults.forwards);
     assert_eq!(explicit.admin, defaults.admin);
+    assert_eq!(explicit.overlay, defaults.overlay);
     assert_eq!(
         explicit.tls.crl,
         Some(PathBuf::from("/etc/meshtun/crl.pem"))
@@ -353,7 +354,7 @@ port = 1
     );
     assert_eq!(
         errors[2].1,
-        "unknown key; valid keys in each [[peer]]: name, addr"
+        "unknown key; valid keys in each [[peer]]: name, addr, overlay"
     );
     assert_eq!(
         errors[3].1,
@@ -1180,5 +1181,70 @@ fn load_reports_an_unreadable_file_and_parse_errors() {
     assert_eq!(
         errors.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
         ["node"]
+    );
+}
+
+#[test]
+fn overlay_section_is_parsed_with_its_defaults() {
+    let config = ok(EXAMPLE);
+    let overlay = config.overlay.expect("the example has [overlay]");
+    assert_eq!(overlay.address.to_string(), "100.127.0.2");
+    assert_eq!(overlay.prefix.to_string(), "100.127.0.0/16");
+    assert_eq!(overlay.listen.to_string(), "127.0.0.1:15001");
+    assert_eq!(overlay.interface, "meshtun0");
+    assert!(!overlay.manage);
+    let node_0 = meshtun_proto::NodeName::new("node-0").unwrap();
+    let node_3 = meshtun_proto::NodeName::new("node-3").unwrap();
+    assert!(overlay.permits(&node_0, 29500));
+    assert!(!overlay.permits(&node_0, 80));
+    assert!(!overlay.permits(&node_3, 29500));
+    assert_eq!(
+        config.peers[0].overlay.map(|ip| ip.to_string()).as_deref(),
+        Some("100.127.0.1")
+    );
+}
+
+#[test]
+fn overlay_mistakes_are_reported_with_their_keys() {
+    let text = EXAMPLE
+        .replace("address = \"100.127.0.2\"", "address = \"10.0.0.2\"")
+        .replace("overlay = \"100.127.0.1\"", "overlay = \"100.127.0.1\"\n")
+        .replace("ports = \"1024-65535\"", "ports = \"9-2\"")
+        .replace("# interface = \"meshtun0\"", "interface = \"a/b\"");
+    let errors = parse(&text).unwrap_err();
+    let keys: Vec<&str> = errors.iter().map(|error| error.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "overlay.address",
+            "overlay.interface",
+            "overlay.allow[0].ports"
+        ],
+        "{errors}"
+    );
+    // An expose target at another node's overlay address would loop.
+    let looping = EXAMPLE.replace(
+        "target = \"127.0.0.1:29500\"",
+        "target = \"100.127.0.1:29500\"",
+    );
+    let keys: Vec<String> = parse(&looping)
+        .unwrap_err()
+        .iter()
+        .map(|error| error.key.clone())
+        .collect();
+    assert_eq!(keys, ["expose[0].target"]);
+    // A peer overlay address without [overlay], and one outside the prefix.
+    let without = EXAMPLE.split("[overlay]").next().unwrap();
+    let keys: Vec<String> = parse(without)
+        .unwrap_err()
+        .iter()
+        .map(|error| error.key.clone())
+        .collect();
+    assert_eq!(keys, ["peer[0].overlay"]);
+    let outside = EXAMPLE.replace("overlay = \"100.127.0.1\"", "overlay = \"100.128.0.1\"");
+    let errors = parse(&outside).unwrap_err();
+    assert!(
+        errors.to_string().contains("not inside overlay.prefix"),
+        "{errors}"
     );
 }
