@@ -505,6 +505,14 @@ fn nothing_reaches_the_service_around_the_tunnel() {
         let mut config = lab.config(2).peer(b).forward(forward, "node-b", "echo");
         config.cert = dir.join("certs").join("node-c.crt");
         config.key = dir.join("certs").join("node-c.key");
+        // The rogue trusts its own CA and the cluster's (meshtun refuses to
+        // start with a certificate its own bundle does not vouch for): it
+        // accepts B, but B does not accept it.
+        let bundle = dir.join("bundle.crt");
+        let rogue_ca = std::fs::read_to_string(dir.join("ca").join("ca.crt")).unwrap();
+        let cluster_ca = std::fs::read_to_string(&config.ca).unwrap();
+        std::fs::write(&bundle, format!("{rogue_ca}{cluster_ca}")).unwrap();
+        config.ca = bundle;
         let rejections_before = count_lines(&daemon_b.log_since_start(), "handshake failed");
         let mut rogue = lab.start(2, &config).unwrap();
         let rejected = wait_until(Duration::from_secs(15), || {

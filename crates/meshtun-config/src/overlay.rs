@@ -60,7 +60,12 @@ pub(crate) fn overlay(sink: &mut Sink, table: Option<&Table>) -> Option<Option<O
     let default_listen: SocketAddr = DEFAULT_LISTEN.parse().ok()?;
     let listen = reader.or_default(sink, "listen", default_listen, socket_addr);
     if let Some(listen) = listen {
-        if !is_loopback(listen.ip()) {
+        if !listen.is_ipv4() {
+            sink.error(
+                reader.key("listen"),
+                format!("{listen} is IPv6; connections redirected from IPv4 overlay addresses arrive on an IPv4 loopback address, e.g. \"127.0.0.1:15001\""),
+            );
+        } else if !is_loopback(listen.ip()) {
             sink.error(
                 reader.key("listen"),
                 format!("{listen} is not a loopback address; the transparent listener only takes connections redirected on this host"),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use meshtun_config::{Expose, HostPort};
+use meshtun_config::{HostPort, OverlayPrefix};
 use meshtun_proto::{
     ConnectionCode, Decoded, Kind, NodeName, Preamble, Status, StatusCode, StreamCode,
     MAX_PREAMBLE_LEN, OK_STATUS, WELCOME,
@@ -175,8 +175,8 @@ async fn answer_stream(
             return;
         }
     };
-    let expose = match authorize(&shared.node, &policy, &preamble, &identity) {
-        Ok(expose) => expose,
+    let target = match authorize(&shared.node, &policy, &preamble, &identity) {
+        Ok(target) => target,
         Err(status) => {
             let verdict = stats.refused(Direction::incoming, status.code.as_str());
             log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "stream refused");
@@ -191,9 +191,15 @@ async fn answer_stream(
         answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
         return;
     }
-    let span = tracing::debug_span!("expose", service = %expose.service, target = %expose.target);
+    let span = tracing::debug_span!("expose", to = %target.label, target = %target.addr);
+    // Overlay streams go to this node's own overlay address; every other
+    // overlay address is off limits (see overlay.rs on loop freedom).
+    let forbidden = policy
+        .overlay
+        .as_ref()
+        .map(|overlay| (overlay.prefix, overlay.address));
     async {
-        let mut tcp = match connect(&expose.target, policy.connect_timeout).await {
+        let mut tcp = match connect(&target.addr, forbidden, policy.connect_timeout).await {
             Ok(tcp) => tcp,
             Err(status) => {
                 let verdict = stats.refused(Direction::incoming, status.code.as_str());
@@ -230,19 +236,44 @@ async fn answer_stream(
     .await;
 }
 
-fn authorize<'a>(
+/// Where an authorized stream is connected, and what it asked for (for
+/// spans and logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    addr: HostPort,
+    label: String,
+}
+
+/// Decides whether `identity` may have what `preamble` asks for, under
+/// `policy`, and if so where to connect.
+fn authorize(
     node: &NodeName,
-    policy: &'a Policy,
+    policy: &Policy,
     preamble: &Preamble,
     identity: &NodeName,
-) -> Result<&'a Expose, Status> {
+) -> Result<Target, Status> {
     let service = match &preamble.kind {
         Kind::Service(service) => service,
         Kind::OverlayPort(port) => {
-            return Err(refuse(
-                StatusCode::UnknownService,
-                format!("overlay port {port}: overlay mode is not enabled on this node"),
-            ));
+            let Some(overlay) = &policy.overlay else {
+                return Err(refuse(
+                    StatusCode::UnknownService,
+                    format!("overlay port {port}: overlay mode is not enabled on {node}"),
+                ));
+            };
+            if !overlay.permits(identity, *port) {
+                return Err(refuse(
+                    StatusCode::Forbidden,
+                    format!("{identity} may not reach overlay port {port} on {node}"),
+                ));
+            }
+            return Ok(Target {
+                addr: HostPort {
+                    host: overlay.address.to_string(),
+                    port: *port,
+                },
+                label: format!("overlay port {port}"),
+            });
         }
     };
     let expose = policy
@@ -261,7 +292,10 @@ fn authorize<'a>(
             format!("{identity} may not reach service {service:?} on {node}"),
         ));
     }
-    Ok(expose)
+    Ok(Target {
+        addr: expose.target.clone(),
+        label: format!("service {service}"),
+    })
 }
 
 /// Reads the preamble (at most [`MAX_PREAMBLE_LEN`] bytes) under `timeout`;
@@ -316,8 +350,15 @@ async fn answer_refusal(
 }
 
 /// Connects to an expose target, trying each resolved address in turn, all
-/// within `timeout`. Errors become the status the opener sees.
-async fn connect(target: &HostPort, timeout: Duration) -> Result<TcpStream, Status> {
+/// within `timeout`. Errors become the status the opener sees. With
+/// overlay mode on (`overlay` is its prefix and this node's address), a
+/// name that resolves to another node's overlay address is refused: the
+/// connection would be redirected back into meshtun.
+async fn connect(
+    target: &HostPort,
+    overlay: Option<(OverlayPrefix, std::net::Ipv4Addr)>,
+    timeout: Duration,
+) -> Result<TcpStream, Status> {
     let attempt = async {
         let addrs: Vec<SocketAddr> = match target.to_socket_addr_if_literal() {
             Some(addr) => vec![addr],
@@ -333,6 +374,14 @@ async fn connect(target: &HostPort, timeout: Duration) -> Result<TcpStream, Stat
         };
         let mut last: Option<io::Error> = None;
         for addr in addrs {
+            if let (Some((prefix, own)), std::net::IpAddr::V4(ip)) = (overlay, addr.ip()) {
+                if prefix.contains(ip) && ip != own {
+                    last = Some(io::Error::other(format!(
+                        "{addr} is another node's overlay address; not connecting (it would loop)"
+                    )));
+                    continue;
+                }
+            }
             match TcpStream::connect(addr).await {
                 Ok(tcp) => return Ok(tcp),
                 Err(error) => last = Some(error),
@@ -352,5 +401,91 @@ async fn connect(target: &HostPort, timeout: Duration) -> Result<TcpStream, Stat
             StatusCode::Unreachable,
             format!("{target}: connect timed out after {timeout:?}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshtun_proto::ServiceName;
+
+    fn name(text: &str) -> NodeName {
+        NodeName::new(text).expect("a test name")
+    }
+
+    /// The example config's policy: node-1, exposing `torch-store` to
+    /// node-0, overlay address 100.127.0.2 open to node-0 on 1024-65535.
+    fn policy() -> Policy {
+        let config = meshtun_config::parse(meshtun_config::EXAMPLE).expect("the example is valid");
+        Policy::from_config(&config)
+    }
+
+    #[test]
+    fn overlay_ports_follow_the_overlay_allow_rules() {
+        let policy = policy();
+        let node = name("node-1");
+        let target = authorize(
+            &node,
+            &policy,
+            &Preamble::overlay_port(29500),
+            &name("node-0"),
+        )
+        .expect("node-0 may reach 29500");
+        assert_eq!(target.addr.to_string(), "100.127.0.2:29500");
+
+        let low = authorize(&node, &policy, &Preamble::overlay_port(22), &name("node-0"))
+            .expect_err("22 is outside the allowed range");
+        assert_eq!(low.code, StatusCode::Forbidden);
+        assert!(
+            low.detail.contains("node-0") && low.detail.contains("22"),
+            "{}",
+            low.detail
+        );
+
+        let stranger = authorize(
+            &node,
+            &policy,
+            &Preamble::overlay_port(29500),
+            &name("node-7"),
+        )
+        .expect_err("node-7 is not allowed");
+        assert_eq!(stranger.code, StatusCode::Forbidden);
+    }
+
+    #[test]
+    fn overlay_ports_are_unknown_without_overlay_mode() {
+        let mut policy = policy();
+        policy.overlay = None;
+        let refused = authorize(
+            &name("node-1"),
+            &policy,
+            &Preamble::overlay_port(29500),
+            &name("node-0"),
+        )
+        .expect_err("overlay mode is off");
+        assert_eq!(refused.code, StatusCode::UnknownService);
+        assert!(refused.detail.contains("node-1"), "{}", refused.detail);
+    }
+
+    #[test]
+    fn services_still_map_to_their_targets() {
+        let policy = policy();
+        let service = ServiceName::new("torch-store").expect("a test name");
+        let target = authorize(
+            &name("node-1"),
+            &policy,
+            &Preamble::service(service.clone()),
+            &name("node-0"),
+        )
+        .expect("node-0 may reach torch-store");
+        assert_eq!(target.addr.to_string(), "127.0.0.1:29500");
+        let refused = authorize(
+            &name("node-1"),
+            &policy,
+            &Preamble::service(service),
+            &name("node-7"),
+        )
+        .expect_err("node-7 may not");
+        assert_eq!(refused.code, StatusCode::Forbidden);
     }
 }

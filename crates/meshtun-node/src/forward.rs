@@ -2,7 +2,8 @@
 //!
 //! The accept loop only accepts and dispatches; everything that can wait on
 //! the network (picking a connection, opening the stream, the peer's status)
-//! happens in the per-connection task.
+//! happens in the per-connection task. Overlay mode's transparent listener
+//! (overlay.rs) carries its connections with the same [`forward_one`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,12 +39,7 @@ pub(crate) struct Forward {
 
 /// Accepts local connections until the node stops accepting.
 pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
-    let preamble = {
-        let preamble = Preamble::service(forward.service.clone());
-        let mut bytes = BytesMut::with_capacity(preamble.encoded_len());
-        preamble.encode(&mut bytes);
-        bytes.freeze()
-    };
+    let preamble = encode_preamble(&Preamble::service(forward.service.clone()));
     loop {
         let accepted = tokio::select! {
             accepted = forward.listener.accept() => accepted,
@@ -70,11 +66,23 @@ pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
     }
 }
 
+/// The bytes of `preamble`, to open a stream with.
+pub(crate) fn encode_preamble(preamble: &Preamble) -> Bytes {
+    let mut bytes = BytesMut::with_capacity(preamble.encoded_len());
+    preamble.encode(&mut bytes);
+    bytes.freeze()
+}
+
 /// Carries one local TCP connection over one QUIC stream. The node's
 /// `abort_streams` token cancels it at any point; the socket is armed to
 /// reset on close from the start, so cancellation or any early return
 /// resets the client rather than closing it cleanly.
-async fn forward_one(tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared: Arc<Shared>) {
+pub(crate) async fn forward_one(
+    tcp: TcpStream,
+    peer: Arc<PeerLinks>,
+    preamble: Bytes,
+    shared: Arc<Shared>,
+) {
     splice::reset_on_close(&tcp);
     if let Err(error) = tcp.set_nodelay(true) {
         debug!(%error, "cannot set TCP_NODELAY");

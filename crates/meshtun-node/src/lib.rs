@@ -3,7 +3,8 @@
 //! This crate owns everything that does network I/O or spawns tasks: the one
 //! QUIC endpoint, the warm connections to each peer, a loopback listener per
 //! `[[forward]]`, and the acceptor that maps each incoming stream to an
-//! `[[expose]]` target. It takes a validated [`meshtun_config::Config`] and
+//! `[[expose]]` target, and in overlay mode the transparent listener and
+//! the host set-up behind it ([`overlay`]). It takes a validated [`meshtun_config::Config`] and
 //! loaded certificates; it must not parse configuration or read key files
 //! itself, and it never decides policy outside what the config says.
 //!
@@ -34,16 +35,17 @@ pub mod enroll;
 mod expose;
 mod forward;
 mod metrics;
+pub mod overlay;
 mod peer;
 mod splice;
 mod status;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshtun_config::{Allow, Config, Expose};
+use meshtun_config::{Allow, Config, Expose, Overlay};
 use meshtun_pki::{NodeCredentials, PeerRole, TrustBundle};
 use meshtun_proto::{ConnectionCode, NodeName};
 use quinn::{Connection, VarInt};
@@ -56,9 +58,10 @@ use tracing::{info, warn, Instrument};
 use crate::metrics::{Direction, Metrics};
 use crate::peer::{DialTiming, PeerLinks};
 
+pub use crate::overlay::OverlayError;
 pub use crate::status::{
-    CertificateStatus, ExposeStatus, ForwardStatus, NodeStatus, PeerCertificate, PeerStatus,
-    ReloadStatus,
+    CertificateStatus, ExposeStatus, ForwardStatus, NodeStatus, OverlayStatus, PeerCertificate,
+    PeerStatus, ReloadStatus,
 };
 
 /// Why a node could not start. Each variant says which part of the
@@ -81,6 +84,10 @@ pub enum NodeError {
     /// A QUIC setting is unusable.
     #[error("QUIC configuration: {0}")]
     Quic(String),
+    /// The overlay interface or nftables table could not be set up
+    /// (`overlay.manage = true`).
+    #[error("overlay set-up: {0}")]
+    Overlay(#[from] OverlayError),
 }
 
 /// Why a reload was refused. The node keeps running on what it had.
@@ -98,12 +105,14 @@ pub enum ReloadError {
 /// the endpoint under them.
 const ABORT_WAIT: Duration = Duration::from_secs(1);
 
-/// What a reload may change without a restart: who may reach which service,
-/// and the timeouts of the forwarding path. Replaced whole, so a stream sees
-/// one consistent version.
+/// What a reload may change without a restart: who may reach which service
+/// or overlay port, and the timeouts of the forwarding path. Replaced whole,
+/// so a stream sees one consistent version.
 #[derive(Debug)]
 pub(crate) struct Policy {
     pub(crate) exposes: Vec<Expose>,
+    /// `[overlay]`, if on; a reload may change only its `allow`.
+    pub(crate) overlay: Option<Overlay>,
     pub(crate) preamble_timeout: Duration,
     pub(crate) connect_timeout: Duration,
 }
@@ -112,6 +121,7 @@ impl Policy {
     fn from_config(config: &Config) -> Self {
         Self {
             exposes: config.exposes.clone(),
+            overlay: config.overlay.clone(),
             preamble_timeout: config.limits.preamble_timeout,
             connect_timeout: config.limits.connect_timeout,
         }
@@ -186,6 +196,7 @@ struct Facts {
     certificate: CertificateStatus,
     forwards: Vec<ForwardStatus>,
     exposes: Vec<ExposeStatus>,
+    overlay: Option<OverlayStatus>,
     last_reload_unix: Option<i64>,
     last_reload_error: Option<String>,
 }
@@ -344,6 +355,7 @@ impl Shared {
                 .collect(),
             forwards: facts.forwards.clone(),
             exposes: facts.exposes.clone(),
+            overlay: facts.overlay.clone(),
         }
     }
 }
@@ -464,6 +476,17 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.admin != new.admin {
         changed.push("[admin]");
     }
+    // The interface, addresses and listener are set up once; who may reach
+    // which port is policy.
+    let without_allow = |overlay: &Option<Overlay>| {
+        overlay.as_ref().map(|overlay| Overlay {
+            allow: Vec::new(),
+            ..overlay.clone()
+        })
+    };
+    if without_allow(&old.overlay) != without_allow(&new.overlay) {
+        changed.push("[overlay] (except allow)");
+    }
     changed
 }
 
@@ -475,6 +498,7 @@ pub struct Node {
     quic_addr: SocketAddr,
     forward_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    overlay_addr: Option<SocketAddr>,
     /// The configuration in force, to tell what a reload changes.
     config: Mutex<Config>,
     /// The accept loops; one that ends before shutdown is a fault the
@@ -558,6 +582,62 @@ impl Node {
             Some(admin) => Some(bind_tcp("admin endpoint (admin.listen)", admin.listen).await?),
             None => None,
         };
+        let transparent = match &config.overlay {
+            Some(overlay) => {
+                let what = "overlay transparent listener (overlay.listen)";
+                let (listener, local) = bind_tcp(what, overlay.listen).await?;
+                // Config validation keeps peers' overlay addresses unique.
+                let by_address: HashMap<_, _> = config
+                    .peers
+                    .iter()
+                    .filter_map(|peer| Some((peer.overlay?, peers.get(&peer.name)?.clone())))
+                    .collect();
+                let routes = Arc::new(overlay::Routes::new(by_address));
+                Some(overlay::Transparent {
+                    listener,
+                    local,
+                    routes,
+                })
+            }
+            None => None,
+        };
+        let overlay_status =
+            config
+                .overlay
+                .as_ref()
+                .zip(transparent.as_ref())
+                .map(|(overlay, transparent)| OverlayStatus {
+                    address: overlay.address,
+                    prefix: overlay.prefix.to_string(),
+                    listen: transparent.local,
+                    interface: overlay.interface.clone(),
+                    managed: overlay.manage,
+                    peers: config
+                        .peers
+                        .iter()
+                        .filter_map(|peer| Some((peer.name.to_string(), peer.overlay?)))
+                        .collect(),
+                });
+        // Last before anything is spawned: the nftables rule redirects to
+        // the bound listener (its real port, even when configured as 0).
+        if let Some((overlay, transparent)) = config
+            .overlay
+            .as_ref()
+            .filter(|overlay| overlay.manage)
+            .zip(transparent.as_ref())
+        {
+            let applied = Overlay {
+                listen: transparent.local,
+                ..overlay.clone()
+            };
+            if let Err(error) = overlay::setup_up_blocking(applied, config.peers.clone()).await {
+                // Leave nothing half made behind.
+                if let Err(undo) = overlay::setup_down_blocking(overlay.clone()).await {
+                    warn!(%undo, "could not undo a partial overlay set-up");
+                }
+                return Err(error.into());
+            }
+        }
 
         let shared = Arc::new(Shared {
             node: config.node.clone(),
@@ -577,6 +657,7 @@ impl Node {
                 certificate: certificate_status(&credentials),
                 forwards: forward_statuses,
                 exposes: expose_statuses(&config.exposes),
+                overlay: overlay_status,
                 last_reload_unix: None,
                 last_reload_error: None,
             }),
@@ -609,6 +690,16 @@ impl Node {
             let task = forward::accept_loop(forward, shared.clone());
             loops.push((name, shared.tasks.spawn(task)));
         }
+        let overlay_addr = transparent.map(|transparent| {
+            let local = transparent.local;
+            info!(listen = %local, "overlay transparent listener");
+            let task = overlay::accept_loop(transparent, shared.clone());
+            loops.push((
+                format!("overlay transparent listener {local}"),
+                shared.tasks.spawn(task),
+            ));
+            local
+        });
         let admin_addr = admin.map(|(listener, local)| {
             info!(listen = %local, "admin endpoint serving /metrics and /status");
             let task = admin::serve(listener, shared.clone());
@@ -622,6 +713,7 @@ impl Node {
             quic_addr,
             forward_addrs,
             admin_addr,
+            overlay_addr,
             config: Mutex::new(config),
             loops,
         })
@@ -640,6 +732,12 @@ impl Node {
     /// The bound admin address, if `[admin]` is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The bound address of overlay mode's transparent listener, if
+    /// `[overlay]` is configured.
+    pub fn overlay_addr(&self) -> Option<SocketAddr> {
+        self.overlay_addr
     }
 
     /// Whether at least one QUIC connection to `peer` is up.
@@ -695,8 +793,9 @@ impl Node {
     /// were admitted by.
     ///
     /// Settings that need new sockets or dialers (`node`, `[quic]`,
-    /// `[[peer]]`, `[[forward]]`, `[admin]`) are not reloadable: if any
-    /// changed, nothing is applied and the error names them.
+    /// `[[peer]]`, `[[forward]]`, `[admin]`, `[overlay]` except its
+    /// `allow`) are not reloadable: if any changed, nothing is applied and
+    /// the error names them.
     pub fn reload(
         &self,
         config: Config,
@@ -828,7 +927,16 @@ impl Node {
 
     /// Stops accepting, lets open streams finish for up to `grace`, resets
     /// the rest, and closes every QUIC connection with a shutdown code.
+    /// With `overlay.manage`, removes the overlay interface and nftables
+    /// table last.
     pub async fn shutdown(self, grace: Duration) {
+        let managed_overlay = self
+            .config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .overlay
+            .clone()
+            .filter(|overlay| overlay.manage);
         let shared = &self.shared;
         shared.stop_accepting.cancel();
         shared.streams.close();
@@ -861,6 +969,11 @@ impl Node {
             self.endpoint.wait_idle().await;
         })
         .await;
+        if let Some(overlay) = managed_overlay {
+            if let Err(error) = overlay::setup_down_blocking(overlay).await {
+                warn!(%error, "could not remove the overlay set-up");
+            }
+        }
         info!("node stopped");
     }
 }
@@ -874,4 +987,31 @@ async fn bind_tcp(
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_allow_reloads_the_rest_of_overlay_needs_a_restart() {
+        let old = meshtun_config::parse(meshtun_config::EXAMPLE).expect("the example is valid");
+        let mut new = old.clone();
+        if let Some(overlay) = &mut new.overlay {
+            overlay.allow.clear();
+        }
+        assert!(restart_only_changes(&old, &new).is_empty());
+        if let Some(overlay) = &mut new.overlay {
+            overlay.manage = !overlay.manage;
+        }
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["[overlay] (except allow)"]
+        );
+        new.overlay = None;
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["[overlay] (except allow)"]
+        );
+    }
 }

@@ -33,6 +33,26 @@ pub struct NodeStatus {
     pub forwards: Vec<ForwardStatus>,
     /// The exposed services.
     pub exposes: Vec<ExposeStatus>,
+    /// Overlay mode, if `[overlay]` is configured.
+    #[serde(default)]
+    pub overlay: Option<OverlayStatus>,
+}
+
+/// Overlay mode on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    /// This node's overlay address.
+    pub address: std::net::Ipv4Addr,
+    /// The block every node's overlay address is in.
+    pub prefix: String,
+    /// The bound transparent listener.
+    pub listen: SocketAddr,
+    /// The dummy interface that holds `address`.
+    pub interface: String,
+    /// Whether the daemon set up the interface and nftables table itself.
+    pub managed: bool,
+    /// Each peer's overlay address, by peer name.
+    pub peers: BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 /// The node certificate in use.

@@ -88,6 +88,14 @@ impl Preamble {
         }
     }
 
+    /// A preamble asking for `port` on the acceptor's overlay address.
+    /// Port 0 encodes, but the acceptor refuses it ([`PreambleError::ZeroPort`]).
+    pub fn overlay_port(port: u16) -> Self {
+        Self {
+            kind: Kind::OverlayPort(port),
+        }
+    }
+
     /// Number of bytes [`Preamble::encode`] writes.
     pub fn encoded_len(&self) -> usize {
         match &self.kind {
@@ -160,9 +168,7 @@ impl Preamble {
                     return Err(PreambleError::ZeroPort);
                 }
                 Ok(Decoded::Complete {
-                    preamble: Preamble {
-                        kind: Kind::OverlayPort(port),
-                    },
+                    preamble: Preamble::overlay_port(port),
                     len: 4,
                 })
             }

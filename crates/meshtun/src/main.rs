@@ -23,6 +23,7 @@ mod demo;
 mod join;
 mod junk;
 mod notify;
+mod overlay;
 mod pki;
 mod run;
 mod status;
@@ -92,6 +93,10 @@ enum Command {
     /// Join the cluster: get this node's certificate from `meshtun pki
     /// serve` with a join token; the key is made here and never sent.
     Join(join::JoinArgs),
+    /// Overlay mode's host set-up: the dummy interface, its route and the
+    /// nftables redirect (for `overlay.manage = false`).
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCommand),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
         Command::Demo { mib } => demo::demo(mib),
         Command::Pki(command) => pki::pki(command),
         Command::Join(args) => join::join(args),
+        Command::Overlay(command) => overlay::overlay(command),
     }
 }
 

@@ -183,6 +183,20 @@ pub(crate) fn render(status: &NodeStatus) -> String {
             expose.allow.join(", ")
         );
     }
+    if let Some(overlay) = &status.overlay {
+        let managed = if overlay.managed { ", managed" } else { "" };
+        let _ = writeln!(
+            out,
+            "  overlay: {} in {} on {}, listener {}{managed}",
+            overlay.address,
+            printable(&overlay.prefix),
+            printable(&overlay.interface),
+            overlay.listen
+        );
+        for (peer, address) in &overlay.peers {
+            let _ = writeln!(out, "  overlay: {address} -> {}", printable(peer));
+        }
+    }
     for peer in &status.peers {
         out.push('\n');
         render_peer(&mut out, peer);

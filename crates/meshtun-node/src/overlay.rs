@@ -1,0 +1,494 @@
+//! Overlay mode (DESIGN.md §2): the host set-up that sends TCP for other
+//! nodes' overlay addresses to meshtun, and the transparent listener that
+//! carries those connections to the peers.
+//!
+//! Set-up ([`setup_up`], [`setup_down`]) runs the `ip` and `nft` programs.
+//! Five idempotent commands are all it takes, so this crate spawns processes
+//! rather than pull in a netlink and an nftables crate; the commands are the
+//! ones an operator would type, and their errors name themselves.
+//!
+//! What the set-up builds on a node whose overlay address is A, in prefix P,
+//! with the transparent listener on L:
+//! - a dummy interface (or a port-less bridge where the kernel has no dummy
+//!   driver) holding A/32, and a route for P through it, so a
+//!   connect to any overlay address is routable before nftables rewrites it;
+//! - a table `ip meshtun_overlay` whose output nat chain redirects TCP for
+//!   P, except A itself, to L.
+//!
+//! Loop freedom: the rule must never catch meshtun's own connections. DESIGN.md
+//! suggests excluding them by mark or uid; this rule excludes by address
+//! instead. meshtun connects only to expose targets, which config validation
+//! keeps out of P except A, and to A itself (overlay streams), which the rule
+//! leaves alone. A uid match would also exclude every application running as
+//! meshtun's user, and `SO_MARK` needs `CAP_NET_ADMIN` in the daemon at run
+//! time, which the address rule does not. (A target given as a DNS name is
+//! checked at connect time instead; see `expose::connect`.)
+
+use std::collections::HashMap;
+use std::io::{self, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshtun_config::{Overlay, Peer};
+use meshtun_proto::Preamble;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::forward;
+use crate::peer::PeerLinks;
+use crate::splice;
+use crate::Shared;
+
+/// The nftables table meshtun owns; nothing else in it is kept.
+pub const TABLE: &str = "meshtun_overlay";
+
+/// How often a connection to an overlay address no peer has is logged at
+/// info, per address; the rest go to debug.
+const UNKNOWN_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Addresses remembered for [`UNKNOWN_LOG_INTERVAL`]; past this many, stale
+/// ones are dropped, so a scan of the prefix cannot grow the map unbounded.
+const UNKNOWN_REMEMBERED: usize = 1024;
+
+/// Why the overlay set-up failed. Each variant names the command.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// The program could not be run at all.
+    #[error("cannot run `{command}`: {source} (are iproute2 and nftables installed?)")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The program ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// What it printed to stderr.
+        stderr: String,
+    },
+    /// The nftables rule needs a fixed port to redirect to.
+    #[error("overlay.listen {0} has port 0; the nftables rule needs a fixed port")]
+    NoPort(SocketAddr),
+    /// Redirected IPv4 connections cannot reach an IPv6 listener.
+    #[error(
+        "overlay.listen {0} is not an IPv4 address; redirected IPv4 connections cannot reach it"
+    )]
+    NotIpv4(SocketAddr),
+    /// The blocking set-up task did not finish (the runtime is stopping).
+    #[error("overlay set-up did not finish: {0}")]
+    Interrupted(String),
+}
+
+impl OverlayError {
+    /// Whether the failure looks like missing privileges (not root, no
+    /// `CAP_NET_ADMIN`).
+    pub fn needs_privilege(&self) -> bool {
+        match self {
+            Self::Spawn { source, .. } => source.kind() == io::ErrorKind::PermissionDenied,
+            Self::Failed { stderr, .. } => {
+                let stderr = stderr.to_ascii_lowercase();
+                stderr.contains("operation not permitted") || stderr.contains("permission denied")
+            }
+            Self::NoPort(_) | Self::NotIpv4(_) | Self::Interrupted(_) => false,
+        }
+    }
+}
+
+/// Sets the host up for overlay mode: the dummy interface with this node's
+/// overlay address, the route for the prefix, and the nftables table.
+/// Idempotent: re-applying leaves one interface, one route and one table,
+/// the latter replaced whole. Needs root or `CAP_NET_ADMIN`.
+pub fn setup_up(overlay: &Overlay, peers: &[Peer]) -> Result<(), OverlayError> {
+    let rules = ruleset(overlay)?;
+    let interface = overlay.interface.as_str();
+    let address = format!("{}/32", overlay.address);
+    let prefix = overlay.prefix.to_string();
+    add_interface(interface)?;
+    run(
+        "ip",
+        &["addr", "replace", &address, "dev", interface],
+        None,
+        &[],
+    )?;
+    run("ip", &["link", "set", interface, "up"], None, &[])?;
+    run(
+        "ip",
+        &["route", "replace", &prefix, "dev", interface],
+        None,
+        &[],
+    )?;
+    run("nft", &["-f", "-"], Some(&rules), &[])?;
+    let reachable = peers.iter().filter(|peer| peer.overlay.is_some()).count();
+    info!(%interface, address = %overlay.address, %prefix, listen = %overlay.listen, peers = reachable, "overlay set up");
+    Ok(())
+}
+
+/// Creates the interface that holds the overlay address: a dummy one, or,
+/// on a kernel built without the dummy driver (some VM kernels), a bridge
+/// with no ports, which like a dummy sends nothing anywhere. An existing
+/// interface of that name is kept.
+fn add_interface(interface: &str) -> Result<(), OverlayError> {
+    let args = |kind| ["link", "add", interface, "type", kind];
+    match run("ip", &args("dummy"), None, &["File exists"]) {
+        Err(OverlayError::Failed { stderr, .. }) if stderr.contains("Unknown device type") => {
+            info!(%interface, "this kernel has no dummy interfaces; using a bridge without ports");
+            run("ip", &args("bridge"), None, &["File exists"])
+        }
+        other => other,
+    }
+}
+
+/// Undoes [`setup_up`]: deletes the nftables table and the interface (with
+/// its address and route). Idempotent: what is already gone is fine.
+pub fn setup_down(overlay: &Overlay) -> Result<(), OverlayError> {
+    let interface = overlay.interface.as_str();
+    run(
+        "nft",
+        &["delete", "table", "ip", TABLE],
+        None,
+        &["No such file or directory"],
+    )?;
+    run(
+        "ip",
+        &["link", "del", interface],
+        None,
+        &["Cannot find device"],
+    )?;
+    info!(%interface, "overlay removed");
+    Ok(())
+}
+
+/// [`setup_up`] off the async threads.
+pub(crate) async fn setup_up_blocking(
+    overlay: Overlay,
+    peers: Vec<Peer>,
+) -> Result<(), OverlayError> {
+    tokio::task::spawn_blocking(move || setup_up(&overlay, &peers))
+        .await
+        .unwrap_or_else(|error| Err(OverlayError::Interrupted(error.to_string())))
+}
+
+/// [`setup_down`] off the async threads.
+pub(crate) async fn setup_down_blocking(overlay: Overlay) -> Result<(), OverlayError> {
+    tokio::task::spawn_blocking(move || setup_down(&overlay))
+        .await
+        .unwrap_or_else(|error| Err(OverlayError::Interrupted(error.to_string())))
+}
+
+/// The `nft -f` script that (re)defines meshtun's table. Declaring the
+/// table, deleting it and defining it again in one transaction replaces
+/// whatever was there, atomically, whether or not it existed.
+pub fn ruleset(overlay: &Overlay) -> Result<String, OverlayError> {
+    let listen = overlay.listen;
+    if listen.port() == 0 {
+        return Err(OverlayError::NoPort(listen));
+    }
+    let SocketAddr::V4(listen) = listen else {
+        return Err(OverlayError::NotIpv4(listen));
+    };
+    // `redirect` sends locally generated packets to 127.0.0.1; any other
+    // loopback address needs an explicit `dnat`.
+    let verdict = if *listen.ip() == Ipv4Addr::LOCALHOST {
+        format!("redirect to :{}", listen.port())
+    } else {
+        format!("dnat to {listen}")
+    };
+    Ok(format!(
+        "table ip {TABLE} {{}}\n\
+         delete table ip {TABLE}\n\
+         table ip {TABLE} {{\n\
+         \tchain output {{\n\
+         \t\ttype nat hook output priority -100; policy accept;\n\
+         \t\tip daddr {prefix} ip daddr != {address} meta l4proto tcp {verdict}\n\
+         \t}}\n\
+         }}\n",
+        prefix = overlay.prefix,
+        address = overlay.address,
+    ))
+}
+
+/// Runs `program args`, feeding `input` on stdin. A failure whose stderr
+/// contains one of `tolerated` counts as success (the state is already
+/// what was asked for).
+fn run(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    tolerated: &[&str],
+) -> Result<(), OverlayError> {
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let spawn_error = |source| OverlayError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        // The tolerated messages are matched in English.
+        .env("LC_ALL", "C")
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A write error means the program exited early; its status and
+        // stderr below say why.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if output.status.success() {
+        debug!(%command, "ran");
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    if tolerated.iter().any(|message| stderr.contains(message)) {
+        debug!(%command, %stderr, "already in the wanted state");
+        return Ok(());
+    }
+    Err(OverlayError::Failed {
+        command,
+        status: output.status,
+        stderr,
+    })
+}
+
+/// The transparent listener: its bound socket and the peers by overlay address.
+#[derive(Debug)]
+pub(crate) struct Transparent {
+    pub(crate) listener: TcpListener,
+    pub(crate) local: SocketAddr,
+    pub(crate) routes: Arc<Routes>,
+}
+
+/// Which peer each overlay address belongs to; fixed for the node's life
+/// (peers are restart-only).
+#[derive(Debug)]
+pub(crate) struct Routes {
+    peers: HashMap<Ipv4Addr, Arc<PeerLinks>>,
+    /// When a connection to an unknown address was last logged at info.
+    unknown: Mutex<HashMap<Ipv4Addr, Instant>>,
+}
+
+impl Routes {
+    pub(crate) fn new(peers: HashMap<Ipv4Addr, Arc<PeerLinks>>) -> Self {
+        Self {
+            peers,
+            unknown: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a connection to `address`, which no peer has, should be
+    /// logged at info now (at most once per [`UNKNOWN_LOG_INTERVAL`]).
+    fn report_unknown(&self, address: Ipv4Addr, now: Instant) -> bool {
+        let mut unknown = self
+            .unknown
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if unknown.len() >= UNKNOWN_REMEMBERED {
+            unknown.retain(|_, last| now.duration_since(*last) < UNKNOWN_LOG_INTERVAL);
+        }
+        match unknown.get(&address) {
+            Some(last) if now.duration_since(*last) < UNKNOWN_LOG_INTERVAL => false,
+            _ => {
+                if unknown.len() < UNKNOWN_REMEMBERED {
+                    unknown.insert(address, now);
+                }
+                true
+            }
+        }
+    }
+}
+
+/// Accepts redirected connections until the node stops accepting.
+pub(crate) async fn accept_loop(transparent: Transparent, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = transparent.listener.accept() => accepted,
+            () = shared.stop_accepting.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                let span = tracing::debug_span!("overlay", %client);
+                let task = carry_redirected(tcp, transparent.routes.clone(), shared.clone());
+                shared.streams.spawn(task.instrument(span));
+            }
+            Err(error) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                warn!(listen = %transparent.local, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Finds where a redirected connection was going and carries it to the
+/// peer that owns that address, asking for the same port there.
+async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shared: Arc<Shared>) {
+    let destination = match original_destination(&tcp) {
+        Ok(destination) => destination,
+        Err(error) => {
+            // A connection made straight to the listener, not redirected.
+            splice::reset_on_close(&tcp);
+            debug!(%error, "no original destination; resetting");
+            return;
+        }
+    };
+    let Some(peer) = routes.peers.get(destination.ip()) else {
+        splice::reset_on_close(&tcp);
+        if routes.report_unknown(*destination.ip(), Instant::now()) {
+            info!(%destination, "no peer has this overlay address; resetting connections to it (logged once a minute)");
+        } else {
+            debug!(%destination, "no peer has this overlay address; resetting");
+        }
+        return;
+    };
+    let span = tracing::debug_span!("route", %destination, peer = %peer.name());
+    let preamble = forward::encode_preamble(&Preamble::overlay_port(destination.port()));
+    forward::forward_one(tcp, peer.clone(), preamble, shared)
+        .instrument(span)
+        .await;
+}
+
+/// The destination a connection had before nftables redirected it
+/// (`SO_ORIGINAL_DST`, from conntrack).
+fn original_destination(tcp: &TcpStream) -> io::Result<SocketAddrV4> {
+    let raw = nix::sys::socket::getsockopt(tcp, nix::sys::socket::sockopt::OriginalDst)
+        .map_err(io::Error::from)?;
+    socket_addr_v4(&raw).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SO_ORIGINAL_DST returned address family {}", raw.sin_family),
+        )
+    })
+}
+
+/// Converts the kernel's `sockaddr_in`, whose port and address are in
+/// network byte order, to a [`SocketAddrV4`].
+fn socket_addr_v4(raw: &nix::libc::sockaddr_in) -> Option<SocketAddrV4> {
+    if i32::from(raw.sin_family) != nix::libc::AF_INET {
+        return None;
+    }
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)),
+        u16::from_be(raw.sin_port),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshtun_config::{Allow, OverlayAllow, OverlayPrefix};
+
+    fn overlay(listen: &str) -> Overlay {
+        Overlay {
+            address: Ipv4Addr::new(100, 127, 0, 2),
+            prefix: OverlayPrefix {
+                network: Ipv4Addr::new(100, 127, 0, 0),
+                len: 16,
+            },
+            listen: listen.parse().expect("a test address"),
+            interface: "meshtun0".to_owned(),
+            manage: true,
+            allow: vec![OverlayAllow {
+                peers: Allow::Any,
+                ports: 1024..=65535,
+            }],
+        }
+    }
+
+    #[test]
+    fn ruleset_redirects_the_prefix_except_this_node() {
+        let text = ruleset(&overlay("127.0.0.1:15001")).expect("a valid overlay");
+        assert_eq!(
+            text,
+            "table ip meshtun_overlay {}\n\
+             delete table ip meshtun_overlay\n\
+             table ip meshtun_overlay {\n\
+             \tchain output {\n\
+             \t\ttype nat hook output priority -100; policy accept;\n\
+             \t\tip daddr 100.127.0.0/16 ip daddr != 100.127.0.2 meta l4proto tcp redirect to :15001\n\
+             \t}\n\
+             }\n"
+        );
+    }
+
+    #[test]
+    fn ruleset_uses_dnat_for_other_loopback_addresses() {
+        let text = ruleset(&overlay("127.0.0.9:15002")).expect("a valid overlay");
+        assert!(
+            text.contains("meta l4proto tcp dnat to 127.0.0.9:15002\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ruleset_refuses_what_it_cannot_redirect_to() {
+        assert!(matches!(
+            ruleset(&overlay("127.0.0.1:0")),
+            Err(OverlayError::NoPort(_))
+        ));
+        assert!(matches!(
+            ruleset(&overlay("[::1]:15001")),
+            Err(OverlayError::NotIpv4(_))
+        ));
+    }
+
+    #[test]
+    fn original_destination_is_read_in_network_byte_order() {
+        let raw = nix::libc::sockaddr_in {
+            sin_family: nix::libc::AF_INET as nix::libc::sa_family_t,
+            sin_port: 29500u16.to_be(),
+            sin_addr: nix::libc::in_addr {
+                s_addr: u32::from(Ipv4Addr::new(100, 127, 0, 3)).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        assert_eq!(
+            socket_addr_v4(&raw),
+            Some("100.127.0.3:29500".parse().expect("a test address"))
+        );
+        let other = nix::libc::sockaddr_in {
+            sin_family: nix::libc::AF_INET6 as nix::libc::sa_family_t,
+            ..raw
+        };
+        assert_eq!(socket_addr_v4(&other), None);
+    }
+
+    #[test]
+    fn unknown_addresses_are_reported_once_a_minute() {
+        let routes = Routes::new(HashMap::new());
+        let start = Instant::now();
+        let address = Ipv4Addr::new(100, 127, 0, 9);
+        assert!(routes.report_unknown(address, start));
+        assert!(!routes.report_unknown(address, start + Duration::from_secs(30)));
+        assert!(routes.report_unknown(Ipv4Addr::new(100, 127, 0, 10), start));
+        assert!(routes.report_unknown(address, start + UNKNOWN_LOG_INTERVAL));
+    }
+
+    #[test]
+    fn privilege_errors_are_recognized() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let failed = |stderr: &str| OverlayError::Failed {
+            command: "ip link add meshtun0 type dummy".to_owned(),
+            status: ExitStatus::from_raw(2 << 8),
+            stderr: stderr.to_owned(),
+        };
+        assert!(failed("RTNETLINK answers: Operation not permitted").needs_privilege());
+        assert!(failed("Error: Could not process rule: Operation not permitted").needs_privilege());
+        assert!(!failed("Error: syntax error").needs_privilege());
+    }
+}
