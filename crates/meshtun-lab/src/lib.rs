@@ -525,6 +525,8 @@ impl Lab {
             exposes: Vec::new(),
             extra_quic: String::new(),
             extra: String::new(),
+            overlay: None,
+            peer_overlays: Vec::new(),
         }
     }
 
@@ -722,6 +724,26 @@ pub struct NodeConfig {
     pub extra_quic: String,
     /// Extra top-level tables appended at the end (e.g. `[limits]`).
     pub extra: String,
+    /// `[overlay]` (overlay mode), if any.
+    pub overlay: Option<OverlaySection>,
+    /// The `overlay` address of `[[peer]]`s, by peer name.
+    pub peer_overlays: Vec<(String, Ipv4Addr)>,
+}
+
+/// A node's `[overlay]` section (overlay mode), as [`NodeConfig`] renders it.
+#[derive(Debug, Clone)]
+pub struct OverlaySection {
+    /// `overlay.address`: this node's overlay address.
+    pub address: Ipv4Addr,
+    /// `overlay.prefix`, e.g. `"100.127.0.0/16"`.
+    pub prefix: String,
+    /// `overlay.manage`; `None` leaves the key out (the default).
+    pub manage: Option<bool>,
+    /// `overlay.allow`: (peer names or `*`, port range such as
+    /// `"1024-65535"`). Empty renders `allow = []` (nobody may reach).
+    pub allow: Vec<(Vec<String>, String)>,
+    /// Extra lines inside `[overlay]` (e.g. `listen = "127.0.0.1:15002"`).
+    pub extra: String,
 }
 
 impl NodeConfig {
@@ -755,6 +777,58 @@ impl NodeConfig {
         self
     }
 
+    /// Turns on overlay mode: `[overlay]` with this node's overlay
+    /// `address` and the `prefix` every node's address is in. Add
+    /// `overlay_allow` rules (default deny) and `overlay_manage` as needed.
+    pub fn overlay(mut self, address: Ipv4Addr, prefix: &str) -> Self {
+        self.overlay = Some(OverlaySection {
+            address,
+            prefix: prefix.to_owned(),
+            manage: None,
+            allow: Vec::new(),
+            extra: String::new(),
+        });
+        self
+    }
+
+    /// Sets `overlay.manage` (the daemon sets up and removes the interface
+    /// and nftables table itself). Needs [`NodeConfig::overlay`] first.
+    pub fn overlay_manage(mut self, manage: bool) -> Self {
+        self.overlay_section().manage = Some(manage);
+        self
+    }
+
+    /// Adds an `overlay.allow` rule: `peers` (names or `*`) may reach
+    /// `ports` (`"N"` or `"N-M"`) of this node's overlay address.
+    pub fn overlay_allow(mut self, peers: &[&str], ports: &str) -> Self {
+        self.overlay_section().allow.push((
+            peers.iter().map(|peer| (*peer).to_owned()).collect(),
+            ports.to_owned(),
+        ));
+        self
+    }
+
+    /// Adds lines to `[overlay]`.
+    pub fn overlay_lines(mut self, lines: &str) -> Self {
+        let section = self.overlay_section();
+        section.extra.push_str(lines);
+        section.extra.push('\n');
+        self
+    }
+
+    fn overlay_section(&mut self) -> &mut OverlaySection {
+        self.overlay
+            .as_mut()
+            .expect("NodeConfig::overlay(...) must come before the other overlay settings")
+    }
+
+    /// Adds a `[[peer]]` for `host` with overlay address `overlay`.
+    pub fn overlay_peer(mut self, host: &Host, overlay: Ipv4Addr) -> Self {
+        self.peers.push((host.name.clone(), host.quic_addr()));
+        self.peer_overlays.push((host.name.clone(), overlay));
+        self
+    }
+
     /// Adds lines to `[quic]`.
     pub fn quic(mut self, lines: &str) -> Self {
         self.extra_quic.push_str(lines);
@@ -778,8 +852,36 @@ impl NodeConfig {
             self.cert.display().to_string(),
             self.key.display().to_string()
         );
+        if let Some(overlay) = &self.overlay {
+            let _ = writeln!(
+                text,
+                "\n[overlay]\naddress = \"{}\"\nprefix = {:?}",
+                overlay.address, overlay.prefix
+            );
+            if let Some(manage) = overlay.manage {
+                let _ = writeln!(text, "manage = {manage}");
+            }
+            let rules = overlay
+                .allow
+                .iter()
+                .map(|(peers, ports)| {
+                    let peers = peers
+                        .iter()
+                        .map(|peer| format!("{peer:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    format!("{{ peers = [{peers}], ports = {ports:?} }}")
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(text, "allow = [{rules}]");
+            text.push_str(&overlay.extra);
+        }
         for (name, addr) in &self.peers {
             let _ = writeln!(text, "\n[[peer]]\nname = {name:?}\naddr = \"{addr}\"");
+            if let Some((_, overlay)) = self.peer_overlays.iter().find(|(peer, _)| peer == name) {
+                let _ = writeln!(text, "overlay = \"{overlay}\"");
+            }
         }
         for (listen, peer, service) in &self.forwards {
             let _ = writeln!(

@@ -1,0 +1,1454 @@
+//! Overlay mode between three lab hosts (DESIGN.md §2): every node owns an
+//! overlay address (100.127.0.1, .2, .3 for node-0, -1, -2) on a dummy
+//! interface the daemon sets up itself (`manage = true`), applications bind
+//! and dial those addresses on OS-chosen ports, and nftables hands the
+//! connections to meshtun, which carries them over QUIC.
+//!
+//! - a gloo-like full mesh: a rendezvous store on node-0's overlay address,
+//!   a listener per host on an OS-chosen port, and 1 MiB each way between
+//!   every ordered pair, with only QUIC on the wire;
+//! - a vLLM-shaped pyzmq exchange: ROUTER/DEALER, then PUSH/PULL to a port
+//!   zmq picked and the ROUTER announced;
+//! - refusals: a port outside the allowed range and a peer not allowed are
+//!   reset promptly, and the application never sees the connection;
+//! - cleanup: the interface and nftables table go away at SIGTERM, and a
+//!   restart after `kill -9` leaves exactly one of each; with
+//!   `manage = false`, `meshtun overlay up`/`down` do the set-up instead.
+
+// A panic in test code is a failed test, which is what an unwrap here means.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use meshtun_lab::capture::{Capture, Stats};
+use meshtun_lab::pcap::{self, Packet};
+use meshtun_lab::{require_netns, Daemon, Host, Lab, NodeConfig, OverlaySection, REQUIRE_ENV};
+use sha2::{Digest, Sha256};
+
+const NAMES: [&str; 3] = ["node-0", "node-1", "node-2"];
+const PREFIX: &str = "100.127.0.0/16";
+/// The ports every peer may reach unless a test says otherwise.
+const ALL_PORTS: &str = "1024-65535";
+/// The rendezvous store on node-0's overlay address (torch's TCPStore port).
+const STORE_PORT: u16 = 29500;
+const MIB: usize = 1024 * 1024;
+/// The plaintext the wire must never show.
+const MARKER: &[u8; 32] = b"MESHTUN-OVERLAY-PLAINTEXT-MARK-7";
+/// Every blocking socket call in these tests gives up after this long.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+/// The table and interface `manage = true` makes.
+const TABLE: &str = "meshtun_overlay";
+const INTERFACE: &str = "meshtun0";
+
+/// Node `index`'s overlay address: 100.127.0.(index + 1).
+fn overlay(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(100, 127, 0, u8::try_from(index + 1).unwrap())
+}
+
+fn on_overlay(index: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(overlay(index).into(), port)
+}
+
+/// Host `index`'s config: `[overlay]` with its address, `manage = true`,
+/// the `allow` rules given, and every other host as a peer with its
+/// overlay address.
+fn overlay_config(lab: &Lab, index: usize, allow: &[(&[&str], &str)]) -> NodeConfig {
+    let mut config = lab
+        .config(index)
+        .overlay(overlay(index), PREFIX)
+        .overlay_manage(true);
+    for (peers, ports) in allow {
+        config = config.overlay_allow(peers, ports);
+    }
+    for other in (0..lab.hosts().len()).filter(|other| *other != index) {
+        config = config.overlay_peer(lab.host(other), overlay(other));
+    }
+    config
+}
+
+/// Starts `configs[i]` on host `i` (all of them), then waits until every
+/// daemon is connected to every other.
+fn start_mesh(lab: &Lab, configs: &[NodeConfig]) -> Vec<Daemon> {
+    let daemons: Vec<Daemon> = configs
+        .iter()
+        .enumerate()
+        .map(|(index, config)| lab.start(index, config).unwrap())
+        .collect();
+    for (index, daemon) in daemons.iter().enumerate() {
+        let others: Vec<&str> = NAMES
+            .iter()
+            .take(configs.len())
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, name)| *name)
+            .collect();
+        wait_connected(daemon, &others);
+    }
+    daemons
+}
+
+fn all_logs(daemons: &[Daemon]) -> String {
+    daemons
+        .iter()
+        .map(|daemon| format!("--- {} ---\n{}", daemon.host(), daemon.log_since_start()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// 0. The lab renders overlay configs meshtun accepts (no namespaces needed).
+
+#[test]
+fn the_lab_renders_overlay_configs_meshtun_parses() {
+    let peer = |octet: u8| -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::new(198, 18, 0, octet).into(), 4433)
+    };
+    let config = NodeConfig {
+        node: "node-0".into(),
+        quic_listen: peer(11),
+        ca: "/tmp/ca.crt".into(),
+        cert: "/tmp/node-0.crt".into(),
+        key: "/tmp/node-0.key".into(),
+        peers: vec![("node-1".into(), peer(12)), ("node-2".into(), peer(13))],
+        forwards: Vec::new(),
+        exposes: Vec::new(),
+        extra_quic: String::new(),
+        extra: String::new(),
+        overlay: Some(OverlaySection {
+            address: overlay(0),
+            prefix: PREFIX.into(),
+            manage: Some(true),
+            allow: vec![
+                (vec!["node-1".into()], "20000-30000".into()),
+                (vec!["*".into()], "29500".into()),
+            ],
+            extra: String::new(),
+        }),
+        peer_overlays: vec![("node-1".into(), overlay(1)), ("node-2".into(), overlay(2))],
+    };
+    let text = config.to_toml();
+    let parsed = meshtun_config::parse(&text).unwrap_or_else(|errors| panic!("{errors}\n{text}"));
+    let section = parsed.overlay.as_ref().unwrap();
+    assert_eq!(section.address, overlay(0));
+    assert_eq!(section.prefix.to_string(), PREFIX);
+    assert!(section.manage);
+    assert_eq!(section.interface, INTERFACE);
+    assert_eq!(section.listen, "127.0.0.1:15001".parse().unwrap());
+    assert_eq!(section.allow.len(), 2);
+    assert_eq!(section.allow[0].ports, 20000..=30000);
+    let overlays: Vec<_> = parsed.peers.iter().map(|peer| peer.overlay).collect();
+    assert_eq!(overlays, vec![Some(overlay(1)), Some(overlay(2))], "{text}");
+
+    // No allow rules: `allow = []`, which denies everyone.
+    let mut deny = config.clone();
+    deny.overlay.as_mut().unwrap().allow.clear();
+    let parsed = meshtun_config::parse(&deny.to_toml()).unwrap();
+    assert!(parsed.overlay.unwrap().allow.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// 1. A gloo-like full mesh through the overlay.
+
+/// Three hosts rendezvous through a store on node-0's overlay address,
+/// each publishes a listener on its own overlay address and an OS-chosen
+/// port, and every ordered pair exchanges 1 MiB each way, checked by
+/// SHA-256. The wire carries only QUIC between the hosts' real addresses.
+#[test]
+fn a_gloo_like_full_mesh_runs_over_the_overlay() {
+    let test = "a_gloo_like_full_mesh_runs_over_the_overlay";
+    if !require_netns(test) {
+        return;
+    }
+    let lab = Lab::new(&NAMES).unwrap();
+    let captures: Vec<Capture> = lab
+        .hosts()
+        .iter()
+        .map(|host| Capture::start(host, &lab.dir, &host.name).unwrap())
+        .collect();
+    let configs: Vec<NodeConfig> = (0..3)
+        .map(|index| overlay_config(&lab, index, &[(&["*"], ALL_PORTS)]))
+        .collect();
+    let daemons = start_mesh(&lab, &configs);
+
+    // The rendezvous store, on node-0's overlay address.
+    let store = Store::start(lab.host(0).listen(on_overlay(0, STORE_PORT)).unwrap());
+
+    // A listener per host on its overlay address, port chosen by the OS.
+    let mut servers = Vec::new();
+    let mut published = Vec::new();
+    for index in 0..3 {
+        let listener = lab.host(index).listen(on_overlay(index, 0)).unwrap();
+        let local = listener.local_addr().unwrap();
+        assert_eq!(local.ip(), overlay(index));
+        assert_ne!(local.port(), 0);
+        published.push(local);
+        servers.push(serve_transfers(listener, index, 2));
+    }
+
+    let started = Instant::now();
+    let workers: Vec<JoinHandle<Result<Vec<String>, String>>> = (0..3)
+        .map(|index| {
+            let host = lab.host(index).clone();
+            let me = published[index];
+            thread::spawn(move || mesh_worker(&host, index, me))
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let mut lines = Vec::new();
+    for (index, worker) in workers.into_iter().enumerate() {
+        match worker.join().unwrap() {
+            Ok(done) => lines.extend(done),
+            Err(error) => failures.push(format!("{}: {error}", NAMES[index])),
+        }
+    }
+    let mesh_time = started.elapsed();
+    let mut peers_seen = Vec::new();
+    for (index, server) in servers.into_iter().enumerate() {
+        match server.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(seen)) => peers_seen.push(format!("{} accepted from {seen:?}", NAMES[index])),
+            Ok(Err(error)) => failures.push(format!("{} server: {error}", NAMES[index])),
+            Err(_) => failures.push(format!("{} server: no report in 60 s", NAMES[index])),
+        }
+    }
+    let store_connections = store.stop();
+    assert!(
+        failures.is_empty(),
+        "mesh failed:\n{}\n{}",
+        failures.join("\n"),
+        all_logs(&daemons)
+    );
+    for line in lines.iter().chain(&peers_seen) {
+        println!("{line}");
+    }
+    println!(
+        "FIGURE overlay mesh: rendezvous + 6 ordered pairs x 1 MiB each way in {:.2} s \
+         ({store_connections} store connections)",
+        mesh_time.as_secs_f64()
+    );
+    assert_eq!(store_connections, 3, "one store client per host");
+
+    // The wire: only QUIC between the hosts' real addresses.
+    let stopping: Vec<_> = captures
+        .into_iter()
+        .map(|capture| thread::spawn(move || capture.stop_with_stats()))
+        .collect();
+    let stopped: Vec<(pcap::Capture, Stats)> = stopping
+        .into_iter()
+        .map(|handle| handle.join().unwrap().unwrap())
+        .collect();
+    let addrs: Vec<Ipv4Addr> = lab.hosts().iter().map(|host| host.addr).collect();
+    for (host, (capture, stats)) in lab.hosts().iter().zip(&stopped) {
+        let wire = Wire::of(capture, &addrs);
+        println!(
+            "{}: {} IPv4 packets ({} UDP payload bytes out, {} in), {} ICMP port \
+             unreachable for early QUIC dials, {} IGMP from the switch, {} other frames, \
+             tcpdump dropped {:?}",
+            host.name,
+            capture.packets.len(),
+            wire.udp_from(host.addr),
+            wire.udp_to(host.addr),
+            wire.quic_unreachable,
+            wire.switch_igmp,
+            capture.other_frames,
+            stats.dropped_by_kernel
+        );
+        assert_eq!(capture.truncated, 0, "{}: truncated frames", host.name);
+        assert_eq!(
+            stats.dropped_by_kernel,
+            Some(0),
+            "{}: tcpdump missed frames; the capture is not the whole wire",
+            host.name
+        );
+        assert!(
+            wire.not_quic.is_empty(),
+            "{}: {} IPv4 packets that are not QUIC between lab hosts, e.g. {:?}",
+            host.name,
+            wire.not_quic.len(),
+            &wire.not_quic[..wire.not_quic.len().min(5)]
+        );
+        assert_eq!(
+            wire.marker_in_packets, 0,
+            "{}: plaintext marker in a packet",
+            host.name
+        );
+        assert_eq!(
+            wire.marker_in_flows, 0,
+            "{}: plaintext marker across the packets of a flow",
+            host.name
+        );
+        // Each host sent 2 MiB to the others and 2 MiB of replies: the
+        // data did cross this wire, so the marker's absence means something.
+        let out = wire.udp_from(host.addr);
+        assert!(
+            out >= (4 * MIB) as u64,
+            "{}: only {out} bytes of QUIC left this host",
+            host.name
+        );
+    }
+}
+
+/// One host's part of the mesh: publish, wait for everyone, look the others
+/// up, and exchange 1 MiB each way with each of them.
+fn mesh_worker(host: &Host, index: usize, me: SocketAddr) -> Result<Vec<String>, String> {
+    let store = on_overlay(0, STORE_PORT);
+    let mut kv = Kv::connect(host, store).map_err(|error| format!("store {store}: {error}"))?;
+    kv.request(&format!("SET {} {me}", host.name), "OK")?;
+    kv.request("WAIT 3", "OK")?;
+    let mut done = Vec::new();
+    for (other, name) in NAMES
+        .iter()
+        .enumerate()
+        .filter(|(other, _)| *other != index)
+    {
+        let reply = kv.call(&format!("GET {name}"))?;
+        let addr: SocketAddr = reply
+            .strip_prefix("VALUE ")
+            .and_then(|value| value.parse().ok())
+            .ok_or_else(|| format!("GET {name}: {reply:?}"))?;
+        if addr.ip() != overlay(other) {
+            return Err(format!(
+                "{name} published {addr}, not on its overlay address"
+            ));
+        }
+        let started = Instant::now();
+        transfer(host, index, other, addr)
+            .map_err(|error| format!("to {name} at {addr}: {error}"))?;
+        done.push(format!(
+            "{} -> {name} ({addr}): 1 MiB each way in {:.0} ms",
+            host.name,
+            started.elapsed().as_secs_f64() * 1000.0
+        ));
+    }
+    Ok(done)
+}
+
+/// Sends `from`'s 1 MiB for `to` to `addr` and reads back the SHA-256 of
+/// what arrived and `to`'s 1 MiB reply; checks both.
+fn transfer(host: &Host, from: usize, to: usize, addr: SocketAddr) -> io::Result<()> {
+    let data = marked_stream(seed(from, to), MIB);
+    let mut tcp = host.connect(addr).map_err(io::Error::other)??;
+    tcp.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+    tcp.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+    tcp.write_all(&[u8::try_from(from).unwrap()])?;
+    tcp.write_all(&data)?;
+    tcp.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    tcp.read_to_end(&mut reply)?;
+    if reply.len() != 32 + MIB {
+        return Err(io::Error::other(format!(
+            "{} bytes of reply, expected {}",
+            reply.len(),
+            32 + MIB
+        )));
+    }
+    let sent: [u8; 32] = Sha256::digest(&data).into();
+    if reply[..32] != sent {
+        return Err(io::Error::other("the far side hashed different bytes"));
+    }
+    if reply[32..] != marked_stream(seed(to, from), MIB)[..] {
+        return Err(io::Error::other("the reply differs"));
+    }
+    Ok(())
+}
+
+fn seed(from: usize, to: usize) -> u64 {
+    (from * 16 + to + 1) as u64
+}
+
+/// The listener of host `index`: accepts `count` connections (within 60 s),
+/// each in a thread that reads the sender's index and 1 MiB, answers with
+/// the SHA-256 of those bytes and this host's 1 MiB for the sender.
+/// Reports the peer addresses it accepted from.
+fn serve_transfers(
+    listener: TcpListener,
+    index: usize,
+    count: usize,
+) -> mpsc::Receiver<Result<Vec<SocketAddr>, String>> {
+    let (report, reported) = mpsc::channel();
+    thread::spawn(move || {
+        let result = (|| {
+            let mut handlers = Vec::new();
+            let mut seen = Vec::new();
+            for _ in 0..count {
+                let (tcp, peer) = accept_within(&listener, Duration::from_secs(60))
+                    .map_err(|error| format!("accept: {error}"))?;
+                seen.push(peer);
+                handlers.push(thread::spawn(move || serve_one(tcp, index)));
+            }
+            for handler in handlers {
+                handler
+                    .join()
+                    .map_err(|_| "handler panicked".to_owned())?
+                    .map_err(|error| format!("serving: {error}"))?;
+            }
+            Ok(seen)
+        })();
+        let _ = report.send(result);
+    });
+    reported
+}
+
+fn serve_one(mut tcp: TcpStream, index: usize) -> io::Result<()> {
+    tcp.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+    tcp.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+    let mut received = Vec::new();
+    (&mut tcp).take(2 * MIB as u64).read_to_end(&mut received)?;
+    let Some((&from, data)) = received.split_first() else {
+        return Err(io::Error::other("nothing received"));
+    };
+    if data.len() != MIB {
+        return Err(io::Error::other(format!("{} bytes received", data.len())));
+    }
+    let from = usize::from(from);
+    let digest: [u8; 32] = Sha256::digest(data).into();
+    tcp.write_all(&digest)?;
+    tcp.write_all(&marked_stream(seed(index, from), MIB))?;
+    tcp.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// A tiny rendezvous store (as torch's TCPStore or gloo's): a thread per
+/// connection, lines "SET k v" -> "OK", "GET k" -> "VALUE v" | "NONE",
+/// "WAIT n" -> "OK" once n keys are set (or "TIMEOUT" after 30 s).
+struct Store {
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+    thread: JoinHandle<()>,
+}
+
+type Entries = Arc<(Mutex<HashMap<String, String>>, Condvar)>;
+
+impl Store {
+    fn start(listener: TcpListener) -> Store {
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let entries: Entries = Arc::default();
+        let thread = {
+            let (stop, connections) = (stop.clone(), connections.clone());
+            thread::spawn(move || {
+                listener.set_nonblocking(true).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(240);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match listener.accept() {
+                        Ok((tcp, _)) => {
+                            connections.fetch_add(1, Ordering::Relaxed);
+                            let entries = entries.clone();
+                            thread::spawn(move || {
+                                let _ = store_client(tcp, &entries);
+                            });
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        };
+        Store {
+            stop,
+            connections,
+            thread,
+        }
+    }
+
+    /// Stops accepting; returns how many connections the store accepted.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+fn store_client(tcp: TcpStream, entries: &Entries) -> io::Result<()> {
+    tcp.set_nonblocking(false)?;
+    tcp.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+    tcp.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+    let mut writer = tcp.try_clone()?;
+    let (map, changed) = &**entries;
+    for line in BufReader::new(tcp).lines() {
+        let line = line?;
+        let mut words = line.splitn(3, ' ');
+        let reply = match (words.next(), words.next(), words.next()) {
+            (Some("SET"), Some(key), Some(value)) => {
+                map.lock().unwrap().insert(key.to_owned(), value.to_owned());
+                changed.notify_all();
+                "OK".to_owned()
+            }
+            (Some("GET"), Some(key), None) => match map.lock().unwrap().get(key) {
+                Some(value) => format!("VALUE {value}"),
+                None => "NONE".to_owned(),
+            },
+            (Some("WAIT"), Some(count), None) => {
+                let count: usize = count.parse().unwrap_or(usize::MAX);
+                let guard = map.lock().unwrap();
+                let (guard, _) = changed
+                    .wait_timeout_while(guard, SOCKET_TIMEOUT, |map| map.len() < count)
+                    .unwrap();
+                if guard.len() >= count {
+                    "OK".to_owned()
+                } else {
+                    "TIMEOUT".to_owned()
+                }
+            }
+            _ => format!("ERROR {line:?}"),
+        };
+        writer.write_all(format!("{reply}\n").as_bytes())?;
+    }
+    Ok(())
+}
+
+/// A store client inside a host.
+struct Kv {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Kv {
+    fn connect(host: &Host, store: SocketAddr) -> io::Result<Kv> {
+        let tcp = host.connect(store).map_err(io::Error::other)??;
+        tcp.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+        tcp.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+        Ok(Kv {
+            writer: tcp.try_clone()?,
+            reader: BufReader::new(tcp),
+        })
+    }
+
+    fn call(&mut self, line: &str) -> Result<String, String> {
+        let mut exchange = || -> io::Result<String> {
+            self.writer.write_all(format!("{line}\n").as_bytes())?;
+            let mut reply = String::new();
+            if self.reader.read_line(&mut reply)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "store closed"));
+            }
+            Ok(reply.trim_end().to_owned())
+        };
+        exchange().map_err(|error| format!("{line:?}: {error}"))
+    }
+
+    fn request(&mut self, line: &str, expected: &str) -> Result<(), String> {
+        let reply = self.call(line)?;
+        if reply == expected {
+            Ok(())
+        } else {
+            Err(format!("{line:?}: store answered {reply:?}"))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. A vLLM-shaped pyzmq exchange over the overlay.
+
+/// A ROUTER on node-0's overlay address, DEALERs on node-1 and node-2; the
+/// ROUTER announces a PULL port zmq picked (`bind_to_random_port`), and the
+/// DEALER hosts push messages to it.
+#[test]
+fn a_vllm_shaped_zmq_exchange_runs_over_the_overlay() {
+    let test = "a_vllm_shaped_zmq_exchange_runs_over_the_overlay";
+    if !require_netns(test) {
+        return;
+    }
+    if !require_tool(
+        test,
+        "python3 with pyzmq",
+        Command::new("python3").args(["-c", "import zmq"]),
+    ) {
+        return;
+    }
+    let lab = Lab::new(&NAMES).unwrap();
+    let configs: Vec<NodeConfig> = (0..3)
+        .map(|index| overlay_config(&lab, index, &[(&["*"], ALL_PORTS)]))
+        .collect();
+    let daemons = start_mesh(&lab, &configs);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/zmq_overlay.py");
+    let address = overlay(0).to_string();
+    let port = 29600;
+    let messages = "500";
+
+    let mut router = lab.host(0).command("python3");
+    router.arg(&script).args([
+        "router",
+        "--address",
+        &address,
+        "--port",
+        &port.to_string(),
+        "--dealers",
+        "2",
+        "--messages",
+        messages,
+        "--timeout",
+        "60",
+    ]);
+    let router = Process::spawn(router);
+    assert!(wait_listening(lab.host(0), port), "ROUTER did not listen");
+
+    let started = Instant::now();
+    let dealers: Vec<Process> = [1, 2]
+        .into_iter()
+        .map(|rank| {
+            let mut dealer = lab.host(rank).command("python3");
+            dealer.arg(&script).args([
+                "dealer",
+                "--address",
+                &address,
+                "--port",
+                &port.to_string(),
+                "--rank",
+                &rank.to_string(),
+                "--messages",
+                messages,
+                "--timeout",
+                "50",
+            ]);
+            Process::spawn(dealer)
+        })
+        .collect();
+    let dealer_results: Vec<_> = dealers
+        .into_iter()
+        .map(|dealer| dealer.finish(Duration::from_secs(70)))
+        .collect();
+    let took = started.elapsed();
+    let (router_status, router_out, router_err) = router.finish(Duration::from_secs(20));
+    let mut logs = format!("--- router ---\n{router_out}{router_err}\n");
+    for (rank, (_, out, err)) in dealer_results.iter().enumerate() {
+        logs.push_str(&format!("--- dealer {} ---\n{out}{err}\n", rank + 1));
+    }
+    logs.push_str(&all_logs(&daemons));
+    println!(
+        "FIGURE overlay zmq: {} in {:.2} s",
+        router_out.lines().last().unwrap_or_default(),
+        took.as_secs_f64()
+    );
+    for (rank, (status, out, _)) in dealer_results.iter().enumerate() {
+        assert!(
+            status.is_some_and(|status| status.success()),
+            "dealer {} failed ({status:?})\n{logs}",
+            rank + 1
+        );
+        assert!(
+            out.contains(&format!(
+                "dealer-{} OK messages={messages} pull=tcp://{address}:",
+                rank + 1
+            )),
+            "{logs}"
+        );
+    }
+    assert!(
+        router_status.is_some_and(|status| status.success()),
+        "ROUTER side failed ({router_status:?})\n{logs}"
+    );
+    assert!(
+        router_out.contains("router OK dealers=2 messages=1000"),
+        "{logs}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Refusals.
+
+/// node-0 lets only node-1 reach ports 20000-30000 of its overlay address.
+/// node-1 reaching 40000 (where a listener waits) and node-2 reaching 25000
+/// are both reset within 5 s, and neither listener ever sees them; so is a
+/// connection to an address in the prefix that no peer has.
+#[test]
+fn the_overlay_resets_ports_and_peers_that_are_not_allowed() {
+    let test = "the_overlay_resets_ports_and_peers_that_are_not_allowed";
+    if !require_netns(test) {
+        return;
+    }
+    let lab = Lab::new(&NAMES).unwrap();
+    let configs: Vec<NodeConfig> = (0..3)
+        .map(|index| {
+            if index == 0 {
+                overlay_config(&lab, index, &[(&["node-1"], "20000-30000")])
+            } else {
+                overlay_config(&lab, index, &[(&["*"], ALL_PORTS)])
+            }
+        })
+        .collect();
+    let daemons = start_mesh(&lab, &configs);
+    let head = lab.host(0);
+    let allowed = Echo::start(head.listen(on_overlay(0, 25000)).unwrap());
+    let outside = Echo::start(head.listen(on_overlay(0, 40000)).unwrap());
+
+    // Control: node-1 reaches the allowed port.
+    let mut tcp = lab.host(1).connect(on_overlay(0, 25000)).unwrap().unwrap();
+    tcp.set_read_timeout(Some(SOCKET_TIMEOUT)).unwrap();
+    tcp.write_all(b"hello").unwrap();
+    let mut reply = [0u8; 5];
+    tcp.read_exact(&mut reply)
+        .unwrap_or_else(|error| panic!("control: {error}\n{}", all_logs(&daemons)));
+    assert_eq!(&reply, b"hello");
+    drop(tcp);
+
+    // 100.127.0.9 is inside the prefix but no peer's address.
+    let nobody = SocketAddr::new(Ipv4Addr::new(100, 127, 0, 9).into(), 25000);
+    let cases = [
+        (
+            "node-1 to a port outside 20000-30000",
+            1,
+            on_overlay(0, 40000),
+        ),
+        (
+            "node-2, not allowed, to an allowed port",
+            2,
+            on_overlay(0, 25000),
+        ),
+        (
+            "node-2, not allowed, to a port outside",
+            2,
+            on_overlay(0, 40000),
+        ),
+        ("node-1 to an overlay address no peer has", 1, nobody),
+    ];
+    for (what, from, target) in cases {
+        let started = Instant::now();
+        let outcome = reset_outcome(lab.host(from), target);
+        let took = started.elapsed();
+        println!("FIGURE overlay refusal, {what}: {outcome} after {took:.2?}");
+        assert!(
+            outcome.starts_with("reset"),
+            "{what}: {outcome}\n{}",
+            all_logs(&daemons)
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{what}: the reset took {took:?}"
+        );
+    }
+    let head_log = daemons[0].log_since_start();
+    for line in head_log
+        .lines()
+        .filter(|line| line.contains("40000") || line.contains("node-2"))
+        .filter(|line| !line.contains("peer connected"))
+        .take(6)
+    {
+        println!("node-0 logged: {line}");
+    }
+    assert_eq!(
+        allowed.stop(),
+        1,
+        "the allowed listener saw only the control connection"
+    );
+    assert_eq!(
+        outside.stop(),
+        0,
+        "the listener outside the range saw nothing"
+    );
+}
+
+/// What happens to a client of `target` on `host`: "reset ..." when the
+/// connection was reset, anything else otherwise.
+fn reset_outcome(host: &Host, target: SocketAddr) -> String {
+    let is_reset = |error: &io::Error| {
+        matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        )
+    };
+    let mut tcp = match host.connect(target).unwrap() {
+        Ok(tcp) => tcp,
+        Err(error) if is_reset(&error) => return format!("reset at connect: {error}"),
+        Err(error) => return format!("connect failed otherwise: {error}"),
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    if let Err(error) = tcp.write_all(b"hello") {
+        return if is_reset(&error) {
+            format!("reset at write: {error}")
+        } else {
+            format!("write failed otherwise: {error}")
+        };
+    }
+    let mut reply = [0u8; 5];
+    match tcp.read(&mut reply) {
+        Ok(0) => "clean EOF (a refusal must be a reset)".to_owned(),
+        Ok(read) => format!("received {read} bytes: {:?}", &reply[..read]),
+        Err(error) if is_reset(&error) => format!("reset at read: {error}"),
+        Err(error) => format!("read failed otherwise: {error}"),
+    }
+}
+
+/// An echo service that counts the connections it accepts.
+struct Echo {
+    /// The port it listens on.
+    port: u16,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: JoinHandle<()>,
+}
+
+impl Echo {
+    fn start(listener: TcpListener) -> Echo {
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            thread::spawn(move || {
+                listener.set_nonblocking(true).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(240);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match listener.accept() {
+                        Ok((tcp, _)) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            thread::spawn(move || {
+                                let _ = echo_once(tcp);
+                            });
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        };
+        Echo {
+            port,
+            stop,
+            accepted,
+            thread,
+        }
+    }
+
+    /// Stops the service; returns how many connections it accepted.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+fn echo_once(mut tcp: TcpStream) -> io::Result<()> {
+    tcp.set_nonblocking(false)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut buffer = [0u8; 1024];
+    loop {
+        let read = tcp.read(&mut buffer)?;
+        if read == 0 {
+            return Ok(());
+        }
+        tcp.write_all(&buffer[..read])?;
+    }
+}
+
+/// An echo round trip from `host` to `target` through the overlay.
+fn echo_works(host: &Host, target: SocketAddr) -> Result<(), String> {
+    let exchange = || -> io::Result<()> {
+        let mut tcp = host.connect(target).map_err(io::Error::other)??;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.write_all(b"ping")?;
+        let mut reply = [0u8; 4];
+        tcp.read_exact(&mut reply)?;
+        if &reply == b"ping" {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("echoed {reply:?}")))
+        }
+    };
+    exchange().map_err(|error| format!("{} -> {target}: {error}", host.name))
+}
+
+// ---------------------------------------------------------------------------
+// 4. Cleanup.
+
+/// With `manage = true`: the interface and table exist while the daemon
+/// runs, are gone after SIGTERM, a restart after `kill -9` leaves exactly
+/// one of each (the same table as a clean start), and a final stop leaves
+/// none.
+#[test]
+fn a_managed_overlay_is_removed_at_stop_and_replaced_after_a_crash() {
+    let test = "a_managed_overlay_is_removed_at_stop_and_replaced_after_a_crash";
+    if !require_netns(test) {
+        return;
+    }
+    let lab = Lab::new(&NAMES).unwrap();
+    let head = lab.host(0);
+    let configs: Vec<NodeConfig> = (0..3)
+        .map(|index| overlay_config(&lab, index, &[(&["*"], ALL_PORTS)]))
+        .collect();
+    assert_eq!(overlay_state(head), (0, 0), "a fresh host has no overlay");
+
+    // A clean start and stop, with node-1 using the overlay meanwhile.
+    let mut head_daemon = lab.start(0, &configs[0]).unwrap();
+    let mut other_daemon = lab.start(1, &configs[1]).unwrap();
+    wait_connected(&head_daemon, &["node-1"]);
+    wait_connected(&other_daemon, &["node-0"]);
+    assert_eq!(
+        overlay_state(head),
+        (1, 1),
+        "one table and one interface while running"
+    );
+    let table = nft_table(head).unwrap();
+    let addresses = host_output(head, "ip", &["-o", "-4", "addr", "show", "dev", INTERFACE]).1;
+    println!("--- {TABLE} on node-0 ---\n{table}--- {INTERFACE} ---\n{addresses}");
+    assert_eq!(
+        addresses.matches(&format!("inet {}/", overlay(0))).count(),
+        1,
+        "{INTERFACE} holds node-0's overlay address once:\n{addresses}"
+    );
+    let rules = rule_count(&table);
+    check_echo(&lab, &[&head_daemon, &other_daemon]);
+
+    let stopped = Instant::now();
+    head_daemon.terminate();
+    let status = head_daemon.wait_exit(Duration::from_secs(10));
+    println!(
+        "FIGURE overlay SIGTERM stop: {status:?} after {:.2?}",
+        stopped.elapsed()
+    );
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "SIGTERM: {status:?}\n{}",
+        head_daemon.log_since_start()
+    );
+    let (table_check, table_text) = host_output(head, "nft", &["list", "table", "ip", TABLE]);
+    assert!(!table_check, "the table outlived SIGTERM:\n{table_text}");
+    let (link_check, link_text) = host_output(head, "ip", &["link", "show", INTERFACE]);
+    assert!(!link_check, "the interface outlived SIGTERM:\n{link_text}");
+    assert_eq!(overlay_state(head), (0, 0));
+
+    // A crash: kill -9 leaves the table and interface behind ...
+    let mut crashed = lab.start(0, &configs[0]).unwrap();
+    assert_eq!(overlay_state(head), (1, 1));
+    crashed.kill();
+    let left = overlay_state(head);
+    println!(
+        "after kill -9: {} table(s), {} interface(s) left behind",
+        left.0, left.1
+    );
+    // ... and a restart takes them over: exactly one of each, the same
+    // rules as a clean start, and the overlay works again.
+    let mut restarted = lab.start(0, &configs[0]).unwrap();
+    let tables = host_output(head, "nft", &["list", "tables"]).1;
+    assert_eq!(
+        tables.matches(&format!("table ip {TABLE}")).count(),
+        1,
+        "`nft list tables` after the restart:\n{tables}"
+    );
+    assert_eq!(overlay_state(head), (1, 1));
+    let again = nft_table(head).unwrap();
+    assert_eq!(
+        rule_count(&again),
+        rules,
+        "the restart left a different table:\n--- first ---\n{table}--- now ---\n{again}"
+    );
+    let addresses = host_output(head, "ip", &["-o", "-4", "addr", "show", "dev", INTERFACE]).1;
+    assert_eq!(
+        addresses.matches(&format!("inet {}/", overlay(0))).count(),
+        1,
+        "{addresses}"
+    );
+    wait_connected(&restarted, &["node-1"]);
+    check_echo(&lab, &[&restarted, &other_daemon]);
+
+    // A final stop leaves nothing, on either host.
+    restarted.terminate();
+    other_daemon.terminate();
+    assert!(restarted
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|status| status.success()));
+    assert!(other_daemon
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|status| status.success()));
+    assert_eq!(overlay_state(head), (0, 0), "node-0 after the final stop");
+    assert_eq!(
+        overlay_state(lab.host(1)),
+        (0, 0),
+        "node-1 after the final stop"
+    );
+}
+
+/// With `manage = false` (the default), `meshtun overlay up` sets the host
+/// up (idempotently), the daemon carries connections without touching the
+/// set-up, leaves it in place when it stops, and `meshtun overlay down`
+/// removes it (also idempotently).
+#[test]
+fn meshtun_overlay_up_and_down_set_up_an_unmanaged_overlay() {
+    let test = "meshtun_overlay_up_and_down_set_up_an_unmanaged_overlay";
+    if !require_netns(test) {
+        return;
+    }
+    let lab = Lab::new(&NAMES).unwrap();
+    let configs: Vec<NodeConfig> = (0..2)
+        .map(|index| {
+            let mut config = overlay_config(&lab, index, &[(&["*"], ALL_PORTS)]);
+            config.overlay.as_mut().unwrap().manage = None;
+            config
+        })
+        .collect();
+    let overlay_command = |index: usize, verb: &str| -> (bool, String) {
+        let path = lab.dir.join(format!("{}-overlay.toml", NAMES[index]));
+        std::fs::write(&path, configs[index].to_toml()).unwrap();
+        let path = path.display().to_string();
+        host_output(
+            lab.host(index),
+            &lab.binary().display().to_string(),
+            &["overlay", verb, "-c", &path],
+        )
+    };
+    for (index, name) in NAMES.iter().enumerate().take(2) {
+        for round in 0..2 {
+            let (ok, text) = overlay_command(index, "up");
+            assert!(ok, "overlay up (round {round}) on {name}:\n{text}");
+            if index == 0 && round == 0 {
+                println!("meshtun overlay up on node-0:\n{text}");
+            }
+            assert_eq!(overlay_state(lab.host(index)), (1, 1), "{name}");
+        }
+    }
+    let mut daemons: Vec<Daemon> = configs
+        .iter()
+        .enumerate()
+        .map(|(index, config)| lab.start(index, config).unwrap())
+        .collect();
+    wait_connected(&daemons[0], &["node-1"]);
+    wait_connected(&daemons[1], &["node-0"]);
+    check_echo(&lab, &[&daemons[0], &daemons[1]]);
+
+    for daemon in &mut daemons {
+        daemon.terminate();
+        assert!(daemon
+            .wait_exit(Duration::from_secs(10))
+            .is_some_and(|status| status.success()));
+    }
+    for (index, name) in NAMES.iter().enumerate().take(2) {
+        assert_eq!(
+            overlay_state(lab.host(index)),
+            (1, 1),
+            "an unmanaged set-up outlives the daemon on {name}"
+        );
+        for round in 0..2 {
+            let (ok, text) = overlay_command(index, "down");
+            assert!(ok, "overlay down (round {round}) on {name}:\n{text}");
+            assert_eq!(overlay_state(lab.host(index)), (0, 0), "{name}");
+        }
+    }
+}
+
+/// An echo service on node-0's overlay address, reached from node-1 (retried
+/// for up to 30 s while node-1's dialer, which may be backing off for up to
+/// `reconnect_max` = 10 s, comes back to a restarted node-0).
+fn check_echo(lab: &Lab, daemons: &[&Daemon]) {
+    let echo = Echo::start(lab.host(0).listen(on_overlay(0, 0)).unwrap());
+    let target = on_overlay(0, echo.port);
+    let mut last = String::new();
+    let started = Instant::now();
+    let ok = wait_until(Duration::from_secs(30), || {
+        match echo_works(lab.host(1), target) {
+            Ok(()) => true,
+            Err(error) => {
+                last = error;
+                thread::sleep(Duration::from_millis(200));
+                false
+            }
+        }
+    });
+    let logs: Vec<String> = daemons
+        .iter()
+        .map(|daemon| format!("--- {} ---\n{}", daemon.host(), daemon.log_since_start()))
+        .collect();
+    assert!(
+        ok,
+        "the overlay did not carry an echo: {last}\n{}",
+        logs.join("\n")
+    );
+    println!(
+        "echo from node-1 through the overlay after {:.2?}",
+        started.elapsed()
+    );
+    echo.stop();
+}
+
+/// (tables named [`TABLE`], interfaces named [`INTERFACE`]) in `host`.
+fn overlay_state(host: &Host) -> (usize, usize) {
+    let tables = host_output(host, "nft", &["list", "tables"]).1;
+    let tables = tables
+        .lines()
+        .filter(|line| line.trim() == format!("table ip {TABLE}"))
+        .count();
+    let links = host_output(host, "ip", &["-o", "link", "show"]).1;
+    let links = links
+        .lines()
+        .filter(|line| {
+            line.split(':')
+                .nth(1)
+                .is_some_and(|name| name.trim().split('@').next() == Some(INTERFACE))
+        })
+        .count();
+    (tables, links)
+}
+
+fn nft_table(host: &Host) -> Option<String> {
+    let (ok, text) = host_output(host, "nft", &["list", "table", "ip", TABLE]);
+    ok.then_some(text)
+}
+
+/// Rule lines in `nft list table` output (lines inside a chain that are
+/// not the chain's `type ... hook ...` line or braces).
+fn rule_count(table: &str) -> usize {
+    table
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            !line.is_empty()
+                && !line.starts_with("table ")
+                && !line.starts_with("chain ")
+                && !line.starts_with("type ")
+                && !line.starts_with("set ")
+                && !line.starts_with("elements ")
+                && !line.starts_with("flags ")
+                && !line.starts_with("policy ")
+                && *line != "}"
+        })
+        .count()
+}
+
+/// Runs `program args` inside `host`: (success, stdout + stderr).
+fn host_output(host: &Host, program: &str, args: &[&str]) -> (bool, String) {
+    let output = host
+        .command(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The wire.
+
+/// What one capture shows.
+struct Wire {
+    /// UDP payload bytes per (source, destination, source port, destination port).
+    flows: Vec<(Flow, u64)>,
+    /// IPv4 packets that are not UDP to or from the QUIC port between two
+    /// lab hosts' real addresses (TCP to an overlay port, say).
+    not_quic: Vec<String>,
+    /// ICMP "port unreachable" answers to QUIC packets sent to a host
+    /// whose daemon was not up yet (the mesh starts one daemon at a time).
+    quic_unreachable: usize,
+    /// IGMP membership reports of the lab switch's bridge.
+    switch_igmp: usize,
+    /// Marker copies inside single packets.
+    marker_in_packets: usize,
+    /// Marker copies in each flow's payloads concatenated in capture order.
+    marker_in_flows: usize,
+}
+
+type Flow = (Ipv4Addr, Ipv4Addr, Option<u16>, Option<u16>);
+
+impl Wire {
+    fn of(capture: &pcap::Capture, hosts: &[Ipv4Addr]) -> Wire {
+        let mut wire = Wire {
+            flows: Vec::new(),
+            not_quic: Vec::new(),
+            quic_unreachable: 0,
+            switch_igmp: 0,
+            marker_in_packets: 0,
+            marker_in_flows: 0,
+        };
+        let mut flow_index: HashMap<Flow, usize> = HashMap::new();
+        let mut tails: Vec<Vec<u8>> = Vec::new();
+        for packet in &capture.packets {
+            let quic = packet.protocol == 17
+                && (packet.src_port == Some(meshtun_lab::QUIC_PORT)
+                    || packet.dst_port == Some(meshtun_lab::QUIC_PORT))
+                && hosts.contains(&packet.src)
+                && hosts.contains(&packet.dst);
+            if !quic {
+                if is_quic_port_unreachable(packet, hosts) {
+                    wire.quic_unreachable += 1;
+                } else if packet.protocol == 2
+                    && packet.src.is_unspecified()
+                    && packet.dst.octets()[..3] == [224, 0, 0]
+                {
+                    // IGMP from the lab switch's own bridge (it has no
+                    // address, hence 0.0.0.0), flooded to every port.
+                    wire.switch_igmp += 1;
+                } else {
+                    wire.not_quic.push(describe(packet));
+                }
+            }
+            wire.marker_in_packets += count_marker(&packet.payload);
+            let flow = (packet.src, packet.dst, packet.src_port, packet.dst_port);
+            let index = *flow_index.entry(flow).or_insert_with(|| {
+                wire.flows.push((flow, 0));
+                tails.push(Vec::new());
+                wire.flows.len() - 1
+            });
+            wire.flows[index].1 += packet.payload.len() as u64;
+            let tail = &mut tails[index];
+            tail.extend_from_slice(&packet.payload);
+            wire.marker_in_flows += count_marker(tail);
+            let keep = tail.len().min(MARKER.len() - 1);
+            tail.drain(..tail.len() - keep);
+        }
+        wire
+    }
+
+    fn udp_from(&self, addr: Ipv4Addr) -> u64 {
+        self.flows
+            .iter()
+            .filter(|(flow, _)| flow.0 == addr)
+            .map(|(_, bytes)| bytes)
+            .sum()
+    }
+
+    fn udp_to(&self, addr: Ipv4Addr) -> u64 {
+        self.flows
+            .iter()
+            .filter(|(flow, _)| flow.1 == addr)
+            .map(|(_, bytes)| bytes)
+            .sum()
+    }
+}
+
+/// Whether `packet` is an ICMP port unreachable between two lab hosts that
+/// quotes a UDP packet the other way to the QUIC port: a dial that arrived
+/// before the far daemon listened.
+fn is_quic_port_unreachable(packet: &Packet, hosts: &[Ipv4Addr]) -> bool {
+    let icmp = &packet.payload;
+    if packet.protocol != 1 || icmp.len() < 8 + 20 + 8 || icmp[0] != 3 || icmp[1] != 3 {
+        return false;
+    }
+    let inner = &icmp[8..];
+    let header = usize::from(inner[0] & 0x0f) * 4;
+    let address = |at: usize| Ipv4Addr::new(inner[at], inner[at + 1], inner[at + 2], inner[at + 3]);
+    let Some(udp) = inner.get(header..header + 8) else {
+        return false;
+    };
+    inner[9] == 17
+        && address(12) == packet.dst
+        && address(16) == packet.src
+        && hosts.contains(&packet.src)
+        && hosts.contains(&packet.dst)
+        && u16::from_be_bytes([udp[2], udp[3]]) == meshtun_lab::QUIC_PORT
+}
+
+fn describe(packet: &Packet) -> String {
+    format!(
+        "proto {} {}:{:?} -> {}:{:?} ({} bytes)",
+        packet.protocol,
+        packet.src,
+        packet.src_port,
+        packet.dst,
+        packet.dst_port,
+        packet.payload.len()
+    )
+}
+
+/// `len` bytes of xorshift noise with [`MARKER`] written every 1000 to
+/// 3047 bytes.
+fn marked_stream(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        data.extend_from_slice(&next().to_le_bytes());
+    }
+    data.truncate(len);
+    let mut at = (next() % 1000) as usize;
+    while at + MARKER.len() <= len {
+        data[at..at + MARKER.len()].copy_from_slice(MARKER);
+        at += MARKER.len() + 1000 + (next() % 2048) as usize;
+    }
+    data
+}
+
+/// How many times [`MARKER`] occurs in `haystack` (every copy covers one
+/// byte whose index is `MARKER.len() - 1` modulo `MARKER.len()`).
+fn count_marker(haystack: &[u8]) -> usize {
+    let width = MARKER.len();
+    let mut count = 0;
+    let mut at = width - 1;
+    while at < haystack.len() {
+        let byte = haystack[at];
+        for (offset, _) in MARKER.iter().enumerate().filter(|(_, &m)| m == byte) {
+            let start = at - offset;
+            if haystack.get(start..start + width) == Some(MARKER.as_slice()) {
+                count += 1;
+            }
+        }
+        at += width;
+    }
+    count
+}
+
+// ---------------------------------------------------------------------------
+// Shared helpers.
+
+/// Whether `command` (a probe for a tool the test needs) succeeds; if not,
+/// prints a SKIP line, or fails the test when `MESHTUN_REQUIRE_NETNS=1`.
+fn require_tool(test: &str, what: &str, command: &mut Command) -> bool {
+    let ok = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !ok {
+        if std::env::var(REQUIRE_ENV).is_ok_and(|value| value == "1") {
+            panic!("{test}: {REQUIRE_ENV}=1 but {what} is missing");
+        }
+        println!("SKIP {test}: {what} is missing");
+    }
+    ok
+}
+
+/// A process inside a host that is killed when dropped, with its output
+/// collected on threads so that a full pipe never blocks it.
+struct Process {
+    child: Child,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+fn collect(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<String>> {
+    pipe.map(|mut pipe| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    })
+}
+
+impl Process {
+    fn spawn(mut command: Command) -> Process {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = collect(child.stdout.take());
+        let stderr = collect(child.stderr.take());
+        Process {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits at most `timeout` for the exit; kills the process if it runs
+    /// longer. Returns its status (`None` if it was killed) and output.
+    fn finish(mut self, timeout: Duration) -> (Option<ExitStatus>, String, String) {
+        let deadline = Instant::now() + timeout;
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                status = Some(exit);
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let stdout = self.stdout.take().map(|thread| thread.join().unwrap());
+        let stderr = self.stderr.take().map(|thread| thread.join().unwrap());
+        (
+            status,
+            stdout.unwrap_or_default(),
+            stderr.unwrap_or_default(),
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (at most 10 s) until something listens on TCP `port` in `host`.
+fn wait_listening(host: &Host, port: u16) -> bool {
+    let filter = format!("sport = :{port}");
+    wait_until(Duration::from_secs(10), || {
+        host.command("ss")
+            .args(["-Hltn", &filter])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|output| !output.stdout.is_empty())
+    })
+}
+
+/// Accepts one connection within `timeout`.
+fn accept_within(listener: &TcpListener, timeout: Duration) -> io::Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((tcp, peer)) => {
+                tcp.set_nonblocking(false)?;
+                return Ok((tcp, peer));
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no connection to accept",
+                    ));
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Waits (at most 30 s) until `daemon` logged an outgoing connection to
+/// each of `peers`.
+fn wait_connected(daemon: &Daemon, peers: &[&str]) {
+    let connected = |log: &str, peer: &str| {
+        log.lines().any(|line| {
+            line.contains(&format!("peer{{peer={peer}}}"))
+                && line.contains("peer connected remote=")
+        })
+    };
+    let done = wait_until(Duration::from_secs(30), || {
+        let log = daemon.log_since_start();
+        peers.iter().all(|peer| connected(&log, peer))
+    });
+    assert!(
+        done,
+        "{} did not connect to {peers:?}:\n{}",
+        daemon.host(),
+        daemon.log_since_start()
+    );
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
