@@ -104,6 +104,8 @@ pub enum ReloadError {
 /// How long shutdown waits for reset stream tasks to end before it closes
 /// the endpoint under them.
 const ABORT_WAIT: Duration = Duration::from_secs(1);
+/// How long shutdown lets the QUIC close frames leave before it exits.
+const CLOSE_WAIT: Duration = Duration::from_millis(200);
 
 /// What a reload may change without a restart: who may reach which service
 /// or overlay port, and the timeouts of the forwarding path. Replaced whole,
@@ -962,13 +964,14 @@ impl Node {
             .close(VarInt::from_u32(code.to_u32()), code.reason());
         shared.closing.cancel();
         shared.tasks.close();
-        // Connection tasks end once the endpoint is closed; waiting for the
-        // close frames to go out is bounded so a vanished peer cannot hold us.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            shared.tasks.wait().await;
-            self.endpoint.wait_idle().await;
-        })
-        .await;
+        // Connection tasks end once the endpoint is closed.
+        let _ = tokio::time::timeout(Duration::from_secs(2), shared.tasks.wait()).await;
+        // The close frames go out at once; `wait_idle` would also sit out
+        // QUIC's draining period (three probe timeouts, over a second early
+        // in a connection's life), which only guards against a lost close
+        // frame. A short wait lets them leave; a peer that missed one gets a
+        // stateless reset on its next packet.
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         if let Some(overlay) = managed_overlay {
             if let Err(error) = overlay::setup_down_blocking(overlay).await {
                 warn!(%error, "could not remove the overlay set-up");
