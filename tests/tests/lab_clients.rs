@@ -5,121 +5,18 @@
 // A panic in test code is a failed test, which is what an unwrap here means.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
+mod lab_support;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::{self, JoinHandle};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshtun_lab::{require_netns, Host, Lab, REQUIRE_ENV};
+use lab_support::{require_tool, wait_listening, Process};
+use meshtun_lab::{require_netns, Host, Lab};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
-}
-
-/// Whether `command` (a probe for a tool the test needs) succeeds; if not,
-/// prints a SKIP line, or fails the test when `MESHTUN_REQUIRE_NETNS=1`.
-fn require_tool(test: &str, what: &str, command: &mut Command) -> bool {
-    let ok = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !ok {
-        if std::env::var(REQUIRE_ENV).is_ok_and(|value| value == "1") {
-            panic!("{test}: {REQUIRE_ENV}=1 but {what} is missing");
-        }
-        println!("SKIP {test}: {what} is missing");
-    }
-    ok
-}
-
-/// A process inside a host that is killed when dropped, with its output
-/// collected on threads so that a full pipe never blocks it.
-struct Process {
-    child: Child,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-fn collect(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<String>> {
-    pipe.map(|mut pipe| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    })
-}
-
-impl Process {
-    fn spawn(mut command: Command) -> Process {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = collect(child.stdout.take());
-        let stderr = collect(child.stderr.take());
-        Process {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits at most `timeout` for the exit; kills the process if it runs
-    /// longer. Returns its status (`None` if it was killed) and output.
-    fn finish(mut self, timeout: Duration) -> (Option<ExitStatus>, String, String) {
-        let deadline = Instant::now() + timeout;
-        let mut status = None;
-        while Instant::now() < deadline {
-            if let Ok(Some(exit)) = self.child.try_wait() {
-                status = Some(exit);
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        if status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let stdout = self.stdout.take().map(|thread| thread.join().unwrap());
-        let stderr = self.stderr.take().map(|thread| thread.join().unwrap());
-        (
-            status,
-            stdout.unwrap_or_default(),
-            stderr.unwrap_or_default(),
-        )
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits (at most 10 s) until something listens on TCP `port` in `host`.
-fn wait_listening(host: &Host, port: u16) -> bool {
-    let filter = format!("sport = :{port}");
-    for _ in 0..500 {
-        let listening = host
-            .command("ss")
-            .args(["-Hltn", &filter])
-            .stdin(Stdio::null())
-            .output()
-            .is_ok_and(|output| !output.stdout.is_empty());
-        if listening {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// Starts node-b exposing `service` at `target` to node-a, and node-a

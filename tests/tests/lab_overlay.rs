@@ -18,19 +18,25 @@
 // A panic in test code is a failed test, which is what an unwrap here means.
 #![allow(clippy::unwrap_used)]
 
+mod lab_support;
+
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use lab_support::{
+    accept_within, marked_stream, require_tool, reset_outcome, wait_connected, wait_listening,
+    wait_until, Echo, Noise, Process, Wire,
+};
 use meshtun_lab::capture::{Capture, Stats};
-use meshtun_lab::pcap::{self, Packet};
-use meshtun_lab::{require_netns, Daemon, Host, Lab, NodeConfig, OverlaySection, REQUIRE_ENV};
+use meshtun_lab::pcap;
+use meshtun_lab::{require_netns, Daemon, Host, Lab, NodeConfig, OverlaySection};
 use sha2::{Digest, Sha256};
 
 const NAMES: [&str; 3] = ["node-0", "node-1", "node-2"];
@@ -90,7 +96,7 @@ fn start_mesh(lab: &Lab, configs: &[NodeConfig]) -> Vec<Daemon> {
             .filter(|(other, _)| *other != index)
             .map(|(_, name)| *name)
             .collect();
-        wait_connected(daemon, &others);
+        wait_connected(daemon, &others, Duration::from_secs(30));
     }
     daemons
 }
@@ -246,7 +252,7 @@ fn a_gloo_like_full_mesh_runs_over_the_overlay() {
         .collect();
     let addrs: Vec<Ipv4Addr> = lab.hosts().iter().map(|host| host.addr).collect();
     for (host, (capture, stats)) in lab.hosts().iter().zip(&stopped) {
-        let wire = Wire::of(capture, &addrs);
+        let wire = Wire::of(capture, &addrs, MARKER, Noise::Counted);
         println!(
             "{}: {} IPv4 packets ({} UDP payload bytes out, {} in), {} ICMP port \
              unreachable for early QUIC dials, {} IGMP from the switch, {} other frames, \
@@ -333,7 +339,7 @@ fn mesh_worker(host: &Host, index: usize, me: SocketAddr) -> Result<Vec<String>,
 /// Sends `from`'s 1 MiB for `to` to `addr` and reads back the SHA-256 of
 /// what arrived and `to`'s 1 MiB reply; checks both.
 fn transfer(host: &Host, from: usize, to: usize, addr: SocketAddr) -> io::Result<()> {
-    let data = marked_stream(seed(from, to), MIB);
+    let data = marked_stream(MARKER, seed(from, to), MIB).0;
     let mut tcp = host.connect(addr).map_err(io::Error::other)??;
     tcp.set_read_timeout(Some(SOCKET_TIMEOUT))?;
     tcp.set_write_timeout(Some(SOCKET_TIMEOUT))?;
@@ -353,7 +359,7 @@ fn transfer(host: &Host, from: usize, to: usize, addr: SocketAddr) -> io::Result
     if reply[..32] != sent {
         return Err(io::Error::other("the far side hashed different bytes"));
     }
-    if reply[32..] != marked_stream(seed(to, from), MIB)[..] {
+    if reply[32..] != marked_stream(MARKER, seed(to, from), MIB).0[..] {
         return Err(io::Error::other("the reply differs"));
     }
     Ok(())
@@ -410,7 +416,7 @@ fn serve_one(mut tcp: TcpStream, index: usize) -> io::Result<()> {
     let from = usize::from(from);
     let digest: [u8; 32] = Sha256::digest(data).into();
     tcp.write_all(&digest)?;
-    tcp.write_all(&marked_stream(seed(index, from), MIB))?;
+    tcp.write_all(&marked_stream(MARKER, seed(index, from), MIB).0)?;
     tcp.shutdown(Shutdown::Write)?;
     Ok(())
 }
@@ -743,101 +749,6 @@ fn the_overlay_resets_ports_and_peers_that_are_not_allowed() {
     );
 }
 
-/// What happens to a client of `target` on `host`: "reset ..." when the
-/// connection was reset, anything else otherwise.
-fn reset_outcome(host: &Host, target: SocketAddr) -> String {
-    let is_reset = |error: &io::Error| {
-        matches!(
-            error.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-        )
-    };
-    let mut tcp = match host.connect(target).unwrap() {
-        Ok(tcp) => tcp,
-        Err(error) if is_reset(&error) => return format!("reset at connect: {error}"),
-        Err(error) => return format!("connect failed otherwise: {error}"),
-    };
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    if let Err(error) = tcp.write_all(b"hello") {
-        return if is_reset(&error) {
-            format!("reset at write: {error}")
-        } else {
-            format!("write failed otherwise: {error}")
-        };
-    }
-    let mut reply = [0u8; 5];
-    match tcp.read(&mut reply) {
-        Ok(0) => "clean EOF (a refusal must be a reset)".to_owned(),
-        Ok(read) => format!("received {read} bytes: {:?}", &reply[..read]),
-        Err(error) if is_reset(&error) => format!("reset at read: {error}"),
-        Err(error) => format!("read failed otherwise: {error}"),
-    }
-}
-
-/// An echo service that counts the connections it accepts.
-struct Echo {
-    /// The port it listens on.
-    port: u16,
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
-    thread: JoinHandle<()>,
-}
-
-impl Echo {
-    fn start(listener: TcpListener) -> Echo {
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let (stop, accepted) = (stop.clone(), accepted.clone());
-            thread::spawn(move || {
-                listener.set_nonblocking(true).unwrap();
-                let deadline = Instant::now() + Duration::from_secs(240);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match listener.accept() {
-                        Ok((tcp, _)) => {
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                            thread::spawn(move || {
-                                let _ = echo_once(tcp);
-                            });
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-            })
-        };
-        Echo {
-            port,
-            stop,
-            accepted,
-            thread,
-        }
-    }
-
-    /// Stops the service; returns how many connections it accepted.
-    fn stop(self) -> usize {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-fn echo_once(mut tcp: TcpStream) -> io::Result<()> {
-    tcp.set_nonblocking(false)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut buffer = [0u8; 1024];
-    loop {
-        let read = tcp.read(&mut buffer)?;
-        if read == 0 {
-            return Ok(());
-        }
-        tcp.write_all(&buffer[..read])?;
-    }
-}
-
 /// An echo round trip from `host` to `target` through the overlay.
 fn echo_works(host: &Host, target: SocketAddr) -> Result<(), String> {
     let exchange = || -> io::Result<()> {
@@ -878,8 +789,8 @@ fn a_managed_overlay_is_removed_at_stop_and_replaced_after_a_crash() {
     // A clean start and stop, with node-1 using the overlay meanwhile.
     let mut head_daemon = lab.start(0, &configs[0]).unwrap();
     let mut other_daemon = lab.start(1, &configs[1]).unwrap();
-    wait_connected(&head_daemon, &["node-1"]);
-    wait_connected(&other_daemon, &["node-0"]);
+    wait_connected(&head_daemon, &["node-1"], Duration::from_secs(30));
+    wait_connected(&other_daemon, &["node-0"], Duration::from_secs(30));
     assert_eq!(
         overlay_state(head),
         (1, 1),
@@ -945,7 +856,7 @@ fn a_managed_overlay_is_removed_at_stop_and_replaced_after_a_crash() {
         1,
         "{addresses}"
     );
-    wait_connected(&restarted, &["node-1"]);
+    wait_connected(&restarted, &["node-1"], Duration::from_secs(30));
     check_echo(&lab, &[&restarted, &other_daemon]);
 
     // A final stop leaves nothing, on either host.
@@ -1008,8 +919,8 @@ fn meshtun_overlay_up_and_down_set_up_an_unmanaged_overlay() {
         .enumerate()
         .map(|(index, config)| lab.start(index, config).unwrap())
         .collect();
-    wait_connected(&daemons[0], &["node-1"]);
-    wait_connected(&daemons[1], &["node-0"]);
+    wait_connected(&daemons[0], &["node-1"], Duration::from_secs(30));
+    wait_connected(&daemons[1], &["node-0"], Duration::from_secs(30));
     check_echo(&lab, &[&daemons[0], &daemons[1]]);
 
     for daemon in &mut daemons {
@@ -1126,329 +1037,4 @@ fn host_output(host: &Host, program: &str, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&output.stderr)
         ),
     )
-}
-
-// ---------------------------------------------------------------------------
-// The wire.
-
-/// What one capture shows.
-struct Wire {
-    /// UDP payload bytes per (source, destination, source port, destination port).
-    flows: Vec<(Flow, u64)>,
-    /// IPv4 packets that are not UDP to or from the QUIC port between two
-    /// lab hosts' real addresses (TCP to an overlay port, say).
-    not_quic: Vec<String>,
-    /// ICMP "port unreachable" answers to QUIC packets sent to a host
-    /// whose daemon was not up yet (the mesh starts one daemon at a time).
-    quic_unreachable: usize,
-    /// IGMP membership reports of the lab switch's bridge.
-    switch_igmp: usize,
-    /// Marker copies inside single packets.
-    marker_in_packets: usize,
-    /// Marker copies in each flow's payloads concatenated in capture order.
-    marker_in_flows: usize,
-}
-
-type Flow = (Ipv4Addr, Ipv4Addr, Option<u16>, Option<u16>);
-
-impl Wire {
-    fn of(capture: &pcap::Capture, hosts: &[Ipv4Addr]) -> Wire {
-        let mut wire = Wire {
-            flows: Vec::new(),
-            not_quic: Vec::new(),
-            quic_unreachable: 0,
-            switch_igmp: 0,
-            marker_in_packets: 0,
-            marker_in_flows: 0,
-        };
-        let mut flow_index: HashMap<Flow, usize> = HashMap::new();
-        let mut tails: Vec<Vec<u8>> = Vec::new();
-        for packet in &capture.packets {
-            let quic = packet.protocol == 17
-                && (packet.src_port == Some(meshtun_lab::QUIC_PORT)
-                    || packet.dst_port == Some(meshtun_lab::QUIC_PORT))
-                && hosts.contains(&packet.src)
-                && hosts.contains(&packet.dst);
-            if !quic {
-                if is_quic_port_unreachable(packet, hosts) {
-                    wire.quic_unreachable += 1;
-                } else if packet.protocol == 2
-                    && packet.src.is_unspecified()
-                    && packet.dst.octets()[..3] == [224, 0, 0]
-                {
-                    // IGMP from the lab switch's own bridge (it has no
-                    // address, hence 0.0.0.0), flooded to every port.
-                    wire.switch_igmp += 1;
-                } else {
-                    wire.not_quic.push(describe(packet));
-                }
-            }
-            wire.marker_in_packets += count_marker(&packet.payload);
-            let flow = (packet.src, packet.dst, packet.src_port, packet.dst_port);
-            let index = *flow_index.entry(flow).or_insert_with(|| {
-                wire.flows.push((flow, 0));
-                tails.push(Vec::new());
-                wire.flows.len() - 1
-            });
-            wire.flows[index].1 += packet.payload.len() as u64;
-            let tail = &mut tails[index];
-            tail.extend_from_slice(&packet.payload);
-            wire.marker_in_flows += count_marker(tail);
-            let keep = tail.len().min(MARKER.len() - 1);
-            tail.drain(..tail.len() - keep);
-        }
-        wire
-    }
-
-    fn udp_from(&self, addr: Ipv4Addr) -> u64 {
-        self.flows
-            .iter()
-            .filter(|(flow, _)| flow.0 == addr)
-            .map(|(_, bytes)| bytes)
-            .sum()
-    }
-
-    fn udp_to(&self, addr: Ipv4Addr) -> u64 {
-        self.flows
-            .iter()
-            .filter(|(flow, _)| flow.1 == addr)
-            .map(|(_, bytes)| bytes)
-            .sum()
-    }
-}
-
-/// Whether `packet` is an ICMP port unreachable between two lab hosts that
-/// quotes a UDP packet the other way to the QUIC port: a dial that arrived
-/// before the far daemon listened.
-fn is_quic_port_unreachable(packet: &Packet, hosts: &[Ipv4Addr]) -> bool {
-    let icmp = &packet.payload;
-    if packet.protocol != 1 || icmp.len() < 8 + 20 + 8 || icmp[0] != 3 || icmp[1] != 3 {
-        return false;
-    }
-    let inner = &icmp[8..];
-    let header = usize::from(inner[0] & 0x0f) * 4;
-    let address = |at: usize| Ipv4Addr::new(inner[at], inner[at + 1], inner[at + 2], inner[at + 3]);
-    let Some(udp) = inner.get(header..header + 8) else {
-        return false;
-    };
-    inner[9] == 17
-        && address(12) == packet.dst
-        && address(16) == packet.src
-        && hosts.contains(&packet.src)
-        && hosts.contains(&packet.dst)
-        && u16::from_be_bytes([udp[2], udp[3]]) == meshtun_lab::QUIC_PORT
-}
-
-fn describe(packet: &Packet) -> String {
-    format!(
-        "proto {} {}:{:?} -> {}:{:?} ({} bytes)",
-        packet.protocol,
-        packet.src,
-        packet.src_port,
-        packet.dst,
-        packet.dst_port,
-        packet.payload.len()
-    )
-}
-
-/// `len` bytes of xorshift noise with [`MARKER`] written every 1000 to
-/// 3047 bytes.
-fn marked_stream(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut data = Vec::with_capacity(len + 8);
-    while data.len() < len {
-        data.extend_from_slice(&next().to_le_bytes());
-    }
-    data.truncate(len);
-    let mut at = (next() % 1000) as usize;
-    while at + MARKER.len() <= len {
-        data[at..at + MARKER.len()].copy_from_slice(MARKER);
-        at += MARKER.len() + 1000 + (next() % 2048) as usize;
-    }
-    data
-}
-
-/// How many times [`MARKER`] occurs in `haystack` (every copy covers one
-/// byte whose index is `MARKER.len() - 1` modulo `MARKER.len()`).
-fn count_marker(haystack: &[u8]) -> usize {
-    let width = MARKER.len();
-    let mut count = 0;
-    let mut at = width - 1;
-    while at < haystack.len() {
-        let byte = haystack[at];
-        for (offset, _) in MARKER.iter().enumerate().filter(|(_, &m)| m == byte) {
-            let start = at - offset;
-            if haystack.get(start..start + width) == Some(MARKER.as_slice()) {
-                count += 1;
-            }
-        }
-        at += width;
-    }
-    count
-}
-
-// ---------------------------------------------------------------------------
-// Shared helpers.
-
-/// Whether `command` (a probe for a tool the test needs) succeeds; if not,
-/// prints a SKIP line, or fails the test when `MESHTUN_REQUIRE_NETNS=1`.
-fn require_tool(test: &str, what: &str, command: &mut Command) -> bool {
-    let ok = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !ok {
-        if std::env::var(REQUIRE_ENV).is_ok_and(|value| value == "1") {
-            panic!("{test}: {REQUIRE_ENV}=1 but {what} is missing");
-        }
-        println!("SKIP {test}: {what} is missing");
-    }
-    ok
-}
-
-/// A process inside a host that is killed when dropped, with its output
-/// collected on threads so that a full pipe never blocks it.
-struct Process {
-    child: Child,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-fn collect(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<String>> {
-    pipe.map(|mut pipe| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    })
-}
-
-impl Process {
-    fn spawn(mut command: Command) -> Process {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = collect(child.stdout.take());
-        let stderr = collect(child.stderr.take());
-        Process {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits at most `timeout` for the exit; kills the process if it runs
-    /// longer. Returns its status (`None` if it was killed) and output.
-    fn finish(mut self, timeout: Duration) -> (Option<ExitStatus>, String, String) {
-        let deadline = Instant::now() + timeout;
-        let mut status = None;
-        while Instant::now() < deadline {
-            if let Ok(Some(exit)) = self.child.try_wait() {
-                status = Some(exit);
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        if status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let stdout = self.stdout.take().map(|thread| thread.join().unwrap());
-        let stderr = self.stderr.take().map(|thread| thread.join().unwrap());
-        (
-            status,
-            stdout.unwrap_or_default(),
-            stderr.unwrap_or_default(),
-        )
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits (at most 10 s) until something listens on TCP `port` in `host`.
-fn wait_listening(host: &Host, port: u16) -> bool {
-    let filter = format!("sport = :{port}");
-    wait_until(Duration::from_secs(10), || {
-        host.command("ss")
-            .args(["-Hltn", &filter])
-            .stdin(Stdio::null())
-            .output()
-            .is_ok_and(|output| !output.stdout.is_empty())
-    })
-}
-
-/// Accepts one connection within `timeout`.
-fn accept_within(listener: &TcpListener, timeout: Duration) -> io::Result<(TcpStream, SocketAddr)> {
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((tcp, peer)) => {
-                tcp.set_nonblocking(false)?;
-                return Ok((tcp, peer));
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no connection to accept",
-                    ));
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(error) => return Err(error),
-        }
-    }
-}
-
-/// Waits (at most 30 s) until `daemon` logged an outgoing connection to
-/// each of `peers`.
-fn wait_connected(daemon: &Daemon, peers: &[&str]) {
-    let connected = |log: &str, peer: &str| {
-        log.lines().any(|line| {
-            line.contains(&format!("peer{{peer={peer}}}"))
-                && line.contains("peer connected remote=")
-        })
-    };
-    let done = wait_until(Duration::from_secs(30), || {
-        let log = daemon.log_since_start();
-        peers.iter().all(|peer| connected(&log, peer))
-    });
-    assert!(
-        done,
-        "{} did not connect to {peers:?}:\n{}",
-        daemon.host(),
-        daemon.log_since_start()
-    );
-}
-
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }

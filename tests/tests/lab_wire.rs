@@ -5,17 +5,21 @@
 // A panic in test code is a failed test, which is what an unwrap here means.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+mod lab_support;
+
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use lab_support::{
+    accept_within, count_marker, marked_stream, reset_outcome, wait_connected, wait_until, Echo,
+    Noise, Wire,
+};
 use meshtun_lab::capture::{Capture, Stats};
 use meshtun_lab::pcap::{self, Packet};
-use meshtun_lab::{require_netns, Daemon, Host, Lab, QUIC_PORT};
+use meshtun_lab::{require_netns, Host, Lab, QUIC_PORT};
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1024 * 1024;
@@ -38,10 +42,10 @@ fn only_ciphertext_crosses_the_wire() {
     let (a, b, c) = (lab.host(0), lab.host(1), lab.host(2));
 
     // The data, and proof that the marker search sees every copy in it.
-    let (bulk_data, bulk_markers) = marked_stream(1, BULK_LEN);
-    let (side_data, side_markers) = marked_stream(2, SIDE_LEN);
-    assert_eq!(count_marker(&bulk_data), bulk_markers);
-    assert_eq!(count_marker(&side_data), side_markers);
+    let (bulk_data, bulk_markers) = marked_stream(MARKER, 1, BULK_LEN);
+    let (side_data, side_markers) = marked_stream(MARKER, 2, SIDE_LEN);
+    assert_eq!(count_marker(MARKER, &bulk_data), bulk_markers);
+    assert_eq!(count_marker(MARKER, &side_data), side_markers);
     assert!(
         bulk_markers > 30_000,
         "{bulk_markers} markers in the bulk stream"
@@ -84,8 +88,8 @@ fn only_ciphertext_crosses_the_wire() {
                 .forward(forward, "node-b", "bulk"),
         )
         .unwrap();
-    wait_connected(&daemon_a, &["node-b", "node-c"]);
-    wait_connected(&daemon_c, &["node-b"]);
+    wait_connected(&daemon_a, &["node-b", "node-c"], Duration::from_secs(15));
+    wait_connected(&daemon_c, &["node-b"], Duration::from_secs(15));
 
     let started = Instant::now();
     let bulk_data = Arc::new(bulk_data);
@@ -120,7 +124,7 @@ fn only_ciphertext_crosses_the_wire() {
     let addrs: Vec<Ipv4Addr> = lab.hosts().iter().map(|host| host.addr).collect();
     let mut wires = Vec::new();
     for (host, (capture, stats)) in lab.hosts().iter().zip(&stopped) {
-        let wire = Wire::of(capture, &addrs);
+        let wire = Wire::of(capture, &addrs, MARKER, Noise::Listed);
         println!(
             "{}: {} bytes of pcap, {} IPv4 packets ({} UDP, {} UDP payload bytes), \
              {} other frames, {} flows, tcpdump: {:?} captured, {:?} dropped; \
@@ -198,109 +202,6 @@ fn only_ciphertext_crosses_the_wire() {
     );
 }
 
-/// What one capture shows.
-struct Wire {
-    udp_packets: usize,
-    udp_payload: u64,
-    /// UDP payload bytes per flow.
-    flows: Vec<(Flow, u64)>,
-    /// IPv4 packets that are not UDP to or from the QUIC port.
-    not_quic: Vec<String>,
-    /// Marker copies inside single packets.
-    marker_in_packets: usize,
-    /// Marker copies in each flow's payloads concatenated in capture order
-    /// (this includes copies split across packets).
-    marker_in_flows: usize,
-}
-
-/// (source, destination, source port, destination port).
-type Flow = (Ipv4Addr, Ipv4Addr, Option<u16>, Option<u16>);
-
-impl Wire {
-    fn of(capture: &pcap::Capture, hosts: &[Ipv4Addr]) -> Wire {
-        let mut wire = Wire {
-            udp_packets: 0,
-            udp_payload: 0,
-            flows: Vec::new(),
-            not_quic: Vec::new(),
-            marker_in_packets: 0,
-            marker_in_flows: 0,
-        };
-        let mut flow_index: HashMap<Flow, usize> = HashMap::new();
-        // Per flow, the last MARKER.len() - 1 bytes of its payloads so far: a
-        // copy that ends in a packet starts at most that far back, so
-        // searching tail + payload finds every copy in the concatenation.
-        let mut tails: Vec<Vec<u8>> = Vec::new();
-        for packet in &capture.packets {
-            let quic = packet.protocol == 17
-                && (packet.src_port == Some(QUIC_PORT) || packet.dst_port == Some(QUIC_PORT));
-            if !quic {
-                wire.not_quic.push(describe(packet));
-            }
-            if packet.protocol == 17 {
-                wire.udp_packets += 1;
-                wire.udp_payload += packet.payload.len() as u64;
-                assert!(
-                    hosts.contains(&packet.src) && hosts.contains(&packet.dst),
-                    "UDP between lab hosts only: {}",
-                    describe(packet)
-                );
-            }
-            wire.marker_in_packets += count_marker(&packet.payload);
-            let flow = (packet.src, packet.dst, packet.src_port, packet.dst_port);
-            let index = *flow_index.entry(flow).or_insert_with(|| {
-                wire.flows.push((flow, 0));
-                tails.push(Vec::new());
-                wire.flows.len() - 1
-            });
-            wire.flows[index].1 += packet.payload.len() as u64;
-            let tail = &mut tails[index];
-            tail.extend_from_slice(&packet.payload);
-            wire.marker_in_flows += count_marker(tail);
-            let keep = tail.len().min(MARKER.len() - 1);
-            tail.drain(..tail.len() - keep);
-        }
-        wire
-    }
-
-    fn udp_from(&self, addr: Ipv4Addr) -> u64 {
-        self.flows
-            .iter()
-            .filter(|(flow, _)| flow.0 == addr)
-            .map(|(_, bytes)| bytes)
-            .sum()
-    }
-
-    fn udp_to(&self, addr: Ipv4Addr) -> u64 {
-        self.flows
-            .iter()
-            .filter(|(flow, _)| flow.1 == addr)
-            .map(|(_, bytes)| bytes)
-            .sum()
-    }
-
-    /// UDP payload bytes from `src` to `dst`, over all their flows.
-    fn flow_bytes(&self, src: Ipv4Addr, dst: Ipv4Addr) -> u64 {
-        self.flows
-            .iter()
-            .filter(|(flow, _)| flow.0 == src && flow.1 == dst)
-            .map(|(_, bytes)| bytes)
-            .sum()
-    }
-}
-
-fn describe(packet: &Packet) -> String {
-    format!(
-        "proto {} {}:{:?} -> {}:{:?} ({} bytes)",
-        packet.protocol,
-        packet.src,
-        packet.src_port,
-        packet.dst,
-        packet.dst_port,
-        packet.payload.len()
-    )
-}
-
 /// The flow search must find a marker split across two packets of one flow
 /// (with another flow's packet between them), and must not join two flows.
 fn check_flow_search_sees_split_markers() {
@@ -321,64 +222,16 @@ fn check_flow_search_sees_split_markers() {
         ..pcap::Capture::default()
     };
     let hosts = [11, 12, 13].map(|octet| Ipv4Addr::new(198, 18, 0, octet));
-    let one_flow = Wire::of(&split(11, 11), &hosts);
+    let one_flow = Wire::of(&split(11, 11), &hosts, MARKER, Noise::Listed);
     assert_eq!(
         (one_flow.marker_in_packets, one_flow.marker_in_flows),
         (0, 1)
     );
-    let two_flows = Wire::of(&split(11, 13), &hosts);
+    let two_flows = Wire::of(&split(11, 13), &hosts, MARKER, Noise::Listed);
     assert_eq!(
         (two_flows.marker_in_packets, two_flows.marker_in_flows),
         (0, 0)
     );
-}
-
-/// `len` bytes of xorshift noise with [`MARKER`] written at pseudo-random
-/// gaps of 1000 to 3047 bytes, so its copies sit at every offset relative to
-/// write and packet boundaries and some straddle them. Returns the data and
-/// the number of copies.
-fn marked_stream(seed: u64, len: usize) -> (Vec<u8>, usize) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut data = Vec::with_capacity(len + 8);
-    while data.len() < len {
-        data.extend_from_slice(&next().to_le_bytes());
-    }
-    data.truncate(len);
-    let mut at = (next() % 1000) as usize;
-    let mut copies = 0;
-    while at + MARKER.len() <= len {
-        data[at..at + MARKER.len()].copy_from_slice(MARKER);
-        copies += 1;
-        at += MARKER.len() + 1000 + (next() % 2048) as usize;
-    }
-    (data, copies)
-}
-
-/// How many times [`MARKER`] occurs in `haystack`. Every copy covers
-/// exactly one byte whose index is `MARKER.len() - 1` modulo `MARKER.len()`,
-/// so only those bytes are looked at: fast enough for hundreds of MiB in a
-/// debug build.
-fn count_marker(haystack: &[u8]) -> usize {
-    let width = MARKER.len();
-    let mut count = 0;
-    let mut at = width - 1;
-    while at < haystack.len() {
-        let byte = haystack[at];
-        for (offset, _) in MARKER.iter().enumerate().filter(|(_, &m)| m == byte) {
-            let start = at - offset;
-            if haystack.get(start..start + width) == Some(MARKER.as_slice()) {
-                count += 1;
-            }
-        }
-        at += width;
-    }
-    count
 }
 
 /// A service: accepts one connection (within 30 s), reads it to the end
@@ -387,7 +240,7 @@ fn sink(listener: TcpListener) -> mpsc::Receiver<io::Result<(usize, [u8; 32])>> 
     let (report, reported) = mpsc::channel();
     std::thread::spawn(move || {
         let result = (|| {
-            let mut tcp = accept_within(&listener, SOCKET_TIMEOUT)?;
+            let (mut tcp, _) = accept_within(&listener, SOCKET_TIMEOUT)?;
             tcp.set_read_timeout(Some(SOCKET_TIMEOUT))?;
             let mut hash = Sha256::new();
             let mut total = 0;
@@ -457,7 +310,7 @@ fn nothing_reaches_the_service_around_the_tunnel() {
     let daemon_a = lab
         .start(0, &lab.config(0).peer(b).forward(forward, "node-b", "echo"))
         .unwrap();
-    wait_connected(&daemon_a, &["node-b"]);
+    wait_connected(&daemon_a, &["node-b"], Duration::from_secs(15));
 
     // Control: the service works through the tunnel.
     let mut tcp = a.connect(forward).unwrap().unwrap();
@@ -569,95 +422,6 @@ fn nothing_reaches_the_service_around_the_tunnel() {
     );
 }
 
-/// What happens to a client of `forward` on `host`: "reset ..." when the
-/// connection was reset, anything else otherwise.
-fn reset_outcome(host: &Host, forward: SocketAddr) -> String {
-    let is_reset = |error: &io::Error| {
-        matches!(
-            error.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-        )
-    };
-    let mut tcp = match host.connect(forward).unwrap() {
-        Ok(tcp) => tcp,
-        Err(error) if is_reset(&error) => return format!("reset at connect: {error}"),
-        Err(error) => return format!("connect failed otherwise: {error}"),
-    };
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    if let Err(error) = tcp.write_all(b"hello") {
-        return if is_reset(&error) {
-            format!("reset at write: {error}")
-        } else {
-            format!("write failed otherwise: {error}")
-        };
-    }
-    let mut reply = [0u8; 5];
-    match tcp.read(&mut reply) {
-        Ok(0) => "clean EOF (a refusal must be a reset)".to_owned(),
-        Ok(read) => format!("received {read} bytes: {:?}", &reply[..read]),
-        Err(error) if is_reset(&error) => format!("reset at read: {error}"),
-        Err(error) => format!("read failed otherwise: {error}"),
-    }
-}
-
-/// An echo service that counts the connections it accepts.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Echo {
-    fn start(listener: TcpListener) -> Echo {
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let (stop, accepted) = (stop.clone(), accepted.clone());
-            std::thread::spawn(move || {
-                listener.set_nonblocking(true).unwrap();
-                let deadline = Instant::now() + Duration::from_secs(240);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match listener.accept() {
-                        Ok((tcp, _)) => {
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                            let _ = echo_once(tcp);
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-            })
-        };
-        Echo {
-            stop,
-            accepted,
-            thread,
-        }
-    }
-
-    /// Stops the service; returns how many connections it accepted.
-    fn stop(self) -> usize {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-fn echo_once(mut tcp: TcpStream) -> io::Result<()> {
-    tcp.set_nonblocking(false)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut buffer = [0u8; 1024];
-    loop {
-        let read = tcp.read(&mut buffer)?;
-        if read == 0 {
-            return Ok(());
-        }
-        tcp.write_all(&buffer[..read])?;
-    }
-}
-
 /// Runs `meshtun pki ...` (built by `args`) and asserts it succeeded.
 fn pki(lab: &Lab, args: impl FnOnce(&mut Command) -> &mut Command) {
     let mut command = Command::new(lab.binary());
@@ -669,68 +433,6 @@ fn pki(lab: &Lab, args: impl FnOnce(&mut Command) -> &mut Command) {
     );
 }
 
-// ---------------------------------------------------------------------------
-// Shared helpers.
-
-/// Accepts one connection within `timeout`.
-fn accept_within(listener: &TcpListener, timeout: Duration) -> io::Result<TcpStream> {
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((tcp, _)) => {
-                tcp.set_nonblocking(false)?;
-                return Ok(tcp);
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no connection to accept",
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(error) => return Err(error),
-        }
-    }
-}
-
-/// Waits (at most 15 s) until `daemon` logged an outgoing connection to
-/// each of `peers`.
-fn wait_connected(daemon: &Daemon, peers: &[&str]) {
-    let connected = |log: &str, peer: &str| {
-        log.lines().any(|line| {
-            line.contains(&format!("peer{{peer={peer}}}"))
-                && line.contains("peer connected remote=")
-        })
-    };
-    let done = wait_until(Duration::from_secs(15), || {
-        let log = daemon.log_since_start();
-        peers.iter().all(|peer| connected(&log, peer))
-    });
-    assert!(
-        done,
-        "{} did not connect to {peers:?}:\n{}",
-        daemon.host(),
-        daemon.log_since_start()
-    );
-}
-
 fn count_lines(log: &str, needle: &str) -> usize {
     log.lines().filter(|line| line.contains(needle)).count()
-}
-
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
