@@ -3,7 +3,7 @@
 //! per-service policy is enforced by identity.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

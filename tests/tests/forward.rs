@@ -2,7 +2,7 @@
 //! many connections share one QUIC connection, and half-close is mirrored.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

@@ -7,7 +7,7 @@
 //! mechanism emulates what.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -16,7 +16,7 @@
 //!   `manage = false`, `meshtun overlay up`/`down` do the set-up instead.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod lab_support;
 

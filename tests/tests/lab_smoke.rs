@@ -2,7 +2,7 @@
 //! from one host's loopback to a service on the other's loopback.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

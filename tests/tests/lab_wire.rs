@@ -3,7 +3,7 @@
 //! packets of one flow), and nothing reaches a service around the tunnel.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod lab_support;
 

@@ -2,7 +2,7 @@
 //! the local client: never a hang, never a clean EOF that hides a failure.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

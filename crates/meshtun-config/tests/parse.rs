@@ -4,7 +4,7 @@
 
 // Helpers here are not `#[test]` functions, which clippy's
 // allow-unwrap-in-tests does not cover; a panic in a test file is a failed test.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

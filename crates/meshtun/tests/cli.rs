@@ -2,6 +2,10 @@
 //! the small CA in `meshtun pki`, and `meshtun check` / `meshtun run` on good
 //! and bad configurations and certificates (DESIGN.md §5, §6).
 
+// A panic in test code is a failed test, which is what an expect or a
+// panic here means.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::fs;

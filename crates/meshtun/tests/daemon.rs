@@ -8,6 +8,10 @@
 //! Each daemon logs at info to a file in the test's temp dir; the log is
 //! printed when a test fails.
 
+// A panic in test code is a failed test, which is what an expect or a
+// panic here means.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::fs::{self, OpenOptions};

@@ -9,7 +9,7 @@
 //! addresses so that the per-address failure limit of one test does not
 //! leak into another part of it.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -2,7 +2,7 @@
 //! the CRL that `pki init-ca` writes, `pki revoke` by certificate and by
 //! serial, `pki crl`, `pki renew` with the same or a new key, and
 //! `meshtun check` on a node whose certificate is revoked.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

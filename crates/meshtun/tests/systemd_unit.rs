@@ -8,7 +8,7 @@
 //! `CI=true` or `MESHTUN_REQUIRE_NETNS=1`, where a skip is a failure.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
