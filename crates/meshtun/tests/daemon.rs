@@ -1022,52 +1022,27 @@ async fn sigterm_under_load_lets_the_transfer_finish_and_exits_0() {
     };
     let mut cluster = Cluster::start_with("sigterm-load", options).await;
     let total = 64 * MIB;
-    let block: Vec<u8> = (0..MIB).map(|index| (index * 7 % 251) as u8).collect();
-    let mut tcp = TcpStream::connect(cluster.echo)
-        .await
-        .expect("connect echo");
-    let (mut read, mut write) = tcp.split();
-    let sending = async {
-        for _ in 0..total / MIB {
-            write.write_all(&block).await?;
-        }
-        write.shutdown().await
-    };
     let mut signalled = None;
-    let receiving = async {
-        let mut buffer = vec![0u8; 256 * 1024];
-        let mut received = 0usize;
-        let mut mismatch = None;
-        loop {
-            let count = read.read(&mut buffer).await?;
-            if count == 0 {
-                return Ok::<_, io::Error>((received, mismatch));
-            }
-            for (offset, byte) in buffer[..count].iter().enumerate() {
-                let at = received + offset;
-                if mismatch.is_none() && *byte != block[at % MIB] {
-                    mismatch = Some(at);
-                }
-            }
-            received += count;
+    let echo = cluster.echo;
+    let node_a = &mut cluster.node_a;
+    let outcome = tokio::time::timeout(
+        grace,
+        echo_checked(echo, total, |received| {
             // SIGTERM once the transfer is well under way.
             if signalled.is_none() && received >= 4 * MIB {
-                cluster.node_a.terminate();
+                node_a.terminate();
                 signalled = Some(Instant::now());
             }
-        }
-    };
-    let (sent, received) = tokio::time::timeout(grace, async { tokio::join!(sending, receiving) })
-        .await
-        .expect("the transfer finishes within the drain grace");
-    sent.expect("send 64 MiB");
-    let (received, mismatch) = received.expect("the echo is read to its end, not reset");
+        }),
+    )
+    .await
+    .expect("the transfer finishes within the drain grace");
+    let (received, mismatch) = outcome.expect("the echo is read to its end, not reset");
     let signalled = signalled.expect("SIGTERM was sent mid-transfer");
     let finished = Instant::now();
     assert_eq!(received, total, "echoed bytes");
     assert_eq!(mismatch, None, "first corrupted byte offset");
     eprintln!("transfer finished {:?} after SIGTERM", finished - signalled);
-    drop(tcp);
 
     // node-a exits once its last stream is done, not at the end of the grace.
     let status = cluster
