@@ -20,9 +20,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::Shared;
+use crate::{accept, Shared};
 
 /// Connections served at once. Scrapers and `meshtun status` need one or two.
 const MAX_CONNECTIONS: usize = 16;
@@ -37,28 +37,9 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// Serves until the node closes.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // Wait for a free slot before accepting, so excess clients queue in
-        // the kernel instead of costing us a task each.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = shared.closing.cancelled() => return,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shared.closing.cancelled() => return,
-        };
-        let (tcp, client) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                warn!(%error, "admin endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((permit, tcp, client)) =
+        accept::next_bounded(&listener, &permits, &shared.closing, "admin endpoint").await
+    {
         let shared_for_task = shared.clone();
         shared.tasks.spawn(async move {
             let _permit = permit;

@@ -266,27 +266,9 @@ impl State {
 /// Accepts and spawns; nothing else.
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // A free slot first, so excess clients queue in the kernel.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = state.stop.cancelled() => return,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = state.stop.cancelled() => return,
-        };
-        let (tcp, source) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                warn!(%error, "enrollment: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((permit, tcp, source)) =
+        crate::accept::next_bounded(&listener, &permits, &state.stop, "enrollment").await
+    {
         // No source may hold more than a few slots, refused or not (a
         // refused one still gets its "rate_limited" answer, so a person at
         // the other end learns why).

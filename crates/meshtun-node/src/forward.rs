@@ -12,12 +12,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use meshtun_proto::{Preamble, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use crate::metrics::Direction;
 use crate::peer::PeerLinks;
 use crate::splice::{self, Downlink, Outbound};
-use crate::Shared;
+use crate::{accept, Shared};
 
 /// How long a new local connection may wait for a peer connection whose
 /// handshake is under way (at start-up, or right after a peer restart).
@@ -40,29 +40,19 @@ pub(crate) struct Forward {
 /// Accepts local connections until the node stops accepting.
 pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
     let preamble = encode_preamble(&Preamble::service(forward.service.clone()));
-    loop {
-        let accepted = tokio::select! {
-            accepted = forward.listener.accept() => accepted,
-            () = shared.stop_accepting.cancelled() => return,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                let span = tracing::debug_span!(
-                    "forward",
-                    listen = %forward.local,
-                    peer = %forward.peer.name(),
-                    service = %forward.service,
-                    %client,
-                );
-                let task = forward_one(tcp, forward.peer.clone(), preamble.clone(), shared.clone());
-                shared.streams.spawn(task.instrument(span));
-            }
-            Err(error) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                warn!(listen = %forward.local, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    let what = format!("forward {}", forward.local);
+    while let Some((tcp, client)) =
+        accept::next(&forward.listener, &shared.stop_accepting, &what).await
+    {
+        let span = tracing::debug_span!(
+            "forward",
+            listen = %forward.local,
+            peer = %forward.peer.name(),
+            service = %forward.service,
+            %client,
+        );
+        let task = forward_one(tcp, forward.peer.clone(), preamble.clone(), shared.clone());
+        shared.streams.spawn(task.instrument(span));
     }
 }
 

@@ -28,6 +28,7 @@ macro_rules! log_refusal {
     };
 }
 
+mod accept;
 mod admin;
 mod cid;
 mod endpoint;

@@ -34,12 +34,12 @@ use std::time::{Duration, Instant};
 use meshtun_config::{Overlay, Peer};
 use meshtun_proto::Preamble;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::forward;
 use crate::peer::PeerLinks;
 use crate::splice;
-use crate::Shared;
+use crate::{accept, Shared};
 
 /// The nftables table meshtun owns; nothing else in it is kept.
 pub const TABLE: &str = "meshtun_overlay";
@@ -315,23 +315,13 @@ impl Routes {
 
 /// Accepts redirected connections until the node stops accepting.
 pub(crate) async fn accept_loop(transparent: Transparent, shared: Arc<Shared>) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = transparent.listener.accept() => accepted,
-            () = shared.stop_accepting.cancelled() => return,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                let span = tracing::debug_span!("overlay", %client);
-                let task = carry_redirected(tcp, transparent.routes.clone(), shared.clone());
-                shared.streams.spawn(task.instrument(span));
-            }
-            Err(error) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                warn!(listen = %transparent.local, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    let what = format!("overlay {}", transparent.local);
+    while let Some((tcp, client)) =
+        accept::next(&transparent.listener, &shared.stop_accepting, &what).await
+    {
+        let span = tracing::debug_span!("overlay", %client);
+        let task = carry_redirected(tcp, transparent.routes.clone(), shared.clone());
+        shared.streams.spawn(task.instrument(span));
     }
 }
 
