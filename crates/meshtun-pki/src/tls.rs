@@ -298,35 +298,29 @@ impl ServerCertVerifier for PeerVerifier {
     }
 }
 
+/// In-memory TLS handshakes for the crate's tests: no network, and no
+/// clock but rustls's.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{Authority, Validity};
-    use rustls::{ClientConnection, Connection, NamedGroup, ProtocolVersion, ServerConnection};
-    use time::{Duration, OffsetDateTime};
+pub(crate) mod memory {
+    use std::sync::Arc;
 
-    fn node(name: &str) -> NodeName {
-        NodeName::new(name).unwrap()
-    }
-
-    fn ca(cluster: &str) -> Authority {
-        Authority::generate(cluster, Validity::days_from_now(30)).unwrap()
-    }
-
-    fn credentials(ca: &Authority, name: &str, validity: Validity) -> NodeCredentials {
-        let issued = ca.issue(&node(name), &[], &[], validity).unwrap();
-        NodeCredentials::from_pem(&issued.cert_pem, &issued.key_pem).unwrap()
-    }
-
-    fn bundle(ca: &Authority) -> TrustBundle {
-        TrustBundle::from_pem(&ca.cert_pem()).unwrap()
-    }
+    use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
+    use rustls_pki_types::ServerName;
 
     /// Which end failed the handshake, and how.
     #[derive(Debug)]
-    enum Failure {
+    pub(crate) enum Failure {
         Client(rustls::Error),
         Server(rustls::Error),
+    }
+
+    impl Failure {
+        /// The error, whichever end raised it.
+        pub(crate) fn error(self) -> rustls::Error {
+            match self {
+                Failure::Client(error) | Failure::Server(error) => error,
+            }
+        }
     }
 
     /// Moves every pending TLS byte from `from` to `to` and lets `to` process it.
@@ -343,8 +337,9 @@ mod tests {
         Ok(())
     }
 
-    /// Runs a handshake in memory, with no network and no clock but rustls's.
-    fn handshake(
+    /// Runs a handshake in memory between `client` (sending `server_name`)
+    /// and `server`.
+    pub(crate) fn handshake(
         client: ClientConfig,
         server: ServerConfig,
         server_name: &str,
@@ -367,6 +362,32 @@ mod tests {
             (Connection::Client(client), Connection::Server(server)) => Ok((client, server)),
             _ => unreachable!("the sides were built above"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::{handshake, Failure};
+    use super::*;
+    use crate::{Authority, Validity};
+    use rustls::{NamedGroup, ProtocolVersion};
+    use time::{Duration, OffsetDateTime};
+
+    fn node(name: &str) -> NodeName {
+        NodeName::new(name).unwrap()
+    }
+
+    fn ca(cluster: &str) -> Authority {
+        Authority::generate(cluster, Validity::days_from_now(30)).unwrap()
+    }
+
+    fn credentials(ca: &Authority, name: &str, validity: Validity) -> NodeCredentials {
+        let issued = ca.issue(&node(name), &[], &[], validity).unwrap();
+        NodeCredentials::from_pem(&issued.cert_pem, &issued.key_pem).unwrap()
+    }
+
+    fn bundle(ca: &Authority) -> TrustBundle {
+        TrustBundle::from_pem(&ca.cert_pem()).unwrap()
     }
 
     fn peer_mismatch(error: &rustls::Error) -> Option<&PeerMismatch> {
