@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab_support::{require_tool, wait_listening, Process};
+use lab_support::{require_netns_and_pyzmq, require_tool, wait_listening, Process};
 use meshtun_lab::{require_netns, Host, Lab};
 
 fn addr(text: &str) -> SocketAddr {
@@ -129,14 +129,7 @@ fn zmq_script() -> PathBuf {
 #[test]
 fn zmq_router_dealer_handshake_runs_through_the_tunnel() {
     let test = "zmq_router_dealer_handshake_runs_through_the_tunnel";
-    if !require_netns(test) {
-        return;
-    }
-    if !require_tool(
-        test,
-        "python3 with pyzmq",
-        Command::new("python3").args(["-c", "import zmq"]),
-    ) {
+    if !require_netns_and_pyzmq(test) {
         return;
     }
     let lab = Lab::new(&["node-a", "node-b"]).unwrap();
@@ -240,14 +233,7 @@ fn probe(host: &Host, target: SocketAddr, wait: Duration) -> Option<bool> {
 #[test]
 fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
     let test = "the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard";
-    if !require_netns(test) {
-        return;
-    }
-    if !require_tool(
-        test,
-        "python3 with pyzmq",
-        Command::new("python3").args(["-c", "import zmq"]),
-    ) {
+    if !require_netns_and_pyzmq(test) {
         return;
     }
     let lab = Lab::new(&["node-0", "node-1"]).unwrap();

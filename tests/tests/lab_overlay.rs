@@ -24,15 +24,15 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use lab_support::{
-    accept_within, marked_stream, require_tool, reset_outcome, wait_connected, wait_listening,
-    wait_until, Echo, Noise, Process, Wire,
+    accept_within, marked_stream, require_netns_and_pyzmq, reset_outcome, wait_connected,
+    wait_listening, wait_until, Echo, Noise, Process, Wire,
 };
 use meshtun_lab::capture::{Capture, Stats};
 use meshtun_lab::pcap;
@@ -557,14 +557,7 @@ impl Kv {
 #[test]
 fn a_vllm_shaped_zmq_exchange_runs_over_the_overlay() {
     let test = "a_vllm_shaped_zmq_exchange_runs_over_the_overlay";
-    if !require_netns(test) {
-        return;
-    }
-    if !require_tool(
-        test,
-        "python3 with pyzmq",
-        Command::new("python3").args(["-c", "import zmq"]),
-    ) {
+    if !require_netns_and_pyzmq(test) {
         return;
     }
     let lab = Lab::new(&NAMES).unwrap();

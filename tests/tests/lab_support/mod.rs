@@ -38,6 +38,17 @@ pub(crate) fn require_tool(test: &str, what: &str, command: &mut Command) -> boo
     ok
 }
 
+/// The gate of a lab test that runs pyzmq: namespaces and python3 with
+/// zmq, or a SKIP line (a failure under `MESHTUN_REQUIRE_NETNS=1`).
+pub(crate) fn require_netns_and_pyzmq(test: &str) -> bool {
+    meshtun_lab::require_netns(test)
+        && require_tool(
+            test,
+            "python3 with pyzmq",
+            Command::new("python3").args(["-c", "import zmq"]),
+        )
+}
+
 /// A process inside a host that is killed when dropped, with its output
 /// collected on threads so that a full pipe never blocks it.
 pub(crate) struct Process {
