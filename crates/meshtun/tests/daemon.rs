@@ -854,6 +854,8 @@ impl NotifySocket {
         let dir = TempDir::new("notify");
         let path = dir.join("notify.sock");
         let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        // Polled from the test's runtime, never blocking it.
+        socket.set_nonblocking(true).expect("non-blocking");
         Self {
             socket,
             path,
@@ -878,8 +880,6 @@ impl NotifySocket {
     async fn receive(&mut self, deadline: Instant) -> String {
         let mut buffer = [0u8; 4096];
         loop {
-            // Non-blocking reads polled from the test's runtime.
-            self.socket.set_nonblocking(true).expect("non-blocking");
             match self.socket.recv(&mut buffer) {
                 Ok(len) => return String::from_utf8_lossy(&buffer[..len]).into_owned(),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
