@@ -38,7 +38,17 @@ const TLS_KEYS: &[&str] = &["ca", "cert", "key", "crl"];
 const PEER_KEYS: &[&str] = &["name", "addr", "overlay"];
 const FORWARD_KEYS: &[&str] = &["listen", "peer", "service", "allow_non_loopback"];
 const EXPOSE_KEYS: &[&str] = &["service", "target", "allow"];
-const LIMITS_KEYS: &[&str] = &["preamble_timeout", "connect_timeout", "drain_grace"];
+const LIMITS_KEYS: &[&str] = &[
+    "preamble_timeout",
+    "connect_timeout",
+    "drain_grace",
+    "pending_streams_per_peer",
+    "connections_per_peer",
+    "handshakes",
+    "retry_above",
+    "accept_backoff_max",
+    "buffer_memory",
+];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_non_loopback"];
 
 const fn millis(count: u64) -> Duration {
@@ -184,7 +194,7 @@ fn quic(sink: &mut Sink, table: &Table) -> Option<Quic> {
     let handshake_timeout = quic.or_default(sink, "handshake_timeout", seconds(5), |value| {
         duration_in(value, millis(100)..=seconds(60))
     });
-    let max_streams_per_peer = quic.or_default(sink, "max_streams_per_peer", 4096, |value| {
+    let max_streams_per_peer = quic.or_default(sink, "max_streams_per_peer", 16_384, |value| {
         integer_in(value, 1..=1_000_000)
     });
     let stream_window = quic.or_default(sink, "stream_window", 4 * MIB, |value| {
@@ -589,10 +599,47 @@ fn limits(sink: &mut Sink, table: &Table) -> Option<Limits> {
     let drain_grace = limits.or_default(sink, "drain_grace", seconds(10), |value| {
         duration_in(value, Duration::ZERO..=seconds(600))
     });
+    let pending_streams_per_peer =
+        limits.or_default(sink, "pending_streams_per_peer", 1024, |value| {
+            integer_in(value, 1..=1_000_000)
+        });
+    let connections_per_peer = limits.or_default(sink, "connections_per_peer", 32, |value| {
+        integer_in(value, 1..=1024)
+    });
+    let handshakes = limits.or_default(sink, "handshakes", 64, |value| {
+        integer_in(value, 1..=100_000)
+    });
+    let retry_above = limits.or_default(sink, "retry_above", 8, |value| {
+        integer_in(value, 0..=100_000)
+    });
+    let accept_backoff_max = limits.or_default(sink, "accept_backoff_max", seconds(1), |value| {
+        duration_in(value, millis(10)..=seconds(60))
+    });
+    let buffer_memory = limits.or_default(sink, "buffer_memory", 256 * MIB, |value| {
+        size_in(value, MIB..=64 * GIB)
+    });
+    if let (Some(handshakes), Some(retry_above)) = (handshakes, retry_above) {
+        if retry_above > handshakes {
+            sink.error(
+                "limits.retry_above",
+                format!(
+                    "must be at most limits.handshakes ({handshakes}), got {retry_above}: \
+                     past limits.handshakes new clients are refused, so a Retry would never be asked"
+                ),
+            );
+            return None;
+        }
+    }
     Some(Limits {
         preamble_timeout: preamble_timeout?,
         connect_timeout: connect_timeout?,
         drain_grace: drain_grace?,
+        pending_streams_per_peer: pending_streams_per_peer?,
+        connections_per_peer: connections_per_peer?,
+        handshakes: handshakes?,
+        retry_above: retry_above?,
+        accept_backoff_max: accept_backoff_max?,
+        buffer_memory: buffer_memory?,
     })
 }
 

@@ -62,8 +62,10 @@ pub struct Quic {
     pub keep_alive: Duration,
     /// How long a QUIC handshake may take (100ms..=60s, default 5s).
     pub handshake_timeout: Duration,
-    /// Concurrent bidirectional streams a peer may open on one connection
-    /// (1..=1_000_000, default 4096).
+    /// Concurrent streams (forwarded TCP connections) a peer may have open
+    /// to this node, over all its connections; streams beyond it on another
+    /// of its connections are reset with `STREAM_LIMIT` (1..=1_000_000,
+    /// default 16384).
     pub max_streams_per_peer: u32,
     /// Per-stream receive window in bytes (64 KiB..=1 GiB, default 4 MiB,
     /// sized for 25 Gbit/s x 1 ms).
@@ -172,7 +174,10 @@ impl Allow {
     }
 }
 
-/// The `[limits]` section: timeouts of the forwarding path.
+/// The `[limits]` section: what one peer, or the network at large, may
+/// make this node hold. Every limit, when hit, refuses the excess with a
+/// specific code, counts it, and logs it at most once a minute per peer and
+/// reason; what is already established is not disturbed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// How long an acceptor waits for a stream's preamble (100ms..=60s, default 5s).
@@ -181,6 +186,29 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// On SIGTERM, how long open streams may finish (0s..=600s, default 10s).
     pub drain_grace: Duration,
+    /// Streams of one peer that are not yet answered (preamble not read,
+    /// target not yet connected) at once; more are reset with
+    /// `PENDING_LIMIT` (1..=1_000_000, default 1024).
+    pub pending_streams_per_peer: u32,
+    /// QUIC connections one peer identity may have open to this node at
+    /// once; more are closed (1..=1024, default 32: twice the most
+    /// `quic.connections_per_peer` allows, for overlap while reconnecting).
+    pub connections_per_peer: u32,
+    /// Incoming QUIC handshakes in progress at once, from anyone; more are
+    /// refused (1..=100_000, default 64).
+    pub handshakes: u32,
+    /// Once this many handshakes are in progress, a new client must first
+    /// prove its address with a QUIC Retry round trip; 0 asks every client
+    /// (0..=100_000, default 8).
+    pub retry_above: u32,
+    /// Longest pause of a listener whose accept keeps failing (out of file
+    /// descriptors); the pause doubles from 5 ms up to this (10ms..=60s,
+    /// default 1s).
+    pub accept_backoff_max: Duration,
+    /// Memory, in bytes, the node may hold in TCP read buffers of forwarded
+    /// streams at once; a stream that needs a buffer beyond it waits for one
+    /// (1 MiB..=64 GiB, default 256 MiB). A restart applies a change.
+    pub buffer_memory: u64,
 }
 
 /// The `[admin]` section: the HTTP endpoint serving `/metrics` and `/status`.

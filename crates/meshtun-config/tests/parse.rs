@@ -208,8 +208,8 @@ fn example_comments_state_the_real_defaults() {
             }
         })
         .collect();
-    // 12 [quic] keys, crl, 2 allow_non_loopback, 3 [limits] keys, 3 [overlay] keys.
-    assert_eq!(uncommented, 21);
+    // 12 [quic] keys, crl, 2 allow_non_loopback, 9 [limits] keys, 3 [overlay] keys.
+    assert_eq!(uncommented, 27);
     let explicit = ok(&text);
     let defaults = ok(EXAMPLE);
     assert_eq!(explicit.quic, defaults.quic);
@@ -231,7 +231,7 @@ fn defaults_are_applied() {
     assert_eq!(quic.idle_timeout, Duration::from_secs(10));
     assert_eq!(quic.keep_alive, Duration::from_secs(2));
     assert_eq!(quic.handshake_timeout, Duration::from_secs(5));
-    assert_eq!(quic.max_streams_per_peer, 4096);
+    assert_eq!(quic.max_streams_per_peer, 16_384);
     assert_eq!(quic.stream_window, 4_194_304);
     assert_eq!(quic.connection_window, 128 << 20);
     assert_eq!(quic.send_window, 32 << 20);
@@ -242,6 +242,12 @@ fn defaults_are_applied() {
     assert_eq!(config.limits.preamble_timeout, Duration::from_secs(5));
     assert_eq!(config.limits.connect_timeout, Duration::from_secs(5));
     assert_eq!(config.limits.drain_grace, Duration::from_secs(10));
+    assert_eq!(config.limits.pending_streams_per_peer, 1024);
+    assert_eq!(config.limits.connections_per_peer, 32);
+    assert_eq!(config.limits.handshakes, 64);
+    assert_eq!(config.limits.retry_above, 8);
+    assert_eq!(config.limits.accept_backoff_max, Duration::from_secs(1));
+    assert_eq!(config.limits.buffer_memory, 256 << 20);
     assert!(config.peers.is_empty());
     assert!(config.forwards.is_empty());
     assert!(config.exposes.is_empty());
@@ -270,6 +276,12 @@ reconnect_max = "10ms""#,
 preamble_timeout = "250ms"
 connect_timeout = "1m"
 drain_grace = "0s"
+pending_streams_per_peer = 1
+connections_per_peer = 1024
+handshakes = 100000
+retry_above = 0
+accept_backoff_max = "10ms"
+buffer_memory = "64GiB"
 "#,
     ));
     let quic = &config.quic;
@@ -288,6 +300,12 @@ drain_grace = "0s"
     assert_eq!(config.limits.preamble_timeout, Duration::from_millis(250));
     assert_eq!(config.limits.connect_timeout, Duration::from_secs(60));
     assert_eq!(config.limits.drain_grace, Duration::ZERO);
+    assert_eq!(config.limits.pending_streams_per_peer, 1);
+    assert_eq!(config.limits.connections_per_peer, 1024);
+    assert_eq!(config.limits.handshakes, 100_000);
+    assert_eq!(config.limits.retry_above, 0);
+    assert_eq!(config.limits.accept_backoff_max, Duration::from_millis(10));
+    assert_eq!(config.limits.buffer_memory, 64 << 30);
 }
 
 #[test]
@@ -367,7 +385,7 @@ port = 1
     );
     assert!(errors[5]
         .1
-        .contains("valid keys in [limits]: preamble_timeout, connect_timeout, drain_grace"));
+        .contains("valid keys in [limits]: preamble_timeout, connect_timeout, drain_grace, "));
 }
 
 #[test]
@@ -1025,6 +1043,36 @@ fn limits_ranges() {
         &limits("drain_grace = 10"),
         "limits.drain_grace",
         "bare integer 10",
+    );
+    one_error(
+        &limits("pending_streams_per_peer = 0"),
+        "limits.pending_streams_per_peer",
+        "must be from 1 to 1000000, got 0",
+    );
+    one_error(
+        &limits("connections_per_peer = 1025"),
+        "limits.connections_per_peer",
+        "must be from 1 to 1024, got 1025",
+    );
+    one_error(
+        &limits("handshakes = 0"),
+        "limits.handshakes",
+        "must be from 1 to 100000, got 0",
+    );
+    one_error(
+        &limits("handshakes = 4\nretry_above = 5"),
+        "limits.retry_above",
+        "must be at most limits.handshakes (4), got 5",
+    );
+    one_error(
+        &limits("accept_backoff_max = \"1ms\""),
+        "limits.accept_backoff_max",
+        "must be from 10ms to 1m, got 1ms",
+    );
+    one_error(
+        &limits("buffer_memory = \"512KiB\""),
+        "limits.buffer_memory",
+        "must be from 1MiB to 64GiB",
     );
 }
 

@@ -1,57 +1,171 @@
 //! The one way this crate accepts TCP connections: stop when told, and on a
-//! failed accept (typically EMFILE) log and pause instead of spinning. The
-//! forward, overlay, admin and enrollment listeners all go through here.
+//! failed accept pause instead of spinning. The forward, overlay, admin and
+//! enrollment listeners all go through here.
+//!
+//! The failure that matters is running out of file descriptors (`EMFILE`,
+//! `ENFILE`): the kernel keeps the client queued, so every later accept
+//! fails at once and a naive loop spins. Here the listener pauses, doubling
+//! from [`FIRST_PAUSE`] to a maximum (`limits.accept_backoff_max` for the
+//! forwarding listeners), and refuses the queued client instead of leaving
+//! it hanging: it keeps one descriptor in reserve, gives it up to accept
+//! the client, resets it, and takes the reserve back. Failures are counted
+//! (`meshtun_limit_hits_total{limit="open_files"}`) and logged at most once
+//! per [`LOG_PERIOD`] per listener.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
-/// How long a listener pauses after a failed accept.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+use crate::metrics::Metrics;
 
-/// The next connection on `listener` (`what` names it in the log), or
-/// `None` once `stop` fires.
-pub(crate) async fn next(
-    listener: &TcpListener,
-    stop: &CancellationToken,
-    what: &str,
-) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => return None,
-        };
-        match accepted {
-            Ok(accepted) => return Some(accepted),
-            Err(error) => {
-                warn!(listener = what, %error, "accept failed");
-                tokio::select! {
-                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                    () = stop.cancelled() => return None,
+/// The first pause after a failed accept.
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// The longest pause of listeners whose limit is not configurable.
+pub(crate) const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(1);
+/// At most one warning per listener in this period.
+const LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// One listener's memory of its failed accepts.
+#[derive(Debug)]
+pub(crate) struct Accepting {
+    what: String,
+    /// The longest pause; the caller may change it between accepts.
+    pub(crate) max_pause: Duration,
+    pause: Duration,
+    /// A descriptor held back to refuse clients when none are left.
+    reserve: Option<std::fs::File>,
+    last_log: Option<Instant>,
+    quiet: u64,
+}
+
+impl Accepting {
+    /// `what` names the listener in logs.
+    pub(crate) fn new(what: impl Into<String>, max_pause: Duration) -> Self {
+        Self {
+            what: what.into(),
+            max_pause,
+            pause: FIRST_PAUSE,
+            reserve: open_reserve(),
+            last_log: None,
+            quiet: 0,
+        }
+    }
+
+    /// The next connection on `listener`, or `None` once `stop` fires.
+    /// `metrics`, if given, counts failed accepts.
+    pub(crate) async fn next(
+        &mut self,
+        listener: &TcpListener,
+        stop: &CancellationToken,
+        metrics: Option<&Metrics>,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.cancelled() => return None,
+            };
+            let error = match accepted {
+                Ok(accepted) => {
+                    self.pause = FIRST_PAUSE;
+                    return Some(accepted);
                 }
+                Err(error) => error,
+            };
+            if let Some(metrics) = metrics {
+                metrics.limit_hit("open_files");
             }
+            let out_of_files = is_out_of_files(&error);
+            let shed = if out_of_files {
+                self.shed(listener).await
+            } else {
+                None
+            };
+            self.log(&error, out_of_files, shed);
+            tokio::select! {
+                () = tokio::time::sleep(self.pause) => {}
+                () = stop.cancelled() => return None,
+            }
+            self.pause = (self.pause * 2).min(self.max_pause);
+        }
+    }
+
+    /// Refuses one queued client with the reserve descriptor; returns its
+    /// address if there was one.
+    async fn shed(&mut self, listener: &TcpListener) -> Option<SocketAddr> {
+        // Closing the reserve frees one descriptor for the accept below.
+        self.reserve.take()?;
+        let refused = match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+            Ok(Ok((tcp, client))) => {
+                // Reset, not FIN: the client must not read a clean end.
+                crate::splice::reset_on_close(&tcp);
+                drop(tcp);
+                Some(client)
+            }
+            _ => None,
+        };
+        self.reserve = open_reserve();
+        refused
+    }
+
+    fn log(&mut self, error: &io::Error, out_of_files: bool, shed: Option<SocketAddr>) {
+        let now = Instant::now();
+        if self
+            .last_log
+            .is_some_and(|last| now.duration_since(last) < LOG_PERIOD)
+        {
+            self.quiet += 1;
+            debug!(listener = %self.what, %error, refused = ?shed, "accept failed");
+            return;
+        }
+        self.last_log = Some(now);
+        let quiet = std::mem::take(&mut self.quiet);
+        if out_of_files {
+            warn!(
+                listener = %self.what,
+                %error,
+                refused = ?shed,
+                similar_since_last_report = quiet,
+                "out of file descriptors: resetting queued clients and pausing accepts (raise LimitNOFILE / ulimit -n)"
+            );
+        } else {
+            warn!(listener = %self.what, %error, similar_since_last_report = quiet, "accept failed; pausing");
         }
     }
 }
 
-/// Like [`next`], serving at most `permits` connections at once: a slot is
-/// taken before accepting, so excess clients wait in the kernel's queue
-/// instead of costing a task each. The permit is released when dropped.
+/// Like [`Accepting::next`], serving at most `permits` connections at once:
+/// a slot is taken before accepting, so excess clients wait in the kernel's
+/// queue instead of costing a task each. The permit is released when dropped.
 pub(crate) async fn next_bounded(
+    accepting: &mut Accepting,
     listener: &TcpListener,
     permits: &Arc<Semaphore>,
     stop: &CancellationToken,
-    what: &str,
 ) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
     let permit = tokio::select! {
         permit = permits.clone().acquire_owned() => permit.ok()?,
         () = stop.cancelled() => return None,
     };
-    let (tcp, peer) = next(listener, stop, what).await?;
+    let (tcp, peer) = accepting.next(listener, stop, None).await?;
     Some((permit, tcp, peer))
+}
+
+fn is_out_of_files(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE)
+    )
+}
+
+fn open_reserve() -> Option<std::fs::File> {
+    // Failing to hold a reserve only means queued clients wait instead of
+    // being reset while descriptors are short.
+    std::fs::File::open("/dev/null").ok()
 }

@@ -37,8 +37,9 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// Serves until the node closes.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut accepting = accept::Accepting::new("admin endpoint", accept::DEFAULT_MAX_PAUSE);
     while let Some((permit, tcp, client)) =
-        accept::next_bounded(&listener, &permits, &shared.closing, "admin endpoint").await
+        accept::next_bounded(&mut accepting, &listener, &permits, &shared.closing).await
     {
         let shared_for_task = shared.clone();
         shared.tasks.spawn(async move {

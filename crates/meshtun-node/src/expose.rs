@@ -16,29 +16,57 @@ use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::metrics::{handshake_reason, Direction, PeerStats};
+use crate::metrics::{handshake_reason, Direction, OpenStream, PeerStats, Pending};
 use crate::splice::{self, Downlink, Outbound};
-use crate::{Policy, Shared};
+use crate::{Handshaking, Policy, Shared};
 
 /// Accepts incoming QUIC connections until the endpoint closes. While the
 /// node drains, new connections are refused at once (the dialer sees a
 /// refusal, not a handshake timeout).
+///
+/// Handshakes are the one thing anyone on the network can make this node
+/// do, and they cost a signature each, so they are bounded before any work
+/// is spent: past `limits.retry_above` in progress, a client must first
+/// echo a Retry token (a stateless round trip that a spoofed or replayed
+/// flood cannot complete); past `limits.handshakes`, new ones are refused.
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
         if shared.stop_accepting.is_cancelled() {
             incoming.refuse();
             continue;
         }
-        let span = tracing::info_span!("incoming", remote = %incoming.remote_address());
+        let limits = shared.policy().limits.clone();
+        let in_progress = shared.handshakes_in_progress();
+        let remote = incoming.remote_address();
+        if in_progress >= limits.handshakes {
+            let verdict = shared.metrics.limit_hit("handshakes");
+            log_limit!(verdict, %remote, in_progress, "refusing a QUIC handshake: limits.handshakes are in progress");
+            incoming.refuse();
+            continue;
+        }
+        if in_progress >= limits.retry_above && !incoming.remote_address_validated() {
+            if incoming.may_retry() {
+                shared.metrics.retried();
+                // Only fails if the client already passed a Retry, which
+                // `may_retry` ruled out.
+                let _ = incoming.retry();
+            } else {
+                // A client that echoed a token that did not validate.
+                incoming.refuse();
+            }
+            continue;
+        }
+        let span = tracing::info_span!("incoming", %remote);
+        let (handshaking, _) = shared.handshake_started();
         shared
             .tasks
-            .spawn(serve_connection(incoming, shared.clone()).instrument(span));
+            .spawn(serve_connection(incoming, handshaking, shared.clone()).instrument(span));
     }
 }
 
 /// Completes the handshake under a timeout, learns the peer's identity, and
 /// serves its streams.
-async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
+async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: Arc<Shared>) {
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(error) => {
@@ -46,7 +74,9 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
             return;
         }
     };
-    let connection = match tokio::time::timeout(shared.handshake_timeout, connecting).await {
+    let handshake = tokio::time::timeout(shared.handshake_timeout, connecting).await;
+    drop(handshaking);
+    let connection = match handshake {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             warn!(%error, "handshake failed");
@@ -73,11 +103,25 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     };
     let span = tracing::info_span!("peer", peer = %identity);
     async {
+        let limit = shared.policy().limits.connections_per_peer;
+        let _tracked = match shared.track_incoming(&identity, &connection, limit) {
+            Ok(tracked) => tracked,
+            Err(open) => {
+                let verdict = shared.metrics.limit_hit("connections_per_peer");
+                log_limit!(
+                    verdict,
+                    open,
+                    "closing a connection: the peer is at limits.connections_per_peer"
+                );
+                let code = ConnectionCode::ConnectionLimit;
+                connection.close(VarInt::from_u32(code.to_u32()), code.reason());
+                return;
+            }
+        };
         if let Err(error) = send_welcome(&connection).await {
             info!(%error, "peer left before the welcome");
             return;
         }
-        let _tracked = shared.track_incoming(&identity, &connection);
         // The handshake may have used a trust bundle a reload replaced.
         if !crate::still_trusted(&connection, &shared.trust, meshtun_pki::PeerRole::Dialer) {
             return;
@@ -149,29 +193,68 @@ async fn serve_stream(
 ) {
     let send = Outbound::new(send);
     let stream = stats.stream(Direction::incoming);
+    let pending = stats.pending();
     tokio::select! {
-        () = answer_stream(send, recv, identity, stream.stats(), &shared) => {}
+        () = answer_stream(send, recv, identity, &stream, pending, &shared) => {}
         () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
     }
 }
 
-/// Reads the preamble, authorizes, connects, answers, then splices.
+/// Checks the peer's stream limits, reads the preamble, authorizes,
+/// connects, answers, then splices.
 async fn answer_stream(
     mut send: Outbound,
     mut recv: RecvStream,
     identity: NodeName,
-    stats: &PeerStats,
+    stream: &OpenStream,
+    (pending, pending_before): (Pending, u32),
     shared: &Shared,
 ) {
+    let stats = stream.stats();
     // One policy for the whole stream, even if a reload lands meanwhile.
     let policy = shared.policy();
-    let (preamble, payload) = match read_preamble(&mut recv, policy.preamble_timeout).await {
+    let limits = &policy.limits;
+    let open_limit = i64::from(shared.max_streams_per_peer);
+    let over = if stream.open_before() >= open_limit {
+        Some((
+            "stream_limit",
+            StreamCode::StreamLimit,
+            format!(
+                "{identity} has {open_limit} streams open on {} (quic.max_streams_per_peer)",
+                shared.node
+            ),
+        ))
+    } else if pending_before >= limits.pending_streams_per_peer {
+        Some((
+            "pending_limit",
+            StreamCode::PendingLimit,
+            format!(
+                "{identity} has {} streams waiting for their preamble or target on {} \
+                 (limits.pending_streams_per_peer)",
+                limits.pending_streams_per_peer, shared.node
+            ),
+        ))
+    } else {
+        None
+    };
+    if let Some((reason, code, detail)) = over {
+        let status = refuse(StatusCode::Unavailable, detail);
+        let verdict = stats.refused(Direction::incoming, reason);
+        log_limit!(verdict, reason, detail = %status.detail, "stream refused at a limit");
+        answer_refusal(&mut send, &mut recv, &status, code).await;
+        return;
+    }
+    let (preamble, payload) = match read_preamble(&mut recv, limits.preamble_timeout).await {
         Ok(read) => read,
-        Err(detail) => {
-            let status = refuse(StatusCode::BadPreamble, detail);
-            let verdict = stats.refused(Direction::incoming, status.code.as_str());
-            log_refusal!(verdict, detail = %status.detail, "bad stream preamble");
-            answer_refusal(&mut send, &mut recv, &status, StreamCode::BadPreamble).await;
+        Err(failure) => {
+            let (reason, code) = match failure {
+                PreambleFailure::Timeout(_) => ("preamble_timeout", StreamCode::PreambleTimeout),
+                PreambleFailure::Invalid(_) => ("bad_preamble", StreamCode::BadPreamble),
+            };
+            let status = refuse(StatusCode::BadPreamble, failure.to_string());
+            let verdict = stats.refused(Direction::incoming, reason);
+            log_refusal!(verdict, reason, detail = %status.detail, "bad stream preamble");
+            answer_refusal(&mut send, &mut recv, &status, code).await;
             return;
         }
     };
@@ -199,7 +282,7 @@ async fn answer_stream(
         .as_ref()
         .map(|overlay| (overlay.prefix, overlay.address));
     async {
-        let mut tcp = match connect(&target.addr, forbidden, policy.connect_timeout).await {
+        let mut tcp = match connect(&target.addr, forbidden, limits.connect_timeout).await {
             Ok(tcp) => tcp,
             Err(status) => {
                 let verdict = stats.refused(Direction::incoming, status.code.as_str());
@@ -212,9 +295,10 @@ async fn answer_stream(
         if let Err(error) = tcp.set_nodelay(true) {
             debug!(%error, "cannot set TCP_NODELAY");
         }
+        // Answered from here on: the stream no longer counts as pending.
+        drop(pending);
 
         let downlink = Downlink::Ready(payload);
-        let cancel = &shared.abort_streams;
         match splice::carry(
             &mut tcp,
             &mut send,
@@ -222,7 +306,7 @@ async fn answer_stream(
             Bytes::from_static(OK_STATUS),
             downlink,
             stats,
-            cancel,
+            shared.splice_context(),
         )
         .await
         {
@@ -298,12 +382,21 @@ fn authorize(
     })
 }
 
+/// Why no preamble was read.
+#[derive(Debug, thiserror::Error)]
+enum PreambleFailure {
+    #[error("no complete preamble within {0:?} (limits.preamble_timeout)")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Reads the preamble (at most [`MAX_PREAMBLE_LEN`] bytes) under `timeout`;
 /// returns it with any client bytes that arrived behind it.
 async fn read_preamble(
     recv: &mut RecvStream,
     timeout: Duration,
-) -> Result<(Preamble, Bytes), String> {
+) -> Result<(Preamble, Bytes), PreambleFailure> {
     let read = async {
         let mut buffer = BytesMut::new();
         loop {
@@ -313,19 +406,27 @@ async fn read_preamble(
                     return Ok((preamble, payload));
                 }
                 Ok(Decoded::Incomplete { .. }) => {}
-                Err(error) => return Err(error.to_string()),
+                Err(error) => return Err(PreambleFailure::Invalid(error.to_string())),
             }
             let wanted = MAX_PREAMBLE_LEN.saturating_sub(buffer.len()).max(1);
             match recv.read_chunk(wanted, true).await {
                 Ok(Some(chunk)) => buffer.extend_from_slice(&chunk.bytes),
-                Ok(None) => return Err("stream ended inside the preamble".to_owned()),
-                Err(error) => return Err(format!("stream failed inside the preamble: {error}")),
+                Ok(None) => {
+                    return Err(PreambleFailure::Invalid(
+                        "stream ended inside the preamble".to_owned(),
+                    ))
+                }
+                Err(error) => {
+                    return Err(PreambleFailure::Invalid(format!(
+                        "stream failed inside the preamble: {error}"
+                    )))
+                }
             }
         }
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no complete preamble within {timeout:?}")),
+        Err(_) => Err(PreambleFailure::Timeout(timeout)),
     }
 }
 

@@ -40,10 +40,18 @@ pub(crate) struct Forward {
 /// Accepts local connections until the node stops accepting.
 pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
     let preamble = encode_preamble(&Preamble::service(forward.service.clone()));
-    let what = format!("forward {}", forward.local);
-    while let Some((tcp, client)) =
-        accept::next(&forward.listener, &shared.stop_accepting, &what).await
+    let backoff = shared.policy().limits.accept_backoff_max;
+    let mut accepting = accept::Accepting::new(format!("forward {}", forward.local), backoff);
+    while let Some((tcp, client)) = accepting
+        .next(
+            &forward.listener,
+            &shared.stop_accepting,
+            Some(&shared.metrics),
+        )
+        .await
     {
+        // A reload may change the pause; it applies from the next accept.
+        accepting.max_pause = shared.policy().limits.accept_backoff_max;
         let span = tracing::debug_span!(
             "forward",
             listen = %forward.local,
@@ -110,9 +118,14 @@ async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared
         // The preamble goes out now and the client's bytes right behind it:
         // no round trip is spent waiting for the peer's status.
         let downlink = Downlink::AwaitStatus;
-        let cancel = &shared.abort_streams;
         match splice::carry(
-            &mut tcp, &mut send, &mut recv, preamble, downlink, stats, cancel,
+            &mut tcp,
+            &mut send,
+            &mut recv,
+            preamble,
+            downlink,
+            stats,
+            shared.splice_context(),
         )
         .await
         {

@@ -28,6 +28,17 @@ macro_rules! log_refusal {
     };
 }
 
+/// Logs a limit hit at warn, or at debug when [`metrics::Metrics::limit_hit`]
+/// or [`metrics::PeerStats::refused`] says this kind was logged recently.
+macro_rules! log_limit {
+    ($verdict:expr, $($field:tt)+) => {
+        match $verdict {
+            Some(quiet) => tracing::warn!(similar_since_last_report = quiet, $($field)+),
+            None => tracing::debug!($($field)+),
+        }
+    };
+}
+
 mod accept;
 mod admin;
 mod cid;
@@ -43,10 +54,11 @@ mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshtun_config::{Allow, Config, Expose, Overlay};
+use meshtun_config::{Allow, Config, Expose, Limits, Overlay};
 use meshtun_pki::{NodeCredentials, PeerRole, TrustBundle};
 use meshtun_proto::{ConnectionCode, NodeName};
 use quinn::{Connection, VarInt};
@@ -116,8 +128,8 @@ pub(crate) struct Policy {
     pub(crate) exposes: Vec<Expose>,
     /// `[overlay]`, if on; a reload may change only its `allow`.
     pub(crate) overlay: Option<Overlay>,
-    pub(crate) preamble_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
+    /// `[limits]`; a reload may change all but `buffer_memory`.
+    pub(crate) limits: Limits,
 }
 
 impl Policy {
@@ -125,8 +137,7 @@ impl Policy {
         Self {
             exposes: config.exposes.clone(),
             overlay: config.overlay.clone(),
-            preamble_timeout: config.limits.preamble_timeout,
-            connect_timeout: config.limits.connect_timeout,
+            limits: config.limits.clone(),
         }
     }
 }
@@ -172,6 +183,13 @@ pub(crate) struct Shared {
     trust: TrustState,
     policy: RwLock<Arc<Policy>>,
     handshake_timeout: Duration,
+    /// Incoming QUIC handshakes in progress (see `limits.handshakes`).
+    handshaking: AtomicU32,
+    /// `quic.max_streams_per_peer`: each connection's QUIC stream credit,
+    /// and the cap over all of one peer's connections.
+    max_streams_per_peer: u32,
+    /// The budget of TCP read buffers (`limits.buffer_memory`).
+    buffers: splice::Buffers,
     /// Fires when the node stops taking new work (SIGTERM).
     stop_accepting: CancellationToken,
     /// Fires when the drain period is over: open streams are reset.
@@ -213,25 +231,55 @@ impl Shared {
             .clone()
     }
 
-    /// Records an incoming connection from `peer` until the guard drops.
+    /// Records an incoming connection from `peer` until the guard drops,
+    /// unless `peer` already has `limit` connections here: then `Err` with
+    /// that count, and nothing is recorded.
     pub(crate) fn track_incoming(
         self: &Arc<Self>,
         peer: &NodeName,
         connection: &Connection,
-    ) -> IncomingGuard {
+        limit: u32,
+    ) -> Result<IncomingGuard, usize> {
         let mut incoming = self
             .incoming
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        incoming
-            .entry(peer.clone())
-            .or_default()
-            .push(connection.clone());
-        IncomingGuard {
+        let connections = incoming.entry(peer.clone()).or_default();
+        if connections.len() >= limit as usize {
+            return Err(connections.len());
+        }
+        connections.push(connection.clone());
+        Ok(IncomingGuard {
             shared: self.clone(),
             peer: peer.clone(),
             id: connection.stable_id(),
+        })
+    }
+
+    /// Counts an incoming handshake as in progress until the guard drops;
+    /// returns how many were in progress before it.
+    pub(crate) fn handshake_started(self: &Arc<Self>) -> (Handshaking, u32) {
+        let before = self.handshaking.fetch_add(1, Ordering::Relaxed);
+        (
+            Handshaking {
+                shared: self.clone(),
+            },
+            before,
+        )
+    }
+
+    /// What a spliced stream needs of the node.
+    pub(crate) fn splice_context(&self) -> splice::Context<'_> {
+        splice::Context {
+            cancel: &self.abort_streams,
+            buffers: &self.buffers,
+            metrics: &self.metrics,
         }
+    }
+
+    /// Incoming handshakes in progress now.
+    pub(crate) fn handshakes_in_progress(&self) -> u32 {
+        self.handshaking.load(Ordering::Relaxed)
     }
 
     fn facts(&self) -> std::sync::MutexGuard<'_, Facts> {
@@ -356,6 +404,11 @@ impl Shared {
                 .into_iter()
                 .map(|(reason, count)| (reason.to_owned(), count))
                 .collect(),
+            limit_hits: metrics::NODE_LIMITS
+                .iter()
+                .map(|&limit| (limit.to_owned(), self.metrics.limit_hits(limit)))
+                .filter(|&(_, count)| count > 0)
+                .collect(),
             forwards: facts.forwards.clone(),
             exposes: facts.exposes.clone(),
             overlay: facts.overlay.clone(),
@@ -391,6 +444,18 @@ impl Live {
                 self.certificates.insert(described);
             }
         }
+    }
+}
+
+/// An incoming handshake in progress; un-counted when dropped.
+#[derive(Debug)]
+pub(crate) struct Handshaking {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.shared.handshaking.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -478,6 +543,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.admin != new.admin {
         changed.push("[admin]");
+    }
+    if old.limits.buffer_memory != new.limits.buffer_memory {
+        changed.push("limits.buffer_memory");
     }
     // The interface, addresses and listener are set up once; who may reach
     // which port is policy.
@@ -647,6 +715,12 @@ impl Node {
             trust: trust_state,
             policy: RwLock::new(Arc::new(Policy::from_config(&config))),
             handshake_timeout: quic.handshake_timeout,
+            handshaking: AtomicU32::new(0),
+            max_streams_per_peer: quic.max_streams_per_peer,
+            buffers: splice::Buffers::new(
+                config.limits.buffer_memory,
+                metrics.buffer_bytes.clone(),
+            ),
             stop_accepting: CancellationToken::new(),
             abort_streams: CancellationToken::new(),
             closing: CancellationToken::new(),

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,11 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -73,6 +78,11 @@ pub(crate) struct Metrics {
     reconnects: Family<PeerLabels, Counter>,
     certificate_expiry: Gauge,
     reloads: Family<ResultLabels, Counter>,
+    limit_hits: Family<LimitLabels, Counter>,
+    limit_log: Throttle<&'static str>,
+    retries: Counter,
+    /// Bytes of TCP read buffers held by streams now.
+    pub(crate) buffer_bytes: Gauge,
     /// Handles per peer, so the hot path and `/status` never search the
     /// families. Grows by one entry per peer identity ever seen.
     peers: Mutex<BTreeMap<NodeName, Arc<PeerStats>>>,
@@ -96,6 +106,18 @@ pub(crate) const REFUSAL_REASONS: &[&str] = &[
     "other",
     "not_connected",
     "no_stream_credit",
+    "preamble_timeout",
+    "stream_limit",
+    "pending_limit",
+];
+
+/// The node-wide limits counted in `meshtun_limit_hits_total`, by config
+/// key (`open_files` is the process's descriptor limit).
+pub(crate) const NODE_LIMITS: &[&str] = &[
+    "handshakes",
+    "connections_per_peer",
+    "buffer_memory",
+    "open_files",
 ];
 
 /// Handshake failure reasons, as label values.
@@ -184,6 +206,25 @@ impl Metrics {
             "Configuration and certificate reloads, by result",
             Family::clone(&reloads),
         );
+        let limit_hits = Family::default();
+        registry.register(
+            "limit_hits",
+            "Times a limit refused or delayed something, by the limit's config key",
+            Family::clone(&limit_hits),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "incoming_retries",
+            "New QUIC clients asked to prove their address (Retry) because many handshakes were in progress",
+            retries.clone(),
+        );
+        let buffer_bytes = Gauge::default();
+        registry.register_with_unit(
+            "stream_buffer",
+            "Memory held in TCP read buffers of forwarded streams now (limited by limits.buffer_memory)",
+            Unit::Bytes,
+            buffer_bytes.clone(),
+        );
         registry.register(
             "build",
             "The running meshtun version",
@@ -204,6 +245,10 @@ impl Metrics {
             reconnects,
             certificate_expiry,
             reloads,
+            limit_hits,
+            limit_log: Throttle::new(LIMIT_LOG_PERIOD),
+            retries,
+            buffer_bytes,
             peers: Mutex::new(BTreeMap::new()),
         }
     }
@@ -262,7 +307,8 @@ impl Metrics {
             reconnects: self.reconnects.get_or_create_owned(&labels),
             refused: self.refused.clone(),
             handshakes_failed: self.handshakes_failed.clone(),
-            refusal_log: Mutex::new(BTreeMap::new()),
+            refusal_log: Throttle::new(REFUSAL_LOG_PERIOD),
+            pending: AtomicU32::new(0),
         }
     }
 
@@ -285,6 +331,26 @@ impl Metrics {
             Direction::incoming,
             HANDSHAKE_REASONS,
         )
+    }
+
+    /// Counts a hit of the limit named by its config key (`limit`), and
+    /// returns the log verdict, as [`PeerStats::refused`] does: one info
+    /// line per limit every [`LIMIT_LOG_PERIOD`].
+    pub(crate) fn limit_hit(&self, limit: &'static str) -> Option<u64> {
+        self.limit_hits.get_or_create(&LimitLabels { limit }).inc();
+        self.limit_log.admit(limit)
+    }
+
+    /// How often `limit` was hit.
+    pub(crate) fn limit_hits(&self, limit: &'static str) -> u64 {
+        self.limit_hits
+            .get(&LimitLabels { limit })
+            .map_or(0, |counter| counter.get())
+    }
+
+    /// Counts a Retry sent to a new client.
+    pub(crate) fn retried(&self) {
+        self.retries.inc();
     }
 
     pub(crate) fn set_certificate_expiry(&self, unix_seconds: i64) {
@@ -343,9 +409,10 @@ pub(crate) struct PeerStats {
     reconnects: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshakes_failed: Family<ReasonLabels, Counter>,
-    /// When each kind of refusal was last logged at info, and how many of
-    /// that kind went to debug since.
-    refusal_log: Mutex<BTreeMap<RefusalKind, (Instant, u64)>>,
+    /// Which refusals are logged at info.
+    refusal_log: Throttle<RefusalKind>,
+    /// Incoming streams not yet answered (`limits.pending_streams_per_peer`).
+    pending: AtomicU32,
 }
 
 /// A kind of refusal: who refused, and why.
@@ -354,6 +421,52 @@ type RefusalKind = (Direction, &'static str);
 /// At most one info line per kind of refusal and peer in this period; the
 /// rest go to debug, and every one is counted in the metrics.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// At most one info line per node-wide limit in this period; a flood is
+/// worth hearing about more often than a refused peer.
+const LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Lets one log line per kind and period through; counts the rest.
+#[derive(Debug)]
+pub(crate) struct Throttle<K> {
+    period: Duration,
+    /// When each kind was last let through, and how many were held back since.
+    last: Mutex<BTreeMap<K, (Instant, u64)>>,
+}
+
+impl<K: Ord> Throttle<K> {
+    pub(crate) fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// `Some(n)` if an event of `kind` should be logged at info now, `n`
+    /// being how many like it were held back since the last one; `None`
+    /// if it should go to debug.
+    pub(crate) fn admit(&self, kind: K) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match last.get_mut(&kind) {
+            Some((at, quiet)) if now.duration_since(*at) < self.period => {
+                *quiet += 1;
+                None
+            }
+            Some((at, quiet)) => {
+                *at = now;
+                Some(std::mem::take(quiet))
+            }
+            None => {
+                last.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
 
 impl fmt::Debug for PeerStats {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -380,11 +493,24 @@ impl PeerStats {
     /// Counts a stream and holds it open until the guard drops.
     pub(crate) fn stream(self: &Arc<Self>, direction: Direction) -> OpenStream {
         self.streams[direction as usize].inc();
-        self.open[direction as usize].inc();
+        let before = self.open[direction as usize].inc();
         OpenStream {
             stats: self.clone(),
             direction,
+            before,
         }
+    }
+
+    /// Counts an incoming stream as not yet answered until the guard drops;
+    /// also returns how many were pending before it.
+    pub(crate) fn pending(self: &Arc<Self>) -> (Pending, u32) {
+        let before = self.pending.fetch_add(1, Ordering::Relaxed);
+        (
+            Pending {
+                stats: self.clone(),
+            },
+            before,
+        )
     }
 
     /// Counts a refused stream. Returns `Some(n)` if this one should be
@@ -399,25 +525,7 @@ impl PeerStats {
                 reason,
             })
             .inc();
-        let now = Instant::now();
-        let mut log = self
-            .refusal_log
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match log.get_mut(&(direction, reason)) {
-            Some((last, quiet)) if now.duration_since(*last) < REFUSAL_LOG_PERIOD => {
-                *quiet += 1;
-                None
-            }
-            Some((last, quiet)) => {
-                *last = now;
-                Some(std::mem::take(quiet))
-            }
-            None => {
-                log.insert((direction, reason), (now, 0));
-                Some(0)
-            }
-        }
+        self.refusal_log.admit((direction, reason))
     }
 
     pub(crate) fn handshake_failed(&self, reason: &'static str) {
@@ -471,11 +579,30 @@ fn saturating_i64(value: usize) -> i64 {
 pub(crate) struct OpenStream {
     stats: Arc<PeerStats>,
     direction: Direction,
+    /// Streams of this peer and direction that were open before this one.
+    before: i64,
 }
 
 impl OpenStream {
     pub(crate) fn stats(&self) -> &PeerStats {
         &self.stats
+    }
+
+    /// Streams of this peer and direction that were open before this one.
+    pub(crate) fn open_before(&self) -> i64 {
+        self.before
+    }
+}
+
+/// An incoming stream not yet answered; un-counted when dropped.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    stats: Arc<PeerStats>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.stats.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -9,14 +9,16 @@
 //! socket with one vectored write.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use meshtun_proto::{Status, StatusCode, StreamCode, MAX_STATUS_LEN};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::PeerStats;
@@ -29,6 +31,97 @@ const READ_CHUNK: usize = 64 * 1024;
 const MIN_SPARE: usize = 8 * 1024;
 /// How many stream chunks one vectored socket write may carry.
 const MAX_CHUNKS: usize = 32;
+
+/// The node's budget of TCP read buffers (`limits.buffer_memory`).
+///
+/// A stream holds a [`READ_CHUNK`] buffer only while its client is sending:
+/// it takes one when the socket becomes readable and gives it back as soon
+/// as a read finds the socket empty, so idle connections, however many,
+/// hold none. When the budget is spent, a stream that needs a buffer waits
+/// for one: that is back-pressure on its client, as a full QUIC window
+/// would be, and never a loss. Bytes already handed to quinn are bounded
+/// by the QUIC windows (`quic.send_window` per connection), not by this.
+pub(crate) struct Buffers {
+    permits: Semaphore,
+    /// Bytes held now, exported as `meshtun_stream_buffer_bytes`.
+    held: prometheus_client::metrics::gauge::Gauge,
+    /// Set while streams wait, so a wait is counted once per episode.
+    exhausted: AtomicBool,
+}
+
+impl std::fmt::Debug for Buffers {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Buffers")
+            .field("available", &self.permits.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Buffers {
+    /// A budget of `bytes`, at least one buffer.
+    pub(crate) fn new(bytes: u64, held: prometheus_client::metrics::gauge::Gauge) -> Self {
+        let count = usize::try_from(bytes / READ_CHUNK as u64)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            permits: Semaphore::new(count),
+            held,
+            exhausted: AtomicBool::new(false),
+        }
+    }
+
+    /// One buffer's worth of the budget, waiting if it is spent; `on_wait`
+    /// runs once per exhaustion episode, for the counter and the log.
+    async fn take(&self, on_wait: impl FnOnce()) -> Result<Held<'_>, Failure> {
+        let permit = match self.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                if !self.exhausted.swap(true, Ordering::Relaxed) {
+                    on_wait();
+                }
+                let permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .map_err(|_| Failure::Shutdown)?;
+                self.exhausted.store(false, Ordering::Relaxed);
+                permit
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Failure::Shutdown),
+        };
+        self.held.inc_by(READ_CHUNK as i64);
+        Ok(Held {
+            buffer: BytesMut::with_capacity(READ_CHUNK),
+            _permit: permit,
+            held: &self.held,
+        })
+    }
+}
+
+/// A read buffer taken from [`Buffers`]; returns its share when dropped.
+struct Held<'a> {
+    buffer: BytesMut,
+    _permit: SemaphorePermit<'a>,
+    held: &'a prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.held.dec_by(READ_CHUNK as i64);
+    }
+}
+
+/// What every spliced stream shares with the node.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Context<'a> {
+    /// Fires when the drain period is over: the stream is reset.
+    pub(crate) cancel: &'a CancellationToken,
+    /// The read buffer budget.
+    pub(crate) buffers: &'a Buffers,
+    /// Counts and logs an exhausted buffer budget.
+    pub(crate) metrics: &'a crate::metrics::Metrics,
+}
 
 /// Why a spliced connection did not end cleanly. Every variant leads to a
 /// reset on both sides: a failure must never look like a clean end of file.
@@ -143,10 +236,10 @@ pub(crate) async fn carry(
     header: Bytes,
     downlink: Downlink,
     stats: &PeerStats,
-    cancel: &CancellationToken,
+    context: Context<'_>,
 ) -> Result<Totals, (Failure, Totals)> {
     let result = match send.stream.write_chunk(header).await {
-        Ok(()) => splice(tcp, send, recv, downlink, stats, cancel).await,
+        Ok(()) => splice(tcp, send, recv, downlink, stats, context).await,
         Err(error) => Err((Failure::from(error), Totals::default())),
     };
     if let Err((failure, _)) = &result {
@@ -163,7 +256,7 @@ pub(crate) async fn splice(
     recv: &mut RecvStream,
     downlink: Downlink,
     stats: &PeerStats,
-    cancel: &CancellationToken,
+    context: Context<'_>,
 ) -> Result<Totals, (Failure, Totals)> {
     let (mut tcp_read, mut tcp_write) = tcp.split();
     let mut totals = Totals::default();
@@ -171,6 +264,7 @@ pub(crate) async fn splice(
         &mut tcp_read,
         send,
         Moved::new(&mut totals.uplink, &stats.sent),
+        context,
     );
     let down = stream_to_tcp(
         recv,
@@ -178,7 +272,7 @@ pub(crate) async fn splice(
         downlink,
         Moved::new(&mut totals.downlink, &stats.received),
     );
-    let result = join_both(up, down, cancel).await;
+    let result = join_both(up, down, context.cancel).await;
     match result {
         Ok(()) => {
             // Both FINs went through: the socket may now close gracefully.
@@ -221,8 +315,18 @@ async fn join_both(
 /// How long a stopped opener waits for the acceptor's status to learn why.
 const STATUS_GRACE: Duration = Duration::from_millis(200);
 
+/// Whether a stop code says the acceptor answered a status first.
 fn is_refusal(code: VarInt) -> bool {
-    StreamCode::from_u64(code.into_inner()) == Some(StreamCode::Refused)
+    matches!(
+        StreamCode::from_u64(code.into_inner()),
+        Some(
+            StreamCode::Refused
+                | StreamCode::BadPreamble
+                | StreamCode::PreambleTimeout
+                | StreamCode::StreamLimit
+                | StreamCode::PendingLimit
+        )
+    )
 }
 
 /// Local TCP → QUIC stream. TCP end of file finishes the stream, and the
@@ -234,19 +338,45 @@ async fn tcp_to_stream(
     tcp: &mut ReadHalf<'_>,
     send: &mut Outbound,
     mut moved: Moved<'_>,
+    context: Context<'_>,
 ) -> Result<(), Failure> {
     let stopped = send.stream.stopped();
     tokio::pin!(stopped);
-    let mut buffer = BytesMut::with_capacity(READ_CHUNK);
+    // A buffer is held only while the client is sending (see `Buffers`).
+    let mut held: Option<Held<'_>> = None;
     loop {
+        let buffer = match &mut held {
+            Some(held) => &mut held.buffer,
+            None => {
+                tokio::select! {
+                    ready = tcp.readable() => ready.map_err(Failure::TcpRead)?,
+                    outcome = &mut stopped => return Err(stopped_early(outcome)),
+                }
+                let on_wait = || {
+                    let verdict = context.metrics.limit_hit("buffer_memory");
+                    log_limit!(verdict, "stream buffer memory (limits.buffer_memory) is spent; streams wait for buffers");
+                };
+                let taken = tokio::select! {
+                    taken = context.buffers.take(on_wait) => taken?,
+                    outcome = &mut stopped => return Err(stopped_early(outcome)),
+                };
+                &mut held.insert(taken).buffer
+            }
+        };
         if buffer.capacity() - buffer.len() < MIN_SPARE {
             buffer.reserve(READ_CHUNK);
         }
-        let read = tokio::select! {
-            read = tcp.read_buf(&mut buffer) => read.map_err(Failure::TcpRead)?,
-            outcome = &mut stopped => return Err(stopped_early(outcome)),
+        let read = match tcp.try_read_buf(buffer) {
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                // Drained: give the buffer back until the client sends more.
+                held = None;
+                continue;
+            }
+            Err(error) => return Err(Failure::TcpRead(error)),
         };
         if read == 0 {
+            drop(held);
             // The client half-closed: mirror its FIN.
             send.finish()?;
             return match stopped.await {
@@ -257,7 +387,8 @@ async fn tcp_to_stream(
         moved.add(read);
         // `split` hands over the filled bytes without copying; the spare
         // capacity stays behind for the next read.
-        send.stream.write_chunk(buffer.split().freeze()).await?;
+        let chunk = buffer.split().freeze();
+        send.stream.write_chunk(chunk).await?;
     }
 }
 

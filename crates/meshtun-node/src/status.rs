@@ -29,6 +29,11 @@ pub struct NodeStatus {
     /// Incoming handshakes that failed before a peer identity was known,
     /// by reason.
     pub incoming_handshakes_failed: BTreeMap<String, u64>,
+    /// Node-wide limits that were hit, by config key, with how often (only
+    /// limits hit at least once). Per-peer stream limits are in each peer's
+    /// `refused_incoming`.
+    #[serde(default)]
+    pub limit_hits: BTreeMap<String, u64>,
     /// The forward listeners.
     pub forwards: Vec<ForwardStatus>,
     /// The exposed services.

@@ -22,6 +22,14 @@ pub enum StreamCode {
     Shutdown = 4,
     /// A local failure (I/O error) that is nobody's protocol fault.
     Internal = 5,
+    /// The opener already has `quic.max_streams_per_peer` streams open on
+    /// this node, over all its connections.
+    StreamLimit = 6,
+    /// The opener already has `limits.pending_streams_per_peer` streams
+    /// waiting for their preamble or their target.
+    PendingLimit = 7,
+    /// The preamble did not arrive within `limits.preamble_timeout`.
+    PreambleTimeout = 8,
 }
 
 impl StreamCode {
@@ -38,6 +46,9 @@ impl StreamCode {
             3 => Some(StreamCode::BadPreamble),
             4 => Some(StreamCode::Shutdown),
             5 => Some(StreamCode::Internal),
+            6 => Some(StreamCode::StreamLimit),
+            7 => Some(StreamCode::PendingLimit),
+            8 => Some(StreamCode::PreambleTimeout),
             _ => None,
         }
     }
@@ -56,6 +67,8 @@ pub enum ConnectionCode {
     /// The peer's certificate no longer verifies against this node's trust
     /// (revoked by a newly loaded CRL, or its CA no longer trusted).
     Untrusted = 3,
+    /// The peer already has `limits.connections_per_peer` connections open.
+    ConnectionLimit = 4,
 }
 
 impl ConnectionCode {
@@ -71,6 +84,7 @@ impl ConnectionCode {
             ConnectionCode::NoIdentity => b"no meshtun identity in certificate",
             ConnectionCode::ProtocolViolation => b"protocol violation",
             ConnectionCode::Untrusted => b"certificate no longer trusted (revoked?)",
+            ConnectionCode::ConnectionLimit => b"too many connections from this peer",
         }
     }
 }
@@ -87,10 +101,14 @@ mod tests {
             StreamCode::BadPreamble,
             StreamCode::Shutdown,
             StreamCode::Internal,
+            StreamCode::StreamLimit,
+            StreamCode::PendingLimit,
+            StreamCode::PreambleTimeout,
         ] {
             assert_eq!(StreamCode::from_u64(u64::from(code.to_u32())), Some(code));
         }
         assert_eq!(StreamCode::from_u64(0), None);
+        assert_eq!(StreamCode::from_u64(9), None);
         assert_eq!(StreamCode::from_u64(99), None);
     }
 }

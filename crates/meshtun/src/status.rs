@@ -167,6 +167,9 @@ pub(crate) fn render(status: &NodeStatus) -> String {
             reasons(&status.incoming_handshakes_failed)
         );
     }
+    if !status.limit_hits.is_empty() {
+        let _ = writeln!(out, "  limits hit: {}", reasons(&status.limit_hits));
+    }
     for forward in &status.forwards {
         let _ = writeln!(
             out,
@@ -299,7 +302,12 @@ fn reason_text(reason: &str) -> String {
     let text = match reason {
         "refused" => "target refused the connection",
         "unreachable" => "target unreachable",
-        "unavailable" => "node draining",
+        "unavailable" => "peer draining or at a limit",
+        "stream_limit" => "over quic.max_streams_per_peer",
+        "pending_limit" => "over limits.pending_streams_per_peer",
+        "preamble_timeout" => "no preamble in time",
+        "handshakes" => "over limits.handshakes",
+        "open_files" => "out of file descriptors",
         "not_connected" => "peer not connected",
         "no_stream_credit" => "no stream credit from peer",
         "no_welcome" => "not welcomed by peer",
