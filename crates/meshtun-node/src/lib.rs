@@ -1092,4 +1092,17 @@ mod tests {
             ["[overlay] (except allow)"]
         );
     }
+
+    #[test]
+    fn limits_reload_except_the_buffer_budget() {
+        let old = meshtun_config::parse(meshtun_config::EXAMPLE).expect("the example is valid");
+        let mut new = old.clone();
+        new.limits.pending_streams_per_peer = 1;
+        new.limits.handshakes = 1;
+        new.limits.retry_above = 0;
+        new.limits.accept_backoff_max = Duration::from_secs(5);
+        assert!(restart_only_changes(&old, &new).is_empty());
+        new.limits.buffer_memory *= 2;
+        assert_eq!(restart_only_changes(&old, &new), ["limits.buffer_memory"]);
+    }
 }

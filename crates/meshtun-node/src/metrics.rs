@@ -677,6 +677,52 @@ mod tests {
     }
 
     #[test]
+    fn node_limits_are_counted_every_time_and_logged_once_per_period() {
+        let metrics = Metrics::new();
+        assert_eq!(metrics.limit_hit("handshakes"), Some(0));
+        for _ in 0..9 {
+            assert_eq!(metrics.limit_hit("handshakes"), None);
+        }
+        assert_eq!(metrics.limit_hit("open_files"), Some(0));
+        assert_eq!(metrics.limit_hits("handshakes"), 10);
+        assert_eq!(metrics.limit_hits("buffer_memory"), 0);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains("meshtun_limit_hits_total{limit=\"handshakes\"} 10"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_throttle_reports_how_many_it_held_back() {
+        let throttle = Throttle::new(Duration::ZERO);
+        assert_eq!(throttle.admit("a"), Some(0));
+        // A zero period lets every one through, each reporting none held.
+        assert_eq!(throttle.admit("a"), Some(0));
+        let slow = Throttle::new(Duration::from_secs(3600));
+        assert_eq!(slow.admit(1), Some(0));
+        assert_eq!(slow.admit(1), None);
+        assert_eq!(slow.admit(1), None);
+        assert_eq!(slow.admit(2), Some(0));
+    }
+
+    #[test]
+    fn pending_streams_are_counted_until_answered() {
+        let metrics = Metrics::new();
+        let stats = metrics.peer(&name("node-1"));
+        let (first, before) = stats.pending();
+        assert_eq!(before, 0);
+        let (second, before) = stats.pending();
+        assert_eq!(before, 1);
+        drop(first);
+        let (_third, before) = stats.pending();
+        assert_eq!(before, 1);
+        drop(second);
+        let (_fourth, before) = stats.pending();
+        assert_eq!(before, 1);
+    }
+
+    #[test]
     fn encoding_names_every_family_with_its_labels() {
         let metrics = Metrics::new();
         let stats = metrics.peer(&name("node-1"));

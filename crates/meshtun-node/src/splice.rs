@@ -570,3 +570,51 @@ pub(crate) fn reset_on_close(tcp: &TcpStream) {
         tracing::warn!(%error, "could not arm TCP reset on close; the client may see EOF instead of a reset");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn a_spent_buffer_budget_makes_streams_wait_and_counts_the_episode_once() {
+        let held = Gauge::default();
+        // Two buffers' worth.
+        let buffers = Buffers::new(2 * READ_CHUNK as u64 + 1, held.clone());
+        let waits = AtomicUsize::new(0);
+        let on_wait = || {
+            waits.fetch_add(1, Ordering::Relaxed);
+        };
+        let first = buffers.take(on_wait).await.unwrap();
+        let second = buffers.take(on_wait).await.unwrap();
+        assert_eq!(held.get(), 2 * READ_CHUNK as i64);
+        assert_eq!(waits.load(Ordering::Relaxed), 0);
+
+        // A third waits until one is given back, and the wait is counted.
+        let third = buffers.take(on_wait);
+        tokio::pin!(third);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut third)
+                .await
+                .is_err(),
+            "a third buffer was handed out beyond the budget"
+        );
+        assert_eq!(waits.load(Ordering::Relaxed), 1);
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(1), third)
+            .await
+            .expect("a returned buffer is handed on")
+            .unwrap();
+        assert_eq!(held.get(), 2 * READ_CHUNK as i64);
+        drop((second, third));
+        assert_eq!(held.get(), 0);
+        assert_eq!(waits.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_budget_below_one_buffer_still_allows_one() {
+        let buffers = Buffers::new(1, Gauge::default());
+        assert_eq!(buffers.permits.available_permits(), 1);
+    }
+}
