@@ -6,9 +6,10 @@
 //! `ENFILE`): the kernel keeps the client queued, so every later accept
 //! fails at once and a naive loop spins. Here the listener pauses, doubling
 //! from [`FIRST_PAUSE`] to a maximum (`limits.accept_backoff_max` for the
-//! forwarding listeners), and refuses the queued client instead of leaving
-//! it hanging: it keeps one descriptor in reserve, gives it up to accept
-//! the client, resets it, and takes the reserve back. Failures are counted
+//! forwarding listeners), and refuses the queued clients instead of leaving
+//! them hanging: it keeps one descriptor in reserve, gives it up to accept
+//! each queued client and reset it, and takes the reserve back. A client
+//! that arrives while descriptors stay short so waits at most one pause. Failures are counted
 //! (`meshtun_limit_hits_total{limit="open_files"}`) and logged at most once
 //! per [`LOG_PERIOD`] per listener.
 
@@ -29,6 +30,8 @@ use crate::metrics::Metrics;
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause of listeners whose limit is not configurable.
 pub(crate) const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(1);
+/// The most queued clients one failed accept refuses.
+const MAX_SHED: usize = 4096;
 /// At most one warning per listener in this period.
 const LOG_PERIOD: Duration = Duration::from_secs(10);
 
@@ -85,7 +88,7 @@ impl Accepting {
             let shed = if out_of_files {
                 self.shed(listener).await
             } else {
-                None
+                0
             };
             self.log(&error, out_of_files, shed);
             tokio::select! {
@@ -96,32 +99,40 @@ impl Accepting {
         }
     }
 
-    /// Refuses one queued client with the reserve descriptor; returns its
-    /// address if there was one.
-    async fn shed(&mut self, listener: &TcpListener) -> Option<SocketAddr> {
-        // Closing the reserve frees one descriptor for the accept below.
-        self.reserve.take()?;
-        let refused = match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-            Ok(Ok((tcp, client))) => {
-                // Reset, not FIN: the client must not read a clean end.
-                crate::splice::reset_on_close(&tcp);
-                drop(tcp);
-                Some(client)
+    /// Refuses the clients queued on `listener` (at most [`MAX_SHED`]) with
+    /// the reserve descriptor: each is accepted into the one descriptor the
+    /// reserve frees and reset at once, which frees it again for the next.
+    /// Returns how many were refused.
+    async fn shed(&mut self, listener: &TcpListener) -> usize {
+        // Closing the reserve frees one descriptor for the accepts below.
+        if self.reserve.take().is_none() {
+            return 0;
+        }
+        let mut refused = 0;
+        while refused < MAX_SHED {
+            // Only what is queued now: a zero timeout polls the accept once.
+            match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                Ok(Ok((tcp, _))) => {
+                    // Reset, not FIN: the client must not read a clean end.
+                    crate::splice::reset_on_close(&tcp);
+                    drop(tcp);
+                    refused += 1;
+                }
+                _ => break,
             }
-            _ => None,
-        };
+        }
         self.reserve = open_reserve();
         refused
     }
 
-    fn log(&mut self, error: &io::Error, out_of_files: bool, shed: Option<SocketAddr>) {
+    fn log(&mut self, error: &io::Error, out_of_files: bool, shed: usize) {
         let now = Instant::now();
         if self
             .last_log
             .is_some_and(|last| now.duration_since(last) < LOG_PERIOD)
         {
             self.quiet += 1;
-            debug!(listener = %self.what, %error, refused = ?shed, "accept failed");
+            debug!(listener = %self.what, %error, refused = shed, "accept failed");
             return;
         }
         self.last_log = Some(now);
@@ -130,7 +141,7 @@ impl Accepting {
             warn!(
                 listener = %self.what,
                 %error,
-                refused = ?shed,
+                refused = shed,
                 similar_since_last_report = quiet,
                 "out of file descriptors: resetting queued clients and pausing accepts (raise LimitNOFILE / ulimit -n)"
             );
