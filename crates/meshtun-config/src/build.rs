@@ -76,7 +76,7 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
     let tls = section(&root, sink, "tls").and_then(|table| tls(sink, table));
     let peers = peers(&root, sink, node.as_ref());
     let (forwards, mut listeners) = forwards(&root, sink, node.as_ref(), &peers);
-    let exposes = exposes(&root, sink);
+    let (exposes, expose_paths) = exposes(&root, sink);
     let limits =
         section(&root, sink, "limits").and_then(|table| limits(sink, table.unwrap_or(&empty)));
     let admin = section(&root, sink, "admin").and_then(|table| admin(sink, table));
@@ -90,7 +90,12 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
     }
     check_overlapping_listeners(sink, &listeners);
     if let Some(overlay) = &overlay {
-        check_overlay_addresses(sink, overlay.as_ref(), &peers.valid, &exposes);
+        check_overlay_addresses(
+            sink,
+            overlay.as_ref(),
+            peers.valid.iter().zip(&peers.valid_paths),
+            exposes.iter().zip(&expose_paths),
+        );
     }
 
     match (node, quic, tls, limits, admin, overlay) {
@@ -316,6 +321,9 @@ fn tls(sink: &mut Sink, table: Option<&Table>) -> Option<Tls> {
 struct Peers {
     /// The valid, unique peers.
     valid: Vec<Peer>,
+    /// The key path of each valid peer (`peer[2]`): errors about a valid
+    /// peer must name its own entry, not its place among the valid ones.
+    valid_paths: Vec<String>,
     /// Every name string written in a `[[peer]]`, valid or not, so that a
     /// forward naming a peer whose entry is broken is not reported again.
     written: Vec<String>,
@@ -324,6 +332,7 @@ struct Peers {
 fn peers(root: &TableReader<'_>, sink: &mut Sink, node: Option<&NodeName>) -> Peers {
     let mut peers = Peers {
         valid: Vec::new(),
+        valid_paths: Vec::new(),
         written: Vec::new(),
     };
     let mut first_seen: HashMap<NodeName, String> = HashMap::new();
@@ -368,6 +377,7 @@ fn peers(root: &TableReader<'_>, sink: &mut Sink, node: Option<&NodeName>) -> Pe
                 addr,
                 overlay,
             });
+            peers.valid_paths.push(path);
         }
     }
     peers
@@ -468,8 +478,10 @@ fn forwards(
     (forwards, listeners)
 }
 
-fn exposes(root: &TableReader<'_>, sink: &mut Sink) -> Vec<Expose> {
+/// The valid exposes, each with its key path (`expose[1]`).
+fn exposes(root: &TableReader<'_>, sink: &mut Sink) -> (Vec<Expose>, Vec<String>) {
     let mut exposes = Vec::new();
+    let mut paths = Vec::new();
     let mut first_seen: HashMap<ServiceName, String> = HashMap::new();
     for (path, table) in entries(root, sink, "expose") {
         let expose = TableReader::new(sink, path.clone(), table, EXPOSE_KEYS, "each [[expose]]");
@@ -503,9 +515,10 @@ fn exposes(root: &TableReader<'_>, sink: &mut Sink) -> Vec<Expose> {
                 target,
                 allow,
             });
+            paths.push(path);
         }
     }
-    exposes
+    (exposes, paths)
 }
 
 const DEFAULT_DENY: &str =
@@ -670,18 +683,18 @@ fn admin(sink: &mut Sink, table: Option<&Table>) -> Option<Option<Admin>> {
 /// The overlay addresses: each peer's is inside the prefix, unique and not
 /// this node's; peers have one only if `[overlay]` is on; and no expose
 /// target points at another node's overlay address, which would loop.
-fn check_overlay_addresses(
+fn check_overlay_addresses<'c>(
     sink: &mut Sink,
     overlay: Option<&crate::Overlay>,
-    peers: &[Peer],
-    exposes: &[Expose],
+    peers: impl Iterator<Item = (&'c Peer, &'c String)>,
+    exposes: impl Iterator<Item = (&'c Expose, &'c String)>,
 ) {
-    let mut seen: HashMap<std::net::Ipv4Addr, usize> = HashMap::new();
-    for (index, peer) in peers.iter().enumerate() {
+    let mut seen: HashMap<std::net::Ipv4Addr, &str> = HashMap::new();
+    for (peer, path) in peers {
         let Some(address) = peer.overlay else {
             continue;
         };
-        let key = format!("peer[{index}].overlay");
+        let key = format!("{path}.overlay");
         let Some(overlay) = overlay else {
             sink.error(
                 key,
@@ -696,20 +709,17 @@ fn check_overlay_addresses(
             );
         } else if address == overlay.address {
             sink.error(key, format!("{address} is this node's own overlay.address"));
-        } else if let Some(first) = seen.insert(address, index) {
-            sink.error(
-                key,
-                format!("{address} is already peer[{first}]'s overlay address"),
-            );
+        } else if let Some(first) = seen.insert(address, path) {
+            sink.error(key, format!("{address} is already {first}'s overlay address"));
         }
     }
     if let Some(overlay) = overlay {
-        for (index, expose) in exposes.iter().enumerate() {
+        for (expose, path) in exposes {
             if let Some(target) = expose.target.to_socket_addr_if_literal() {
                 if let IpAddr::V4(ip) = target.ip() {
                     if overlay.prefix.contains(ip) && ip != overlay.address {
                         sink.error(
-                            format!("expose[{index}].target"),
+                            format!("{path}.target"),
                             format!("{target} is another node's overlay address; meshtun's own connections must not be redirected into the overlay"),
                         );
                     }

@@ -1296,3 +1296,41 @@ fn overlay_mistakes_are_reported_with_their_keys() {
         "{errors}"
     );
 }
+
+#[test]
+fn errors_about_valid_entries_name_their_own_entry_after_a_broken_one() {
+    // Found by the config fuzz target: entries were numbered among the
+    // valid ones, so an error behind a broken entry named its neighbour.
+    let text = r#"node = "node-1"
+[quic]
+listen = "0.0.0.0:4433"
+[tls]
+ca = "ca.crt"
+cert = "node-1.crt"
+key = "node-1.key"
+[[peer]]
+name = "bad name"
+addr = "198.18.0.1:4433"
+[[peer]]
+name = "node-2"
+addr = "198.18.0.3:4433"
+overlay = "10.0.0.1"
+[[expose]]
+service = "bad name"
+target = "127.0.0.1:1"
+allow = ["*"]
+[[expose]]
+service = "ok"
+target = "100.127.0.9:1"
+allow = ["*"]
+[overlay]
+address = "100.127.0.2"
+prefix = "100.127.0.0/16"
+"#;
+    let errors = errors(text);
+    let keys: Vec<&str> = errors.iter().map(|(key, _)| key.as_str()).collect();
+    assert!(keys.contains(&"peer[1].overlay"), "{errors:?}");
+    assert!(keys.contains(&"expose[1].target"), "{errors:?}");
+    assert!(!keys.contains(&"peer[0].overlay"), "{errors:?}");
+    assert!(!keys.contains(&"expose[0].target"), "{errors:?}");
+}
