@@ -89,11 +89,15 @@ fn transport(quic: &Quic, accept_streams: bool) -> Result<TransportConfig, NodeE
     // Forwarded streams flow from the dialer to the acceptor only: a peer may
     // not open them on a connection this node dialled. The acceptor opens a
     // single unidirectional stream, its welcome, to the dialer.
+    //
+    // The acceptor grants no stream credit in the handshake: quinn sets up
+    // state for every stream it allows as soon as a connection is accepted,
+    // about 80 bytes each, and 16384 of them (1.3 MiB) for a client that
+    // never proves who it is would let a handshake flood pin memory. The
+    // credit (`quic.max_streams_per_peer`) is granted once the peer's
+    // identity is checked (expose.rs, `serve_connection`).
     let (bidi, uni) = if accept_streams {
-        (
-            VarInt::from_u32(quic.max_streams_per_peer),
-            VarInt::from_u32(0),
-        )
+        (VarInt::from_u32(0), VarInt::from_u32(0))
     } else {
         (VarInt::from_u32(0), VarInt::from_u32(1))
     };

@@ -16,7 +16,7 @@ use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::metrics::{handshake_reason, Direction, OpenStream, PeerStats, Pending};
+use crate::metrics::{handshake_reason, Direction, OpenStream, Pending};
 use crate::splice::{self, Downlink, Outbound};
 use crate::{Handshaking, Policy, Shared};
 
@@ -118,12 +118,15 @@ async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: 
                 return;
             }
         };
-        if let Err(error) = send_welcome(&connection).await {
-            info!(%error, "peer left before the welcome");
-            return;
-        }
         // The handshake may have used a trust bundle a reload replaced.
         if !crate::still_trusted(&connection, &shared.trust, meshtun_pki::PeerRole::Dialer) {
+            return;
+        }
+        // Only now, with the identity checked, may the peer open streams
+        // (see `endpoint::transport`).
+        connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.max_streams_per_peer));
+        if let Err(error) = send_welcome(&connection).await {
+            info!(%error, "peer left before the welcome");
             return;
         }
         let stats = shared.metrics.peer(&identity);
@@ -136,8 +139,19 @@ async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: 
                     return;
                 }
             };
+            let stream = stats.stream(Direction::incoming);
+            let pending = stats.pending();
+            // Over a limit, the stream is refused here, without a task: a
+            // peer that opens streams as fast as it can costs no memory
+            // beyond quinn's own stream state.
+            if let Some((reason, code)) = over_limit(&stream, pending.1, &shared) {
+                let verdict = stats.refused(Direction::incoming, reason);
+                log_limit!(verdict, reason, code = code.to_u32(), "stream reset at a limit");
+                refuse_at_limit(send, recv, code);
+                continue;
+            }
             let span = tracing::debug_span!("stream", id = %send.id());
-            let task = serve_stream(send, recv, identity.clone(), stats.clone(), shared.clone());
+            let task = serve_stream(send, recv, identity.clone(), stream, pending, shared.clone());
             shared.streams.spawn(task.instrument(span));
         }
     }
@@ -181,6 +195,32 @@ fn refuse(code: StatusCode, detail: String) -> Status {
     Status::new(code, detail)
 }
 
+/// Which per-peer stream limit, if any, a new stream is over: a reason for
+/// the refusal counter and the code to reset it with.
+fn over_limit(
+    stream: &OpenStream,
+    pending_before: u32,
+    shared: &Shared,
+) -> Option<(&'static str, StreamCode)> {
+    if stream.open_before() >= i64::from(shared.max_streams_per_peer) {
+        Some(("stream_limit", StreamCode::StreamLimit))
+    } else if pending_before >= shared.policy().limits.pending_streams_per_peer {
+        Some(("pending_limit", StreamCode::PendingLimit))
+    } else {
+        None
+    }
+}
+
+/// Resets both halves of a stream refused at a limit. No status is sent:
+/// writing one would need a task per refused stream, which is what the
+/// limits bound. The code says which limit (`StreamCode`).
+fn refuse_at_limit(mut send: SendStream, mut recv: RecvStream, code: StreamCode) {
+    let code = VarInt::from_u32(code.to_u32());
+    // Either half may already be closed by the peer; then it knows.
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+}
+
 /// Serves one incoming stream until it ends or the node's `abort_streams`
 /// token fires; the guards on the stream and the target socket make a
 /// cancellation a reset on both sides.
@@ -188,62 +228,30 @@ async fn serve_stream(
     send: SendStream,
     recv: RecvStream,
     identity: NodeName,
-    stats: Arc<PeerStats>,
+    stream: OpenStream,
+    (pending, _): (Pending, u32),
     shared: Arc<Shared>,
 ) {
     let send = Outbound::new(send);
-    let stream = stats.stream(Direction::incoming);
-    let pending = stats.pending();
     tokio::select! {
         () = answer_stream(send, recv, identity, &stream, pending, &shared) => {}
         () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
     }
 }
 
-/// Checks the peer's stream limits, reads the preamble, authorizes,
-/// connects, answers, then splices.
+/// Reads the preamble, authorizes, connects, answers, then splices.
 async fn answer_stream(
     mut send: Outbound,
     mut recv: RecvStream,
     identity: NodeName,
     stream: &OpenStream,
-    (pending, pending_before): (Pending, u32),
+    pending: Pending,
     shared: &Shared,
 ) {
     let stats = stream.stats();
     // One policy for the whole stream, even if a reload lands meanwhile.
     let policy = shared.policy();
     let limits = &policy.limits;
-    let open_limit = i64::from(shared.max_streams_per_peer);
-    let over = if stream.open_before() >= open_limit {
-        Some((
-            "stream_limit",
-            StreamCode::StreamLimit,
-            format!(
-                "{identity} has {open_limit} streams open on {} (quic.max_streams_per_peer)",
-                shared.node
-            ),
-        ))
-    } else if pending_before >= limits.pending_streams_per_peer {
-        Some((
-            "pending_limit",
-            StreamCode::PendingLimit,
-            format!(
-                "{identity} has {} streams waiting for their preamble or target on {} \
-                 (limits.pending_streams_per_peer)",
-                limits.pending_streams_per_peer, shared.node
-            ),
-        ))
-    } else {
-        None
-    };
-    if let Some((reason, code, detail)) = over {
-        let status = refuse(StatusCode::Unavailable, detail);
-        let verdict = stats.refused(Direction::incoming, reason);
-        log_limit!(verdict, reason, detail = %status.detail, "stream refused at a limit");
-        answer_refusal(&mut send, &mut recv, &status, code).await;
-        return;
-    }
     let (preamble, payload) = match read_preamble(&mut recv, limits.preamble_timeout).await {
         Ok(read) => read,
         Err(failure) => {

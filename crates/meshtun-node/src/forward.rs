@@ -134,9 +134,13 @@ async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared
                 let verdict = stats.refused(Direction::outgoing, status.code.as_str());
                 log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "stream refused by the peer; local connection reset");
             }
-            Err((failure, totals)) => {
-                debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset")
-            }
+            Err((failure, totals)) => match failure.limit() {
+                Some(limit) => {
+                    let verdict = stats.refused(Direction::outgoing, limit.as_str());
+                    log_refusal!(verdict, %failure, "stream reset at the peer's limit; local connection reset");
+                }
+                None => debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset"),
+            },
         }
     }
     .instrument(span)

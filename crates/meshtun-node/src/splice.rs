@@ -131,9 +131,9 @@ pub(crate) enum Failure {
     TcpRead(io::Error),
     #[error("local TCP write failed: {0}")]
     TcpWrite(io::Error),
-    #[error("peer reset the stream (code {0})")]
+    #[error("peer reset the stream (code {})", code_name(*.0))]
     StreamReset(VarInt),
-    #[error("peer stopped reading the stream (code {0})")]
+    #[error("peer stopped reading the stream (code {})", code_name(*.0))]
     StreamStopped(VarInt),
     #[error("QUIC connection lost: {0}")]
     ConnectionLost(quinn::ConnectionError),
@@ -150,6 +150,16 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
+    /// The per-peer stream limit of the acceptor that reset this stream, if
+    /// that is what ended it (the acceptor sends no status then).
+    pub(crate) fn limit(&self) -> Option<StreamCode> {
+        let (Failure::StreamReset(code) | Failure::StreamStopped(code)) = self else {
+            return None;
+        };
+        StreamCode::from_u64(code.into_inner())
+            .filter(|code| matches!(code, StreamCode::StreamLimit | StreamCode::PendingLimit))
+    }
+
     /// The QUIC code to reset the stream with when this failure ends it.
     pub(crate) fn stream_code(&self) -> StreamCode {
         match self {
@@ -163,6 +173,14 @@ impl Failure {
             | Failure::ConnectionLost(_)
             | Failure::StreamClosed => StreamCode::TcpReset,
         }
+    }
+}
+
+/// A stream code with its name, if it is one of ours: `7 (pending_limit)`.
+fn code_name(code: VarInt) -> String {
+    match StreamCode::from_u64(code.into_inner()) {
+        Some(known) => format!("{code} ({})", known.as_str()),
+        None => code.to_string(),
     }
 }
 
@@ -319,13 +337,7 @@ const STATUS_GRACE: Duration = Duration::from_millis(200);
 fn is_refusal(code: VarInt) -> bool {
     matches!(
         StreamCode::from_u64(code.into_inner()),
-        Some(
-            StreamCode::Refused
-                | StreamCode::BadPreamble
-                | StreamCode::PreambleTimeout
-                | StreamCode::StreamLimit
-                | StreamCode::PendingLimit
-        )
+        Some(StreamCode::Refused | StreamCode::BadPreamble | StreamCode::PreambleTimeout)
     )
 }
 

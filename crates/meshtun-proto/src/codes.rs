@@ -38,6 +38,20 @@ impl StreamCode {
         self as u32
     }
 
+    /// A stable lower-case name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamCode::TcpReset => "tcp_reset",
+            StreamCode::Refused => "refused",
+            StreamCode::BadPreamble => "bad_preamble",
+            StreamCode::Shutdown => "shutdown",
+            StreamCode::Internal => "internal",
+            StreamCode::StreamLimit => "stream_limit",
+            StreamCode::PendingLimit => "pending_limit",
+            StreamCode::PreambleTimeout => "preamble_timeout",
+        }
+    }
+
     /// The code for a received value, if it is one of ours.
     pub fn from_u64(value: u64) -> Option<Self> {
         match value {
@@ -106,6 +120,7 @@ mod tests {
             StreamCode::PreambleTimeout,
         ] {
             assert_eq!(StreamCode::from_u64(u64::from(code.to_u32())), Some(code));
+            assert!(!code.as_str().is_empty());
         }
         assert_eq!(StreamCode::from_u64(0), None);
         assert_eq!(StreamCode::from_u64(9), None);
