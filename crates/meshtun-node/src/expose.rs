@@ -146,12 +146,24 @@ async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: 
             // beyond quinn's own stream state.
             if let Some((reason, code)) = over_limit(&stream, pending.1, &shared) {
                 let verdict = stats.refused(Direction::incoming, reason);
-                log_limit!(verdict, reason, code = code.to_u32(), "stream reset at a limit");
+                log_limit!(
+                    verdict,
+                    reason,
+                    code = code.to_u32(),
+                    "stream reset at a limit"
+                );
                 refuse_at_limit(send, recv, code);
                 continue;
             }
             let span = tracing::debug_span!("stream", id = %send.id());
-            let task = serve_stream(send, recv, identity.clone(), stream, pending, shared.clone());
+            let task = serve_stream(
+                send,
+                recv,
+                identity.clone(),
+                stream,
+                pending,
+                shared.clone(),
+            );
             shared.streams.spawn(task.instrument(span));
         }
     }
