@@ -710,7 +710,10 @@ fn check_overlay_addresses<'c>(
         } else if address == overlay.address {
             sink.error(key, format!("{address} is this node's own overlay.address"));
         } else if let Some(first) = seen.insert(address, path) {
-            sink.error(key, format!("{address} is already {first}'s overlay address"));
+            sink.error(
+                key,
+                format!("{address} is already {first}'s overlay address"),
+            );
         }
     }
     if let Some(overlay) = overlay {
