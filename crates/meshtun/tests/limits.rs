@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, free_udp_port, ChildGuard, TempDir};
+use common::{free_tcp_port, free_udp_port, http_get, status_of, ChildGuard, TempDir};
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -469,37 +469,6 @@ async fn recovery(addr: SocketAddr) -> (Duration, Duration) {
         "{RECOVERY_CLIENTS} sequential echoes took until {all:?} after the release"
     );
     (first, all)
-}
-
-/// GET `path` from an admin endpoint: (HTTP status code, body).
-async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let exchange = async {
-        let mut tcp = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        tcp.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        tcp.read_to_string(&mut response).await?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| io::Error::other(format!("no header end in {response:?}")))?;
-        let code = head
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("no status code in {head:?}")))?;
-        Ok((code, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
-}
-
-/// `/status` of a node, parsed.
-async fn status_of(admin: SocketAddr) -> serde_json::Value {
-    let (code, body) = http_get(admin, "/status").await.expect("GET /status");
-    assert_eq!(code, 200, "GET /status: {body}");
-    serde_json::from_str(&body)
-        .unwrap_or_else(|error| panic!("/status is not JSON ({error}): {body}"))
 }
 
 /// The value of the sample `series` (name and labels, exactly) in an

@@ -240,3 +240,40 @@ pub(crate) fn issue(ca: &Path, node: &str, out: &Path) {
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
+
+/// GET `path` from an admin endpoint: (HTTP status code, body).
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other(format!("no header end in {response:?}")))?;
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no status code in {head:?}")))?;
+        Ok((code, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer",
+            ))
+        })
+}
+
+/// `/status` of a node, parsed.
+pub(crate) async fn status_of(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = http_get(admin, "/status").await.expect("GET /status");
+    assert_eq!(code, 200, "GET /status: {body}");
+    serde_json::from_str(&body)
+        .unwrap_or_else(|error| panic!("/status is not JSON ({error}): {body}"))
+}
