@@ -16,6 +16,7 @@
 //! only ever goes to loopback or to the lab's own namespaces. It talks to
 //! meshtun only through the `meshtun` binary, never through its crates.
 
+pub mod bench;
 pub mod capture;
 pub mod impair;
 pub mod pcap;
@@ -602,6 +603,33 @@ impl Lab {
 }
 
 impl Lab {
+    /// Sets the MTU of every link of the lab's network: each host's wire
+    /// interface, its port on the switch, and the bridge (e.g. 1500 or 9000).
+    pub fn set_mtu(&self, mtu: u32) -> Result<()> {
+        let mtu = mtu.to_string();
+        for host in &self.hosts {
+            ip(&[
+                "-n",
+                &self.switch,
+                "link",
+                "set",
+                &host.switch_port,
+                "mtu",
+                &mtu,
+            ])?;
+            ip(&[
+                "-n",
+                &host.namespace,
+                "link",
+                "set",
+                host.interface,
+                "mtu",
+                &mtu,
+            ])?;
+        }
+        ip(&["-n", &self.switch, "link", "set", "br0", "mtu", &mtu]).map(drop)
+    }
+
     /// Keeps the namespaces and files after this value is gone (for
     /// `meshtun-lab up`); remove them with [`remove_lab`].
     pub fn persist(mut self) {
