@@ -77,14 +77,24 @@ impl Accepting {
             let error = match accepted {
                 Ok(accepted) => {
                     self.pause = FIRST_PAUSE;
+                    // A reserve lost to a shortage is taken back as soon as
+                    // descriptors are free again.
+                    if self.reserve.is_none() {
+                        self.reserve = open_reserve();
+                    }
                     return Some(accepted);
                 }
                 Err(error) => error,
             };
-            if let Some(metrics) = metrics {
-                metrics.limit_hit("open_files");
-            }
             let out_of_files = is_out_of_files(&error);
+            if out_of_files {
+                if let Some(metrics) = metrics {
+                    metrics.limit_hit("open_files");
+                }
+                if self.reserve.is_none() {
+                    self.reserve = open_reserve();
+                }
+            }
             let shed = if out_of_files {
                 self.shed(listener).await
             } else {

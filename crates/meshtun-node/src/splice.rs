@@ -31,6 +31,9 @@ const READ_CHUNK: usize = 64 * 1024;
 const MIN_SPARE: usize = 8 * 1024;
 /// How many stream chunks one vectored socket write may carry.
 const MAX_CHUNKS: usize = 32;
+/// Reads at least this large go to quinn without a copy; smaller ones are
+/// copied into a chunk of their own size (see `tcp_to_stream`).
+const ZERO_COPY_MIN: usize = 16 * 1024;
 
 /// The node's budget of TCP read buffers (`limits.buffer_memory`).
 ///
@@ -75,7 +78,13 @@ impl Buffers {
     /// runs once per exhaustion episode, for the counter and the log.
     async fn take(&self, on_wait: impl FnOnce()) -> Result<Held<'_>, Failure> {
         let permit = match self.permits.try_acquire() {
-            Ok(permit) => permit,
+            Ok(permit) => {
+                // A waiter that was cancelled may have left the flag set.
+                if self.exhausted.load(Ordering::Relaxed) {
+                    self.exhausted.store(false, Ordering::Relaxed);
+                }
+                permit
+            }
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 if !self.exhausted.swap(true, Ordering::Relaxed) {
                     on_wait();
@@ -397,10 +406,23 @@ async fn tcp_to_stream(
             };
         }
         moved.add(read);
-        // `split` hands over the filled bytes without copying; the spare
-        // capacity stays behind for the next read.
-        let chunk = buffer.split().freeze();
+        // quinn keeps each chunk until the peer acknowledges it, and with it
+        // the whole allocation the chunk lives in. A large read is handed
+        // over without a copy (`split` leaves the spare capacity behind for
+        // the next read); a small one is copied out, so that a client
+        // sending small messages does not pin a 64 KiB buffer per message.
+        let chunk = if read >= ZERO_COPY_MIN {
+            buffer.split().freeze()
+        } else {
+            let chunk = Bytes::copy_from_slice(buffer);
+            buffer.clear();
+            chunk
+        };
         send.stream.write_chunk(chunk).await?;
+        // Neither the non-blocking read nor quinn's write spends tokio's
+        // cooperative budget: yield now and then, so a fast client cannot
+        // keep its worker thread from the connection's own tasks.
+        tokio::task::consume_budget().await;
     }
 }
 
@@ -622,6 +644,27 @@ mod tests {
         drop((second, third));
         assert_eq!(held.get(), 0);
         assert_eq!(waits.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_does_not_hide_the_next_exhaustion() {
+        let buffers = Buffers::new(READ_CHUNK as u64, Gauge::default());
+        let waits = AtomicUsize::new(0);
+        let on_wait = || {
+            waits.fetch_add(1, Ordering::Relaxed);
+        };
+        let first = buffers.take(on_wait).await.unwrap();
+        // A waiter that gives up (its stream was stopped).
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), buffers.take(on_wait)).await;
+        assert!(gave_up.is_err());
+        assert_eq!(waits.load(Ordering::Relaxed), 1);
+        drop(first);
+        let second = buffers.take(on_wait).await.unwrap();
+        // A new episode: counted again.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), buffers.take(on_wait)).await;
+        assert!(waiting.is_err());
+        assert_eq!(waits.load(Ordering::Relaxed), 2);
+        drop(second);
     }
 
     #[test]
