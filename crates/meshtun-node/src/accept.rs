@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::metrics::Metrics;
+use crate::Shared;
 
 /// The first pause after a failed accept.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
@@ -39,8 +39,8 @@ const LOG_PERIOD: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Accepting {
     what: String,
-    /// The longest pause; the caller may change it between accepts.
-    pub(crate) max_pause: Duration,
+    /// The longest pause of a listener with no node to ask.
+    max_pause: Duration,
     pause: Duration,
     /// A descriptor held back to refuse clients when none are left.
     reserve: Option<std::fs::File>,
@@ -62,12 +62,14 @@ impl Accepting {
     }
 
     /// The next connection on `listener`, or `None` once `stop` fires.
-    /// `metrics`, if given, counts failed accepts.
+    /// `node`, if given (the forwarding listeners), counts failed accepts
+    /// and sets the longest pause (`limits.accept_backoff_max`, read when
+    /// an accept fails, so a reload applies to the next failure).
     pub(crate) async fn next(
         &mut self,
         listener: &TcpListener,
         stop: &CancellationToken,
-        metrics: Option<&Metrics>,
+        node: Option<&Shared>,
     ) -> Option<(TcpStream, SocketAddr)> {
         loop {
             let accepted = tokio::select! {
@@ -88,8 +90,8 @@ impl Accepting {
             };
             let out_of_files = is_out_of_files(&error);
             if out_of_files {
-                if let Some(metrics) = metrics {
-                    metrics.limit_hit("open_files");
+                if let Some(node) = node {
+                    node.metrics.limit_hit("open_files");
                 }
                 if self.reserve.is_none() {
                     self.reserve = open_reserve();
@@ -105,7 +107,10 @@ impl Accepting {
                 () = tokio::time::sleep(self.pause) => {}
                 () = stop.cancelled() => return None,
             }
-            self.pause = (self.pause * 2).min(self.max_pause);
+            let max_pause = node.map_or(self.max_pause, |node| {
+                node.policy().limits.accept_backoff_max
+            });
+            self.pause = (self.pause * 2).min(max_pause);
         }
     }
 

@@ -140,11 +140,13 @@ async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: 
                 }
             };
             let stream = stats.stream(Direction::incoming);
-            let pending = stats.pending();
+            let (pending, pending_before) = stats.pending();
+            // One policy for the whole stream, even if a reload lands meanwhile.
+            let policy = shared.policy();
             // Over a limit, the stream is refused here, without a task: a
             // peer that opens streams as fast as it can costs no memory
             // beyond quinn's own stream state.
-            if let Some((reason, code)) = over_limit(&stream, pending.1, &shared) {
+            if let Some((reason, code)) = over_limit(&stream, pending_before, &policy, &shared) {
                 let verdict = stats.refused(Direction::incoming, reason);
                 log_limit!(
                     verdict,
@@ -162,6 +164,7 @@ async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: 
                 identity.clone(),
                 stream,
                 pending,
+                policy,
                 shared.clone(),
             );
             shared.streams.spawn(task.instrument(span));
@@ -212,11 +215,12 @@ fn refuse(code: StatusCode, detail: String) -> Status {
 fn over_limit(
     stream: &OpenStream,
     pending_before: u32,
+    policy: &Policy,
     shared: &Shared,
 ) -> Option<(&'static str, StreamCode)> {
     if stream.open_before() >= i64::from(shared.max_streams_per_peer) {
         Some(("stream_limit", StreamCode::StreamLimit))
-    } else if pending_before >= shared.policy().limits.pending_streams_per_peer {
+    } else if pending_before >= policy.limits.pending_streams_per_peer {
         Some(("pending_limit", StreamCode::PendingLimit))
     } else {
         None
@@ -241,12 +245,13 @@ async fn serve_stream(
     recv: RecvStream,
     identity: NodeName,
     stream: OpenStream,
-    (pending, _): (Pending, u32),
+    pending: Pending,
+    policy: Arc<Policy>,
     shared: Arc<Shared>,
 ) {
     let send = Outbound::new(send);
     tokio::select! {
-        () = answer_stream(send, recv, identity, &stream, pending, &shared) => {}
+        () = answer_stream(send, recv, identity, &stream, pending, &policy, &shared) => {}
         () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
     }
 }
@@ -258,11 +263,10 @@ async fn answer_stream(
     identity: NodeName,
     stream: &OpenStream,
     pending: Pending,
+    policy: &Policy,
     shared: &Shared,
 ) {
     let stats = stream.stats();
-    // One policy for the whole stream, even if a reload lands meanwhile.
-    let policy = shared.policy();
     let limits = &policy.limits;
     let (preamble, payload) = match read_preamble(&mut recv, limits.preamble_timeout).await {
         Ok(read) => read,
@@ -278,7 +282,7 @@ async fn answer_stream(
             return;
         }
     };
-    let target = match authorize(&shared.node, &policy, &preamble, &identity) {
+    let target = match authorize(&shared.node, policy, &preamble, &identity) {
         Ok(target) => target,
         Err(status) => {
             let verdict = stats.refused(Direction::incoming, status.code.as_str());

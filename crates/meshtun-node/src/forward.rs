@@ -40,18 +40,14 @@ pub(crate) struct Forward {
 /// Accepts local connections until the node stops accepting.
 pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
     let preamble = encode_preamble(&Preamble::service(forward.service.clone()));
-    let backoff = shared.policy().limits.accept_backoff_max;
-    let mut accepting = accept::Accepting::new(format!("forward {}", forward.local), backoff);
+    let mut accepting = accept::Accepting::new(
+        format!("forward {}", forward.local),
+        accept::DEFAULT_MAX_PAUSE,
+    );
     while let Some((tcp, client)) = accepting
-        .next(
-            &forward.listener,
-            &shared.stop_accepting,
-            Some(&shared.metrics),
-        )
+        .next(&forward.listener, &shared.stop_accepting, Some(&shared))
         .await
     {
-        // A reload may change the pause; it applies from the next accept.
-        accepting.max_pause = shared.policy().limits.accept_backoff_max;
         let span = tracing::debug_span!(
             "forward",
             listen = %forward.local,

@@ -315,18 +315,14 @@ impl Routes {
 
 /// Accepts redirected connections until the node stops accepting.
 pub(crate) async fn accept_loop(transparent: Transparent, shared: Arc<Shared>) {
-    let backoff = shared.policy().limits.accept_backoff_max;
-    let mut accepting = accept::Accepting::new(format!("overlay {}", transparent.local), backoff);
+    let mut accepting = accept::Accepting::new(
+        format!("overlay {}", transparent.local),
+        accept::DEFAULT_MAX_PAUSE,
+    );
     while let Some((tcp, client)) = accepting
-        .next(
-            &transparent.listener,
-            &shared.stop_accepting,
-            Some(&shared.metrics),
-        )
+        .next(&transparent.listener, &shared.stop_accepting, Some(&shared))
         .await
     {
-        // A reload may change the pause; it applies from the next accept.
-        accepting.max_pause = shared.policy().limits.accept_backoff_max;
         let span = tracing::debug_span!("overlay", %client);
         let task = carry_redirected(tcp, transparent.routes.clone(), shared.clone());
         shared.streams.spawn(task.instrument(span));
