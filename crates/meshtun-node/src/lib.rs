@@ -881,7 +881,12 @@ impl Node {
     ) -> Result<(), ReloadError> {
         let result = self.apply(config, credentials, trust);
         match &result {
-            Ok(()) => self.record_reload(None),
+            Ok(()) => {
+                // Counted before the sweep, so whoever sees a connection
+                // cut by this reload also sees the reload in `/status`.
+                self.record_reload(None);
+                self.drop_untrusted();
+            }
             Err(error) => self.record_reload(Some(error.to_string())),
         }
         result
@@ -941,8 +946,6 @@ impl Node {
             facts.exposes = expose_statuses(&config.exposes);
         }
         *current = config;
-        drop(current);
-        self.drop_untrusted();
         Ok(())
     }
 

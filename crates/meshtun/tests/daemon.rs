@@ -1168,16 +1168,28 @@ async fn peer_serials(admin: SocketAddr, peer: &str) -> Vec<String> {
 
 /// Waits until the node behind `admin` runs a certificate with `serial`.
 async fn wait_serial(admin: SocketAddr, serial: &str) -> serde_json::Value {
+    // The certificate changes inside a reload, just before it is counted.
+    status_until(admin, &format!("running certificate {serial}"), |status| {
+        status["certificate"]["serial"] == serial && status["reload"]["successes"] != 0
+    })
+    .await
+}
+
+/// Polls `/status` until `ready` holds, for up to 15 s: a reload's effects
+/// (a cut connection, a new certificate) can be seen before its outcome is
+/// counted.
+async fn status_until(
+    admin: SocketAddr,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let status = status_of(admin).await;
-        if status["certificate"]["serial"] == serial {
+        if ready(&status) {
             return status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not running certificate {serial} 15s after the rotation: {status}"
-        );
+        assert!(Instant::now() < deadline, "not {what} after 15s: {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -1462,7 +1474,10 @@ async fn revoking_a_peer_cuts_its_connection_and_keeps_it_out_while_others_carry
         "FIGURE revocation: node-a's open connection cut {:?} after node-b's config gained the CRL",
         installed.elapsed()
     );
-    let status_b = status_of(cluster.admin_b).await;
+    let status_b = status_until(cluster.admin_b, "counting the reload", |status| {
+        status["reload"]["successes"] != 0
+    })
+    .await;
     assert_eq!(status_b["reload"]["successes"], 1, "{status_b}");
 
     // node-a cannot come back: its re-dials fail the handshake.
