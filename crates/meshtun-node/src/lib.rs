@@ -289,15 +289,15 @@ impl Shared {
     }
 
     /// Reads live connection state into the gauges and returns it per peer;
-    /// with `certificates`, also what each peer presented (for `/status`
-    /// only: it parses certificates).
-    fn refresh_live(&self, certificates: bool) -> BTreeMap<NodeName, Live> {
+    /// with `for_status`, also what each peer presented and the path MTU
+    /// (for `/status` only: it parses certificates).
+    fn refresh_live(&self, for_status: bool) -> BTreeMap<NodeName, Live> {
         let mut live: BTreeMap<NodeName, Live> = BTreeMap::new();
         for (name, links) in &self.peers {
             let entry = live.entry(name.clone()).or_default();
             for connection in links.live_connections() {
                 entry.outgoing += 1;
-                entry.add(&connection, certificates);
+                entry.add(&connection, for_status);
             }
         }
         // Copied out, so no work happens under the lock that connection
@@ -320,7 +320,7 @@ impl Shared {
             if connection.close_reason().is_none() {
                 let entry = live.entry(name).or_default();
                 entry.incoming += 1;
-                entry.add(&connection, certificates);
+                entry.add(&connection, for_status);
             }
         }
         for (name, stats) in self.metrics.peers() {
@@ -361,6 +361,7 @@ impl Shared {
                 connections_configured: links.map_or(0, |links| links.slots()),
                 connections_incoming: peer_live.incoming,
                 rtt_ms: peer_live.rtt.map(|seconds| seconds * 1000.0),
+                path_mtu: peer_live.path_mtu,
                 certificates: peer_live
                     .certificates
                     .iter()
@@ -425,17 +426,21 @@ struct Live {
     incoming: usize,
     /// The best smoothed RTT, seconds.
     rtt: Option<f64>,
+    /// The largest current path MTU (UDP payload bytes), for `/status`.
+    path_mtu: Option<u16>,
     /// The certificates the peer presented on them: (serial, fingerprint).
     certificates: std::collections::BTreeSet<(String, String)>,
 }
 
 impl Live {
-    fn add(&mut self, connection: &Connection, certificates: bool) {
+    fn add(&mut self, connection: &Connection, for_status: bool) {
         let rtt = connection.rtt().as_secs_f64();
         self.rtt = Some(self.rtt.map_or(rtt, |best| best.min(rtt)));
-        if !certificates {
+        if !for_status {
             return;
         }
+        let mtu = connection.stats().path.current_mtu;
+        self.path_mtu = Some(self.path_mtu.map_or(mtu, |best| best.max(mtu)));
         if let Some(leaf) = expose::peer_chain(connection)
             .ok()
             .and_then(|chain| chain.first().cloned())

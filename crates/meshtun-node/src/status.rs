@@ -104,6 +104,10 @@ pub struct PeerStatus {
     pub connections_incoming: usize,
     /// Smoothed RTT of the best live connection, milliseconds.
     pub rtt_ms: Option<f64>,
+    /// The largest UDP payload MTU discovery has found usable on the live
+    /// connections (bytes; 1200 until discovery raises it, at most 6500).
+    #[serde(default)]
+    pub path_mtu: Option<u16>,
     /// The certificates the peer presented on its live connections (more
     /// than one while connections from before a rotation are still open).
     pub certificates: Vec<PeerCertificate>,

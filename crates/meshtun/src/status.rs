@@ -236,6 +236,9 @@ fn render_peer(out: &mut String, peer: &PeerStatus) {
     if let Some(rtt) = peer.rtt_ms {
         let _ = writeln!(out, "  rtt: {rtt:.2} ms");
     }
+    if let Some(mtu) = peer.path_mtu {
+        let _ = writeln!(out, "  path MTU: {mtu} bytes of UDP payload");
+    }
     for certificate in &peer.certificates {
         let _ = writeln!(
             out,
