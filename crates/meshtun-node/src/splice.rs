@@ -390,14 +390,24 @@ async fn tcp_to_stream(
         let read = match tcp.try_read_buf(buffer) {
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                // Drained: give the buffer back until the client sends more.
+                // Drained: what is pending is small (see below), so it is
+                // copied out and the buffer goes back until the client
+                // sends more.
+                let pending = copy_out(buffer);
                 held = None;
+                if let Some(chunk) = pending {
+                    send.stream.write_chunk(chunk).await?;
+                }
                 continue;
             }
             Err(error) => return Err(Failure::TcpRead(error)),
         };
         if read == 0 {
+            let pending = copy_out(buffer);
             drop(held);
+            if let Some(chunk) = pending {
+                send.stream.write_chunk(chunk).await?;
+            }
             // The client half-closed: mirror its FIN.
             send.finish()?;
             return match stopped.await {
@@ -407,23 +417,29 @@ async fn tcp_to_stream(
         }
         moved.add(read);
         // quinn keeps each chunk until the peer acknowledges it, and with it
-        // the whole allocation the chunk lives in. A large read is handed
-        // over without a copy (`split` leaves the spare capacity behind for
-        // the next read); a small one is copied out, so that a client
-        // sending small messages does not pin a 64 KiB buffer per message.
-        let chunk = if read >= ZERO_COPY_MIN {
-            buffer.split().freeze()
-        } else {
-            let chunk = Bytes::copy_from_slice(buffer);
-            buffer.clear();
-            chunk
-        };
+        // the whole allocation the chunk lives in. Once ZERO_COPY_MIN bytes
+        // are pending they go over without a copy (`split` leaves the spare
+        // capacity behind for the next read). Less is kept while the socket
+        // has more to read, and copied out into a chunk of its own size only
+        // when the socket is drained, so that a client sending small
+        // messages does not pin a 64 KiB buffer per message, and a bulk
+        // sender whose reads come back small is not copied twice.
+        if buffer.len() < ZERO_COPY_MIN {
+            continue;
+        }
+        let chunk = buffer.split().freeze();
         send.stream.write_chunk(chunk).await?;
         // Neither the non-blocking read nor quinn's write spends tokio's
         // cooperative budget: yield now and then, so a fast client cannot
         // keep its worker thread from the connection's own tasks.
         tokio::task::consume_budget().await;
     }
+}
+
+/// What is pending in `buffer`, copied into a chunk of its own size, so
+/// that the buffer can go back to the budget.
+fn copy_out(buffer: &BytesMut) -> Option<Bytes> {
+    (!buffer.is_empty()).then(|| Bytes::copy_from_slice(buffer))
 }
 
 /// The failure behind a `stopped()` outcome other than "all data acknowledged".
