@@ -48,6 +48,7 @@ const LIMITS_KEYS: &[&str] = &[
     "retry_above",
     "accept_backoff_max",
     "buffer_memory",
+    "worker_threads",
 ];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_non_loopback"];
 
@@ -631,6 +632,10 @@ fn limits(sink: &mut Sink, table: &Table) -> Option<Limits> {
     let buffer_memory = limits.or_default(sink, "buffer_memory", 256 * MIB, |value| {
         size_in(value, MIB..=64 * GIB)
     });
+    let worker_threads = limits.optional(sink, "worker_threads", |value| {
+        let count: usize = integer_in(value, 1..=1024)?;
+        NonZeroUsize::new(count).ok_or_else(|| "must not be 0".to_string())
+    });
     if let (Some(handshakes), Some(retry_above)) = (handshakes, retry_above) {
         if retry_above > handshakes {
             sink.error(
@@ -653,6 +658,7 @@ fn limits(sink: &mut Sink, table: &Table) -> Option<Limits> {
         retry_above: retry_above?,
         accept_backoff_max: accept_backoff_max?,
         buffer_memory: buffer_memory?,
+        worker_threads: worker_threads?,
     })
 }
 

@@ -248,6 +248,7 @@ fn defaults_are_applied() {
     assert_eq!(config.limits.retry_above, 8);
     assert_eq!(config.limits.accept_backoff_max, Duration::from_secs(1));
     assert_eq!(config.limits.buffer_memory, 256 << 20);
+    assert_eq!(config.limits.worker_threads, None);
     assert!(config.peers.is_empty());
     assert!(config.forwards.is_empty());
     assert!(config.exposes.is_empty());
@@ -282,6 +283,7 @@ handshakes = 100000
 retry_above = 0
 accept_backoff_max = "10ms"
 buffer_memory = "64GiB"
+worker_threads = 1024
 "#,
     ));
     let quic = &config.quic;
@@ -306,6 +308,10 @@ buffer_memory = "64GiB"
     assert_eq!(config.limits.retry_above, 0);
     assert_eq!(config.limits.accept_backoff_max, Duration::from_millis(10));
     assert_eq!(config.limits.buffer_memory, 64 << 30);
+    assert_eq!(
+        config.limits.worker_threads.map(NonZeroUsize::get),
+        Some(1024)
+    );
 }
 
 #[test]
@@ -1073,6 +1079,11 @@ fn limits_ranges() {
         &limits("buffer_memory = \"512KiB\""),
         "limits.buffer_memory",
         "must be from 1MiB to 64GiB",
+    );
+    one_error(
+        &limits("worker_threads = 0"),
+        "limits.worker_threads",
+        "must be from 1 to 1024, got 0",
     );
 }
 

@@ -391,6 +391,8 @@ impl Shared {
             quic_listen: facts.quic_listen,
             uptime_seconds: self.started.elapsed().as_secs(),
             draining: self.stop_accepting.is_cancelled(),
+            worker_threads: tokio::runtime::Handle::try_current()
+                .map_or(0, |runtime| runtime.metrics().num_workers()),
             certificate,
             reload: ReloadStatus {
                 successes: self.metrics.reloads("success"),
@@ -551,6 +553,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.limits.buffer_memory != new.limits.buffer_memory {
         changed.push("limits.buffer_memory");
+    }
+    if old.limits.worker_threads != new.limits.worker_threads {
+        changed.push("limits.worker_threads");
     }
     // The interface, addresses and listener are set up once; who may reach
     // which port is policy.

@@ -20,6 +20,9 @@ pub struct NodeStatus {
     pub uptime_seconds: u64,
     /// Whether the node is draining (SIGTERM received).
     pub draining: bool,
+    /// Threads running the node's work (`limits.worker_threads`).
+    #[serde(default)]
+    pub worker_threads: usize,
     /// The certificate in use.
     pub certificate: CertificateStatus,
     /// Reloads so far and the last failure.

@@ -176,7 +176,17 @@ fn init_logging(default: &str, format: LogFormat) -> junk::JunkCounter {
 
 /// A multi-threaded tokio runtime, or the reason there is none.
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    runtime_with(None)
+}
+
+/// A multi-threaded tokio runtime with `workers` threads (default: one per
+/// CPU this process may run on).
+fn runtime_with(
+    workers: Option<std::num::NonZeroUsize>,
+) -> Result<tokio::runtime::Runtime, std::io::Error> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers.get());
+    }
+    builder.enable_all().build()
 }

@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::notify::Notifier;
 use crate::watch::{ExpiryWarnings, Watched, POLL_INTERVAL};
-use crate::{init_logging, runtime, LogFormat, EXIT_CONFIG, EXIT_RUNTIME};
+use crate::{init_logging, runtime_with, LogFormat, EXIT_CONFIG, EXIT_RUNTIME};
 
 /// How often dropped junk datagrams are summarized in the log.
 const JUNK_REPORT_INTERVAL: Duration = Duration::from_secs(10);
@@ -35,7 +35,8 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match runtime() {
+    // The one setting read before the runtime exists: its thread count.
+    let runtime = match runtime_with(config.limits.worker_threads) {
         Ok(runtime) => runtime,
         Err(problem) => {
             error!("cannot start the async runtime: {problem}");

@@ -127,6 +127,7 @@ pub(crate) fn render(status: &NodeStatus) -> String {
     let _ = writeln!(out, "node: {}", status.node);
     let _ = writeln!(out, "  version: {}", status.version);
     let _ = writeln!(out, "  quic listen: {}", status.quic_listen);
+    let _ = writeln!(out, "  worker threads: {}", status.worker_threads);
     let _ = writeln!(
         out,
         "  up: {}{}",

@@ -244,7 +244,7 @@ impl Cluster {
              [tls]\nca = \"ca.crt\"\ncert = \"node-b.crt\"\nkey = \"node-b.key\"\n\
              [[expose]]\nservice = \"echo\"\ntarget = \"{echo_target}\"\nallow = [\"node-a\", \"node-c\"]\n\
              [[expose]]\nservice = \"source\"\ntarget = \"{source_target}\"\nallow = [\"node-a\"]\n\
-             {limits}\
+             {limits}worker_threads = 1\n\
              [admin]\nlisten = \"{admin_b}\"\n"
         );
         let node_a_config = format!(
@@ -806,6 +806,11 @@ async fn metrics_and_status_follow_forwarded_bytes_and_refusals() {
         peer["received_bytes"].as_u64().unwrap_or(0) >= MIB as u64,
         "{peer}"
     );
+    // node-b runs on the one thread its config allows (and serves every
+    // test in this file so); node-a on one per CPU, the default.
+    assert_eq!(status_of(cluster.admin_b).await["worker_threads"], 1);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    assert_eq!(status["worker_threads"], cpus, "{status}");
 }
 
 /// A socket standing in for systemd's `$NOTIFY_SOCKET`: records every
