@@ -9,6 +9,10 @@
 //! repeated, so that drift on the machine hits them all alike:
 //!
 //! * throughput: iperf3, 1 and 8 streams, A→B and B→A (Gbit/s, median);
+//! * CPU per GiB: the forwarders' CPU time (user and system, both hosts,
+//!   forked children included) during each 1-stream iperf3 run, divided by
+//!   the bytes it carried (s/GiB, median): what carrying data costs each
+//!   contender, apart from how the machine's 2 cores were shared out;
 //! * latency: TCP ping-pong with 64 B and 16 KiB messages (µs, median, p99
 //!   and p99.9 over every sample of every repetition);
 //! * connection rate: connect, 1-byte request, 1-byte response, close, with
@@ -223,9 +227,9 @@ pub struct Measurement {
     pub unit: &'static str,
     /// Whether more is better.
     pub higher_is_better: bool,
-    /// Whether it is a memory figure (none for `direct`, which has no
-    /// forwarder).
-    pub memory: bool,
+    /// Whether it measures the forwarders themselves (memory, CPU): none
+    /// for `direct`, which has no forwarder.
+    pub forwarder_only: bool,
 }
 
 const fn m(
@@ -233,19 +237,19 @@ const fn m(
     label: &'static str,
     unit: &'static str,
     higher_is_better: bool,
-    memory: bool,
+    forwarder_only: bool,
 ) -> Measurement {
     Measurement {
         id,
         label,
         unit,
         higher_is_better,
-        memory,
+        forwarder_only,
     }
 }
 
 /// Every measurement, in table order.
-pub const MEASUREMENTS: [Measurement; 17] = [
+pub const MEASUREMENTS: [Measurement; 19] = [
     m(
         "throughput_1_up",
         "iperf3 1 stream A→B",
@@ -273,6 +277,20 @@ pub const MEASUREMENTS: [Measurement; 17] = [
         "Gbit/s",
         true,
         false,
+    ),
+    m(
+        "cpu_1_up",
+        "CPU per GiB, 1 stream A→B",
+        "s/GiB",
+        false,
+        true,
+    ),
+    m(
+        "cpu_1_down",
+        "CPU per GiB, 1 stream B→A",
+        "s/GiB",
+        false,
+        true,
     ),
     m(
         "latency_64_p50",
@@ -713,6 +731,7 @@ fn measure_all(
                 for &index in &order {
                     stopped()?;
                     let contender = &running[index];
+                    let cpu_before = measure::cpu_seconds(&contender.roots());
                     let result = measure::iperf3(
                         &a,
                         contender.iperf,
@@ -720,7 +739,21 @@ fn measure_all(
                         options.throughput_seconds,
                         reverse,
                     );
-                    report.sample(mtu, contender.kind, id, result);
+                    let cpu = measure::cpu_seconds(&contender.roots()) - cpu_before;
+                    if streams == 1 && contender.kind != Kind::Direct {
+                        // The forwarders' own CPU time per GiB carried: what
+                        // a gigabyte costs them, however busy the machine.
+                        let cpu_id = if reverse { "cpu_1_down" } else { "cpu_1_up" };
+                        let per_gib = match &result {
+                            Ok(transfer) if transfer.bytes > 0 => {
+                                Ok(cpu / (transfer.bytes as f64 / f64::from(1u32 << 30)))
+                            }
+                            Ok(_) => Err("iperf3 carried no bytes".to_owned()),
+                            Err(error) => Err(error.clone()),
+                        };
+                        report.sample(mtu, contender.kind, cpu_id, per_gib);
+                    }
+                    report.sample(mtu, contender.kind, id, result.map(|t| t.gbit_per_second));
                 }
             }
             for (size, prefix) in [(64usize, "latency_64"), (16 * 1024, "latency_16k")] {
@@ -972,7 +1005,7 @@ pub fn table(report: &Report, options: &Options) -> String {
                         }
                         _ => format_value(value),
                     },
-                    None if kind == Kind::Direct && measurement.memory => "-".to_owned(),
+                    None if kind == Kind::Direct && measurement.forwarder_only => "-".to_owned(),
                     None => "n/a".to_owned(),
                 };
                 let _ = write!(text, "{cell_text:>cell$}");
@@ -1080,7 +1113,7 @@ fn json(
         "measurements": MEASUREMENTS.iter().map(|m| json!({
             "id": m.id, "label": m.label, "unit": m.unit,
             "higher_is_better": m.higher_is_better,
-            "applies_to_direct": !m.memory,
+            "applies_to_direct": !m.forwarder_only,
         })).collect::<Vec<_>>(),
         "results": results,
         "incidents": report.incidents,

@@ -245,13 +245,22 @@ pub(crate) fn open_idle(
 
 /// Runs `iperf3 -c` inside `host` against `addr` and returns the receiver's
 /// rate in Gbit/s. `reverse` is `-R` (the server sends).
+/// What one iperf3 run carried.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Transfer {
+    /// The receiver's rate.
+    pub gbit_per_second: f64,
+    /// Bytes the receiver got.
+    pub bytes: u64,
+}
+
 pub(crate) fn iperf3(
     host: &Host,
     addr: SocketAddr,
     streams: u32,
     seconds: u32,
     reverse: bool,
-) -> Result<f64, String> {
+) -> Result<Transfer, String> {
     let mut command = host.command("iperf3");
     command
         .args(["-c", &addr.ip().to_string(), "-p", &addr.port().to_string()])
@@ -266,10 +275,18 @@ pub(crate) fn iperf3(
     if let Some(error) = json.get("error").and_then(serde_json::Value::as_str) {
         return Err(format!("iperf3: {error}"));
     }
-    json.pointer("/end/sum_received/bits_per_second")
+    let bits = json
+        .pointer("/end/sum_received/bits_per_second")
         .and_then(serde_json::Value::as_f64)
-        .map(|bits| bits / 1e9)
-        .ok_or_else(|| "iperf3 JSON has no end.sum_received.bits_per_second".to_owned())
+        .ok_or_else(|| "iperf3 JSON has no end.sum_received.bits_per_second".to_owned())?;
+    let bytes = json
+        .pointer("/end/sum_received/bytes")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| "iperf3 JSON has no end.sum_received.bytes".to_owned())?;
+    Ok(Transfer {
+        gbit_per_second: bits / 1e9,
+        bytes,
+    })
 }
 
 /// Runs `command` to completion within `limit` (killed after it) and
@@ -378,6 +395,38 @@ fn status_field_kib(text: &str, field: &str) -> Option<u64> {
 }
 
 /// The memory of the processes under `roots`.
+/// CPU time (user and system) the processes under `roots` have used, in
+/// seconds, with that of their children that have exited and been waited
+/// for (socat's per-connection forks).
+pub(crate) fn cpu_seconds(roots: &[u32]) -> f64 {
+    let mut tree = process_tree(roots);
+    tree.sort_unstable();
+    tree.dedup();
+    let ticks: u64 = tree
+        .iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| cpu_ticks(&stat))
+        .sum();
+    // USER_HZ, which Linux fixes at 100 for /proc on every architecture
+    // this runs on.
+    ticks as f64 / 100.0
+}
+
+/// utime + stime + cutime + cstime of one `/proc/PID/stat` line.
+fn cpu_ticks(stat: &str) -> u64 {
+    // "pid (comm) state ppid ...": comm may hold spaces and parens; the
+    // times are fields 14-17, so 12-15 after the comm.
+    stat.rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|field| field.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 pub(crate) fn memory(roots: &[u32]) -> Memory {
     let mut memory = Memory::default();
     let mut tree = process_tree(roots);
@@ -399,6 +448,15 @@ pub(crate) fn memory(roots: &[u32]) -> Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_sum_the_four_time_fields_after_the_comm() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime cutime cstime ...
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194304 100 0 0 0 7 5 3 2 20 0 2 0";
+        assert_eq!(cpu_ticks(stat), 7 + 5 + 3 + 2);
+        assert_eq!(cpu_ticks("garbage"), 0);
+    }
 
     #[test]
     fn percentiles_use_the_nearest_rank() {
