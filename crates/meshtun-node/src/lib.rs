@@ -1107,7 +1107,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_reload_except_the_buffer_budget() {
+    fn limits_reload_except_the_buffer_budget_and_threads() {
         let old = meshtun_config::parse(meshtun_config::EXAMPLE).expect("the example is valid");
         let mut new = old.clone();
         new.limits.pending_streams_per_peer = 1;
@@ -1117,5 +1117,10 @@ mod tests {
         assert!(restart_only_changes(&old, &new).is_empty());
         new.limits.buffer_memory *= 2;
         assert_eq!(restart_only_changes(&old, &new), ["limits.buffer_memory"]);
+        new.limits.worker_threads = std::num::NonZeroUsize::new(1);
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["limits.buffer_memory", "limits.worker_threads"]
+        );
     }
 }
