@@ -16,7 +16,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::metrics::Throttle;
 use crate::Shared;
 
 /// The first pause after a failed accept.
@@ -44,8 +45,8 @@ pub(crate) struct Accepting {
     pause: Duration,
     /// A descriptor held back to refuse clients when none are left.
     reserve: Option<std::fs::File>,
-    last_log: Option<Instant>,
-    quiet: u64,
+    /// Warnings at most once per [`LOG_PERIOD`]; the rest go to debug.
+    log_throttle: Throttle<()>,
 }
 
 impl Accepting {
@@ -56,8 +57,7 @@ impl Accepting {
             max_pause,
             pause: FIRST_PAUSE,
             reserve: open_reserve(),
-            last_log: None,
-            quiet: 0,
+            log_throttle: Throttle::new(LOG_PERIOD),
         }
     }
 
@@ -140,18 +140,11 @@ impl Accepting {
         refused
     }
 
-    fn log(&mut self, error: &io::Error, out_of_files: bool, shed: usize) {
-        let now = Instant::now();
-        if self
-            .last_log
-            .is_some_and(|last| now.duration_since(last) < LOG_PERIOD)
-        {
-            self.quiet += 1;
+    fn log(&self, error: &io::Error, out_of_files: bool, shed: usize) {
+        let Some(quiet) = self.log_throttle.admit(()) else {
             debug!(listener = %self.what, %error, refused = shed, "accept failed");
             return;
-        }
-        self.last_log = Some(now);
-        let quiet = std::mem::take(&mut self.quiet);
+        };
         if out_of_files {
             warn!(
                 listener = %self.what,
