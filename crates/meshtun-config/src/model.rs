@@ -209,12 +209,13 @@ pub struct Limits {
     /// streams at once; a stream that needs a buffer beyond it waits for one
     /// (1 MiB..=64 GiB, default 256 MiB). A restart applies a change.
     pub buffer_memory: u64,
-    /// Threads that run the daemon's work, so the most CPU cores it keeps
-    /// busy at once (1..=1024; default one per CPU it may run on). On a
-    /// GPU node this keeps meshtun off the cores the inference workers use;
-    /// each QUIC connection is driven by one thread at a time, so more
-    /// threads than `quic.connections_per_peer` x peers rarely help. A
-    /// restart applies a change.
+    /// The async worker threads that run the daemon's work, so about how
+    /// many CPU cores it keeps busy at once (1..=1024; default one per CPU
+    /// it may run on). It bounds how many cores, not which: to keep meshtun
+    /// off the cores a GPU node's inference workers use, pin it as well
+    /// (systemd `CPUAffinity=`, `taskset`). The main thread and tokio's
+    /// blocking pool (name lookups, file reads) come on top. A restart
+    /// applies a change.
     pub worker_threads: Option<NonZeroUsize>,
 }
 

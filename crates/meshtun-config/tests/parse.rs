@@ -1085,6 +1085,16 @@ fn limits_ranges() {
         "limits.worker_threads",
         "must be from 1 to 1024, got 0",
     );
+    one_error(
+        &limits("worker_threads = 1025"),
+        "limits.worker_threads",
+        "must be from 1 to 1024, got 1025",
+    );
+    one_error(
+        &limits("worker_threads = \"4\""),
+        "limits.worker_threads",
+        "expected an integer",
+    );
 }
 
 #[test]

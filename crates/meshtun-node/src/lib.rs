@@ -931,7 +931,7 @@ impl Node {
         }
         // The trust state first: a handshake completing from here on is
         // checked against it once tracked, and anything tracked before is
-        // swept below.
+        // swept once the reload is counted (`reload`).
         *self
             .shared
             .trust

@@ -31,8 +31,9 @@ const READ_CHUNK: usize = 64 * 1024;
 const MIN_SPARE: usize = 8 * 1024;
 /// How many stream chunks one vectored socket write may carry.
 const MAX_CHUNKS: usize = 32;
-/// Reads at least this large go to quinn without a copy; smaller ones are
-/// copied into a chunk of their own size (see `tcp_to_stream`).
+/// Once this much is pending in the read buffer it goes to quinn without a
+/// copy; less is sent only when the socket is drained, copied into a chunk
+/// of its own size (see `tcp_to_stream`).
 const ZERO_COPY_MIN: usize = 16 * 1024;
 
 /// The node's budget of TCP read buffers (`limits.buffer_memory`).
@@ -225,8 +226,8 @@ pub(crate) struct Totals {
 }
 
 /// Counts one direction's bytes for its stream and for the peer's metric.
-/// Bytes are counted when they are handed on (to quinn, or to the socket),
-/// so `/metrics` moves while a long-lived connection is busy.
+/// Bytes are counted as they move (read from the local socket, or read off
+/// the stream), so `/metrics` moves while a long-lived connection is busy.
 struct Moved<'a> {
     total: &'a mut u64,
     metric: &'a prometheus_client::metrics::counter::Counter,
@@ -385,7 +386,9 @@ async fn tcp_to_stream(
             }
         };
         if buffer.capacity() - buffer.len() < MIN_SPARE {
-            buffer.reserve(READ_CHUNK);
+            // Room for READ_CHUNK in all, pending bytes included, so a
+            // buffer never outgrows what the budget counts for it.
+            buffer.reserve(READ_CHUNK.saturating_sub(buffer.len()));
         }
         let read = match tcp.try_read_buf(buffer) {
             Ok(read) => read,

@@ -243,8 +243,6 @@ pub(crate) fn open_idle(
     (all, error)
 }
 
-/// Runs `iperf3 -c` inside `host` against `addr` and returns the receiver's
-/// rate in Gbit/s. `reverse` is `-R` (the server sends).
 /// What one iperf3 run carried.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Transfer {
@@ -254,6 +252,8 @@ pub(crate) struct Transfer {
     pub bytes: u64,
 }
 
+/// Runs `iperf3 -c` inside `host` against `addr` and returns what the
+/// receiver got. `reverse` is `-R` (the server sends).
 pub(crate) fn iperf3(
     host: &Host,
     addr: SocketAddr,
@@ -394,7 +394,6 @@ fn status_field_kib(text: &str, field: &str) -> Option<u64> {
         .and_then(|value| value.parse().ok())
 }
 
-/// The memory of the processes under `roots`.
 /// CPU time (user and system) the processes under `roots` have used, in
 /// seconds, with that of their children that have exited and been waited
 /// for (socat's per-connection forks).
@@ -427,6 +426,7 @@ fn cpu_ticks(stat: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The memory of the processes under `roots`.
 pub(crate) fn memory(roots: &[u32]) -> Memory {
     let mut memory = Memory::default();
     let mut tree = process_tree(roots);
