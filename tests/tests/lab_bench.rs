@@ -6,10 +6,13 @@
 // A panic in test code is a failed test, which is what an unwrap here means.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::{Command, Stdio};
+mod lab_support;
 
+use std::process::Command;
+
+use lab_support::require_tool;
 use meshtun_lab::bench::{self, Options, MEASUREMENTS};
-use meshtun_lab::{require_netns, REQUIRE_ENV};
+use meshtun_lab::require_netns;
 
 #[test]
 fn a_quick_bench_measures_everything_for_direct_tcp_and_meshtun() {
@@ -17,18 +20,7 @@ fn a_quick_bench_measures_everything_for_direct_tcp_and_meshtun() {
     if !require_netns(test) {
         return;
     }
-    let iperf3 = Command::new("iperf3")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !iperf3 {
-        if std::env::var(REQUIRE_ENV).is_ok_and(|value| value == "1") {
-            panic!("{test}: {REQUIRE_ENV}=1 but iperf3 is missing");
-        }
-        println!("SKIP {test}: iperf3 is missing");
+    if !require_tool(test, "iperf3", Command::new("iperf3").arg("--version")) {
         return;
     }
     let out = std::env::temp_dir().join(format!("meshtun-lab-bench-test-{}", std::process::id()));

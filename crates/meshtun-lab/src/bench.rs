@@ -1167,10 +1167,15 @@ pub fn chart_main(args: &[String]) -> std::process::ExitCode {
         }
         chart::draw(&dir.join("bench.png"), &report, &options).map(drop)
     };
-    match redraw() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    exit_code("bench-chart", redraw())
+}
+
+/// 0, or 1 after printing `error` prefixed with `what`.
+fn exit_code<T>(what: &str, outcome: Result<T, String>) -> std::process::ExitCode {
+    match outcome {
+        Ok(_) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("bench-chart: {error}");
+            eprintln!("{what}: {error}");
             std::process::ExitCode::from(1)
         }
     }
@@ -1201,13 +1206,7 @@ pub fn echo_main(args: &[String]) -> std::process::ExitCode {
         );
         Ok(())
     };
-    match serve() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("bench-echo: {error}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    exit_code("bench-echo", serve())
 }
 
 /// `meshtun-lab bench ARGS`: parses, runs, prints; the process exit code.
@@ -1222,11 +1221,5 @@ pub fn main(args: &[String]) -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
-    match run(&options) {
-        Ok(_) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    exit_code("error", run(&options))
 }

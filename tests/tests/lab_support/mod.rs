@@ -1,4 +1,5 @@
-//! Shared helpers for the lab tests (lab_wire, lab_clients, lab_overlay):
+//! Shared helpers for the lab tests (lab_wire, lab_clients, lab_overlay,
+//! lab_bench):
 //! tool probes and child processes inside hosts, waiting on daemons and
 //! listeners, an echo service and reset probes, and the wire analysis
 //! (marked plaintext, and what a capture shows).

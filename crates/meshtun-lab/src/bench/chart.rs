@@ -63,6 +63,13 @@ fn color(kind: Kind) -> RGBColor {
     }
 }
 
+/// The category a tick at `x` labels: only whole, non-negative positions
+/// (the bar groups) have one.
+fn category(x: f64) -> Option<usize> {
+    let index = x.round();
+    ((x - index).abs() <= 1e-6 && index >= 0.0).then_some(index as usize)
+}
+
 fn e<E: std::fmt::Debug>(error: E) -> String {
     format!("{error:?}")
 }
@@ -158,12 +165,8 @@ fn speed_panel(
         .build_cartesian_2d(-0.5f64..(groups - 0.5), 0f64..ymax)
         .map_err(e)?;
     let label_at = |x: &f64| -> String {
-        let index = x.round();
-        if (x - index).abs() > 1e-6 || index < 0.0 {
-            return String::new();
-        }
-        SPEED
-            .get(index as usize)
+        category(*x)
+            .and_then(|index| SPEED.get(index))
             .map(|(_, label)| (*label).to_owned())
             .unwrap_or_default()
     };
@@ -263,12 +266,8 @@ fn memory_panel(
         .map_err(e)?;
     let names: Vec<&str> = series.iter().map(|kind| kind.name()).collect();
     let label_at = |x: &f64| -> String {
-        let index = x.round();
-        if (x - index).abs() > 1e-6 || index < 0.0 {
-            return String::new();
-        }
-        names
-            .get(index as usize)
+        category(*x)
+            .and_then(|index| names.get(index))
             .map(|name| (*name).to_owned())
             .unwrap_or_default()
     };

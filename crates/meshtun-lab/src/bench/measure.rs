@@ -298,22 +298,8 @@ pub(crate) fn run_bounded(command: &mut Command, limit: Duration) -> Result<Stri
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|error| format!("{command:?}: {error}"))?;
-    let mut stdout = child.stdout.take();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(pipe) = stdout.as_mut() {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    });
-    let mut stderr = child.stderr.take();
-    let error_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(pipe) = stderr.as_mut() {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    });
+    let reader = read_in_background(child.stdout.take());
+    let error_reader = read_in_background(child.stderr.take());
     let deadline = Instant::now() + limit;
     let status = loop {
         match child.try_wait() {
@@ -392,6 +378,18 @@ fn status_field_kib(text: &str, field: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|value| value.parse().ok())
+}
+
+/// Reads all of `pipe` on a thread of its own, so that a child filling
+/// one pipe cannot block on it while the other is read.
+fn read_in_background(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
 }
 
 /// CPU time (user and system) the processes under `roots` have used, in
