@@ -49,6 +49,7 @@ const LIMITS_KEYS: &[&str] = &[
     "accept_backoff_max",
     "buffer_memory",
     "worker_threads",
+    "shards",
 ];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_non_loopback"];
 
@@ -636,6 +637,22 @@ fn limits(sink: &mut Sink, table: &Table) -> Option<Limits> {
         let count: usize = integer_in(value, 1..=1024)?;
         NonZeroUsize::new(count).ok_or_else(|| "must not be 0".to_string())
     });
+    let shards = limits.optional(sink, "shards", |value| {
+        let count: usize = integer_in(value, 1..=1024)?;
+        NonZeroUsize::new(count).ok_or_else(|| "must not be 0".to_string())
+    });
+    if let (Some(Some(shards)), Some(Some(workers))) = (shards, worker_threads) {
+        if shards > workers {
+            sink.error(
+                "limits.shards",
+                format!(
+                    "must be at most limits.worker_threads ({workers}), got {shards}: \
+                     each shard is a thread of its own, and worker_threads bounds the threads"
+                ),
+            );
+            return None;
+        }
+    }
     if let (Some(handshakes), Some(retry_above)) = (handshakes, retry_above) {
         if retry_above > handshakes {
             sink.error(
@@ -659,6 +676,7 @@ fn limits(sink: &mut Sink, table: &Table) -> Option<Limits> {
         accept_backoff_max: accept_backoff_max?,
         buffer_memory: buffer_memory?,
         worker_threads: worker_threads?,
+        shards: shards?,
     })
 }
 

@@ -217,6 +217,25 @@ pub struct Limits {
     /// blocking pool (name lookups, file reads) come on top. A restart
     /// applies a change.
     pub worker_threads: Option<NonZeroUsize>,
+    /// How many shards carry the data plane (1..=1024; default one per CPU
+    /// the daemon may run on, capped by `worker_threads`; if both are set,
+    /// at most `worker_threads`). A shard is one thread running one event
+    /// loop that owns its UDP sockets, its QUIC connections to every peer
+    /// and the TCP sockets of the streams they carry, so a stream's bytes
+    /// never cross threads. A restart applies a change.
+    pub shards: Option<NonZeroUsize>,
+}
+
+impl Limits {
+    /// The shard count in force on a machine where the daemon may run on
+    /// `cpus` CPUs: `shards` if set, else one per CPU, capped by
+    /// `worker_threads`.
+    pub fn shard_count(&self, cpus: NonZeroUsize) -> NonZeroUsize {
+        match self.shards {
+            Some(shards) => shards,
+            None => self.worker_threads.map_or(cpus, |workers| workers.min(cpus)),
+        }
+    }
 }
 
 /// The `[admin]` section: the HTTP endpoint serving `/metrics` and `/status`.

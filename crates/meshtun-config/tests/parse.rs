@@ -249,6 +249,9 @@ fn defaults_are_applied() {
     assert_eq!(config.limits.accept_backoff_max, Duration::from_secs(1));
     assert_eq!(config.limits.buffer_memory, 256 << 20);
     assert_eq!(config.limits.worker_threads, None);
+    assert_eq!(config.limits.shards, None);
+    let cpus = NonZeroUsize::new(6).expect("not 0");
+    assert_eq!(config.limits.shard_count(cpus), cpus);
     assert!(config.peers.is_empty());
     assert!(config.forwards.is_empty());
     assert!(config.exposes.is_empty());
@@ -284,6 +287,7 @@ retry_above = 0
 accept_backoff_max = "10ms"
 buffer_memory = "64GiB"
 worker_threads = 1024
+shards = 1024
 "#,
     ));
     let quic = &config.quic;
@@ -312,6 +316,21 @@ worker_threads = 1024
         config.limits.worker_threads.map(NonZeroUsize::get),
         Some(1024)
     );
+    assert_eq!(config.limits.shards.map(NonZeroUsize::get), Some(1024));
+}
+
+#[test]
+fn shards_default_to_the_cpus_within_worker_threads() {
+    let cpus = |count| NonZeroUsize::new(count).expect("not 0");
+    let limits = |body: &str| format!("{MINIMAL}[limits]\n{body}\n");
+    let config = ok(&limits("worker_threads = 3"));
+    assert_eq!(config.limits.shard_count(cpus(8)), cpus(3));
+    assert_eq!(config.limits.shard_count(cpus(2)), cpus(2));
+    // Set, it is what it says, even beyond the CPUs.
+    let config = ok(&limits("shards = 4"));
+    assert_eq!(config.limits.shard_count(cpus(2)), cpus(4));
+    let config = ok(&limits("shards = 2\nworker_threads = 2"));
+    assert_eq!(config.limits.shard_count(cpus(16)), cpus(2));
 }
 
 #[test]
@@ -1094,6 +1113,16 @@ fn limits_ranges() {
         &limits("worker_threads = \"4\""),
         "limits.worker_threads",
         "expected an integer",
+    );
+    one_error(
+        &limits("shards = 0"),
+        "limits.shards",
+        "must be from 1 to 1024, got 0",
+    );
+    one_error(
+        &limits("shards = 3\nworker_threads = 2"),
+        "limits.shards",
+        "must be at most limits.worker_threads (2), got 3",
     );
 }
 

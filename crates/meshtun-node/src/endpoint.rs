@@ -1,4 +1,4 @@
-//! The node's one QUIC endpoint: its UDP socket, transport tuning and TLS.
+//! The node's QUIC endpoints: their UDP sockets, transport tuning and TLS.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -14,21 +14,64 @@ use tracing::warn;
 use crate::cid::KeyedCidGenerator;
 use crate::NodeError;
 
-/// Binds the UDP socket with the configured buffer sizes.
+/// The error for a socket of the QUIC endpoint that cannot be set up.
+fn bind_error(addr: SocketAddr) -> impl Fn(std::io::Error) -> NodeError {
+    move |source| NodeError::Bind {
+        what: "QUIC endpoint (quic.listen)",
+        addr,
+        source,
+    }
+}
+
+/// Binds the UDP sockets the shards accept on: with one shard, one socket
+/// on `quic.listen`; with more, one per shard, all on `quic.listen` in one
+/// `SO_REUSEPORT` group (see shard.rs).
+///
+/// `SO_REUSEPORT` would also let a second meshtun on the same port (a stale
+/// process, a copy started by hand) join the group without an error and
+/// take part of the traffic. So the address is first bound alone, which
+/// fails while anything else holds it; that also turns port 0 into the
+/// real port the group then shares.
+pub(crate) fn bind_listen_group(quic: &Quic, count: usize) -> Result<Vec<UdpSocket>, NodeError> {
+    let requested = quic.listen;
+    if count <= 1 {
+        return Ok(vec![bind_udp(quic, requested, false, true)?]);
+    }
+    let addr = {
+        let probe = bind_udp(quic, requested, false, false)?;
+        probe.local_addr().map_err(bind_error(requested))?
+    };
+    (0..count)
+        .map(|index| bind_udp(quic, addr, true, index == 0))
+        .collect()
+}
+
+/// Binds the socket one shard dials from: an ephemeral port on the
+/// `quic.listen` address (see shard.rs).
+pub(crate) fn bind_dial(quic: &Quic) -> Result<UdpSocket, NodeError> {
+    let addr = SocketAddr::new(quic.listen.ip(), 0);
+    bind_udp(quic, addr, false, false)
+}
+
+/// Binds one UDP socket with the configured buffer sizes; `warn_caps` logs
+/// a buffer the kernel capped (once per node, not once per socket).
 ///
 /// Large buffers let the kernel absorb bursts at high rates instead of
 /// dropping datagrams (which QUIC then treats as congestion). Linux caps the
 /// request at `net.core.rmem_max` / `wmem_max`; a shortfall is logged with the
 /// sysctl to raise.
-pub(crate) fn bind_udp(quic: &Quic) -> Result<UdpSocket, NodeError> {
-    let addr = quic.listen;
-    let bind_error = |source| NodeError::Bind {
-        what: "QUIC endpoint (quic.listen)",
-        addr,
-        source,
-    };
+fn bind_udp(
+    quic: &Quic,
+    addr: SocketAddr,
+    reuse_port: bool,
+    warn_caps: bool,
+) -> Result<UdpSocket, NodeError> {
+    let bind_error = bind_error(quic.listen);
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .map_err(bind_error)?;
+        .map_err(&bind_error)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(&bind_error)?;
+    }
     if let Err(error) = socket.set_recv_buffer_size(quic.udp_recv_buffer) {
         warn!(%error, "cannot set UDP receive buffer");
     }
@@ -39,7 +82,7 @@ pub(crate) fn bind_udp(quic: &Quic) -> Result<UdpSocket, NodeError> {
     // granted (the kernel's bookkeeping overhead), so a full grant reads back
     // as at least twice the request; anything less means the cap applied.
     if let Ok(got) = socket.recv_buffer_size() {
-        if got < quic.udp_recv_buffer.saturating_mul(2) {
+        if warn_caps && got < quic.udp_recv_buffer.saturating_mul(2) {
             warn!(
                 requested = quic.udp_recv_buffer,
                 granted = got / 2,
@@ -48,7 +91,7 @@ pub(crate) fn bind_udp(quic: &Quic) -> Result<UdpSocket, NodeError> {
         }
     }
     if let Ok(got) = socket.send_buffer_size() {
-        if got < quic.udp_send_buffer.saturating_mul(2) {
+        if warn_caps && got < quic.udp_send_buffer.saturating_mul(2) {
             warn!(
                 requested = quic.udp_send_buffer,
                 granted = got / 2,
@@ -56,7 +99,7 @@ pub(crate) fn bind_udp(quic: &Quic) -> Result<UdpSocket, NodeError> {
             );
         }
     }
-    socket.bind(&addr.into()).map_err(bind_error)?;
+    socket.bind(&addr.into()).map_err(&bind_error)?;
     Ok(socket.into())
 }
 

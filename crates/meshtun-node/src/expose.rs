@@ -29,7 +29,10 @@ use crate::{Handshaking, Policy, Shared};
 /// is spent: past `limits.retry_above` in progress, a client must first
 /// echo a Retry token (a stateless round trip that a spoofed or replayed
 /// flood cannot complete); past `limits.handshakes`, new ones are refused.
-pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+///
+/// Runs on `shard`, for the endpoint that shard accepts on; each
+/// connection, and every stream it carries, stays there.
+pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shard: usize, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
         if shared.stop_accepting.is_cancelled() {
             incoming.refuse();
@@ -60,13 +63,18 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
         let (handshaking, _) = shared.handshake_started();
         shared
             .tasks
-            .spawn(serve_connection(incoming, handshaking, shared.clone()).instrument(span));
+            .spawn(serve_connection(incoming, handshaking, shard, shared.clone()).instrument(span));
     }
 }
 
 /// Completes the handshake under a timeout, learns the peer's identity, and
 /// serves its streams.
-async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: Arc<Shared>) {
+async fn serve_connection(
+    incoming: Incoming,
+    handshaking: Handshaking,
+    shard: usize,
+    shared: Arc<Shared>,
+) {
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(error) => {
@@ -104,7 +112,7 @@ async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: 
     let span = tracing::info_span!("peer", peer = %identity);
     async {
         let limit = shared.policy().limits.connections_per_peer;
-        let _tracked = match shared.track_incoming(&identity, &connection, limit) {
+        let _tracked = match shared.track_incoming(&identity, shard, &connection, limit) {
             Ok(tracked) => tracked,
             Err(open) => {
                 let verdict = shared.metrics.limit_hit("connections_per_peer");
@@ -165,6 +173,7 @@ async fn serve_connection(incoming: Incoming, handshaking: Handshaking, shared: 
                 stream,
                 pending,
                 policy,
+                shard,
                 shared.clone(),
             );
             shared.streams.spawn(task.instrument(span));
@@ -247,8 +256,10 @@ async fn serve_stream(
     stream: OpenStream,
     pending: Pending,
     policy: Arc<Policy>,
+    shard: usize,
     shared: Arc<Shared>,
 ) {
+    let _counted = shared.shard(shard).streams.opened();
     let send = Outbound::new(send);
     tokio::select! {
         () = answer_stream(send, recv, identity, &stream, pending, &policy, &shared) => {}

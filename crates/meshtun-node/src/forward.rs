@@ -1,10 +1,13 @@
 //! Forward listeners: local TCP connections in, QUIC streams to a peer out.
 //!
-//! The accept loop only accepts and dispatches; everything that can wait on
-//! the network (picking a connection, opening the stream, the peer's status)
-//! happens in the per-connection task. Overlay mode's transparent listener
-//! (overlay.rs) carries its connections with the same [`forward_one`].
+//! The accept loop only accepts and dispatches: it hands each connection to
+//! the next shard ([`dispatch`]), where everything that can wait on the
+//! network (picking a connection, opening the stream, the peer's status)
+//! happens in the connection's own task, next to the QUIC connection that
+//! carries it. Overlay mode's transparent listener (overlay.rs) dispatches
+//! its connections the same way and carries them with [`forward_one`].
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use meshtun_proto::{Preamble, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::metrics::Direction;
 use crate::peer::PeerLinks;
@@ -55,9 +58,47 @@ pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
             service = %forward.service,
             %client,
         );
-        let task = forward_one(tcp, forward.peer.clone(), preamble.clone(), shared.clone());
-        shared.streams.spawn(task.instrument(span));
+        let peer = forward.peer.clone();
+        let preamble = preamble.clone();
+        let carry_shared = shared.clone();
+        dispatch(tcp, &shared, span, move |tcp, shard| {
+            forward_one(tcp, peer, preamble, shard, carry_shared)
+        });
     }
+}
+
+/// Hands an accepted local connection to the next shard (round-robin) and
+/// runs `carry` with it there, as one of the node's streams. The socket is
+/// armed to reset on close before it leaves this thread, so whatever
+/// becomes of it the client sees a reset, never a clean end of file.
+pub(crate) fn dispatch<Carry, Carried>(
+    tcp: TcpStream,
+    shared: &Shared,
+    span: tracing::Span,
+    carry: Carry,
+) where
+    Carry: FnOnce(TcpStream, usize) -> Carried + Send + 'static,
+    Carried: Future<Output = ()> + Send + 'static,
+{
+    splice::reset_on_close(&tcp);
+    let shard = shared.next_shard();
+    let index = shard.index;
+    // Off this runtime's reactor, onto the shard's.
+    let tcp = match tcp.into_std() {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            warn!(%error, "cannot hand a local connection to a shard; resetting it");
+            return;
+        }
+    };
+    let task = async move {
+        match TcpStream::from_std(tcp) {
+            Ok(tcp) => carry(tcp, index).await,
+            Err(error) => warn!(%error, "a shard cannot take a local connection; resetting it"),
+        }
+    };
+    let span = tracing::debug_span!(parent: &span, "shard", shard = index);
+    shared.streams.spawn_on(task.instrument(span), &shard.handle);
 }
 
 /// The bytes of `preamble`, to open a stream with.
@@ -67,30 +108,37 @@ pub(crate) fn encode_preamble(preamble: &Preamble) -> Bytes {
     bytes.freeze()
 }
 
-/// Carries one local TCP connection over one QUIC stream. The node's
-/// `abort_streams` token cancels it at any point; the socket is armed to
-/// reset on close from the start, so cancellation or any early return
-/// resets the client rather than closing it cleanly.
+/// Carries one local TCP connection over one QUIC stream, on `shard`. The
+/// node's `abort_streams` token cancels it at any point; [`dispatch`] armed
+/// the socket to reset on close, so cancellation or any early return resets
+/// the client rather than closing it cleanly.
 pub(crate) async fn forward_one(
     tcp: TcpStream,
     peer: Arc<PeerLinks>,
     preamble: Bytes,
+    shard: usize,
     shared: Arc<Shared>,
 ) {
-    splice::reset_on_close(&tcp);
+    let _counted = shared.shard(shard).streams.opened();
     if let Err(error) = tcp.set_nodelay(true) {
         debug!(%error, "cannot set TCP_NODELAY");
     }
     tokio::select! {
-        () = carry(tcp, peer, preamble, &shared) => {}
+        () = carry(tcp, peer, preamble, shard, &shared) => {}
         () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
     }
 }
 
-async fn carry(mut tcp: TcpStream, peer: Arc<PeerLinks>, preamble: Bytes, shared: &Shared) {
+async fn carry(
+    mut tcp: TcpStream,
+    peer: Arc<PeerLinks>,
+    preamble: Bytes,
+    shard: usize,
+    shared: &Shared,
+) {
     let stream = peer.stats().stream(Direction::outgoing);
     let stats = stream.stats();
-    let Some(connection) = peer.connection(PEER_WAIT).await else {
+    let Some(connection) = peer.connection(shard, PEER_WAIT).await else {
         let verdict = stats.refused(Direction::outgoing, "not_connected");
         log_refusal!(verdict, "peer not connected; resetting local connection");
         return;

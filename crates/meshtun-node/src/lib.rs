@@ -1,7 +1,8 @@
 //! The meshtun daemon's runtime.
 //!
-//! This crate owns everything that does network I/O or spawns tasks: the one
-//! QUIC endpoint, the warm connections to each peer, a loopback listener per
+//! This crate owns everything that does network I/O or spawns tasks: the
+//! shards that carry the data plane ([`shard`]: one thread each, with its
+//! own QUIC endpoint and connections), the warm connections to each peer, a loopback listener per
 //! `[[forward]]`, and the acceptor that maps each incoming stream to an
 //! `[[expose]]` target, and in overlay mode the transparent listener and
 //! the host set-up behind it ([`overlay`]). It takes a validated [`meshtun_config::Config`] and
@@ -49,12 +50,13 @@ mod forward;
 mod metrics;
 pub mod overlay;
 mod peer;
+mod shard;
 mod splice;
 mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,7 +76,7 @@ use crate::peer::{DialTiming, PeerLinks};
 pub use crate::overlay::OverlayError;
 pub use crate::status::{
     CertificateStatus, ExposeStatus, ForwardStatus, NodeStatus, OverlayStatus, PeerCertificate,
-    PeerStatus, ReloadStatus,
+    PeerStatus, ReloadStatus, ShardStatus,
 };
 
 /// Why a node could not start. Each variant says which part of the
@@ -200,8 +202,13 @@ pub(crate) struct Shared {
     tasks: TaskTracker,
     /// One task per forwarded stream, on either side.
     streams: TaskTracker,
-    /// Connections peers dialled to this node, by verified identity.
-    incoming: Mutex<BTreeMap<NodeName, Vec<Connection>>>,
+    /// Connections peers dialled to this node, by verified identity, with
+    /// the shard that accepted each.
+    incoming: Mutex<BTreeMap<NodeName, Vec<(usize, Connection)>>>,
+    /// The data-plane shards, in order; never empty.
+    shards: Vec<shard::Shard>,
+    /// Round-robin position for handing local connections to shards.
+    next_shard: AtomicUsize,
     /// The peers this node dials.
     peers: BTreeMap<NodeName, Arc<PeerLinks>>,
     metrics: Metrics,
@@ -231,12 +238,25 @@ impl Shared {
             .clone()
     }
 
-    /// Records an incoming connection from `peer` until the guard drops,
-    /// unless `peer` already has `limit` connections here: then `Err` with
-    /// that count, and nothing is recorded.
+    /// The shard the next local connection goes to: round-robin, so
+    /// connections spread evenly however their addresses hash.
+    pub(crate) fn next_shard(&self) -> &shard::Shard {
+        let next = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        &self.shards[next % self.shards.len()]
+    }
+
+    /// Shard `index`'s counters (shard 0's if there is no such shard).
+    pub(crate) fn shard(&self, index: usize) -> &shard::Shard {
+        self.shards.get(index).unwrap_or(&self.shards[0])
+    }
+
+    /// Records an incoming connection from `peer`, accepted on `shard`,
+    /// until the guard drops, unless `peer` already has `limit` connections
+    /// here: then `Err` with that count, and nothing is recorded.
     pub(crate) fn track_incoming(
         self: &Arc<Self>,
         peer: &NodeName,
+        shard: usize,
         connection: &Connection,
         limit: u32,
     ) -> Result<IncomingGuard, usize> {
@@ -248,7 +268,7 @@ impl Shared {
         if connections.len() >= limit as usize {
             return Err(connections.len());
         }
-        connections.push(connection.clone());
+        connections.push((shard, connection.clone()));
         Ok(IncomingGuard {
             shared: self.clone(),
             peer: peer.clone(),
@@ -290,19 +310,24 @@ impl Shared {
 
     /// Reads live connection state into the gauges and returns it per peer;
     /// with `for_status`, also what each peer presented and the path MTU
-    /// (for `/status` only: it parses certificates).
-    fn refresh_live(&self, for_status: bool) -> BTreeMap<NodeName, Live> {
+    /// (for `/status` only: it parses certificates). The second part is
+    /// each shard's (outgoing, incoming) connection count.
+    fn refresh_live(&self, for_status: bool) -> (BTreeMap<NodeName, Live>, Vec<(usize, usize)>) {
         let mut live: BTreeMap<NodeName, Live> = BTreeMap::new();
+        let mut per_shard = vec![(0, 0); self.shards.len()];
         for (name, links) in &self.peers {
             let entry = live.entry(name.clone()).or_default();
-            for connection in links.live_connections() {
+            for (shard, connection) in links.live_connections() {
                 entry.outgoing += 1;
                 entry.add(&connection, for_status);
+                if let Some(counts) = per_shard.get_mut(shard) {
+                    counts.0 += 1;
+                }
             }
         }
         // Copied out, so no work happens under the lock that connection
         // set-up and tear-down take.
-        let incoming: Vec<(NodeName, Connection)> = {
+        let incoming: Vec<(NodeName, usize, Connection)> = {
             let incoming = self
                 .incoming
                 .lock()
@@ -312,15 +337,18 @@ impl Shared {
                 .flat_map(|(name, connections)| {
                     connections
                         .iter()
-                        .map(|connection| (name.clone(), connection.clone()))
+                        .map(|(shard, connection)| (name.clone(), *shard, connection.clone()))
                 })
                 .collect()
         };
-        for (name, connection) in incoming {
+        for (name, shard, connection) in incoming {
             if connection.close_reason().is_none() {
                 let entry = live.entry(name).or_default();
                 entry.incoming += 1;
                 entry.add(&connection, for_status);
+                if let Some(counts) = per_shard.get_mut(shard) {
+                    counts.1 += 1;
+                }
             }
         }
         for (name, stats) in self.metrics.peers() {
@@ -331,7 +359,7 @@ impl Shared {
                 entry.and_then(|live| live.rtt),
             );
         }
-        live
+        (live, per_shard)
     }
 
     /// The `/metrics` text: live gauges refreshed, then every family.
@@ -342,7 +370,7 @@ impl Shared {
 
     /// The `/status` document.
     pub(crate) fn status(&self) -> NodeStatus {
-        let live = self.refresh_live(true);
+        let (live, per_shard) = self.refresh_live(true);
         let mut peers = Vec::new();
         for (name, stats) in self.metrics.peers() {
             let empty = Live::default();
@@ -393,6 +421,22 @@ impl Shared {
             draining: self.stop_accepting.is_cancelled(),
             worker_threads: tokio::runtime::Handle::try_current()
                 .map_or(0, |runtime| runtime.metrics().num_workers()),
+            shards: self
+                .shards
+                .iter()
+                .zip(per_shard)
+                .map(|(shard, (outgoing, incoming))| {
+                    let (open_streams, streams) = shard.streams.counts();
+                    ShardStatus {
+                        index: shard.index,
+                        dial_addr: shard.dial_addr,
+                        connections_outgoing: outgoing,
+                        connections_incoming: incoming,
+                        open_streams,
+                        streams,
+                    }
+                })
+                .collect(),
             certificate,
             reload: ReloadStatus {
                 successes: self.metrics.reloads("success"),
@@ -482,7 +526,7 @@ impl Drop for IncomingGuard {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(connections) = incoming.get_mut(&self.peer) {
-            connections.retain(|connection| connection.stable_id() != self.id);
+            connections.retain(|(_, connection)| connection.stable_id() != self.id);
             if connections.is_empty() {
                 incoming.remove(&self.peer);
             }
@@ -575,7 +619,13 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 #[derive(Debug)]
 pub struct Node {
     shared: Arc<Shared>,
-    endpoint: quinn::Endpoint,
+    /// Every QUIC endpoint of every shard.
+    endpoints: Vec<quinn::Endpoint>,
+    /// The endpoints that accept (bound to `quic.listen`): a reload gives
+    /// them the new server config.
+    listeners: Vec<quinn::Endpoint>,
+    /// The shard threads; stopped last on shutdown, or when the node drops.
+    threads: shard::Threads,
     quic_addr: SocketAddr,
     forward_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
@@ -601,19 +651,51 @@ impl Node {
     ) -> Result<Node, NodeError> {
         let quic = &config.quic;
         let server = endpoint::server_config(quic, &trust, &credentials)?;
-        let socket = endpoint::bind_udp(quic)?;
-        let endpoint = quinn::Endpoint::new(
-            endpoint::endpoint_config(&credentials),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| NodeError::Bind {
-            what: "QUIC endpoint (quic.listen)",
-            addr: quic.listen,
-            source,
-        })?;
-        let quic_addr = endpoint::local_addr(&endpoint, quic.listen)?;
+        let shard_count = config.limits.shard_count(shard::available_cpus());
+        let (threads, handles) = shard::Threads::start(shard_count)?;
+        let listen_sockets = endpoint::bind_listen_group(quic, shard_count.get())?;
+        // Each endpoint is made inside its shard's runtime: quinn registers
+        // the socket with the reactor and spawns its driver there.
+        let new_endpoint = |handle: &tokio::runtime::Handle,
+                            socket: std::net::UdpSocket,
+                            server: Option<quinn::ServerConfig>| {
+            let _entered = handle.enter();
+            quinn::Endpoint::new(
+                endpoint::endpoint_config(&credentials),
+                server,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|source| NodeError::Bind {
+                what: "QUIC endpoint (quic.listen)",
+                addr: quic.listen,
+                source,
+            })
+        };
+        let mut listeners = Vec::new();
+        let mut dialers = Vec::new();
+        for (handle, socket) in handles.iter().zip(listen_sockets) {
+            let listener = new_endpoint(handle, socket, Some(server.clone()))?;
+            // One shard dials from its listening socket, as a node without
+            // shards would; several dial from sockets of their own.
+            let dialer = if shard_count.get() == 1 {
+                listener.clone()
+            } else {
+                new_endpoint(handle, endpoint::bind_dial(quic)?, None)?
+            };
+            listeners.push(listener);
+            dialers.push(dialer);
+        }
+        let quic_addr = endpoint::local_addr(&listeners[0], quic.listen)?;
+        let mut shards = Vec::new();
+        for (index, (handle, dialer)) in handles.iter().zip(&dialers).enumerate() {
+            shards.push(shard::Shard {
+                index,
+                handle: handle.clone(),
+                dial_addr: endpoint::local_addr(dialer, quic.listen)?,
+                streams: shard::ShardStreams::default(),
+            });
+        }
         let metrics = Metrics::new();
         metrics.set_certificate_expiry(unix_seconds(credentials.not_after()));
         let trust_state: TrustState = Arc::new(RwLock::new(Arc::new(trust.clone())));
@@ -624,6 +706,7 @@ impl Node {
             let links = Arc::new(PeerLinks::new(
                 peer.name.clone(),
                 peer.addr.clone(),
+                shard_count.get(),
                 quic.connections_per_peer.get(),
                 client,
                 metrics.peer(&peer.name),
@@ -737,6 +820,8 @@ impl Node {
             tasks: TaskTracker::new(),
             streams: TaskTracker::new(),
             incoming: Mutex::new(BTreeMap::new()),
+            shards,
+            next_shard: AtomicUsize::new(0),
             peers,
             metrics,
             facts: Mutex::new(Facts {
@@ -756,21 +841,30 @@ impl Node {
             reconnect_min: quic.reconnect_min,
             reconnect_max: quic.reconnect_max,
         };
-        for links in shared.peers.values() {
-            for index in 0..quic.connections_per_peer.get() {
-                let span = tracing::info_span!("peer", peer = %links.name());
-                let task = links.clone().dial_loop(
-                    index,
-                    endpoint.clone(),
-                    timing,
-                    shared.stop_accepting.clone(),
-                );
-                shared.tasks.spawn(task.instrument(span));
+        for (shard, dialer) in shared.shards.iter().zip(&dialers) {
+            for links in shared.peers.values() {
+                for index in 0..quic.connections_per_peer.get() {
+                    let span = tracing::info_span!("peer", peer = %links.name(), shard = shard.index);
+                    let task = links.clone().dial_loop(
+                        shard.index,
+                        index,
+                        dialer.clone(),
+                        timing,
+                        shared.stop_accepting.clone(),
+                    );
+                    shared.tasks.spawn_on(task.instrument(span), &shard.handle);
+                }
             }
         }
         let mut loops = Vec::new();
-        let accept = expose::accept_loop(endpoint.clone(), shared.clone());
-        loops.push(("QUIC accept loop".to_owned(), shared.tasks.spawn(accept)));
+        for (shard, listener) in shared.shards.iter().zip(&listeners) {
+            let span = tracing::info_span!("shard", shard = shard.index);
+            let accept = expose::accept_loop(listener.clone(), shard.index, shared.clone());
+            loops.push((
+                format!("QUIC accept loop of shard {}", shard.index),
+                shared.tasks.spawn_on(accept.instrument(span), &shard.handle),
+            ));
+        }
         for forward in forwards {
             info!(listen = %forward.local, peer = %forward.peer.name(), service = %forward.service, "forwarding");
             let name = format!("forward listener {}", forward.local);
@@ -793,10 +887,16 @@ impl Node {
             loops.push((format!("admin endpoint {local}"), shared.tasks.spawn(task)));
             local
         });
-        info!(node = %config.node, quic = %quic_addr, peers = shared.peers.len(), exposes = config.exposes.len(), "node started");
+        info!(node = %config.node, quic = %quic_addr, shards = shard_count.get(), peers = shared.peers.len(), exposes = config.exposes.len(), "node started");
+        let mut endpoints = listeners.clone();
+        if shard_count.get() > 1 {
+            endpoints.extend(dialers);
+        }
         Ok(Node {
             shared,
-            endpoint,
+            endpoints,
+            listeners,
+            threads,
             quic_addr,
             forward_addrs,
             admin_addr,
@@ -937,7 +1037,9 @@ impl Node {
             .trust
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(trust);
-        self.endpoint.set_server_config(Some(server));
+        for listener in &self.listeners {
+            listener.set_server_config(Some(server.clone()));
+        }
         for (links, client) in clients {
             links.set_client(client);
         }
@@ -968,7 +1070,7 @@ impl Node {
         let trust = &self.shared.trust;
         let mut closed = 0;
         for (name, links) in &self.shared.peers {
-            for connection in links.live_connections() {
+            for (_, connection) in links.live_connections() {
                 if !still_trusted(&connection, trust, PeerRole::Acceptor(name)) {
                     closed += 1;
                 }
@@ -980,7 +1082,11 @@ impl Node {
                 .incoming
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            incoming.values().flatten().cloned().collect()
+            incoming
+                .values()
+                .flatten()
+                .map(|(_, connection)| connection.clone())
+                .collect()
         };
         for connection in incoming {
             if !still_trusted(&connection, trust, PeerRole::Dialer) {
@@ -1048,8 +1154,9 @@ impl Node {
             let _ = tokio::time::timeout(ABORT_WAIT, shared.streams.wait()).await;
         }
         let code = ConnectionCode::Shutdown;
-        self.endpoint
-            .close(VarInt::from_u32(code.to_u32()), code.reason());
+        for endpoint in &self.endpoints {
+            endpoint.close(VarInt::from_u32(code.to_u32()), code.reason());
+        }
         shared.closing.cancel();
         shared.tasks.close();
         // Connection tasks end once the endpoint is closed.
@@ -1059,7 +1166,13 @@ impl Node {
         // in a connection's life), which only guards against a lost close
         // frame. A short wait lets them leave; a peer that missed one gets a
         // stateless reset on its next packet.
-        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+        let idle = async {
+            for endpoint in &self.endpoints {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, idle).await;
+        self.threads.stop().await;
         if let Some(overlay) = managed_overlay {
             if let Err(error) = overlay::setup_down_blocking(overlay).await {
                 warn!(%error, "could not remove the overlay set-up");

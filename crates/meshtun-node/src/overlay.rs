@@ -38,7 +38,6 @@ use tracing::{debug, info, Instrument};
 
 use crate::forward;
 use crate::peer::PeerLinks;
-use crate::splice;
 use crate::{accept, Shared};
 
 /// The nftables table meshtun owns; nothing else in it is kept.
@@ -324,25 +323,27 @@ pub(crate) async fn accept_loop(transparent: Transparent, shared: Arc<Shared>) {
         .await
     {
         let span = tracing::debug_span!("overlay", %client);
-        let task = carry_redirected(tcp, transparent.routes.clone(), shared.clone());
-        shared.streams.spawn(task.instrument(span));
+        let routes = transparent.routes.clone();
+        let carry_shared = shared.clone();
+        forward::dispatch(tcp, &shared, span, move |tcp, shard| {
+            carry_redirected(tcp, routes, shard, carry_shared)
+        });
     }
 }
 
 /// Finds where a redirected connection was going and carries it to the
-/// peer that owns that address, asking for the same port there.
-async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shared: Arc<Shared>) {
+/// peer that owns that address, asking for the same port there. Runs on
+/// `shard`; [`forward::dispatch`] armed the socket to reset on close.
+async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shard: usize, shared: Arc<Shared>) {
     let destination = match original_destination(&tcp) {
         Ok(destination) => destination,
         Err(error) => {
             // A connection made straight to the listener, not redirected.
-            splice::reset_on_close(&tcp);
             debug!(%error, "no original destination; resetting");
             return;
         }
     };
     let Some(peer) = routes.peers.get(destination.ip()) else {
-        splice::reset_on_close(&tcp);
         if routes.report_unknown(*destination.ip(), Instant::now()) {
             info!(%destination, "no peer has this overlay address; resetting connections to it (logged once a minute)");
         } else {
@@ -352,7 +353,7 @@ async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shared: Arc<Share
     };
     let span = tracing::debug_span!("route", %destination, peer = %peer.name());
     let preamble = forward::encode_preamble(&Preamble::overlay_port(destination.port()));
-    forward::forward_one(tcp, peer.clone(), preamble, shared)
+    forward::forward_one(tcp, peer.clone(), preamble, shard, shared)
         .instrument(span)
         .await;
 }

@@ -1,10 +1,13 @@
 //! Warm QUIC connections to each configured peer.
 //!
-//! Every `[[peer]]` gets `quic.connections_per_peer` dialer tasks. Each keeps
-//! one connection up: it dials at start, waits for the connection to close,
-//! and dials again after a jittered exponential backoff. Forwarders pick a
-//! live connection round-robin; they never wait for a handshake unless one
-//! is already under way, so a down peer turns into a prompt reset.
+//! Every `[[peer]]` gets `quic.connections_per_peer` dialer tasks on each
+//! shard. Each keeps one connection up: it dials at start, waits for the
+//! connection to close, and dials again after a jittered exponential
+//! backoff. A forwarder picks a live connection of its own shard,
+//! round-robin, so the stream's bytes stay on that shard's thread; only if
+//! its shard has none up does it borrow another shard's. It never waits for
+//! a handshake unless one is already under way, so a down peer turns into a
+//! prompt reset.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,7 +56,8 @@ pub(crate) struct DialTiming {
 pub(crate) struct PeerLinks {
     name: NodeName,
     addr: HostPort,
-    slots: watch::Sender<Vec<Slot>>,
+    /// The connection slots of each shard, by shard index.
+    shards: Vec<watch::Sender<Vec<Slot>>>,
     next: AtomicUsize,
     /// TLS for the next dial; a reload replaces it.
     client: Mutex<ClientConfig>,
@@ -65,9 +69,11 @@ pub(crate) struct PeerLinks {
 }
 
 impl PeerLinks {
+    /// `connections` slots on each of `shards` shards.
     pub(crate) fn new(
         name: NodeName,
         addr: HostPort,
+        shards: usize,
         connections: usize,
         client: ClientConfig,
         stats: Arc<PeerStats>,
@@ -76,7 +82,9 @@ impl PeerLinks {
         Self {
             name,
             addr,
-            slots: watch::Sender::new(vec![Slot::Dialing; connections]),
+            shards: (0..shards.max(1))
+                .map(|_| watch::Sender::new(vec![Slot::Dialing; connections]))
+                .collect(),
             next: AtomicUsize::new(0),
             client: Mutex::new(client),
             trust,
@@ -93,9 +101,9 @@ impl PeerLinks {
         &self.addr
     }
 
-    /// How many connections this node keeps to the peer.
+    /// How many connections this node keeps to the peer, over all shards.
     pub(crate) fn slots(&self) -> usize {
-        self.slots.borrow().len()
+        self.shards.iter().map(|slots| slots.borrow().len()).sum()
     }
 
     pub(crate) fn stats(&self) -> &Arc<PeerStats> {
@@ -132,41 +140,47 @@ impl PeerLinks {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
     }
 
-    /// The connections that are up now.
-    pub(crate) fn live_connections(&self) -> Vec<Connection> {
-        self.slots
-            .borrow()
-            .iter()
-            .filter_map(|slot| match slot {
-                Slot::Up(connection) if connection.close_reason().is_none() => {
-                    Some(connection.clone())
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// A live connection, round-robin over the slots. Waits up to `wait`
-    /// only while some dial is still in progress; returns `None` at once if
-    /// every slot is down.
-    pub(crate) async fn connection(&self, wait: Duration) -> Option<Connection> {
-        let deadline = Instant::now() + wait;
-        let mut slots = self.slots.subscribe();
-        loop {
-            {
-                let current = slots.borrow_and_update();
-                let count = current.len();
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                for offset in 0..count {
-                    if let Slot::Up(connection) = &current[(start + offset) % count] {
-                        if connection.close_reason().is_none() {
-                            return Some(connection.clone());
-                        }
+    /// The connections that are up now, with the shard each lives on.
+    pub(crate) fn live_connections(&self) -> Vec<(usize, Connection)> {
+        let mut live = Vec::new();
+        for (shard, slots) in self.shards.iter().enumerate() {
+            for slot in slots.borrow().iter() {
+                if let Slot::Up(connection) = slot {
+                    if connection.close_reason().is_none() {
+                        live.push((shard, connection.clone()));
                     }
                 }
-                if !current.iter().any(|slot| matches!(slot, Slot::Dialing)) {
-                    return None;
+            }
+        }
+        live
+    }
+
+    /// A live connection of `shard`, round-robin over its slots, or failing
+    /// that of any other shard. Waits up to `wait` only while a dial of
+    /// `shard` is still in progress; returns `None` at once if nothing is
+    /// up and `shard` is not dialling.
+    pub(crate) async fn connection(&self, shard: usize, wait: Duration) -> Option<Connection> {
+        let deadline = Instant::now() + wait;
+        let own = self.shards.get(shard).unwrap_or(&self.shards[0]);
+        let mut slots = own.subscribe();
+        loop {
+            let dialing = {
+                let current = slots.borrow_and_update();
+                if let Some(connection) = self.pick(&current) {
+                    return Some(connection);
                 }
+                current.iter().any(|slot| matches!(slot, Slot::Dialing))
+            };
+            // This shard has nothing up: borrow another's rather than wait.
+            for (index, other) in self.shards.iter().enumerate() {
+                if index != shard {
+                    if let Some(connection) = self.pick(&other.borrow()) {
+                        return Some(connection);
+                    }
+                }
+            }
+            if !dialing {
+                return None;
             }
             match tokio::time::timeout_at(deadline, slots.changed()).await {
                 Ok(Ok(())) => continue,
@@ -175,35 +189,59 @@ impl PeerLinks {
         }
     }
 
-    /// Whether at least one connection is up.
+    /// A live connection among `slots`, round-robin.
+    fn pick(&self, slots: &[Slot]) -> Option<Connection> {
+        let count = slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..count).find_map(|offset| match &slots[(start + offset) % count] {
+            Slot::Up(connection) if connection.close_reason().is_none() => {
+                Some(connection.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether at least one connection is up, on any shard.
     pub(crate) fn is_connected(&self) -> bool {
-        self.slots.borrow().iter().any(|slot| match slot {
+        (0..self.shards.len()).any(|shard| self.shard_connected(shard))
+    }
+
+    fn shard_connected(&self, shard: usize) -> bool {
+        self.shards[shard].borrow().iter().any(|slot| match slot {
             Slot::Up(connection) => connection.close_reason().is_none(),
             _ => false,
         })
     }
 
-    /// Waits until at least one connection is up or `deadline` passes.
+    /// Waits until every shard has at least one connection up, or
+    /// `deadline` passes; returns whether they all do.
     pub(crate) async fn wait_connected(&self, deadline: Instant) -> bool {
-        let mut slots = self.slots.subscribe();
-        loop {
-            if self.is_connected() {
-                return true;
+        for (shard, slots) in self.shards.iter().enumerate() {
+            let mut slots = slots.subscribe();
+            loop {
+                if self.shard_connected(shard) {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, slots.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) | Err(_) => return self.shard_connected(shard),
+                }
             }
-            match tokio::time::timeout_at(deadline, slots.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => return self.is_connected(),
-            }
+        }
+        true
+    }
+
+    fn set(&self, shard: usize, index: usize, slot: Slot) {
+        if let Some(slots) = self.shards.get(shard) {
+            slots.send_modify(|slots| slots[index] = slot);
         }
     }
 
-    fn set(&self, index: usize, slot: Slot) {
-        self.slots.send_modify(|slots| slots[index] = slot);
-    }
-
-    /// Keeps slot `index` connected until `cancel` fires.
+    /// Keeps slot `index` of `shard` connected until `cancel` fires. Runs on
+    /// that shard, and dials through its `endpoint`.
     pub(crate) async fn dial_loop(
         self: Arc<Self>,
+        shard: usize,
         index: usize,
         endpoint: Endpoint,
         timing: DialTiming,
@@ -213,7 +251,7 @@ impl PeerLinks {
         let mut failures: u32 = 0;
         let mut was_up = false;
         loop {
-            self.set(index, Slot::Dialing);
+            self.set(shard, index, Slot::Dialing);
             let client = self.client();
             let attempt = self.dial_once(&endpoint, &client, timing.handshake_timeout);
             let result = tokio::select! {
@@ -224,6 +262,7 @@ impl PeerLinks {
                 Ok(connection) => {
                     info!(
                         remote = %connection.remote_address(),
+                        shard,
                         connection = index,
                         "peer connected"
                     );
@@ -234,7 +273,7 @@ impl PeerLinks {
                     }
                     was_up = true;
                     self.set_last_error(None);
-                    self.set(index, Slot::Up(connection.clone()));
+                    self.set(shard, index, Slot::Up(connection.clone()));
                     // The handshake may have used a trust bundle a reload
                     // replaced; if so the connection is closed right here.
                     let role = meshtun_pki::PeerRole::Acceptor(&self.name);
@@ -247,10 +286,10 @@ impl PeerLinks {
                         // draining streams keep it; the node closes the endpoint.
                         () = cancel.cancelled() => return,
                     }
-                    self.set(index, Slot::Down);
+                    self.set(shard, index, Slot::Down);
                 }
                 Err(error) => {
-                    self.set(index, Slot::Down);
+                    self.set(shard, index, Slot::Down);
                     self.stats.handshake_failed(error.reason());
                     self.set_last_error(Some(error.to_string()));
                     failures += 1;

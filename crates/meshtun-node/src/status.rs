@@ -23,6 +23,9 @@ pub struct NodeStatus {
     /// Threads running the node's work (`limits.worker_threads`).
     #[serde(default)]
     pub worker_threads: usize,
+    /// The data-plane shards (`limits.shards`), in order.
+    #[serde(default)]
+    pub shards: Vec<ShardStatus>,
     /// The certificate in use.
     pub certificate: CertificateStatus,
     /// Reloads so far and the last failure.
@@ -44,6 +47,24 @@ pub struct NodeStatus {
     /// Overlay mode, if `[overlay]` is configured.
     #[serde(default)]
     pub overlay: Option<OverlayStatus>,
+}
+
+/// One data-plane shard: a thread with its own QUIC sockets, connections
+/// and streams. The per-peer figures in `peers` are summed over shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    /// Its place among the node's shards, from 0.
+    pub index: usize,
+    /// The local UDP address its dialled connections leave from.
+    pub dial_addr: SocketAddr,
+    /// Dialled connections up, over all peers.
+    pub connections_outgoing: usize,
+    /// Connections peers dialled that it accepted and holds.
+    pub connections_incoming: usize,
+    /// Forwarded streams it carries now, either way.
+    pub open_streams: u64,
+    /// Forwarded streams it has carried since start, either way.
+    pub streams: u64,
 }
 
 /// Overlay mode on this node.
