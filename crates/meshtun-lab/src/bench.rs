@@ -528,7 +528,7 @@ fn package_version(kind: Kind, meshtun: &Path) -> String {
             .args(["-W", "-f", "${Version}", package])
             .stdin(Stdio::null())
             .output(),
-        None if kind == Kind::Meshtun => Command::new(meshtun)
+        None if matches!(kind, Kind::Meshtun | Kind::MeshtunOneShard) => Command::new(meshtun)
             .arg("--version")
             .stdin(Stdio::null())
             .output(),

@@ -544,11 +544,21 @@ impl Lab {
     /// Like [`Lab::start`], with the config as TOML text (a config from
     /// `examples/`, say, with its certificate paths pointed at the lab's).
     pub fn start_toml(&self, index: usize, config: &str) -> Result<Daemon> {
+        self.start_toml_as(index, config, &self.hosts[index].name)
+    }
+
+    /// Like [`Lab::start`], with the config and log files named after
+    /// `stem` instead of the host: for a second daemon on the same host.
+    pub fn start_as(&self, index: usize, config: &NodeConfig, stem: &str) -> Result<Daemon> {
+        self.start_toml_as(index, &config.to_toml(), stem)
+    }
+
+    fn start_toml_as(&self, index: usize, config: &str, stem: &str) -> Result<Daemon> {
         let host = &self.hosts[index];
-        let config_path = self.dir.join(format!("{}.toml", host.name));
+        let config_path = self.dir.join(format!("{stem}.toml"));
         fs::write(&config_path, config)
             .map_err(|error| LabError::Io(format!("writing {}", config_path.display()), error))?;
-        let log = self.dir.join(format!("{}.log", host.name));
+        let log = self.dir.join(format!("{stem}.log"));
         let log_file = fs::OpenOptions::new()
             .create(true)
             .append(true)

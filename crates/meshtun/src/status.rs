@@ -128,6 +128,18 @@ pub(crate) fn render(status: &NodeStatus) -> String {
     let _ = writeln!(out, "  version: {}", status.version);
     let _ = writeln!(out, "  quic listen: {}", status.quic_listen);
     let _ = writeln!(out, "  worker threads: {}", status.worker_threads);
+    for shard in &status.shards {
+        let _ = writeln!(
+            out,
+            "  shard {}: dials from {}, {} out / {} in connections, {} open streams ({} carried)",
+            shard.index,
+            shard.dial_addr,
+            shard.connections_outgoing,
+            shard.connections_incoming,
+            shard.open_streams,
+            shard.streams
+        );
+    }
     let _ = writeln!(
         out,
         "  up: {}{}",

@@ -28,6 +28,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const MIB: usize = 1024 * 1024;
+/// `limits.shards` of node-a: each shard dials node-b, so node-a keeps this
+/// many connections to it. (node-b runs 3 shards, node-c 1.)
+const NODE_A_SHARDS: usize = 2;
 
 /// `[limits] drain_grace` of both daemons.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -244,7 +247,7 @@ impl Cluster {
              [tls]\nca = \"ca.crt\"\ncert = \"node-b.crt\"\nkey = \"node-b.key\"\n\
              [[expose]]\nservice = \"echo\"\ntarget = \"{echo_target}\"\nallow = [\"node-a\", \"node-c\"]\n\
              [[expose]]\nservice = \"source\"\ntarget = \"{source_target}\"\nallow = [\"node-a\"]\n\
-             {limits}worker_threads = 3\n\
+             {limits}worker_threads = 3\nshards = 3\n\
              [admin]\nlisten = \"{admin_b}\"\n"
         );
         let node_a_config = format!(
@@ -255,7 +258,7 @@ impl Cluster {
              [[forward]]\nlisten = \"{echo}\"\npeer = \"node-b\"\nservice = \"echo\"\n\
              [[forward]]\nlisten = \"{source}\"\npeer = \"node-b\"\nservice = \"source\"\n\
              [[forward]]\nlisten = \"{missing}\"\npeer = \"node-b\"\nservice = \"missing\"\n\
-             {limits}\
+             {limits}shards = {NODE_A_SHARDS}\n\
              [admin]\nlisten = \"{admin_a}\"\n"
         );
         let write = |name: &str, text: &str| {
@@ -711,9 +714,10 @@ async fn metrics_and_status_follow_forwarded_bytes_and_refusals() {
         sent_a >= mib,
         "node-a counted {sent_a} bytes sent to node-b"
     );
+    // One per shard of node-a.
     assert_eq!(
         sample(&samples_a, "meshtun_peer_connections", &outgoing),
-        Some(1.0)
+        Some(NODE_A_SHARDS as f64)
     );
     // The echo and the refused stream.
     assert_eq!(
@@ -778,7 +782,8 @@ async fn metrics_and_status_follow_forwarded_bytes_and_refusals() {
     for expected in [
         "node: node-a",
         "peer: node-b",
-        "state: connected (1/1 dialled)",
+        "state: connected (2/2 dialled)",
+        "shard 1: dials from",
         "refused to us: 1 unknown service",
         "forward: ",
     ] {
@@ -817,6 +822,40 @@ async fn metrics_and_status_follow_forwarded_bytes_and_refusals() {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         });
     assert_eq!(status["worker_threads"], default, "{status}");
+
+    // Each of node-a's shards dialled node-b from a socket of its own, and
+    // node-b's shards between them accepted those connections.
+    let shards_a = status["shards"].as_array().cloned().unwrap_or_default();
+    assert_eq!(shards_a.len(), NODE_A_SHARDS, "{status}");
+    let mut dial_ports = std::collections::BTreeSet::new();
+    for (index, shard) in shards_a.iter().enumerate() {
+        assert_eq!(shard["index"], index, "{shard}");
+        assert_eq!(shard["connections_outgoing"], 1, "{shard}");
+        assert_eq!(shard["open_streams"], 0, "{shard}");
+        let addr: SocketAddr = shard["dial_addr"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no dial address: {shard}"));
+        dial_ports.insert(addr.port());
+    }
+    assert_eq!(dial_ports.len(), NODE_A_SHARDS, "{status}");
+    let carried: u64 = shards_a
+        .iter()
+        .map(|shard| shard["streams"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        carried,
+        peer["streams_outgoing"].as_u64().unwrap_or(u64::MAX),
+        "the shards carried every stream node-a opened: {status}"
+    );
+    let status_b = status_of(cluster.admin_b).await;
+    let shards_b = status_b["shards"].as_array().cloned().unwrap_or_default();
+    assert_eq!(shards_b.len(), 3, "{status_b}");
+    let accepted: u64 = shards_b
+        .iter()
+        .map(|shard| shard["connections_incoming"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(accepted, NODE_A_SHARDS as u64, "{status_b}");
 }
 
 /// A socket standing in for systemd's `$NOTIFY_SOCKET`: records every
@@ -1256,7 +1295,7 @@ async fn certificates_rotate_under_load_without_dropping_a_byte() {
     assert_eq!(status_b["reload"]["successes"], 1, "{status_b}");
     let peer = &status_a["peers"][0];
     assert_eq!(peer["reconnects"], 0, "{peer}");
-    assert_eq!(peer["connections_up"], 1, "{peer}");
+    assert_eq!(peer["connections_up"], NODE_A_SHARDS, "{peer}");
     assert_eq!(peer_serials(cluster.admin_a, "node-b").await, vec![old_b]);
     echo_once(cluster.echo, Duration::from_secs(5))
         .await
@@ -1413,6 +1452,7 @@ impl Cluster {
              [tls]\nca = \"ca.crt\"\ncert = \"node-c.crt\"\nkey = \"node-c.key\"\n\
              [[peer]]\nname = \"node-b\"\naddr = \"{}\"\n\
              [[forward]]\nlisten = \"{echo}\"\npeer = \"node-b\"\nservice = \"echo\"\n\
+             [limits]\nshards = 1\n\
              [admin]\nlisten = \"{admin}\"\n",
             self.node_b_quic
         );
@@ -1565,7 +1605,10 @@ async fn a_ca_bundle_that_would_cut_the_node_off_is_refused_on_reload() {
         "{error:?}"
     );
     assert_eq!(status["reload"]["successes"], 0, "{status}");
-    assert_eq!(status["peers"][0]["connections_up"], 1, "{status}");
+    assert_eq!(
+        status["peers"][0]["connections_up"], NODE_A_SHARDS,
+        "{status}"
+    );
     round_trip(&mut held)
         .await
         .expect("the open connection survives the refused reload");

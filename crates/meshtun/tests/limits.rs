@@ -32,6 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The descriptor limit (soft and hard) of the daemon under test.
 const FD_LIMIT: u32 = 256;
+/// `limits.shards` of node-a: one connection to node-b per shard.
+const NODE_A_SHARDS: usize = 2;
 /// Local clients held open at once: well past [`FD_LIMIT`].
 const CLIENTS: usize = 400;
 /// How long one client's attempt (connect, echo or refusal) may take.
@@ -210,6 +212,7 @@ impl Cluster {
              [tls]\nca = \"ca.crt\"\ncert = \"node-a.crt\"\nkey = \"node-a.key\"\n\
              [[peer]]\nname = \"node-b\"\naddr = \"{node_b_quic}\"\n\
              [[forward]]\nlisten = \"{echo}\"\npeer = \"node-b\"\nservice = \"echo\"\n\
+             [limits]\nshards = {NODE_A_SHARDS}\n\
              [admin]\nlisten = \"{admin_a}\"\n"
         );
         let write = |name: &str, text: &str| {
@@ -582,7 +585,7 @@ async fn running_out_of_file_descriptors_degrades_and_recovers() {
     );
     // The peer connection carried on throughout: the same one, still up.
     let node_b = peer(&status, "node-b");
-    assert_eq!(node_b["connections_up"], 1, "{node_b}");
+    assert_eq!(node_b["connections_up"], NODE_A_SHARDS, "{node_b}");
     assert_eq!(node_b["reconnects"], 0, "{node_b}");
     assert!(cluster.node_a.is_running(), "node-a exited after recovery");
     assert!(cluster.node_b.is_running(), "node-b exited");
@@ -669,7 +672,7 @@ async fn an_acceptor_out_of_descriptors_refuses_streams_and_recovers() {
     );
     let status_a = status_of(cluster.admin_a).await;
     let node_b = peer(&status_a, "node-b");
-    assert_eq!(node_b["connections_up"], 1, "{node_b}");
+    assert_eq!(node_b["connections_up"], NODE_A_SHARDS, "{node_b}");
     assert_eq!(node_b["reconnects"], 0, "{node_b}");
     assert!(cluster.node_b.is_running(), "node-b exited after recovery");
     eprintln!("FIGURE test took {:?}", started.elapsed());

@@ -56,6 +56,7 @@ fn color(kind: Kind) -> RGBColor {
     match kind {
         Kind::Direct => RGBColor(127, 127, 127),
         Kind::Meshtun => RGBColor(214, 39, 40),
+        Kind::MeshtunOneShard => RGBColor(240, 140, 140),
         Kind::Stunnel => RGBColor(31, 119, 180),
         Kind::Ssh => RGBColor(44, 160, 44),
         Kind::Spiped => RGBColor(148, 103, 189),

@@ -27,8 +27,10 @@ const SSH_PORT: u16 = 2222;
 pub enum Kind {
     /// Plain TCP from A to B's address: no forwarder, the limit.
     Direct,
-    /// One `meshtun run` per host.
+    /// One `meshtun run` per host, with the default shards (one per CPU).
     Meshtun,
+    /// One `meshtun run` per host, with `limits.shards = 1`.
+    MeshtunOneShard,
     /// stunnel4 with mutual TLS 1.3.
     Stunnel,
     /// `ssh -L` to a standalone sshd.
@@ -41,9 +43,10 @@ pub enum Kind {
 
 impl Kind {
     /// Every contender, in table order.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::Meshtun,
+        Kind::MeshtunOneShard,
         Kind::Stunnel,
         Kind::Ssh,
         Kind::Spiped,
@@ -55,6 +58,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Meshtun => "meshtun",
+            Kind::MeshtunOneShard => "meshtun-1shard",
             Kind::Stunnel => "stunnel",
             Kind::Ssh => "ssh",
             Kind::Spiped => "spiped",
@@ -71,7 +75,7 @@ impl Kind {
     /// installed.
     pub(crate) fn packages(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
-            Kind::Direct | Kind::Meshtun => (&[], &[]),
+            Kind::Direct | Kind::Meshtun | Kind::MeshtunOneShard => (&[], &[]),
             Kind::Stunnel => (&["stunnel4"], &["stunnel4"]),
             Kind::Ssh => (
                 &["openssh-server", "openssh-client"],
@@ -85,7 +89,7 @@ impl Kind {
     /// The Debian package whose version the report names.
     pub(crate) fn version_package(self) -> Option<&'static str> {
         match self {
-            Kind::Direct | Kind::Meshtun => None,
+            Kind::Direct | Kind::Meshtun | Kind::MeshtunOneShard => None,
             Kind::Stunnel => Some("stunnel4"),
             Kind::Ssh => Some("openssh-server"),
             Kind::Spiped => Some("spiped"),
@@ -267,22 +271,38 @@ pub(crate) fn start(lab: &Lab, kind: Kind, dir: &Path) -> Result<Running, String
             running.iperf = SocketAddr::from((b.addr, IPERF_PORT));
             running.echo = SocketAddr::from((b.addr, ECHO_PORT));
         }
-        Kind::Meshtun => {
-            let b_config = lab
+        Kind::Meshtun | Kind::MeshtunOneShard => {
+            // Both variants run side by side: the second on the next UDP
+            // port, with files of its own.
+            let (limits, port_offset, stem) = if kind == Kind::MeshtunOneShard {
+                ("\n[limits]\nshards = 1\n", 1, "-1shard")
+            } else {
+                ("", 0, "")
+            };
+            let quic = |host: &Host| {
+                SocketAddr::new(host.quic_addr().ip(), host.quic_addr().port() + port_offset)
+            };
+            let mut b_config = lab
                 .config(1)
                 .expose("iperf", loopback(IPERF_PORT), &[&a.name])
                 .expose("echo", loopback(ECHO_PORT), &[&a.name]);
-            running
-                .daemons
-                .push(lab.start(1, &b_config).map_err(|error| error.to_string())?);
-            let a_config = lab
+            b_config.extra.push_str(limits);
+            b_config.quic_listen = quic(b);
+            running.daemons.push(
+                lab.start_as(1, &b_config, &format!("{}{stem}", b.name))
+                    .map_err(|error| error.to_string())?,
+            );
+            let mut a_config = lab
                 .config(0)
-                .peer(b)
+                .peer_at(&b.name, quic(b))
                 .forward(loopback(a_iperf), &b.name, "iperf")
                 .forward(loopback(a_echo), &b.name, "echo");
-            running
-                .daemons
-                .push(lab.start(0, &a_config).map_err(|error| error.to_string())?);
+            a_config.extra.push_str(limits);
+            a_config.quic_listen = quic(a);
+            running.daemons.push(
+                lab.start_as(0, &a_config, &format!("{}{stem}", a.name))
+                    .map_err(|error| error.to_string())?,
+            );
         }
         Kind::Socat => {
             for (a_port, b_port, target) in services {
