@@ -320,11 +320,17 @@ fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "meshtun status: {output:?}");
-    for expected in [
-        "peer: node-0",
-        "state: connected (1/1 dialled)",
-        "opened here",
-    ] {
+    // One connection per shard of the node, all of them up.
+    let dialled = text
+        .split("state: connected (")
+        .nth(1)
+        .and_then(|rest| rest.split(" dialled)").next())
+        .and_then(|counts| counts.split_once('/'));
+    assert!(
+        dialled.is_some_and(|(up, configured)| up == configured && up != "0"),
+        "no \"state: connected (N/N dialled)\" in:\n{text}"
+    );
+    for expected in ["peer: node-0", "opened here", "shard 0: dials from"] {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }
     println!("FIGURE recipe vllm-dp-2node: {}", client_out.trim());

@@ -173,7 +173,9 @@ fn accept_one(listener: &TcpListener) -> io::Result<TcpStream> {
 
 /// The daemons of one case: B exposes the service, A forwards to it and
 /// dials B at `b_addr` (B itself, or a relay in front of it).
-fn start_daemons(lab: &Lab, b_addr: SocketAddr) -> (Daemon, Daemon) {
+/// Starts B, and A dialling B at `b_addr`; `a_limits` is appended to A's
+/// config (a `[limits]` table, or nothing).
+fn start_daemons(lab: &Lab, b_addr: SocketAddr, a_limits: &str) -> (Daemon, Daemon) {
     let quic = format!(
         "idle_timeout = \"{}s\"\nkeep_alive = \"2s\"",
         IDLE_TIMEOUT.as_secs()
@@ -192,7 +194,7 @@ fn start_daemons(lab: &Lab, b_addr: SocketAddr) -> (Daemon, Daemon) {
         "bulk",
     );
     // Inside A's namespace, whose loopback is its own.
-    a_config.extra = format!("\n[admin]\nlisten = \"{ADMIN}\"\n");
+    a_config.extra = format!("\n[admin]\nlisten = \"{ADMIN}\"\n{a_limits}");
     let a = lab.start(0, &a_config).unwrap();
     (a, b)
 }
@@ -302,7 +304,7 @@ fn wire_case(case: &str, faults: WireFaults) -> Vec<(&'static str, WireCounters,
     let b_out = WireImpairment::install(&lab, b, a, faults).unwrap();
     let at_b = ArrivalCounter::install(b, a.addr).unwrap();
     let at_a = ArrivalCounter::install(a, b.addr).unwrap();
-    let daemons = start_daemons(&lab, b.quic_addr());
+    let daemons = start_daemons(&lab, b.quic_addr(), "");
     let outcome = transfer(case, &lab, &daemons);
     let mut directions = Vec::new();
     for (direction, wire, arrived) in [("A->B", &a_out, &at_b), ("B->A", &b_out, &at_a)] {
@@ -410,7 +412,9 @@ fn delay_case(case: &str, jitter: Duration) {
     let relay = Relay::start(&lab, a.quic_addr(), b.quic_addr(), path.clone(), path).unwrap();
     let from_a = ArrivalCounter::install(b, a.addr).unwrap();
     let from_relay = ArrivalCounter::install(b, RELAY_ADDR).unwrap();
-    let daemons = start_daemons(&lab, relay.addr());
+    // With several shards A would dial from one socket per shard, and the
+    // relay serves a single client address (`Relay::start`): one shard.
+    let daemons = start_daemons(&lab, relay.addr(), "[limits]\nshards = 1\n");
     let outcome = transfer(case, &lab, &daemons);
     let paths = [("A->B", relay.to_server()), ("B->A", relay.to_client())];
     for (direction, stats) in paths {
@@ -492,7 +496,7 @@ fn rate_limited_link_loses_no_byte() {
     let (a, b) = (lab.host(0), lab.host(1));
     a.shape_rate(MBIT).unwrap();
     b.shape_rate(MBIT).unwrap();
-    let daemons = start_daemons(&lab, b.quic_addr());
+    let daemons = start_daemons(&lab, b.quic_addr(), "");
     let outcome = transfer(case, &lab, &daemons);
     for host in [a, b] {
         let stats = host.shaping_stats().unwrap();
@@ -533,7 +537,7 @@ fn jumbo_frames_carry_every_byte_in_packets_of_at_most_6500_bytes() {
     split_segments(b).unwrap();
     let at_b = ArrivalCounter::install(b, a.addr).unwrap();
     let at_a = ArrivalCounter::install(a, b.addr).unwrap();
-    let daemons = start_daemons(&lab, b.quic_addr());
+    let daemons = start_daemons(&lab, b.quic_addr(), "");
     let outcome = transfer(case, &lab, &daemons);
     let status = status_of_a(&lab);
     let peer = &status["peers"][0];

@@ -601,6 +601,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.limits.worker_threads != new.limits.worker_threads {
         changed.push("limits.worker_threads");
     }
+    if old.limits.shards != new.limits.shards {
+        changed.push("limits.shards");
+    }
     // The interface, addresses and listener are set up once; who may reach
     // which port is policy.
     let without_allow = |overlay: &Option<Overlay>| {
@@ -1108,8 +1111,8 @@ impl Node {
         facts.last_reload_error = error;
     }
 
-    /// Waits until every configured peer has a live connection, or `timeout`
-    /// passes. Returns the peers still not connected.
+    /// Waits until every configured peer has a live connection on every
+    /// shard, or `timeout` passes. Returns the peers still not connected.
     pub async fn wait_connected(&self, timeout: Duration) -> Vec<NodeName> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut missing = Vec::new();
@@ -1234,6 +1237,15 @@ mod tests {
         assert_eq!(
             restart_only_changes(&old, &new),
             ["limits.buffer_memory", "limits.worker_threads"]
+        );
+        new.limits.shards = std::num::NonZeroUsize::new(1);
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            [
+                "limits.buffer_memory",
+                "limits.worker_threads",
+                "limits.shards"
+            ]
         );
     }
 }

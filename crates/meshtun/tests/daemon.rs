@@ -763,7 +763,7 @@ async fn metrics_and_status_follow_forwarded_bytes_and_refusals() {
     let incoming = [("peer", "node-a"), ("direction", "incoming")];
     assert_eq!(
         sample(&samples_b, "meshtun_peer_connections", &incoming),
-        Some(1.0)
+        Some(NODE_A_SHARDS as f64)
     );
     let sent_b = sample(&samples_b, "meshtun_peer_sent_bytes_total", &peer_a).unwrap_or(0.0);
     assert!(

@@ -134,13 +134,21 @@ pub(crate) fn wait_listening(host: &Host, port: u16) -> bool {
 }
 
 /// Waits (at most `timeout`) until `daemon` logged an outgoing connection
-/// to each of `peers`.
+/// to each of `peers` from each of its shards.
 pub(crate) fn wait_connected(daemon: &Daemon, peers: &[&str], timeout: Duration) {
     let connected = |log: &str, peer: &str| {
-        log.lines().any(|line| {
-            line.contains(&format!("peer{{peer={peer}}}"))
-                && line.contains("peer connected remote=")
-        })
+        let shards = log
+            .lines()
+            .find(|line| line.contains("node started"))
+            .and_then(|line| line.split(" shards=").nth(1)?.split(' ').next()?.parse().ok())
+            .unwrap_or(1);
+        let span = format!("peer{{peer={peer} shard=");
+        let up: std::collections::BTreeSet<&str> = log
+            .lines()
+            .filter(|line| line.contains(&span) && line.contains("peer connected remote="))
+            .filter_map(|line| line.split(&span).nth(1)?.split('}').next())
+            .collect();
+        up.len() >= shards
     };
     let done = wait_until(timeout, || {
         let log = daemon.log_since_start();
