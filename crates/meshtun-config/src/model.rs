@@ -233,7 +233,9 @@ impl Limits {
     pub fn shard_count(&self, cpus: NonZeroUsize) -> NonZeroUsize {
         match self.shards {
             Some(shards) => shards,
-            None => self.worker_threads.map_or(cpus, |workers| workers.min(cpus)),
+            None => self
+                .worker_threads
+                .map_or(cpus, |workers| workers.min(cpus)),
         }
     }
 }

@@ -167,8 +167,7 @@ async fn serve_connection(
             }
             let span = tracing::debug_span!("stream", id = %send.id());
             let task = serve_stream(
-                send,
-                recv,
+                (send, recv),
                 identity.clone(),
                 stream,
                 pending,
@@ -250,8 +249,7 @@ fn refuse_at_limit(mut send: SendStream, mut recv: RecvStream, code: StreamCode)
 /// token fires; the guards on the stream and the target socket make a
 /// cancellation a reset on both sides.
 async fn serve_stream(
-    send: SendStream,
-    recv: RecvStream,
+    (send, recv): (SendStream, RecvStream),
     identity: NodeName,
     stream: OpenStream,
     pending: Pending,

@@ -98,7 +98,9 @@ pub(crate) fn dispatch<Carry, Carried>(
         }
     };
     let span = tracing::debug_span!(parent: &span, "shard", shard = index);
-    shared.streams.spawn_on(task.instrument(span), &shard.handle);
+    shared
+        .streams
+        .spawn_on(task.instrument(span), &shard.handle);
 }
 
 /// The bytes of `preamble`, to open a stream with.

@@ -847,7 +847,8 @@ impl Node {
         for (shard, dialer) in shared.shards.iter().zip(&dialers) {
             for links in shared.peers.values() {
                 for index in 0..quic.connections_per_peer.get() {
-                    let span = tracing::info_span!("peer", peer = %links.name(), shard = shard.index);
+                    let span =
+                        tracing::info_span!("peer", peer = %links.name(), shard = shard.index);
                     let task = links.clone().dial_loop(
                         shard.index,
                         index,
@@ -865,7 +866,9 @@ impl Node {
             let accept = expose::accept_loop(listener.clone(), shard.index, shared.clone());
             loops.push((
                 format!("QUIC accept loop of shard {}", shard.index),
-                shared.tasks.spawn_on(accept.instrument(span), &shard.handle),
+                shared
+                    .tasks
+                    .spawn_on(accept.instrument(span), &shard.handle),
             ));
         }
         for forward in forwards {

@@ -194,9 +194,7 @@ impl PeerLinks {
         let count = slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..count).find_map(|offset| match &slots[(start + offset) % count] {
-            Slot::Up(connection) if connection.close_reason().is_none() => {
-                Some(connection.clone())
-            }
+            Slot::Up(connection) if connection.close_reason().is_none() => Some(connection.clone()),
             _ => None,
         })
     }

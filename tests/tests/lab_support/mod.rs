@@ -140,7 +140,14 @@ pub(crate) fn wait_connected(daemon: &Daemon, peers: &[&str], timeout: Duration)
         let shards = log
             .lines()
             .find(|line| line.contains("node started"))
-            .and_then(|line| line.split(" shards=").nth(1)?.split(' ').next()?.parse().ok())
+            .and_then(|line| {
+                line.split(" shards=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(1);
         let span = format!("peer{{peer={peer} shard=");
         let up: std::collections::BTreeSet<&str> = log
