@@ -1,13 +1,14 @@
 //! Forward listeners: local TCP connections in, QUIC streams to a peer out.
 //!
-//! The accept loop only accepts and dispatches: it hands each connection to
-//! the next shard ([`dispatch`]), where everything that can wait on the
-//! network (picking a connection, opening the stream, the peer's status)
-//! happens in the connection's own task, next to the QUIC connection that
-//! carries it. Overlay mode's transparent listener (overlay.rs) dispatches
-//! its connections the same way and carries them with [`forward_one`].
+//! Each shard has its own listener for every forward (one `SO_REUSEPORT`
+//! group), so a local connection is accepted on the thread that carries
+//! it. The accept loop only accepts and dispatches; everything that can
+//! wait on the network (picking a connection, opening the stream, the
+//! peer's status) happens in the connection's own task, on the same shard
+//! as the QUIC connection that carries it. Overlay mode's transparent
+//! listener (overlay.rs) carries its connections with the same
+//! [`forward_one`].
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use meshtun_proto::{Preamble, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use crate::metrics::Direction;
 use crate::peer::PeerLinks;
@@ -31,16 +32,20 @@ const PEER_WAIT: Duration = Duration::from_millis(500);
 /// (it is at `quic.max_streams_per_peer`). Past that the client is reset.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One `[[forward]]`: its bound listener and where it sends connections.
+/// One `[[forward]]` on one shard: its bound listener (registered with that
+/// shard's runtime) and where it sends connections.
 #[derive(Debug)]
 pub(crate) struct Forward {
     pub(crate) listener: TcpListener,
     pub(crate) local: SocketAddr,
+    /// The shard whose runtime the listener belongs to.
+    pub(crate) shard: usize,
     pub(crate) peer: Arc<PeerLinks>,
     pub(crate) service: ServiceName,
 }
 
-/// Accepts local connections until the node stops accepting.
+/// Accepts local connections until the node stops accepting. Runs on the
+/// forward's shard, where each connection's task runs too.
 pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
     let preamble = encode_preamble(&Preamble::service(forward.service.clone()));
     let mut accepting = accept::Accepting::new(
@@ -54,53 +59,20 @@ pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
         let span = tracing::debug_span!(
             "forward",
             listen = %forward.local,
+            shard = forward.shard,
             peer = %forward.peer.name(),
             service = %forward.service,
             %client,
         );
-        let peer = forward.peer.clone();
-        let preamble = preamble.clone();
-        let carry_shared = shared.clone();
-        dispatch(tcp, &shared, span, move |tcp, shard| {
-            forward_one(tcp, peer, preamble, shard, carry_shared)
-        });
+        let task = forward_one(
+            tcp,
+            forward.peer.clone(),
+            preamble.clone(),
+            forward.shard,
+            shared.clone(),
+        );
+        shared.streams.spawn(task.instrument(span));
     }
-}
-
-/// Hands an accepted local connection to the next shard (round-robin) and
-/// runs `carry` with it there, as one of the node's streams. The socket is
-/// armed to reset on close before it leaves this thread, so whatever
-/// becomes of it the client sees a reset, never a clean end of file.
-pub(crate) fn dispatch<Carry, Carried>(
-    tcp: TcpStream,
-    shared: &Shared,
-    span: tracing::Span,
-    carry: Carry,
-) where
-    Carry: FnOnce(TcpStream, usize) -> Carried + Send + 'static,
-    Carried: Future<Output = ()> + Send + 'static,
-{
-    splice::reset_on_close(&tcp);
-    let shard = shared.next_shard();
-    let index = shard.index;
-    // Off this runtime's reactor, onto the shard's.
-    let tcp = match tcp.into_std() {
-        Ok(tcp) => tcp,
-        Err(error) => {
-            warn!(%error, "cannot hand a local connection to a shard; resetting it");
-            return;
-        }
-    };
-    let task = async move {
-        match TcpStream::from_std(tcp) {
-            Ok(tcp) => carry(tcp, index).await,
-            Err(error) => warn!(%error, "a shard cannot take a local connection; resetting it"),
-        }
-    };
-    let span = tracing::debug_span!(parent: &span, "shard", shard = index);
-    shared
-        .streams
-        .spawn_on(task.instrument(span), &shard.handle);
 }
 
 /// The bytes of `preamble`, to open a stream with.
@@ -111,9 +83,9 @@ pub(crate) fn encode_preamble(preamble: &Preamble) -> Bytes {
 }
 
 /// Carries one local TCP connection over one QUIC stream, on `shard`. The
-/// node's `abort_streams` token cancels it at any point; [`dispatch`] armed
-/// the socket to reset on close, so cancellation or any early return resets
-/// the client rather than closing it cleanly.
+/// node's `abort_streams` token cancels it at any point; the socket is
+/// armed to reset on close from the start, so cancellation or any early
+/// return resets the client rather than closing it cleanly.
 pub(crate) async fn forward_one(
     tcp: TcpStream,
     peer: Arc<PeerLinks>,
@@ -121,6 +93,7 @@ pub(crate) async fn forward_one(
     shard: usize,
     shared: Arc<Shared>,
 ) {
+    splice::reset_on_close(&tcp);
     let _counted = shared.shard(shard).streams.opened();
     if let Err(error) = tcp.set_nodelay(true) {
         debug!(%error, "cannot set TCP_NODELAY");

@@ -56,7 +56,7 @@ mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -207,8 +207,6 @@ pub(crate) struct Shared {
     incoming: Mutex<BTreeMap<NodeName, Vec<(usize, Connection)>>>,
     /// The data-plane shards, in order; never empty.
     shards: Vec<shard::Shard>,
-    /// Round-robin position for handing local connections to shards.
-    next_shard: AtomicUsize,
     /// The peers this node dials.
     peers: BTreeMap<NodeName, Arc<PeerLinks>>,
     metrics: Metrics,
@@ -236,13 +234,6 @@ impl Shared {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
-    }
-
-    /// The shard the next local connection goes to: round-robin, so
-    /// connections spread evenly however their addresses hash.
-    pub(crate) fn next_shard(&self) -> &shard::Shard {
-        let next = self.next_shard.fetch_add(1, Ordering::Relaxed);
-        &self.shards[next % self.shards.len()]
     }
 
     /// Shard `index`'s counters (shard 0's if there is no such shard).
@@ -724,7 +715,7 @@ impl Node {
         let mut forward_addrs = Vec::new();
         let mut forward_statuses = Vec::new();
         for forward in &config.forwards {
-            let (listener, local) = bind_tcp("forward listener", forward.listen).await?;
+            let (listeners, local) = bind_tcp_group("forward listener", forward.listen, &handles)?;
             // The config refers only to declared peers.
             let Some(links) = peers.get(&forward.peer) else {
                 return Err(NodeError::Quic(format!(
@@ -738,12 +729,15 @@ impl Node {
                 peer: forward.peer.to_string(),
                 service: forward.service.to_string(),
             });
-            forwards.push(forward::Forward {
-                listener,
-                local,
-                peer: links.clone(),
-                service: forward.service.clone(),
-            });
+            for (shard, listener) in listeners.into_iter().enumerate() {
+                forwards.push(forward::Forward {
+                    listener,
+                    local,
+                    shard,
+                    peer: links.clone(),
+                    service: forward.service.clone(),
+                });
+            }
         }
         let admin = match &config.admin {
             Some(admin) => Some(bind_tcp("admin endpoint (admin.listen)", admin.listen).await?),
@@ -752,7 +746,7 @@ impl Node {
         let transparent = match &config.overlay {
             Some(overlay) => {
                 let what = "overlay transparent listener (overlay.listen)";
-                let (listener, local) = bind_tcp(what, overlay.listen).await?;
+                let (listeners, local) = bind_tcp_group(what, overlay.listen, &handles)?;
                 // Config validation keeps peers' overlay addresses unique.
                 let by_address: HashMap<_, _> = config
                     .peers
@@ -761,7 +755,7 @@ impl Node {
                     .collect();
                 let routes = Arc::new(overlay::Routes::new(by_address));
                 Some(overlay::Transparent {
-                    listener,
+                    listeners,
                     local,
                     routes,
                 })
@@ -824,7 +818,6 @@ impl Node {
             streams: TaskTracker::new(),
             incoming: Mutex::new(BTreeMap::new()),
             shards,
-            next_shard: AtomicUsize::new(0),
             peers,
             metrics,
             facts: Mutex::new(Facts {
@@ -872,19 +865,34 @@ impl Node {
             ));
         }
         for forward in forwards {
-            info!(listen = %forward.local, peer = %forward.peer.name(), service = %forward.service, "forwarding");
-            let name = format!("forward listener {}", forward.local);
+            let shard = shared.shard(forward.shard);
+            if shard.index == 0 {
+                info!(listen = %forward.local, peer = %forward.peer.name(), service = %forward.service, "forwarding");
+            }
+            let name = format!(
+                "forward listener {} of shard {}",
+                forward.local, shard.index
+            );
             let task = forward::accept_loop(forward, shared.clone());
-            loops.push((name, shared.tasks.spawn(task)));
+            loops.push((name, shared.tasks.spawn_on(task, &shard.handle)));
         }
         let overlay_addr = transparent.map(|transparent| {
             let local = transparent.local;
             info!(listen = %local, "overlay transparent listener");
-            let task = overlay::accept_loop(transparent, shared.clone());
-            loops.push((
-                format!("overlay transparent listener {local}"),
-                shared.tasks.spawn(task),
-            ));
+            for (index, listener) in transparent.listeners.into_iter().enumerate() {
+                let shard = shared.shard(index);
+                let task = overlay::accept_loop(
+                    listener,
+                    local,
+                    index,
+                    transparent.routes.clone(),
+                    shared.clone(),
+                );
+                loops.push((
+                    format!("overlay transparent listener {local} of shard {index}"),
+                    shared.tasks.spawn_on(task, &shard.handle),
+                ));
+            }
             local
         });
         let admin_addr = admin.map(|(listener, local)| {
@@ -1187,6 +1195,64 @@ impl Node {
         info!("node stopped");
     }
 }
+
+/// Binds the TCP listeners of one forward (or of the overlay's transparent
+/// listener): one per shard, each registered with its shard's runtime, so
+/// a connection is accepted on the thread that will carry it. With several
+/// shards they form one `SO_REUSEPORT` group, over which the kernel spreads
+/// new connections by their address pair. As for the QUIC sockets
+/// (`endpoint::bind_listen_group`), the address is first bound alone: that
+/// fails while anything else holds it, rather than joining a stray group,
+/// and turns port 0 into the port the group shares. Returns the listeners
+/// in shard order and the bound address.
+fn bind_tcp_group(
+    what: &'static str,
+    addr: SocketAddr,
+    handles: &[tokio::runtime::Handle],
+) -> Result<(Vec<TcpListener>, SocketAddr), NodeError> {
+    let bind_error = |source| NodeError::Bind { what, addr, source };
+    let socket = |addr: SocketAddr, reuse_port: bool| -> std::io::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // As tokio's `TcpListener::bind` does: a restart can bind at once.
+        socket.set_reuse_address(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        socket.bind(&addr.into())?;
+        Ok(socket)
+    };
+    let probe = socket(addr, false).map_err(bind_error)?;
+    let local = probe
+        .local_addr()
+        .map_err(bind_error)?
+        .as_socket()
+        .ok_or_else(|| bind_error(std::io::Error::other("bound to a non-IP address")))?;
+    let sockets = if handles.len() > 1 {
+        drop(probe);
+        handles
+            .iter()
+            .map(|_| socket(local, true))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bind_error)?
+    } else {
+        vec![probe]
+    };
+    let mut listeners = Vec::new();
+    for (handle, socket) in handles.iter().zip(sockets) {
+        socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
+        socket.set_nonblocking(true).map_err(bind_error)?;
+        let _entered = handle.enter();
+        listeners.push(TcpListener::from_std(socket.into()).map_err(bind_error)?);
+    }
+    Ok((listeners, local))
+}
+
+/// The accept queue of each TCP listener (tokio's default, too).
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a TCP listener and reads back its address (port 0 becomes real).
 async fn bind_tcp(

@@ -38,6 +38,7 @@ use tracing::{debug, info, Instrument};
 
 use crate::forward;
 use crate::peer::PeerLinks;
+use crate::splice;
 use crate::{accept, Shared};
 
 /// The nftables table meshtun owns; nothing else in it is kept.
@@ -268,7 +269,9 @@ fn run(
 /// The transparent listener: its bound socket and the peers by overlay address.
 #[derive(Debug)]
 pub(crate) struct Transparent {
-    pub(crate) listener: TcpListener,
+    /// One listener per shard, in shard order, each registered with its
+    /// shard's runtime (one `SO_REUSEPORT` group on `local`).
+    pub(crate) listeners: Vec<TcpListener>,
     pub(crate) local: SocketAddr,
     pub(crate) routes: Arc<Routes>,
 }
@@ -313,28 +316,32 @@ impl Routes {
 }
 
 /// Accepts redirected connections until the node stops accepting.
-pub(crate) async fn accept_loop(transparent: Transparent, shared: Arc<Shared>) {
-    let mut accepting = accept::Accepting::new(
-        format!("overlay {}", transparent.local),
-        accept::DEFAULT_MAX_PAUSE,
-    );
+/// Runs on `shard`, for that shard's `listener`; each connection's task runs
+/// there too.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    local: SocketAddr,
+    shard: usize,
+    routes: Arc<Routes>,
+    shared: Arc<Shared>,
+) {
+    let mut accepting =
+        accept::Accepting::new(format!("overlay {local}"), accept::DEFAULT_MAX_PAUSE);
     while let Some((tcp, client)) = accepting
-        .next(&transparent.listener, &shared.stop_accepting, Some(&shared))
+        .next(&listener, &shared.stop_accepting, Some(&shared))
         .await
     {
-        let span = tracing::debug_span!("overlay", %client);
-        let routes = transparent.routes.clone();
-        let carry_shared = shared.clone();
-        forward::dispatch(tcp, &shared, span, move |tcp, shard| {
-            carry_redirected(tcp, routes, shard, carry_shared)
-        });
+        let span = tracing::debug_span!("overlay", shard, %client);
+        let task = carry_redirected(tcp, routes.clone(), shard, shared.clone());
+        shared.streams.spawn(task.instrument(span));
     }
 }
 
 /// Finds where a redirected connection was going and carries it to the
 /// peer that owns that address, asking for the same port there. Runs on
-/// `shard`; [`forward::dispatch`] armed the socket to reset on close.
+/// `shard`. The socket is armed to reset on close before anything else.
 async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shard: usize, shared: Arc<Shared>) {
+    splice::reset_on_close(&tcp);
     let destination = match original_destination(&tcp) {
         Ok(destination) => destination,
         Err(error) => {

@@ -8,9 +8,11 @@
 //! driver and the splice task that moves the stream's bytes wake each other
 //! without crossing cores, and no work-stealing scheduler moves them apart.
 //!
-//! What is not per shard stays on the runtime that started the node: the
-//! forward and overlay listeners (they only accept and hand each socket to
-//! the next shard, round-robin), the admin endpoint and reloads.
+//! Each shard also has its own listener for every `[[forward]]` and for the
+//! overlay's transparent listener: one `SO_REUSEPORT` group per address,
+//! over which the kernel spreads new local connections, so each is accepted
+//! on the thread that carries it. What is not per shard stays on the
+//! runtime that started the node: the admin endpoint and reloads.
 //!
 //! With one shard the node has one UDP socket, bound to `quic.listen`, that
 //! both accepts and dials, as a node without shards would. With more, each
