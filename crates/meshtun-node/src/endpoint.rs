@@ -104,19 +104,20 @@ fn bind_udp(
 }
 
 /// Largest UDP payload MTU discovery probes for, and the largest this node
-/// accepts (`max_udp_payload_size`).
+/// accepts (`max_udp_payload_size`): what a 9000-byte link carries over
+/// IPv6 (9000 - 40 - 8), and 20 bytes short of it over IPv4.
 ///
 /// quinn's defaults stop at 1452/1472 bytes, which on a jumbo-frame link (or
 /// loopback) wastes most of the path: the cost of a QUIC transfer is mostly
 /// per packet (framing, AEAD setup, ACK bookkeeping, one GSO segment each),
-/// so 6500-byte packets cut the CPU per gigabyte by about a third there. On
-/// a 1500-byte path the larger probes are simply lost (probes never count
-/// as congestion) and packets settle at 1466 bytes (the binary search's
-/// last step below the 1472 that fits). Not higher: quinn 0.11 sends
-/// GSO batches of up to 10 segments, and a batch must fit the 64 KiB UDP
-/// limit; 10 x 8952-byte packets overflow it, every batch fails, and
-/// black-hole detection drops the MTU to 1200 bytes.
-const MAX_UDP_PAYLOAD: u16 = 6500;
+/// so jumbo packets cut the CPU per gigabyte by half or more there. On a
+/// 1500-byte path the larger probes are simply lost (probes never count as
+/// congestion) and packets settle at 1466 bytes (the binary search's last
+/// step below the 1472 that fits). quinn 0.11 sends GSO batches of up to 10
+/// segments, and 10 x 8952 bytes overflow what one `sendmsg` takes; the
+/// endpoints' socket splits such batches ([`crate::gso`]), without which
+/// every batch failed and black-hole detection dropped the MTU to 1200.
+const MAX_UDP_PAYLOAD: u16 = 8952;
 
 /// Packets acknowledged after a missing one before it counts as lost: high
 /// enough that only the time threshold decides (see `transport`).
@@ -176,8 +177,9 @@ fn transport(quic: &Quic, accept_streams: bool) -> Result<TransportConfig, NodeE
         .time_threshold(REORDER_TIME_THRESHOLD);
     // Left at quinn's defaults, on purpose:
     // - Segmentation offload (GSO) on send and GRO on receive: quinn batches
-    //   up to 10 packets per `sendmsg`, and on the lab's veth links a
-    //   `recvmmsg` returns them as one 14,660-byte buffer (10 x 1466).
+    //   up to 10 packets per `sendmsg` (split in two above 6,550-byte
+    //   packets, see gso.rs), and on the lab's veth links a `recvmmsg`
+    //   returns them as one 14,660-byte buffer (10 x 1466).
     // - No ACK frequency extension: asking the peer to acknowledge every
     //   10th packet (within 2 ms) cost as much CPU per GiB as quinn's
     //   ACK-every-other-packet (7.0-7.9 against 6.5-7.9 s/GiB over both

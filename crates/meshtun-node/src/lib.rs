@@ -47,6 +47,7 @@ mod endpoint;
 pub mod enroll;
 mod expose;
 mod forward;
+mod gso;
 mod metrics;
 pub mod overlay;
 mod peer;
@@ -654,17 +655,20 @@ impl Node {
                             socket: std::net::UdpSocket,
                             server: Option<quinn::ServerConfig>| {
             let _entered = handle.enter();
-            quinn::Endpoint::new(
-                endpoint::endpoint_config(&credentials),
-                server,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .map_err(|source| NodeError::Bind {
+            let bind_error = |source| NodeError::Bind {
                 what: "QUIC endpoint (quic.listen)",
                 addr: quic.listen,
                 source,
-            })
+            };
+            let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+            let socket = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
+            quinn::Endpoint::new_with_abstract_socket(
+                endpoint::endpoint_config(&credentials),
+                server,
+                Arc::new(gso::SplitBatches::new(socket)),
+                runtime,
+            )
+            .map_err(bind_error)
         };
         let mut listeners = Vec::new();
         let mut dialers = Vec::new();

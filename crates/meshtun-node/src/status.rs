@@ -129,7 +129,7 @@ pub struct PeerStatus {
     /// Smoothed RTT of the best live connection, milliseconds.
     pub rtt_ms: Option<f64>,
     /// The largest UDP payload MTU discovery has found usable on the live
-    /// connections (bytes; 1200 until discovery raises it, at most 6500).
+    /// connections (bytes; 1200 until discovery raises it, at most 8952).
     #[serde(default)]
     pub path_mtu: Option<u16>,
     /// The certificates the peer presented on its live connections (more
