@@ -86,6 +86,8 @@ allow = ["node-a"]
 service = "demo-sink"
 target = "{sink}"
 allow = ["node-a"]
+[limits]
+shards = 1
 "#
     );
     let a = format!(
@@ -120,6 +122,8 @@ service = "closed-port"
 listen = "127.0.0.1:5"
 peer = "node-b"
 service = "demo-sink"
+[limits]
+shards = 1
 "#
     );
     let b = meshtun_config::parse(&b)?;
