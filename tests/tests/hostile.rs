@@ -1992,6 +1992,10 @@ async fn a_flood_of_unauthenticated_handshakes_leaves_established_flows_and_admi
         peer.reconnects, reconnects_before,
         "node-a's connection to node-b was lost and re-dialled"
     );
+    assert_eq!(
+        peer.connections_up, peer.connections_configured,
+        "every shard of node-a kept its connection to node-b"
+    );
     assert!(peer.connections_up >= 1);
     assert_eq!(
         peer_status(&status_b, "node-a").connections_incoming,

@@ -424,8 +424,19 @@ fn link_down_for_five_seconds_keeps_connection_and_stream() {
         .filter_map(|line| line.split(" shard=").nth(1)?.split(' ').next())
         .collect();
     let shards: std::collections::BTreeSet<&str> = connects.iter().copied().collect();
+    let shard_count: Option<usize> = log_a
+        .lines()
+        .find(|line| line.contains("node started"))
+        .and_then(|line| {
+            line.split(" shards=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        });
     assert!(
-        !connects.is_empty() && shards.len() == connects.len(),
+        Some(connects.len()) == shard_count && shards.len() == connects.len(),
         "A did not reconnect\n--- A ---\n{log_a}"
     );
     assert!(

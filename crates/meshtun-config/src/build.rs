@@ -618,7 +618,7 @@ fn limits(sink: &mut Sink, table: &Table) -> Option<Limits> {
         limits.or_default(sink, "pending_streams_per_peer", 1024, |value| {
             integer_in(value, 1..=1_000_000)
         });
-    let connections_per_peer = limits.or_default(sink, "connections_per_peer", 32, |value| {
+    let connections_per_peer = limits.or_default(sink, "connections_per_peer", 256, |value| {
         integer_in(value, 1..=1024)
     });
     let handshakes = limits.or_default(sink, "handshakes", 64, |value| {

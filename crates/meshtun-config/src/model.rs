@@ -191,8 +191,10 @@ pub struct Limits {
     /// `PENDING_LIMIT` (1..=1_000_000, default 1024).
     pub pending_streams_per_peer: u32,
     /// QUIC connections one peer identity may have open to this node at
-    /// once; more are closed (1..=1024, default 32: twice the most
-    /// `quic.connections_per_peer` allows, for overlap while reconnecting).
+    /// once; more are closed (1..=1024, default 256). A peer dials one
+    /// connection per shard, times `quic.connections_per_peer`: the default
+    /// covers a 128-CPU peer with one connection per shard twice over, for
+    /// the overlap while it reconnects.
     pub connections_per_peer: u32,
     /// Incoming QUIC handshakes in progress at once, from anyone; more are
     /// refused (1..=100_000, default 64).
@@ -209,20 +211,23 @@ pub struct Limits {
     /// streams at once; a stream that needs a buffer beyond it waits for one
     /// (1 MiB..=64 GiB, default 256 MiB). A restart applies a change.
     pub buffer_memory: u64,
-    /// The async worker threads that run the daemon's work, so about how
-    /// many CPU cores it keeps busy at once (1..=1024; default one per CPU
-    /// it may run on). It bounds how many cores, not which: to keep meshtun
-    /// off the cores a GPU node's inference workers use, pin it as well
-    /// (systemd `CPUAffinity=`, `taskset`). The main thread and tokio's
-    /// blocking pool (name lookups, file reads) come on top. A restart
-    /// applies a change.
+    /// The async worker threads that run the daemon's control work (admin
+    /// endpoint, reloads, signals), and the bound on the default shard
+    /// count (1..=1024; default one per CPU it may run on). The shards, which
+    /// carry the data plane, are threads of their own, so with the defaults
+    /// meshtun keeps about as many cores busy as there are shards. It
+    /// bounds how many cores, not which: to keep meshtun off the cores a GPU
+    /// node's inference workers use, pin it as well (systemd
+    /// `CPUAffinity=`, `taskset`). The main thread and tokio's blocking pool
+    /// (name lookups, file reads) come on top. A restart applies a change.
     pub worker_threads: Option<NonZeroUsize>,
     /// How many shards carry the data plane (1..=1024; default one per CPU
     /// the daemon may run on, capped by `worker_threads`; if both are set,
     /// at most `worker_threads`). A shard is one thread running one event
     /// loop that owns its UDP sockets, its QUIC connections to every peer
     /// and the TCP sockets of the streams they carry, so a stream's bytes
-    /// never cross threads. A restart applies a change.
+    /// stay on one thread (unless its shard has no connection to the peer
+    /// up and borrows another shard's). A restart applies a change.
     pub shards: Option<NonZeroUsize>,
 }
 

@@ -243,7 +243,7 @@ fn defaults_are_applied() {
     assert_eq!(config.limits.connect_timeout, Duration::from_secs(5));
     assert_eq!(config.limits.drain_grace, Duration::from_secs(10));
     assert_eq!(config.limits.pending_streams_per_peer, 1024);
-    assert_eq!(config.limits.connections_per_peer, 32);
+    assert_eq!(config.limits.connections_per_peer, 256);
     assert_eq!(config.limits.handshakes, 64);
     assert_eq!(config.limits.retry_above, 8);
     assert_eq!(config.limits.accept_backoff_max, Duration::from_secs(1));

@@ -50,7 +50,14 @@ pub(crate) fn bind_listen_group(quic: &Quic, count: usize) -> Result<Vec<UdpSock
 /// `quic.listen` address (see shard.rs).
 pub(crate) fn bind_dial(quic: &Quic) -> Result<UdpSocket, NodeError> {
     let addr = SocketAddr::new(quic.listen.ip(), 0);
-    bind_udp(quic, addr, false, false)
+    bind_udp(quic, addr, false, false).map_err(|error| match error {
+        NodeError::Bind { source, .. } => NodeError::Bind {
+            what: "a shard's QUIC dial socket (quic.listen's address, any port)",
+            addr,
+            source,
+        },
+        other => other,
+    })
 }
 
 /// Binds one UDP socket with the configured buffer sizes; `warn_caps` logs

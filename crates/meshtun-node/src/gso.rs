@@ -5,10 +5,13 @@
 //! go out in one `sendmsg` with UDP segmentation offload (GSO). The kernel
 //! takes at most 65,507 bytes per call, so batches of packets above 6,550
 //! bytes are refused whole, and MTU discovery reads the failures as a black
-//! hole and falls back to 1,200-byte packets. quinn does not let the batch
-//! size be set, so this wrapper splits such a batch into as few calls as
-//! fit (two of five 8,952-byte packets, say) and leaves every other
-//! transmit alone. Everything else goes straight to quinn's own socket.
+//! hole and falls back to 1,200-byte packets. quinn's one knob, the
+//! socket's `max_transmit_segments`, caps batches of every packet size:
+//! set to 7 it would also shrink the batches of 1,466-byte packets that a
+//! 1500-byte link uses. So this wrapper splits only the batches that do
+//! not fit into as few calls as fit (seven 8,952-byte packets and then
+//! three, say) and leaves every other transmit alone. Everything else goes
+//! straight to quinn's own socket.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -69,14 +72,17 @@ impl AsyncUdpSocket for SplitBatches {
                 segment_size: (part.len() > segment_size).then_some(segment_size),
                 src_ip: transmit.src_ip,
             });
-            match sent {
-                Ok(()) => {}
-                // Nothing went out yet: quinn waits and offers it again.
-                Err(error) if index == 0 => return Err(error),
-                // The first part is on its way; reporting a failure now
-                // would make quinn send it twice. What is left counts as
-                // lost, and QUIC's loss recovery sends it again.
-                Err(_) => return Ok(()),
+            if let Err(error) = sent {
+                if index > 0 {
+                    tracing::trace!(%error, "a later part of a split batch waits; the whole batch goes again");
+                }
+                // quinn waits until the socket is writable and offers the
+                // whole batch again. If earlier parts already left, their
+                // packets arrive twice and the receiver drops the copies
+                // by packet number: a few wasted bytes when the socket
+                // buffer is full, where leaving them out would read as
+                // loss and shrink the congestion window.
+                return Err(error);
             }
         }
         Ok(())
@@ -175,7 +181,7 @@ mod tests {
     #[test]
     fn jumbo_batches_are_split_into_sends_that_fit() {
         let recorder = Arc::new(Recorder::default());
-        // Ten 8952-byte packets and a short last one.
+        // Nine 8952-byte packets and a short last one.
         send(recorder.clone(), 9 * 8952 + 100, Some(8952)).unwrap();
         let sent = recorder.sent.lock().unwrap().clone();
         assert_eq!(sent, [(7 * 8952, Some(8952)), (2 * 8952 + 100, Some(8952))]);
@@ -193,18 +199,16 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_first_part_is_offered_again_a_refused_later_part_is_lost() {
-        let recorder = Arc::new(Recorder {
-            fail: vec![0],
-            ..Recorder::default()
-        });
-        let error = send(recorder, 10 * 8952, Some(8952)).unwrap_err();
-        assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
-        let recorder = Arc::new(Recorder {
-            fail: vec![1],
-            ..Recorder::default()
-        });
-        send(recorder.clone(), 10 * 8952, Some(8952)).unwrap();
-        assert_eq!(recorder.sent.lock().unwrap().len(), 2);
+    fn a_refused_part_makes_quinn_offer_the_whole_batch_again() {
+        for refused in [0, 1] {
+            let recorder = Arc::new(Recorder {
+                fail: vec![refused],
+                ..Recorder::default()
+            });
+            let error = send(recorder.clone(), 10 * 8952, Some(8952)).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+            // Nothing is tried after the refused part.
+            assert_eq!(recorder.sent.lock().unwrap().len(), refused + 1);
+        }
     }
 }

@@ -692,6 +692,7 @@ impl Node {
                 handle: handle.clone(),
                 dial_addr: endpoint::local_addr(dialer, quic.listen)?,
                 streams: shard::ShardStreams::default(),
+                beat: std::sync::atomic::AtomicU64::new(0),
             });
         }
         let metrics = Metrics::new();
@@ -857,6 +858,14 @@ impl Node {
                 }
             }
         }
+        for index in 0..shared.shards.len() {
+            let shard = shared.clone();
+            let closing = shared.closing.clone();
+            let beat = async move {
+                shard.shard(index).heartbeat(shard.started, closing).await;
+            };
+            shared.tasks.spawn_on(beat, &shared.shard(index).handle);
+        }
         let mut loops = Vec::new();
         for (shard, listener) in shared.shards.iter().zip(&listeners) {
             let span = tracing::info_span!("shard", shard = shard.index);
@@ -978,17 +987,27 @@ impl Node {
     }
 
     /// Whether the node's own machinery still runs: every accept loop is
-    /// alive. Called from the runtime that serves traffic, so a wedged
-    /// runtime fails the check by never getting to it (the systemd watchdog
-    /// relies on both).
+    /// alive, and every shard ran its heartbeat within the last seconds (a
+    /// shard whose thread is stuck carries nothing). Called from the
+    /// control runtime, so a wedged control runtime fails the check by
+    /// never getting to it (the systemd watchdog relies on all three).
     pub fn health(&self) -> Result<(), String> {
         if self.shared.stop_accepting.is_cancelled() {
             return Ok(());
         }
-        match self.loops.iter().find(|(_, handle)| handle.is_finished()) {
-            Some((name, _)) => Err(format!("{name} has stopped")),
-            None => Ok(()),
+        if let Some((name, _)) = self.loops.iter().find(|(_, handle)| handle.is_finished()) {
+            return Err(format!("{name} has stopped"));
         }
+        for shard in &self.shared.shards {
+            if let Some(silent) = shard.stalled(self.shared.started) {
+                return Err(format!(
+                    "shard {} has not run for {:.1} s",
+                    shard.index,
+                    silent.as_secs_f64()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Applies a new configuration and certificates without dropping any

@@ -184,7 +184,13 @@ impl PeerLinks {
             }
             match tokio::time::timeout_at(deadline, slots.changed()).await {
                 Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => return None,
+                // A last look: another shard may have come up meanwhile.
+                Ok(Err(_)) | Err(_) => {
+                    return self
+                        .shards
+                        .iter()
+                        .find_map(|other| self.pick(&other.borrow()));
+                }
             }
         }
     }

@@ -31,6 +31,7 @@ use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,48 @@ pub(crate) struct Shard {
     pub(crate) dial_addr: SocketAddr,
     /// Streams it carries now and has carried.
     pub(crate) streams: ShardStreams,
+    /// When its heartbeat task last ran, in milliseconds since the node
+    /// started (see [`Shard::heartbeat`]).
+    pub(crate) beat: AtomicU64,
+}
+
+/// How often a shard's heartbeat task runs.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// A shard whose heartbeat is older than this counts as wedged.
+const STALLED_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a stopping shard waits for its blocking tasks (a name lookup
+/// under way) before its thread ends anyway.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+impl Shard {
+    /// Runs on the shard until `closing` fires, recording each turn in
+    /// `beat`: a shard whose thread is stuck (a task that never yields, a
+    /// blocking call) stops beating, and [`Shard::stalled`] says so.
+    pub(crate) async fn heartbeat(
+        &self,
+        started: Instant,
+        closing: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.beat.store(now, Ordering::Relaxed);
+            tokio::select! {
+                () = tokio::time::sleep(HEARTBEAT) => {}
+                () = closing.cancelled() => return,
+            }
+        }
+    }
+
+    /// How long the shard has not run its heartbeat, if longer than
+    /// [`STALLED_AFTER`].
+    pub(crate) fn stalled(&self, started: Instant) -> Option<Duration> {
+        let now = started.elapsed();
+        let beat = Duration::from_millis(self.beat.load(Ordering::Relaxed));
+        let silent = now.saturating_sub(beat);
+        (silent > STALLED_AFTER).then_some(silent)
+    }
 }
 
 /// Stream counts of one shard, for `/status`.
@@ -114,7 +157,10 @@ impl Threads {
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("meshtun-shard-{index}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))
+                .spawn(move || {
+                    runtime.block_on(stop.cancelled());
+                    runtime.shutdown_timeout(STOP_WAIT);
+                })
                 .map_err(failed)?;
             threads
                 .threads
@@ -125,7 +171,9 @@ impl Threads {
         Ok((threads, handles))
     }
 
-    /// Stops every shard and waits (on a blocking thread) until they ended.
+    /// Stops every shard and waits (on a blocking thread, at most a little
+    /// longer than a shard waits for its own blocking tasks) until they
+    /// ended.
     pub(crate) async fn stop(&self) {
         self.stop.cancel();
         let threads = std::mem::take(
@@ -140,7 +188,7 @@ impl Threads {
                 let _ = thread.join();
             }
         });
-        let _ = joined.await;
+        let _ = tokio::time::timeout(STOP_WAIT * 2, joined).await;
     }
 }
 
@@ -169,6 +217,41 @@ mod tests {
         assert_eq!(streams.counts(), (1, 2));
         drop(second);
         assert_eq!(streams.counts(), (0, 2));
+    }
+
+    #[test]
+    fn a_shard_whose_heartbeat_is_old_counts_as_stalled() {
+        let count = NonZeroUsize::new(1).expect("not 0");
+        let (threads, handles) = Threads::start(count).expect("threads start");
+        let shard = Shard {
+            index: 0,
+            handle: handles[0].clone(),
+            dial_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            streams: ShardStreams::default(),
+            beat: AtomicU64::new(0),
+        };
+        let Some(started) = Instant::now().checked_sub(Duration::from_secs(10)) else {
+            return; // a clock too young to look 10 s back
+        };
+        // Never beat since a start 10 s ago: stalled for about 10 s.
+        let silent = shard.stalled(started).expect("stalled");
+        assert!(silent >= Duration::from_secs(10), "{silent:?}");
+        // One turn of the heartbeat task on the shard clears it.
+        let shard = std::sync::Arc::new(shard);
+        let closing = tokio_util::sync::CancellationToken::new();
+        let beating = {
+            let shard = shard.clone();
+            let closing = closing.clone();
+            handles[0].spawn(async move { shard.heartbeat(started, closing).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shard.stalled(started).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(shard.stalled(started), None);
+        closing.cancel();
+        drop(beating);
+        drop(threads);
     }
 
     #[test]

@@ -61,9 +61,11 @@ pub struct ShardStatus {
     pub connections_outgoing: usize,
     /// Connections peers dialled that it accepted and holds.
     pub connections_incoming: usize,
-    /// Forwarded streams it carries now, either way.
+    /// Forwarded connections it handles now, either way (a local
+    /// connection counts from its accept, before its stream is open).
     pub open_streams: u64,
-    /// Forwarded streams it has carried since start, either way.
+    /// Forwarded connections it has handled since start, either way,
+    /// refused ones included.
     pub streams: u64,
 }
 

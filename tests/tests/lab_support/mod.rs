@@ -133,22 +133,27 @@ pub(crate) fn wait_listening(host: &Host, port: u16) -> bool {
     })
 }
 
+/// How many shards `log`'s "node started" line names, once it is there.
+pub(crate) fn shards_in_log(log: &str) -> Option<usize> {
+    log.lines()
+        .find(|line| line.contains("node started"))
+        .and_then(|line| {
+            line.split(" shards=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
 /// Waits (at most `timeout`) until `daemon` logged an outgoing connection
 /// to each of `peers` from each of its shards.
 pub(crate) fn wait_connected(daemon: &Daemon, peers: &[&str], timeout: Duration) {
     let connected = |log: &str, peer: &str| {
-        let shards = log
-            .lines()
-            .find(|line| line.contains("node started"))
-            .and_then(|line| {
-                line.split(" shards=")
-                    .nth(1)?
-                    .split(' ')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(1);
+        let Some(shards) = shards_in_log(log) else {
+            return false;
+        };
         let span = format!("peer{{peer={peer} shard=");
         let up: std::collections::BTreeSet<&str> = log
             .lines()
