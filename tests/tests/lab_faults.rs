@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use meshtun_lab::{require_netns, Daemon, Host, Lab};
 
+mod lab_support;
+
 const MIB: u64 = 1024 * 1024;
 /// The `[quic]` timing every case sets explicitly, so the bounds below do
 /// not drift with the defaults.
@@ -424,19 +426,9 @@ fn link_down_for_five_seconds_keeps_connection_and_stream() {
         .filter_map(|line| line.split(" shard=").nth(1)?.split(' ').next())
         .collect();
     let shards: std::collections::BTreeSet<&str> = connects.iter().copied().collect();
-    let shard_count: Option<usize> = log_a
-        .lines()
-        .find(|line| line.contains("node started"))
-        .and_then(|line| {
-            line.split(" shards=")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
-        });
     assert!(
-        Some(connects.len()) == shard_count && shards.len() == connects.len(),
+        Some(connects.len()) == lab_support::shards_in_log(&log_a)
+            && shards.len() == connects.len(),
         "A did not reconnect\n--- A ---\n{log_a}"
     );
     assert!(
