@@ -1,6 +1,6 @@
 //! meshtun's configuration: the TOML file turned into a validated [`Config`].
 //!
-//! This crate owns the config schema (DESIGN.md §6): it parses the text,
+//! This crate owns the config schema (`example.toml`): it parses the text,
 //! rejects unknown keys, applies defaults, checks every value and every
 //! cross-reference (a forward's peer is declared, a service is exposed once,
 //! listeners do not collide), and reports every problem at once, each with

@@ -253,7 +253,7 @@ pub struct Admin {
 }
 
 /// `[overlay]`: this node's overlay address, and which peers may reach
-/// which of its ports through it (DESIGN.md §2, overlay mode).
+/// which of its ports through it (overlay mode, README).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overlay {
     /// This node's overlay address; applications bind and advertise it.

@@ -1,5 +1,5 @@
 //! `[overlay]` and the overlay addresses of `[[peer]]`s: overlay mode
-//! (DESIGN.md §2). Kept apart from `build.rs`, which calls in here.
+//! (README, "Overlay mode"). Kept apart from `build.rs`, which calls in here.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;

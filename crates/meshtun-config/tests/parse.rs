@@ -15,7 +15,7 @@ use std::time::Duration;
 use meshtun_config::{load, parse, Allow, Config, ConfigErrors, HostPort, EXAMPLE};
 use meshtun_proto::{NodeName, ServiceName};
 
-/// The example of DESIGN.md §6, verbatim.
+/// The design's example config, verbatim.
 const DESIGN_EXAMPLE: &str = r#"
 node = "node-1"                     # must equal this node's certificate identity
 

@@ -1,4 +1,4 @@
-//! Overlay mode (DESIGN.md §2): the host set-up that sends TCP for other
+//! Overlay mode (README, "Overlay mode"): the host set-up that sends TCP for other
 //! nodes' overlay addresses to meshtun, and the transparent listener that
 //! carries those connections to the peers.
 //!
@@ -15,8 +15,8 @@
 //! - a table `ip meshtun_overlay` whose output nat chain redirects TCP for
 //!   P, except A itself, to L.
 //!
-//! Loop freedom: the rule must never catch meshtun's own connections. DESIGN.md
-//! suggests excluding them by mark or uid; this rule excludes by address
+//! Loop freedom: the rule must never catch meshtun's own connections. The
+//! obvious way is to exclude them by mark or uid; this rule excludes by address
 //! instead. meshtun connects only to expose targets, which config validation
 //! keeps out of P except A, and to A itself (overlay streams), which the rule
 //! leaves alone. A uid match would also exclude every application running as

@@ -9,7 +9,7 @@
 //! spent, the output directory is made and checked, so an existing file
 //! stops the command while the token is still good.
 //!
-//! Exit codes (DESIGN.md §5): 78 when the credentials are at fault (the
+//! Exit codes (the CLI's, see main.rs): 78 when the credentials are at fault (the
 //! server is not the pinned CA; the token is unknown, used, expired or for
 //! another node), 64 for a malformed argument, 1 for everything else
 //! (network, a busy or failing server, files).

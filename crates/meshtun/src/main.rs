@@ -2,7 +2,7 @@
 //! purpose: configuration lives in `meshtun-config`, certificates in
 //! `meshtun-pki`, and everything that touches the network in `meshtun-node`.
 //!
-//! Exit codes follow DESIGN.md §5: 0 ok, 64 usage, 78 bad configuration or
+//! Exit codes: 0 ok, 64 usage, 78 bad configuration or
 //! certificates, 1 runtime failure.
 
 /// Prints a line to stdout. A closed stdout (`meshtun demo | head`) ends

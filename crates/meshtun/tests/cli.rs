@@ -1,6 +1,6 @@
 //! The command line of the `meshtun` binary, run as a process: exit codes,
 //! the small CA in `meshtun pki`, and `meshtun check` / `meshtun run` on good
-//! and bad configurations and certificates (DESIGN.md §5, §6).
+//! and bad configurations and certificates (CLI and config schema).
 
 // A panic in test code is a failed test, which is what an expect or a
 // panic here means.

@@ -1,6 +1,6 @@
 //! Real daemons: two `meshtun run` processes on loopback, node-a forwarding
 //! local ports to services that node-b exposes, with targets served by this
-//! test. They check what only whole processes show (DESIGN.md §4, §5):
+//! test. They check what only whole processes show (wire behaviour, CLI):
 //! SIGTERM drains and exits 0, a killed peer resets the local client instead
 //! of ending its connection cleanly, and a restarted peer is reachable again
 //! at once thanks to the stateless-reset key derived from its node key.
