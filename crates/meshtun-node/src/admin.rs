@@ -37,9 +37,10 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// Serves until the node closes.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut accepting = accept::Accepting::new("admin endpoint", accept::DEFAULT_MAX_PAUSE);
+    let mut accepting =
+        accept::Accepting::new("admin endpoint", listener, accept::DEFAULT_MAX_PAUSE);
     while let Some((permit, tcp, client)) =
-        accept::next_bounded(&mut accepting, &listener, &permits, &shared.closing).await
+        accept::next_bounded(&mut accepting, &permits, &shared.closing).await
     {
         let shared_for_task = shared.clone();
         shared.tasks.spawn(async move {

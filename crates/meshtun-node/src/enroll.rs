@@ -267,9 +267,9 @@ impl State {
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut accepting =
-        crate::accept::Accepting::new("enrollment", crate::accept::DEFAULT_MAX_PAUSE);
+        crate::accept::Accepting::new("enrollment", listener, crate::accept::DEFAULT_MAX_PAUSE);
     while let Some((permit, tcp, source)) =
-        crate::accept::next_bounded(&mut accepting, &listener, &permits, &state.stop).await
+        crate::accept::next_bounded(&mut accepting, &permits, &state.stop).await
     {
         // No source may hold more than a few slots, refused or not (a
         // refused one still gets its "rate_limited" answer, so a person at

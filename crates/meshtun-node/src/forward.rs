@@ -48,14 +48,13 @@ pub(crate) struct Forward {
 /// forward's shard, where each connection's task runs too.
 pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
     let preamble = encode_preamble(&Preamble::service(forward.service.clone()));
-    let mut accepting = accept::Accepting::new(
+    // The forward's port is fixed (configuration refuses port 0).
+    let mut accepting = accept::Accepting::fixed_port(
         format!("forward {}", forward.local),
+        forward.listener,
         accept::DEFAULT_MAX_PAUSE,
     );
-    while let Some((tcp, client)) = accepting
-        .next(&forward.listener, &shared.stop_accepting, Some(&shared))
-        .await
-    {
+    while let Some((tcp, client)) = accepting.next(&shared.stop_accepting, Some(&shared)).await {
         let span = tracing::debug_span!(
             "forward",
             listen = %forward.local,

@@ -1275,7 +1275,7 @@ fn bind_tcp_group(
 }
 
 /// The accept queue of each TCP listener (tokio's default, too).
-const LISTEN_BACKLOG: i32 = 1024;
+pub(crate) const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a TCP listener and reads back its address (port 0 becomes real).
 async fn bind_tcp(

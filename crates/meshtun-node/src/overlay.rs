@@ -325,12 +325,13 @@ pub(crate) async fn accept_loop(
     routes: Arc<Routes>,
     shared: Arc<Shared>,
 ) {
-    let mut accepting =
-        accept::Accepting::new(format!("overlay {local}"), accept::DEFAULT_MAX_PAUSE);
-    while let Some((tcp, client)) = accepting
-        .next(&listener, &shared.stop_accepting, Some(&shared))
-        .await
-    {
+    // The overlay listener's port is fixed (port 0 is refused at start).
+    let mut accepting = accept::Accepting::fixed_port(
+        format!("overlay {local}"),
+        listener,
+        accept::DEFAULT_MAX_PAUSE,
+    );
+    while let Some((tcp, client)) = accepting.next(&shared.stop_accepting, Some(&shared)).await {
         let span = tracing::debug_span!("overlay", shard, %client);
         let task = carry_redirected(tcp, routes.clone(), shard, shared.clone());
         shared.streams.spawn(task.instrument(span));

@@ -34,14 +34,13 @@ use tokio::net::{TcpListener, TcpStream};
 const FD_LIMIT: u32 = 256;
 /// `limits.shards` of node-a: one connection to node-b per shard.
 ///
-/// One, not the default: with several shards each forward has one listener
-/// per shard, each with its own reserve descriptor, and the shards compete
-/// for the descriptor one of them frees to refuse its queue. In one CI run
-/// of this test with 2 shards, 71 of 400 clients were neither served nor
-/// refused within 5 s. Until refusing is coordinated across a forward's
-/// listeners (a known limit in README.md), this test holds the 1-shard
-/// node to the bar.
-const NODE_A_SHARDS: usize = 1;
+/// Two, so the forward has two listeners (one `SO_REUSEPORT` group), each
+/// on its own thread. Refusing a queue by giving up a reserve descriptor
+/// failed here: the other shard's accept took the freed descriptor, and in
+/// one CI run 71 of 400 clients were neither served nor refused within
+/// 5 s. Each listener now refuses by restarting its listen, which needs no
+/// descriptor.
+const NODE_A_SHARDS: usize = 2;
 /// Local clients held open at once: well past [`FD_LIMIT`].
 const CLIENTS: usize = 400;
 /// How long one client's attempt (connect, echo or refusal) may take.
