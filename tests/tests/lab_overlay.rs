@@ -1,4 +1,4 @@
-//! Overlay mode between three lab hosts (DESIGN.md §2): every node owns an
+//! Overlay mode between three lab hosts: every node owns an
 //! overlay address (100.127.0.1, .2, .3 for node-0, -1, -2) on a dummy
 //! interface the daemon sets up itself (`manage = true`), applications bind
 //! and dial those addresses on OS-chosen ports, and nftables hands the

@@ -267,6 +267,11 @@ pub struct Overlay {
     /// Whether the daemon sets the interface and nftables table up at start
     /// and removes them at stop (else `meshtun overlay up`/`down` does).
     pub manage: bool,
+    /// Whether the set-up also drops packets for the overlay prefix that
+    /// arrive from off the node (default true): without it, a neighbour
+    /// that routes this node's overlay address at its underlay address
+    /// reaches the services bound there in plain text.
+    pub guard: bool,
     /// Who may reach which ports of `address`; empty lets nobody in.
     pub allow: Vec<OverlayAllow>,
 }

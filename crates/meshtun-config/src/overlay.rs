@@ -16,6 +16,7 @@ pub(crate) const OVERLAY_KEYS: &[&str] = &[
     "listen",
     "interface",
     "manage",
+    "guard",
     "allow",
 ];
 const ALLOW_KEYS: &[&str] = &["peers", "ports"];
@@ -74,6 +75,7 @@ pub(crate) fn overlay(sink: &mut Sink, table: Option<&Table>) -> Option<Option<O
     }
     let interface = reader.or_default(sink, "interface", DEFAULT_INTERFACE.to_owned(), interface);
     let manage = reader.or_default(sink, "manage", false, boolean);
+    let guard = reader.or_default(sink, "guard", true, boolean);
     let allow = allow_rules(&reader, sink);
     Some(Some(Overlay {
         address: address?,
@@ -81,6 +83,7 @@ pub(crate) fn overlay(sink: &mut Sink, table: Option<&Table>) -> Option<Option<O
         listen: listen?,
         interface: interface?,
         manage: manage?,
+        guard: guard?,
         allow: allow?,
     }))
 }

@@ -450,7 +450,10 @@ impl Shared {
                 .collect(),
             forwards: facts.forwards.clone(),
             exposes: facts.exposes.clone(),
-            overlay: facts.overlay.clone(),
+            overlay: facts.overlay.clone().map(|overlay| OverlayStatus {
+                bypass_dropped: self.metrics.overlay_bypass_dropped(),
+                ..overlay
+            }),
         }
     }
 }
@@ -778,6 +781,8 @@ impl Node {
                     listen: transparent.local,
                     interface: overlay.interface.clone(),
                     managed: overlay.manage,
+                    guard: overlay.guard,
+                    bypass_dropped: None,
                     peers: config
                         .peers
                         .iter()
@@ -888,6 +893,14 @@ impl Node {
             );
             let task = forward::accept_loop(forward, shared.clone());
             loops.push((name, shared.tasks.spawn_on(task, &shard.handle)));
+        }
+        if let Some(overlay) = &config.overlay {
+            if overlay.guard {
+                let watch = overlay::watch_guard(shared.clone());
+                shared.tasks.spawn(watch);
+            } else {
+                warn!(address = %overlay.address, prefix = %overlay.prefix, "overlay.guard = false: packets for the overlay prefix from off this node are not dropped, so anyone on the link who routes this node's overlay address at it reaches the services bound there in plain text");
+            }
         }
         let overlay_addr = transparent.map(|transparent| {
             let local = transparent.local;

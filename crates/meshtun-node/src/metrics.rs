@@ -64,6 +64,20 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// The labels of a family with one unlabelled member, used where a metric
+/// must be able to have no sample at all (rather than a false 0).
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct NoLabels;
+
+impl prometheus_client::encoding::EncodeLabelSet for NoLabels {
+    fn encode(
+        &self,
+        _encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), fmt::Error> {
+        Ok(())
+    }
+}
+
 /// Every metric the node exports.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -81,6 +95,10 @@ pub(crate) struct Metrics {
     limit_hits: Family<LimitLabels, Counter>,
     limit_log: Throttle<&'static str>,
     retries: Counter,
+    /// Packets the overlay guard dropped, as nftables counted them. A
+    /// family without labels, so it has no sample until the daemon could
+    /// read the counter: a missing figure, never a false zero.
+    overlay_bypass_dropped: Family<NoLabels, Counter>,
     /// Bytes of TCP read buffers held by streams now.
     pub(crate) buffer_bytes: Gauge,
     /// Handles per peer, so the hot path and `/status` never search the
@@ -218,6 +236,12 @@ impl Metrics {
             "New QUIC clients asked to prove their address (Retry) because many handshakes were in progress",
             retries.clone(),
         );
+        let overlay_bypass_dropped = Family::default();
+        registry.register(
+            "overlay_bypass_dropped",
+            "Packets for the overlay prefix from off this node that the overlay guard dropped (read from nftables; absent while unreadable)",
+            Family::clone(&overlay_bypass_dropped),
+        );
         let buffer_bytes = Gauge::default();
         registry.register_with_unit(
             "stream_buffer",
@@ -248,6 +272,7 @@ impl Metrics {
             limit_hits,
             limit_log: Throttle::new(LIMIT_LOG_PERIOD),
             retries,
+            overlay_bypass_dropped,
             buffer_bytes,
             peers: Mutex::new(BTreeMap::new()),
         }
@@ -351,6 +376,23 @@ impl Metrics {
     /// Counts a Retry sent to a new client.
     pub(crate) fn retried(&self) {
         self.retries.inc();
+    }
+
+    /// Records the guard's drop counter as nftables reports it (it starts
+    /// again from 0 when the table is loaded anew, which scrapers read as
+    /// a counter reset).
+    pub(crate) fn set_overlay_bypass_dropped(&self, packets: u64) {
+        self.overlay_bypass_dropped
+            .get_or_create(&NoLabels)
+            .inner()
+            .store(packets, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The guard's drop counter as last read, if it was.
+    pub(crate) fn overlay_bypass_dropped(&self) -> Option<u64> {
+        self.overlay_bypass_dropped
+            .get(&NoLabels)
+            .map(|counter| counter.get())
     }
 
     pub(crate) fn set_certificate_expiry(&self, unix_seconds: i64) {
@@ -644,6 +686,31 @@ mod tests {
         second.sent.inc_by(5);
         assert_eq!(metrics.peer(&name("node-1")).counts().sent, 15);
         assert_eq!(metrics.peers().len(), 1);
+    }
+
+    #[test]
+    fn the_bypass_counter_has_no_sample_until_read_then_the_value_read() {
+        let metrics = Metrics::new();
+        let sample = |text: &str| {
+            text.lines()
+                .find(|line| line.starts_with("meshtun_overlay_bypass_dropped_total"))
+                .map(str::to_owned)
+        };
+        let text = metrics.encode().unwrap();
+        assert!(
+            !text.contains("overlay_bypass_dropped"),
+            "a figure nobody read must be absent: {text}"
+        );
+        assert_eq!(metrics.overlay_bypass_dropped(), None);
+        metrics.set_overlay_bypass_dropped(7);
+        metrics.set_overlay_bypass_dropped(42);
+        assert_eq!(metrics.overlay_bypass_dropped(), Some(42));
+        let text = metrics.encode().unwrap();
+        assert_eq!(
+            sample(&text).as_deref(),
+            Some("meshtun_overlay_bypass_dropped_total 42"),
+            "{text}"
+        );
     }
 
     #[test]

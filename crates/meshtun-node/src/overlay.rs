@@ -13,7 +13,15 @@
 //!   driver) holding A/32, and a route for P through it, so a
 //!   connect to any overlay address is routable before nftables rewrites it;
 //! - a table `ip meshtun_overlay` whose output nat chain redirects TCP for
-//!   P, except A itself, to L.
+//!   P, except A itself, to L;
+//! - unless `overlay.guard = false`, the guard in the same table: input and
+//!   forward filter chains that drop every packet for P arriving on any
+//!   interface but `lo` and the overlay interface, counted in the named
+//!   counter `bypass_dropped`. Linux accepts packets for a local address on
+//!   any interface, so without it a neighbour that routes A at this node's
+//!   underlay address reaches the services bound to A in plain text.
+//!   Carried connections never cross it: the acceptor connects to A from
+//!   this host, which the kernel delivers over `lo`.
 //!
 //! Loop freedom: the rule must never catch meshtun's own connections. The
 //! obvious way is to exclude them by mark or uid; this rule excludes by address
@@ -34,7 +42,7 @@ use std::time::{Duration, Instant};
 use meshtun_config::{Overlay, Peer};
 use meshtun_proto::Preamble;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::forward;
 use crate::peer::PeerLinks;
@@ -43,6 +51,9 @@ use crate::{accept, Shared};
 
 /// The nftables table meshtun owns; nothing else in it is kept.
 pub const TABLE: &str = "meshtun_overlay";
+
+/// The named counter in [`TABLE`] of packets the guard dropped.
+pub const BYPASS_COUNTER: &str = "bypass_dropped";
 
 /// How often a connection to an overlay address no peer has is logged at
 /// info, per address; the rest go to debug.
@@ -84,6 +95,14 @@ pub enum OverlayError {
     /// The blocking set-up task did not finish (the runtime is stopping).
     #[error("overlay set-up did not finish: {0}")]
     Interrupted(String),
+    /// The program's output was not what it should print.
+    #[error("`{command}` printed something unexpected: {output:?}")]
+    Unreadable {
+        /// The command line.
+        command: String,
+        /// The start of what it printed.
+        output: String,
+    },
 }
 
 impl OverlayError {
@@ -96,7 +115,10 @@ impl OverlayError {
                 let stderr = stderr.to_ascii_lowercase();
                 stderr.contains("operation not permitted") || stderr.contains("permission denied")
             }
-            Self::NoPort(_) | Self::NotIpv4(_) | Self::Interrupted(_) => false,
+            Self::NoPort(_)
+            | Self::NotIpv4(_)
+            | Self::Interrupted(_)
+            | Self::Unreadable { .. } => false,
         }
     }
 }
@@ -200,18 +222,101 @@ pub fn ruleset(overlay: &Overlay) -> Result<String, OverlayError> {
     } else {
         format!("dnat to {listen}")
     };
-    Ok(format!(
+    let prefix = overlay.prefix;
+    let mut text = format!(
         "table ip {TABLE} {{}}\n\
          delete table ip {TABLE}\n\
          table ip {TABLE} {{\n\
          \tchain output {{\n\
          \t\ttype nat hook output priority -100; policy accept;\n\
          \t\tip daddr {prefix} ip daddr != {address} meta l4proto tcp {verdict}\n\
-         \t}}\n\
-         }}\n",
-        prefix = overlay.prefix,
+         \t}}\n",
         address = overlay.address,
-    ))
+    );
+    if overlay.guard {
+        // The interface name is quoted: config validation keeps it to
+        // characters nft takes inside a string.
+        text.push_str(&format!(
+            "\tcounter {BYPASS_COUNTER} {{\n\
+             \t}}\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tip daddr {prefix} iifname != {{ \"lo\", \"{interface}\" }} counter name \"{BYPASS_COUNTER}\" drop\n\
+             \t}}\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tip daddr {prefix} counter name \"{BYPASS_COUNTER}\" drop\n\
+             \t}}\n",
+            interface = overlay.interface,
+        ));
+    }
+    text.push_str("}\n");
+    Ok(text)
+}
+
+/// How often the daemon reads the guard's counter.
+const GUARD_POLL: Duration = Duration::from_secs(10);
+
+/// Reads the guard's counter into `meshtun_overlay_bypass_dropped_total`
+/// and `/status` every [`GUARD_POLL`] until the node closes. A daemon
+/// without `CAP_NET_ADMIN` (the usual set-up, with `meshtun overlay up`
+/// run by systemd) cannot read it: that is said once at info and the
+/// figure stays absent. A counter that is missing (the table was never
+/// loaded, or was loaded with the guard off) is warned about once per
+/// episode: the overlay then has no guard, whatever the config says.
+pub(crate) async fn watch_guard(shared: Arc<Shared>) {
+    let mut missing = false;
+    loop {
+        let read = tokio::task::spawn_blocking(bypass_dropped).await;
+        match read {
+            Ok(Ok(packets)) => {
+                if missing {
+                    info!("the overlay guard is in place again");
+                }
+                missing = false;
+                shared.metrics.set_overlay_bypass_dropped(packets);
+            }
+            Ok(Err(error)) if error.needs_privilege() => {
+                info!(%error, "cannot read the overlay guard's counter without CAP_NET_ADMIN; meshtun_overlay_bypass_dropped_total is not exported (as root: nft list counter ip {TABLE} {BYPASS_COUNTER})");
+                return;
+            }
+            Ok(Err(error)) => {
+                if !missing {
+                    warn!(%error, "the overlay guard is not in place: packets for the overlay prefix from off this node are not dropped; run `meshtun overlay up` (or set overlay.manage = true)");
+                }
+                missing = true;
+            }
+            // The runtime is stopping.
+            Err(_) => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(GUARD_POLL) => {}
+            () = shared.closing.cancelled() => return,
+        }
+    }
+}
+
+/// Packets the guard has dropped since its table was loaded: the
+/// `bypass_dropped` counter, read with `nft`. Needs `CAP_NET_ADMIN`, as
+/// any read of nftables does.
+pub fn bypass_dropped() -> Result<u64, OverlayError> {
+    let args = ["--json", "list", "counter", "ip", TABLE, BYPASS_COUNTER];
+    let stdout = run_for_output("nft", &args, None, &[])?;
+    let command = format!("nft {}", args.join(" "));
+    packets_in_counter_json(&stdout).ok_or_else(|| OverlayError::Unreadable {
+        command,
+        output: stdout.chars().take(200).collect(),
+    })
+}
+
+/// The `packets` of the one counter in `nft --json list counter` output.
+fn packets_in_counter_json(text: &str) -> Option<u64> {
+    let document: serde_json::Value = serde_json::from_str(text).ok()?;
+    document
+        .get("nftables")?
+        .as_array()?
+        .iter()
+        .find_map(|item| item.get("counter")?.get("packets")?.as_u64())
 }
 
 /// Runs `program args`, feeding `input` on stdin. A failure whose stderr
@@ -223,6 +328,16 @@ fn run(
     input: Option<&str>,
     tolerated: &[&str],
 ) -> Result<(), OverlayError> {
+    run_for_output(program, args, input, tolerated).map(drop)
+}
+
+/// [`run`], returning what the program printed on stdout.
+fn run_for_output(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    tolerated: &[&str],
+) -> Result<String, OverlayError> {
     let command = std::iter::once(program)
         .chain(args.iter().copied())
         .collect::<Vec<_>>()
@@ -240,7 +355,7 @@ fn run(
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn_error)?;
@@ -250,14 +365,15 @@ fn run(
         let _ = stdin.write_all(input.as_bytes());
     }
     let output = child.wait_with_output().map_err(spawn_error)?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if output.status.success() {
         debug!(%command, "ran");
-        return Ok(());
+        return Ok(stdout);
     }
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
     if tolerated.iter().any(|message| stderr.contains(message)) {
         debug!(%command, %stderr, "already in the wanted state");
-        return Ok(());
+        return Ok(stdout);
     }
     Err(OverlayError::Failed {
         command,
@@ -406,6 +522,7 @@ mod tests {
             listen: listen.parse().expect("a test address"),
             interface: "meshtun0".to_owned(),
             manage: true,
+            guard: true,
             allow: vec![OverlayAllow {
                 peers: Allow::Any,
                 ports: 1024..=65535,
@@ -414,7 +531,7 @@ mod tests {
     }
 
     #[test]
-    fn ruleset_redirects_the_prefix_except_this_node() {
+    fn ruleset_redirects_the_prefix_except_this_node_and_guards_it() {
         let text = ruleset(&overlay("127.0.0.1:15001")).expect("a valid overlay");
         assert_eq!(
             text,
@@ -425,8 +542,39 @@ mod tests {
              \t\ttype nat hook output priority -100; policy accept;\n\
              \t\tip daddr 100.127.0.0/16 ip daddr != 100.127.0.2 meta l4proto tcp redirect to :15001\n\
              \t}\n\
+             \tcounter bypass_dropped {\n\
+             \t}\n\
+             \tchain input {\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tip daddr 100.127.0.0/16 iifname != { \"lo\", \"meshtun0\" } counter name \"bypass_dropped\" drop\n\
+             \t}\n\
+             \tchain forward {\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tip daddr 100.127.0.0/16 counter name \"bypass_dropped\" drop\n\
+             \t}\n\
              }\n"
         );
+    }
+
+    #[test]
+    fn ruleset_without_the_guard_only_redirects() {
+        let unguarded = Overlay {
+            guard: false,
+            ..overlay("127.0.0.1:15001")
+        };
+        let text = ruleset(&unguarded).expect("a valid overlay");
+        assert!(text.contains("redirect to :15001"), "{text}");
+        for absent in ["drop", "counter", "chain input", "chain forward"] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+    }
+
+    #[test]
+    fn the_guard_counter_is_read_from_nft_json() {
+        let listed = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"counter": {"family": "ip", "name": "bypass_dropped", "table": "meshtun_overlay", "handle": 4, "packets": 17, "bytes": 1020}}]}"#;
+        assert_eq!(packets_in_counter_json(listed), Some(17));
+        assert_eq!(packets_in_counter_json(r#"{"nftables": []}"#), None);
+        assert_eq!(packets_in_counter_json("table ip meshtun_overlay {"), None);
     }
 
     #[test]

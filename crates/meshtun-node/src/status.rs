@@ -82,6 +82,13 @@ pub struct OverlayStatus {
     pub interface: String,
     /// Whether the daemon set up the interface and nftables table itself.
     pub managed: bool,
+    /// Whether `overlay.guard` is on (packets for the prefix from off the
+    /// node are dropped).
+    pub guard: bool,
+    /// Packets the guard dropped, as last read from nftables; absent while
+    /// the daemon cannot read it (reading needs `CAP_NET_ADMIN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bypass_dropped: Option<u64>,
     /// Each peer's overlay address, by peer name.
     pub peers: BTreeMap<String, std::net::Ipv4Addr>,
 }

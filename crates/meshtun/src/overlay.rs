@@ -71,6 +71,20 @@ pub(crate) fn overlay(command: OverlayCommand) -> ExitCode {
                     say!("  {address} -> peer {}", peer.name);
                 }
             }
+            if settings.guard {
+                say!(
+                    "guard: packets for {} arriving other than on lo or {} are dropped and counted (nft list counter ip {} {})",
+                    settings.prefix,
+                    settings.interface,
+                    overlay::TABLE,
+                    overlay::BYPASS_COUNTER
+                );
+            } else {
+                eprintln!(
+                    "warning: overlay.guard = false: packets for {} from off this node are not dropped, so anyone on the link who routes {} at this node reaches its services in plain text",
+                    settings.prefix, settings.address
+                );
+            }
             if settings.manage {
                 say!("note: overlay.manage = true, so `meshtun run` does this itself");
             }

@@ -209,6 +209,12 @@ pub(crate) fn render(status: &NodeStatus) -> String {
             printable(&overlay.interface),
             overlay.listen
         );
+        let guard = match (overlay.guard, overlay.bypass_dropped) {
+            (false, _) => "OFF (overlay.guard = false): the overlay address is reachable from off this node in plain text".to_owned(),
+            (true, Some(dropped)) => format!("on, {dropped} packet(s) from off this node dropped"),
+            (true, None) => "on (its counter is unreadable without CAP_NET_ADMIN, or the table is missing: see the daemon's log)".to_owned(),
+        };
+        let _ = writeln!(out, "  overlay guard: {guard}");
         for (peer, address) in &overlay.peers {
             let _ = writeln!(out, "  overlay: {address} -> {}", printable(peer));
         }
