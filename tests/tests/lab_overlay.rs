@@ -1031,3 +1031,175 @@ fn host_output(host: &Host, program: &str, args: &[&str]) -> (bool, String) {
         ),
     )
 }
+
+// ---------------------------------------------------------------------------
+// 5. The guard: no way around the tunnel.
+
+/// node-0's admin endpoint, inside its namespace.
+const ADMIN: &str = "127.0.0.1:9464";
+
+/// The attack the guard exists for: a host on the same link that runs no
+/// meshtun routes node-0's overlay address at node-0's underlay address and
+/// connects to a service bound there. With the guard on (the default) the
+/// connection gets nowhere, the service never sees it, the drop is counted
+/// in `/metrics`, `/status` and nftables, and connections carried by
+/// meshtun still arrive. With `overlay.guard = false` the same attempt
+/// reaches the service in plain text: the control showing the attack is
+/// real in this lab, and that the first half can fail.
+#[test]
+fn the_guard_drops_and_counts_a_route_around_the_tunnel() {
+    let test = "the_guard_drops_and_counts_a_route_around_the_tunnel";
+    if !require_netns(test) {
+        return;
+    }
+    let lab = Lab::new(&["node-0", "node-1", "outsider"]).unwrap();
+    let (head, member, outsider) = (lab.host(0), lab.host(1), lab.host(2));
+    let head_config = |guard: bool| {
+        let mut config = lab
+            .config(0)
+            .overlay(overlay(0), PREFIX)
+            .overlay_manage(true)
+            .overlay_allow(&["node-1"], ALL_PORTS)
+            .overlay_peer(member, overlay(1));
+        if !guard {
+            config = config.overlay_lines("guard = false");
+        }
+        config
+            .extra
+            .push_str(&format!("\n[admin]\nlisten = \"{ADMIN}\"\n"));
+        config
+    };
+    let member_config = lab
+        .config(1)
+        .overlay(overlay(1), PREFIX)
+        .overlay_manage(true)
+        .overlay_allow(&["node-0"], ALL_PORTS)
+        .overlay_peer(head, overlay(0));
+    let target = on_overlay(0, STORE_PORT);
+    // The outsider's route around the tunnel.
+    let via = head.addr.to_string();
+    let (ok, text) = host_output(
+        outsider,
+        "ip",
+        &["route", "add", &format!("{}/32", overlay(0)), "via", &via],
+    );
+    assert!(ok, "ip route add: {text}");
+
+    // --- The guard on (the default).
+    let mut daemon = lab.start(0, &head_config(true)).unwrap();
+    let member_daemon = lab.start(1, &member_config).unwrap();
+    wait_connected(&daemon, &["node-1"], Duration::from_secs(30));
+    wait_connected(&member_daemon, &["node-0"], Duration::from_secs(30));
+    let daemons = || {
+        format!(
+            "--- node-0 ---\n{}\n--- node-1 ---\n{}",
+            daemon.log_since_start(),
+            member_daemon.log_since_start()
+        )
+    };
+    let echo = Echo::start(head.listen(target).unwrap());
+
+    let started = Instant::now();
+    let bypass = outsider.connect(target).unwrap();
+    println!(
+        "FIGURE guard on: the outsider's connect to {target} via {via}: {:?} after {:.2?}",
+        bypass.as_ref().map(|_| "connected"),
+        started.elapsed()
+    );
+    assert!(
+        bypass.is_err(),
+        "the outsider connected around the tunnel with the guard on\n{}",
+        daemons()
+    );
+    // A carried connection still arrives: node-1 through the overlay.
+    echo_works(member, target).unwrap_or_else(|error| panic!("{error}\n{}", daemons()));
+
+    // Counted by nftables, and by the daemon (which reads it every 10 s).
+    let (ok, listed) = host_output(
+        head,
+        "nft",
+        &["list", "counter", "ip", TABLE, "bypass_dropped"],
+    );
+    assert!(ok, "{listed}");
+    let packets = listed
+        .split_whitespace()
+        .skip_while(|word| *word != "packets")
+        .nth(1)
+        .and_then(|count| count.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no packet count in {listed}"));
+    println!("FIGURE guard on: nftables counted {packets} dropped packet(s)");
+    assert!(packets >= 1, "{listed}");
+    let mut exported = None;
+    let seen = wait_until(Duration::from_secs(25), || {
+        exported = admin_get(head, "/metrics").ok().and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("meshtun_overlay_bypass_dropped_total "))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        });
+        exported.is_some_and(|value| value >= 1)
+    });
+    assert!(
+        seen,
+        "/metrics: meshtun_overlay_bypass_dropped_total {exported:?}\n{}",
+        daemons()
+    );
+    let status = admin_get(head, "/status").unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap();
+    assert_eq!(status["overlay"]["guard"], true, "{status}");
+    assert!(
+        status["overlay"]["bypass_dropped"]
+            .as_u64()
+            .is_some_and(|value| value >= 1),
+        "{status}"
+    );
+    assert_eq!(
+        echo.stop(),
+        1,
+        "the service saw only the carried connection"
+    );
+
+    // --- The guard off: the same attempt reaches the service.
+    daemon.terminate();
+    assert!(
+        daemon.wait_exit(Duration::from_secs(15)).is_some(),
+        "node-0 did not stop"
+    );
+    let daemon = lab.start(0, &head_config(false)).unwrap();
+    wait_connected(&daemon, &["node-1"], Duration::from_secs(30));
+    let log = daemon.log_since_start();
+    assert!(
+        log.contains("overlay.guard = false"),
+        "no warning at start:\n{log}"
+    );
+    let (_, table) = host_output(head, "nft", &["list", "table", "ip", TABLE]);
+    assert!(
+        !table.contains("drop"),
+        "the guard is still loaded:\n{table}"
+    );
+    let echo = Echo::start(head.listen(target).unwrap());
+    echo_works(outsider, target).unwrap_or_else(|error| {
+        panic!("control: without the guard the outsider should reach {target}: {error}")
+    });
+    assert_eq!(
+        echo.stop(),
+        1,
+        "the outsider reached the service around the tunnel"
+    );
+    drop(member_daemon);
+}
+
+/// A GET to node-0's admin endpoint from inside `host`: the whole response.
+fn admin_get(host: &Host, path: &str) -> io::Result<String> {
+    let mut tcp = host
+        .connect(ADMIN.parse().expect("a socket address"))
+        .map_err(io::Error::other)??;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: meshtun\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)?;
+    Ok(response)
+}

@@ -115,10 +115,9 @@ impl OverlayError {
                 let stderr = stderr.to_ascii_lowercase();
                 stderr.contains("operation not permitted") || stderr.contains("permission denied")
             }
-            Self::NoPort(_)
-            | Self::NotIpv4(_)
-            | Self::Interrupted(_)
-            | Self::Unreadable { .. } => false,
+            Self::NoPort(_) | Self::NotIpv4(_) | Self::Interrupted(_) | Self::Unreadable { .. } => {
+                false
+            }
         }
     }
 }
