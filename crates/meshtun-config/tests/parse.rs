@@ -208,8 +208,8 @@ fn example_comments_state_the_real_defaults() {
             }
         })
         .collect();
-    // 12 [quic] keys, crl, 2 allow_non_loopback, 9 [limits] keys, 3 [overlay] keys.
-    assert_eq!(uncommented, 27);
+    // 12 [quic] keys, crl, 2 allow_non_loopback, 9 [limits] keys, 4 [overlay] keys.
+    assert_eq!(uncommented, 28);
     let explicit = ok(&text);
     let defaults = ok(EXAMPLE);
     assert_eq!(explicit.quic, defaults.quic);
@@ -1291,6 +1291,9 @@ fn overlay_section_is_parsed_with_its_defaults() {
     assert_eq!(overlay.listen.to_string(), "127.0.0.1:15001");
     assert_eq!(overlay.interface, "meshtun0");
     assert!(!overlay.manage);
+    assert!(overlay.guard, "the guard is on unless turned off");
+    let off = ok(&EXAMPLE.replace("# guard = true", "guard = false"));
+    assert!(!off.overlay.expect("[overlay]").guard);
     let node_0 = meshtun_proto::NodeName::new("node-0").unwrap();
     let node_3 = meshtun_proto::NodeName::new("node-3").unwrap();
     assert!(overlay.permits(&node_0, 29500));
@@ -1308,7 +1311,8 @@ fn overlay_mistakes_are_reported_with_their_keys() {
         .replace("address = \"100.127.0.2\"", "address = \"10.0.0.2\"")
         .replace("overlay = \"100.127.0.1\"", "overlay = \"100.127.0.1\"\n")
         .replace("ports = \"1024-65535\"", "ports = \"9-2\"")
-        .replace("# interface = \"meshtun0\"", "interface = \"a/b\"");
+        .replace("# interface = \"meshtun0\"", "interface = \"a/b\"")
+        .replace("# guard = true", "guard = \"off\"");
     let errors = parse(&text).unwrap_err();
     let keys: Vec<&str> = errors.iter().map(|error| error.key.as_str()).collect();
     assert_eq!(
@@ -1316,6 +1320,7 @@ fn overlay_mistakes_are_reported_with_their_keys() {
         [
             "overlay.address",
             "overlay.interface",
+            "overlay.guard",
             "overlay.allow[0].ports"
         ],
         "{errors}"
