@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A ZeroMQ ROUTER/DEALER exchange shaped like vLLM's data-parallel handshake.
 
-`server` binds a ROUTER on 127.0.0.1:PORT; `client` connects DEALERs (one per
-data-parallel rank, each with its own identity) to 127.0.0.1:PORT. Each round,
+`server` binds a ROUTER on ADDRESS:PORT (--address, default 127.0.0.1);
+`client` connects DEALERs (one per data-parallel rank, each with its own
+identity) to ADDRESS:PORT. Each round,
 every DEALER sends a "ready" message (metadata plus a few KB of payload) and
 the ROUTER answers that identity with a "config" message. Both sides check
 every field and byte, wait at most --timeout seconds in total, print one
@@ -48,7 +49,7 @@ def server(args):
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.setsockopt(zmq.LINGER, 5000)
-    router.bind(f"tcp://127.0.0.1:{args.port}")
+    router.bind(f"tcp://{args.address}:{args.port}")
     print("server listening", flush=True)
     deadline = time.monotonic() + args.timeout
     next_round = {identity(rank): 0 for rank in range(args.dealers)}
@@ -94,7 +95,7 @@ def client(args):
         dealer = context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IDENTITY, identity(rank))
         dealer.setsockopt(zmq.LINGER, 1000)
-        dealer.connect(f"tcp://127.0.0.1:{args.port}")
+        dealer.connect(f"tcp://{args.address}:{args.port}")
         dealers.append((identity(rank), dealer))
     deadline = time.monotonic() + args.timeout
     rounds = 0
@@ -129,6 +130,7 @@ def client(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["server", "client"])
+    parser.add_argument("--address", default="127.0.0.1", help="where the ROUTER binds and the DEALERs connect")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dealers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)

@@ -1,8 +1,10 @@
 //! The operator recipes under `examples/` stay true: every config parses
-//! with the real parser, the nodes of each recipe agree with one another
-//! (each forward reaches a node of the same recipe that exposes the service
-//! to the forwarding node, at the address that node listens on), and the
-//! nftables ruleset is one nft accepts.
+//! with the real parser and passes `meshtun check` (with certificates this
+//! test makes for its nodes), the nodes of each recipe agree with one
+//! another (each forward reaches a node of the same recipe that exposes the
+//! service to the forwarding node, at the address that node listens on; in
+//! overlay mode every node knows every other one at its overlay address and
+//! lets it in), and the nftables ruleset is one nft accepts.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -14,9 +16,14 @@ use std::process::{Command, Stdio};
 use meshtun_config::Config;
 
 /// How many configs the recipes hold at least: two-node (2), vllm-dp-2node
-/// (2), vllm-dp-4node (4), mindspore (2), torch-distributed (2). Guards
-/// against a walk that silently finds nothing.
-const MIN_CONFIGS: usize = 12;
+/// (2), vllm-dp-4node (4), vllm-offline-spmd (2), vllm-mindspore (2),
+/// mindspore (3), torch-distributed (3). Guards against a walk that
+/// silently finds nothing.
+const MIN_CONFIGS: usize = 18;
+
+/// Recipes in overlay mode at least (every one that carries ports chosen
+/// at run time). Guards against the overlay checks finding nothing.
+const MIN_OVERLAY_RECIPES: usize = 6;
 
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -70,9 +77,18 @@ fn every_example_config_parses_and_each_recipe_is_consistent() {
             }
         }
     }
+    let mut overlay_recipes = 0;
     for (dir, nodes) in &recipes {
         check_recipe(dir, nodes, &mut problems);
+        if nodes.iter().any(|(_, config)| config.overlay.is_some()) {
+            overlay_recipes += 1;
+            check_overlay(nodes, &mut problems);
+        }
     }
+    assert!(
+        overlay_recipes >= MIN_OVERLAY_RECIPES,
+        "{overlay_recipes} recipe(s) in overlay mode, expected at least {MIN_OVERLAY_RECIPES}"
+    );
     assert!(
         problems.is_empty(),
         "{} problem(s) in examples/:\n{}",
@@ -145,6 +161,179 @@ fn check_recipe(dir: &Path, nodes: &[(PathBuf, Config)], problems: &mut Vec<Stri
             }
         }
     }
+}
+
+/// The overlay checks of one recipe: every node is in overlay mode, with
+/// its own address; each lists every other node as a peer, at that node's
+/// QUIC address and overlay address; and each lets every other node reach
+/// some port of its overlay address (else nothing could be carried to it).
+fn check_overlay(nodes: &[(PathBuf, Config)], problems: &mut Vec<String>) {
+    let mut owners: BTreeMap<std::net::Ipv4Addr, String> = BTreeMap::new();
+    for (file, config) in nodes {
+        let Some(overlay) = &config.overlay else {
+            problems.push(format!(
+                "{}: has no [overlay] while other nodes of its recipe do",
+                shown(file)
+            ));
+            continue;
+        };
+        if let Some(other) = owners.insert(overlay.address, shown(file)) {
+            problems.push(format!(
+                "{}: overlay address {} is also {other}'s",
+                shown(file),
+                overlay.address
+            ));
+        }
+        if overlay.manage {
+            problems.push(format!(
+                "{}: overlay.manage = true; the recipes run `meshtun overlay up` from systemd",
+                shown(file)
+            ));
+        }
+        if !overlay.guard {
+            problems.push(format!("{}: overlay.guard is off", shown(file)));
+        }
+    }
+    for (file, config) in nodes {
+        let Some(overlay) = &config.overlay else {
+            continue;
+        };
+        for (other_file, other) in nodes {
+            if other.node == config.node {
+                continue;
+            }
+            let Some(other_overlay) = &other.overlay else {
+                continue;
+            };
+            let key = format!("{}: peer {}", shown(file), other.node);
+            match config.peer(&other.node) {
+                None => problems.push(format!("{key} ({}) is not declared", shown(other_file))),
+                Some(peer) => {
+                    if peer.overlay != Some(other_overlay.address) {
+                        problems.push(format!(
+                            "{key}: overlay {:?} but {} has overlay.address {}",
+                            peer.overlay,
+                            shown(other_file),
+                            other_overlay.address
+                        ));
+                    }
+                    if peer.addr.to_socket_addr_if_literal() != Some(other.quic.listen) {
+                        problems.push(format!(
+                            "{key}: dialled at {} but {} listens on {}",
+                            peer.addr,
+                            shown(other_file),
+                            other.quic.listen
+                        ));
+                    }
+                }
+            }
+            let admitted = overlay
+                .allow
+                .iter()
+                .any(|rule| rule.peers.permits(&other.node));
+            if !admitted {
+                problems.push(format!(
+                    "{}: overlay.allow lets {} reach no port",
+                    shown(file),
+                    other.node
+                ));
+            }
+        }
+    }
+}
+
+/// `meshtun check` on every example config, each with certificates made
+/// here for its node (the configs name `/etc/meshtun/`; the copies this
+/// test checks name the temporary directory instead). `check` reads the
+/// config and the certificates exactly as a start would, without binding
+/// anything, so addresses of other hosts are fine.
+#[test]
+fn meshtun_check_accepts_every_example_config() {
+    let binary =
+        meshtun_lab::meshtun_binary().expect("the meshtun binary (cargo build -p meshtun)");
+    let dir = tempfile_dir("meshtun-examples-check");
+    let run = |args: &[&str]| {
+        let output = Command::new(&binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            output.status,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    };
+    let ca = dir.join("ca");
+    let out = dir.join("out");
+    let (status, text) = run(&[
+        "pki",
+        "init-ca",
+        "--cluster",
+        "prod",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(status.success(), "pki init-ca: {text}");
+    let mut issued = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    let files = toml_files(&examples_dir());
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let config = meshtun_config::parse(&text).unwrap_or_else(|errors| {
+            panic!(
+                "{}: {}",
+                shown(file),
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        });
+        let node = config.node.to_string();
+        if issued.insert(node.clone()) {
+            let (status, text) = run(&[
+                "pki",
+                "issue",
+                "--ca",
+                ca.to_str().unwrap(),
+                "--node",
+                &node,
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert!(status.success(), "pki issue {node}: {text}");
+        }
+        let local = text
+            .replace("/etc/meshtun/ca.crt", ca.join("ca.crt").to_str().unwrap())
+            .replace("/etc/meshtun/", &format!("{}/", out.display()));
+        let copy = dir.join(format!("{}.toml", shown(file).replace('/', "_")));
+        std::fs::write(&copy, local).unwrap();
+        let (status, text) = run(&["check", "-c", copy.to_str().unwrap()]);
+        if !status.success() {
+            failures.push(format!("{}: {status}\n{text}", shown(file)));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        failures.is_empty(),
+        "meshtun check refused:\n{}",
+        failures.join("\n")
+    );
+    assert!(files.len() >= MIN_CONFIGS, "only {} config(s)", files.len());
+    println!("meshtun check accepted {} config(s)", files.len());
+}
+
+/// A fresh directory under the system's temp dir, unique to this process.
+fn tempfile_dir(stem: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{stem}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// Effective user id 0, read from /proc (no libc call needed).

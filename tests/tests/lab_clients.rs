@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab_support::{require_netns_and_pyzmq, require_tool, wait_listening, Process};
+use lab_support::{
+    require_netns_and_pyzmq, require_tool, start_recipe_node, wait_listening, Process,
+};
 use meshtun_lab::{require_netns, Host, Lab};
 
 fn addr(text: &str) -> SocketAddr {
@@ -182,33 +184,6 @@ fn zmq_router_dealer_handshake_runs_through_the_tunnel() {
     assert!(server_out.contains("server OK messages=40"), "{logs}");
 }
 
-/// A recipe from `examples/`, as an operator would install it: the text of
-/// `path`, with only the certificate paths under /etc/meshtun/ pointed at
-/// the lab's PKI.
-fn recipe_config(lab: &Lab, index: usize, path: &str) -> String {
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(path);
-    let text = std::fs::read_to_string(&file).unwrap();
-    let lab_config = lab.config(index);
-    let name = &lab.host(index).name;
-    let text = text
-        .replace("/etc/meshtun/ca.crt", &lab_config.ca.display().to_string())
-        .replace(
-            &format!("/etc/meshtun/{name}.crt"),
-            &lab_config.cert.display().to_string(),
-        )
-        .replace(
-            &format!("/etc/meshtun/{name}.key"),
-            &lab_config.key.display().to_string(),
-        );
-    assert!(
-        !text.contains("/etc/meshtun/"),
-        "{path}: a path the lab cannot provide is left:\n{text}"
-    );
-    text
-}
-
 /// Whether a TCP connect from `host` to `target` is answered within `wait`
 /// (`Some(true)` connected, `Some(false)` refused), or `None` when nothing
 /// answers at all: the SYN was dropped.
@@ -223,13 +198,15 @@ fn probe(host: &Host, target: SocketAddr, wait: Duration) -> Option<bool> {
     .unwrap()
 }
 
-/// The two-node vLLM recipe (`examples/vllm-dp-2node/`) run as written, with
-/// the nftables guard (`examples/nftables/`) loaded on the head, and pyzmq
-/// standing in for vLLM's DP handshake socket: the handshake goes through
-/// meshtun, the public API port stays reachable, and a service that listens
-/// on every interface (as torch's TCPStore does) is not reachable from the
-/// other node any more. `meshtun status` on the headless node shows the
-/// head connected.
+/// The two-node vLLM recipe (`examples/vllm-dp-2node/`) run as written
+/// (`meshtun overlay up`, then the daemon, on both nodes), with the
+/// nftables guard (`examples/nftables/`) loaded on the head, and pyzmq
+/// standing in for vLLM's DP handshake socket, bound where
+/// `--data-parallel-address` puts it, on the head's overlay address: the
+/// handshake goes through meshtun, the public API port stays reachable,
+/// and a service that listens on every interface (as torch's TCPStore
+/// does) is not reachable from the other node any more. `meshtun status`
+/// on the headless node shows the head connected and the overlay guard on.
 #[test]
 fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
     let test = "the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard";
@@ -247,11 +224,34 @@ fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
     .unwrap();
     head.nft(&guard).unwrap();
 
-    // On the head: the DP handshake socket on loopback (as the recipe binds
-    // it), a public API port and a store that listen on every interface.
+    let head_daemon = start_recipe_node(&lab, 0, "vllm-dp-2node/head.toml");
+    let headless_daemon = start_recipe_node(&lab, 1, "vllm-dp-2node/headless.toml");
+    lab_support::wait_connected(&headless_daemon, &["node-0"], Duration::from_secs(30));
+    // The recipe's `--data-parallel-address`.
+    let readme = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/vllm-dp-2node/README.md"),
+    )
+    .unwrap();
+    assert!(
+        readme.contains("--data-parallel-address 100.127.0.1"),
+        "the recipe no longer puts the DP address on the head's overlay address"
+    );
+
+    // On the head: the DP handshake socket on the overlay address (as
+    // `--data-parallel-address` binds it), a public API port and a store
+    // that listen on every interface.
     let port = "13345";
     let script = zmq_script();
-    let arguments = ["--port", port, "--dealers", "2", "--rounds", "5"];
+    let arguments = [
+        "--address",
+        "100.127.0.1",
+        "--port",
+        port,
+        "--dealers",
+        "2",
+        "--rounds",
+        "5",
+    ];
     let mut server = head.command("python3");
     server
         .arg(&script)
@@ -262,12 +262,6 @@ fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
     assert!(wait_listening(head, 13345), "ROUTER did not listen");
     let api = head.listen(addr("0.0.0.0:8000")).unwrap();
     let store = head.listen(addr("0.0.0.0:29500")).unwrap();
-
-    let head_daemon = lab
-        .start_toml(0, &recipe_config(&lab, 0, "vllm-dp-2node/head.toml"))
-        .unwrap();
-    let headless_config = recipe_config(&lab, 1, "vllm-dp-2node/headless.toml");
-    let headless_daemon = lab.start_toml(1, &headless_config).unwrap();
 
     let mut client = headless.command("python3");
     client
@@ -330,7 +324,12 @@ fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
         dialled.is_some_and(|(up, configured)| up == configured && up != "0"),
         "no \"state: connected (N/N dialled)\" in:\n{text}"
     );
-    for expected in ["peer: node-0", "opened here", "shard 0: dials from"] {
+    for expected in [
+        "peer: node-0",
+        "opened here",
+        "shard 0: dials from",
+        "overlay guard: on",
+    ] {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }
     println!("FIGURE recipe vllm-dp-2node: {}", client_out.trim());

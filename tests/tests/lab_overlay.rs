@@ -1,14 +1,24 @@
-//! Overlay mode between three lab hosts: every node owns an
-//! overlay address (100.127.0.1, .2, .3 for node-0, -1, -2) on a dummy
-//! interface the daemon sets up itself (`manage = true`), applications bind
-//! and dial those addresses on OS-chosen ports, and nftables hands the
-//! connections to meshtun, which carries them over QUIC.
+//! Overlay mode between lab hosts: every node owns an overlay address
+//! (100.127.0.1, .2, .3, ... for node-0, -1, -2, ...) on a dummy interface,
+//! applications bind and dial those addresses on OS-chosen ports, and
+//! nftables hands the connections to meshtun, which carries them over QUIC.
+//! The overlay guard is on in every test (it is the default).
 //!
-//! - a gloo-like full mesh: a rendezvous store on node-0's overlay address,
-//!   a listener per host on an OS-chosen port, and 1 MiB each way between
-//!   every ordered pair, with only QUIC on the wire;
-//! - a vLLM-shaped pyzmq exchange: ROUTER/DEALER, then PUSH/PULL to a port
-//!   zmq picked and the ROUTER announced;
+//! - the recipes under `examples/`, run as written (`meshtun overlay up`,
+//!   then the daemon), each with a stand-in for the application, since
+//!   torch, vLLM and MindSpore are not installed here:
+//!   - torch.distributed: a TCPStore-like store on node-0's loopback
+//!     (forward mode) and a gloo-like full mesh (overlay), with only QUIC
+//!     on the wire;
+//!   - MindSpore: Workers register with a Scheduler on node-0's loopback
+//!     (forward mode), then link Worker to Worker (overlay);
+//!   - vLLM, four nodes: a pyzmq ROUTER/DEALER exchange on the RPC port of
+//!     the head's overlay address, then PUSH/PULL to a port zmq picked;
+//!   and in each, a host that runs no meshtun routes the head's overlay
+//!   address at its underlay address: nothing answers, and the guard
+//!   counts the drops;
+//! - the guard itself: that route is dropped and counted in `/metrics` and
+//!   `/status` with the guard on, and reaches the service with it off;
 //! - refusals: a port outside the allowed range and a peer not allowed are
 //!   reset promptly, and the application never sees the connection;
 //! - cleanup: the interface and nftables table go away at SIGTERM, and a
@@ -31,8 +41,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use lab_support::{
-    accept_within, marked_stream, require_netns_and_pyzmq, reset_outcome, wait_connected,
-    wait_listening, wait_until, Echo, Noise, Process, Wire,
+    accept_within, assert_bypass_dropped, marked_stream, require_netns_and_pyzmq, reset_outcome,
+    start_recipe_node, wait_connected, wait_listening, wait_until, Echo, Noise, Process, Wire,
 };
 use meshtun_lab::capture::{Capture, Stats};
 use meshtun_lab::pcap;
@@ -163,29 +173,85 @@ fn the_lab_renders_overlay_configs_meshtun_parses() {
 // ---------------------------------------------------------------------------
 // 1. A gloo-like full mesh through the overlay.
 
-/// Three hosts rendezvous through a store on node-0's overlay address,
-/// each publishes a listener on its own overlay address and an OS-chosen
-/// port, and every ordered pair exchanges 1 MiB each way, checked by
-/// SHA-256. The wire carries only QUIC between the hosts' real addresses.
+/// The lab of a three-node recipe: its nodes at the recipe's addresses,
+/// and a fourth host on the same link, `outsider`, that runs no meshtun.
+const RECIPE_HOSTS: [&str; 4] = ["node-0", "node-1", "node-2", "outsider"];
+
+/// The torch.distributed recipe (`examples/torch-distributed/`) run as
+/// written, with a stand-in for torch: a TCPStore-like store on node-0's
+/// `127.0.0.1:29500` (`MASTER_ADDR=127.0.0.1`, carried to the other nodes
+/// by forward mode) and a gloo-like full mesh on ports the OS picks on each
+/// node's overlay address (`GLOO_SOCKET_IFNAME=meshtun0`, carried by the
+/// overlay).
 #[test]
-fn a_gloo_like_full_mesh_runs_over_the_overlay() {
-    let test = "a_gloo_like_full_mesh_runs_over_the_overlay";
+fn the_torch_recipe_carries_its_store_and_a_gloo_like_full_mesh() {
+    run_mesh_recipe(
+        "the_torch_recipe_carries_its_store_and_a_gloo_like_full_mesh",
+        [
+            "torch-distributed/master.toml",
+            "torch-distributed/worker.toml",
+            "torch-distributed/worker-2.toml",
+        ],
+        29500,
+    );
+}
+
+/// The MindSpore recipe (`examples/mindspore/`) run as written, with a
+/// stand-in for MindSpore's dynamic cluster: every Worker registers its
+/// address with a Scheduler on node-0's `127.0.0.1:8118`
+/// (`MS_SCHED_HOST=127.0.0.1`, `MS_SCHED_PORT=8118`, carried to the other
+/// nodes by forward mode), waits until all have, and then links to every
+/// other Worker on the port that Worker's OS picked on its overlay address
+/// (carried by the overlay).
+#[test]
+fn the_mindspore_recipe_carries_scheduler_registration_and_worker_links() {
+    run_mesh_recipe(
+        "the_mindspore_recipe_carries_scheduler_registration_and_worker_links",
+        [
+            "mindspore/scheduler.toml",
+            "mindspore/worker.toml",
+            "mindspore/worker-2.toml",
+        ],
+        8118,
+    );
+}
+
+/// Runs the three-node recipe `files` (under `examples/`) as its README
+/// says, with a rendezvous store on node-0's `127.0.0.1:store_port` and a
+/// listener per node on its overlay address, port chosen by the OS. Every
+/// node registers with the store, waits for the others, and exchanges 1 MiB
+/// each way with each of them, checked by SHA-256. The wire carries only
+/// QUIC between the hosts' real addresses, with no plaintext. Then the
+/// outsider's route around the tunnel to node-0's listener gets nothing,
+/// and node-0's guard counts it.
+fn run_mesh_recipe(test: &str, files: [&str; 3], store_port: u16) {
     if !require_netns(test) {
         return;
     }
-    let lab = Lab::new(&NAMES).unwrap();
-    let captures: Vec<Capture> = lab
-        .hosts()
+    let lab = Lab::new(&RECIPE_HOSTS).unwrap();
+    let nodes = &lab.hosts()[..3];
+    let captures: Vec<Capture> = nodes
         .iter()
         .map(|host| Capture::start(host, &lab.dir, &host.name).unwrap())
         .collect();
-    let configs: Vec<NodeConfig> = (0..3)
-        .map(|index| overlay_config(&lab, index, &[(&["*"], ALL_PORTS)]))
+    let daemons: Vec<Daemon> = files
+        .iter()
+        .enumerate()
+        .map(|(index, file)| start_recipe_node(&lab, index, file))
         .collect();
-    let daemons = start_mesh(&lab, &configs);
+    for (index, daemon) in daemons.iter().enumerate() {
+        let others: Vec<&str> = NAMES
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, name)| *name)
+            .collect();
+        wait_connected(daemon, &others, Duration::from_secs(30));
+    }
 
-    // The rendezvous store, on node-0's overlay address.
-    let store = Store::start(lab.host(0).listen(on_overlay(0, STORE_PORT)).unwrap());
+    // The rendezvous, on node-0's loopback as the recipe has it.
+    let store_addr: SocketAddr = (Ipv4Addr::LOCALHOST, store_port).into();
+    let store = Store::start(lab.host(0).listen(store_addr).unwrap());
 
     // A listener per host on its overlay address, port chosen by the OS.
     let mut servers = Vec::new();
@@ -204,7 +270,7 @@ fn a_gloo_like_full_mesh_runs_over_the_overlay() {
         .map(|index| {
             let host = lab.host(index).clone();
             let me = published[index];
-            thread::spawn(move || mesh_worker(&host, index, me))
+            thread::spawn(move || mesh_worker(&host, index, me, store_addr))
         })
         .collect();
     let mut failures = Vec::new();
@@ -235,12 +301,12 @@ fn a_gloo_like_full_mesh_runs_over_the_overlay() {
         println!("{line}");
     }
     println!(
-        "FIGURE overlay mesh: rendezvous + 6 ordered pairs x 1 MiB each way in {:.2} s \
+        "FIGURE recipe {}: rendezvous + 6 ordered pairs x 1 MiB each way in {:.2} s \
          ({store_connections} store connections)",
+        files[0].split('/').next().unwrap_or_default(),
         mesh_time.as_secs_f64()
     );
     assert_eq!(store_connections, 3, "one store client per host");
-
     // The wire: only QUIC between the hosts' real addresses.
     let stopping: Vec<_> = captures
         .into_iter()
@@ -250,8 +316,8 @@ fn a_gloo_like_full_mesh_runs_over_the_overlay() {
         .into_iter()
         .map(|handle| handle.join().unwrap().unwrap())
         .collect();
-    let addrs: Vec<Ipv4Addr> = lab.hosts().iter().map(|host| host.addr).collect();
-    for (host, (capture, stats)) in lab.hosts().iter().zip(&stopped) {
+    let addrs: Vec<Ipv4Addr> = nodes.iter().map(|host| host.addr).collect();
+    for (host, (capture, stats)) in nodes.iter().zip(&stopped) {
         let wire = Wire::of(capture, &addrs, MARKER, Noise::Counted);
         println!(
             "{}: {} IPv4 packets ({} UDP payload bytes out, {} in), {} ICMP port \
@@ -299,12 +365,24 @@ fn a_gloo_like_full_mesh_runs_over_the_overlay() {
             host.name
         );
     }
+
+    // The route around the tunnel, after the captures (its SYNs are not
+    // QUIC): nothing answers at node-0's published listener.
+    let target = published[0];
+    let bait = Echo::start(lab.host(0).listen(on_overlay(0, 0)).unwrap());
+    let target = SocketAddr::new(target.ip(), bait.port);
+    assert_bypass_dropped(lab.host(0), lab.host(3), target);
+    assert_eq!(bait.stop(), 0, "the outsider reached node-0's service");
 }
 
 /// One host's part of the mesh: publish, wait for everyone, look the others
 /// up, and exchange 1 MiB each way with each of them.
-fn mesh_worker(host: &Host, index: usize, me: SocketAddr) -> Result<Vec<String>, String> {
-    let store = on_overlay(0, STORE_PORT);
+fn mesh_worker(
+    host: &Host,
+    index: usize,
+    me: SocketAddr,
+    store: SocketAddr,
+) -> Result<Vec<String>, String> {
     let mut kv = Kv::connect(host, store).map_err(|error| format!("store {store}: {error}"))?;
     kv.request(&format!("SET {} {me}", host.name), "OK")?;
     kv.request("WAIT 3", "OK")?;
@@ -551,23 +629,37 @@ impl Kv {
 // ---------------------------------------------------------------------------
 // 2. A vLLM-shaped pyzmq exchange over the overlay.
 
-/// A ROUTER on node-0's overlay address, DEALERs on node-1 and node-2; the
-/// ROUTER announces a PULL port zmq picked (`bind_to_random_port`), and the
-/// DEALER hosts push messages to it.
+/// The four-node vLLM recipe (`examples/vllm-dp-4node/`) run as written,
+/// with pyzmq standing in for vLLM: a ROUTER on the head's overlay address
+/// and the RPC port (`--data-parallel-address 100.127.0.1
+/// --data-parallel-rpc-port 13345`), a DEALER on each headless node; the
+/// ROUTER announces a PULL port zmq picked (`bind_to_random_port`), as
+/// vLLM's handshake hands out its queues, and the DEALER hosts push
+/// messages to it. Then a fifth host's route around the tunnel to the RPC
+/// port gets nothing, and the head's guard counts it.
 #[test]
-fn a_vllm_shaped_zmq_exchange_runs_over_the_overlay() {
-    let test = "a_vllm_shaped_zmq_exchange_runs_over_the_overlay";
+fn the_vllm_four_node_recipe_carries_a_vllm_shaped_zmq_exchange() {
+    let test = "the_vllm_four_node_recipe_carries_a_vllm_shaped_zmq_exchange";
     if !require_netns_and_pyzmq(test) {
         return;
     }
-    let lab = Lab::new(&NAMES).unwrap();
-    let configs: Vec<NodeConfig> = (0..3)
-        .map(|index| overlay_config(&lab, index, &[(&["*"], ALL_PORTS)]))
+    let names = ["node-0", "node-1", "node-2", "node-3"];
+    let lab = Lab::new(&["node-0", "node-1", "node-2", "node-3", "outsider"]).unwrap();
+    let daemons: Vec<Daemon> = (0..4)
+        .map(|index| start_recipe_node(&lab, index, &format!("vllm-dp-4node/node-{index}.toml")))
         .collect();
-    let daemons = start_mesh(&lab, &configs);
+    for (index, daemon) in daemons.iter().enumerate() {
+        let others: Vec<&str> = names
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, name)| *name)
+            .collect();
+        wait_connected(daemon, &others, Duration::from_secs(30));
+    }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/zmq_overlay.py");
     let address = overlay(0).to_string();
-    let port = 29600;
+    let port = 13345;
     let messages = "500";
 
     let mut router = lab.host(0).command("python3");
@@ -578,7 +670,7 @@ fn a_vllm_shaped_zmq_exchange_runs_over_the_overlay() {
         "--port",
         &port.to_string(),
         "--dealers",
-        "2",
+        "3",
         "--messages",
         messages,
         "--timeout",
@@ -588,7 +680,7 @@ fn a_vllm_shaped_zmq_exchange_runs_over_the_overlay() {
     assert!(wait_listening(lab.host(0), port), "ROUTER did not listen");
 
     let started = Instant::now();
-    let dealers: Vec<Process> = [1, 2]
+    let dealers: Vec<Process> = [1, 2, 3]
         .into_iter()
         .map(|rank| {
             let mut dealer = lab.host(rank).command("python3");
@@ -643,9 +735,12 @@ fn a_vllm_shaped_zmq_exchange_runs_over_the_overlay() {
         "ROUTER side failed ({router_status:?})\n{logs}"
     );
     assert!(
-        router_out.contains("router OK dealers=2 messages=1000"),
+        router_out.contains("router OK dealers=3 messages=1500"),
         "{logs}"
     );
+    let bait = Echo::start(lab.host(0).listen(on_overlay(0, port)).unwrap());
+    assert_bypass_dropped(lab.host(0), lab.host(4), on_overlay(0, port));
+    assert_eq!(bait.stop(), 0, "the outsider reached the RPC port");
 }
 
 // ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,7 +17,122 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use meshtun_lab::pcap::{self, Packet};
-use meshtun_lab::{Daemon, Host, QUIC_PORT, REQUIRE_ENV};
+use meshtun_lab::{Daemon, Host, Lab, QUIC_PORT, REQUIRE_ENV};
+
+// ---------------------------------------------------------------------------
+// Recipes from examples/.
+
+/// A recipe from `examples/`, as an operator would install it: the text of
+/// `path`, with only the certificate paths under /etc/meshtun/ pointed at
+/// the lab's PKI.
+pub(crate) fn recipe_config(lab: &Lab, index: usize, path: &str) -> String {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(path);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lab_config = lab.config(index);
+    let name = &lab.host(index).name;
+    let text = text
+        .replace("/etc/meshtun/ca.crt", &lab_config.ca.display().to_string())
+        .replace(
+            &format!("/etc/meshtun/{name}.crt"),
+            &lab_config.cert.display().to_string(),
+        )
+        .replace(
+            &format!("/etc/meshtun/{name}.key"),
+            &lab_config.key.display().to_string(),
+        );
+    assert!(
+        !text.contains("/etc/meshtun/"),
+        "{path}: a path the lab cannot provide is left:\n{text}"
+    );
+    text
+}
+
+/// Starts the recipe's node `index` (config file `path` under `examples/`)
+/// the way its README says: `meshtun overlay up -c FILE` first when the
+/// config has `[overlay]` (what the systemd drop-in runs as root before
+/// the daemon), then `meshtun run`.
+pub(crate) fn start_recipe_node(lab: &Lab, index: usize, path: &str) -> Daemon {
+    let text = recipe_config(lab, index, path);
+    if text.contains("\n[overlay]") {
+        let file = lab
+            .dir
+            .join(format!("{}-recipe.toml", lab.host(index).name));
+        std::fs::write(&file, &text).unwrap();
+        let output = lab
+            .host(index)
+            .command(lab.binary())
+            .args(["overlay", "up", "-c"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{path}: meshtun overlay up failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    lab.start_toml(index, &text)
+        .unwrap_or_else(|error| panic!("{path}: {error}"))
+}
+
+/// The route around the tunnel, tried from `outsider` (a lab host that
+/// runs no meshtun): a host route for `target`'s overlay address via
+/// `head`'s underlay address, then a TCP connect to `target`, where a
+/// service listens. Asserts that nothing answers and that `head`'s guard
+/// counted the drops; returns the count.
+pub(crate) fn assert_bypass_dropped(head: &Host, outsider: &Host, target: SocketAddr) -> u64 {
+    let route = format!("{}/32", target.ip());
+    let status = outsider
+        .command("ip")
+        .args(["route", "replace", &route, "via", &head.addr.to_string()])
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "ip route replace {route} in {}",
+        outsider.name
+    );
+    let attempt = outsider
+        .run(move || TcpStream::connect_timeout(&target, Duration::from_secs(3)))
+        .unwrap();
+    assert!(
+        attempt.is_err(),
+        "{} connected to {target} around the tunnel (routed via {})",
+        outsider.name,
+        head.addr
+    );
+    let output = head
+        .command("nft")
+        .args(["list", "counter", "ip", "meshtun_overlay", "bypass_dropped"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&output.stdout).into_owned();
+    let packets = listed
+        .split_whitespace()
+        .skip_while(|word| *word != "packets")
+        .nth(1)
+        .and_then(|count| count.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no guard counter on {}: {listed}", head.name));
+    assert!(
+        packets >= 1,
+        "{}: the guard counted nothing: {listed}",
+        head.name
+    );
+    println!(
+        "FIGURE bypass from {} to {target} via {}: {:?}; {} dropped {packets} packet(s)",
+        outsider.name,
+        head.addr,
+        attempt.map(|_| ()).map_err(|error| error.kind()),
+        head.name
+    );
+    packets
+}
 
 // ---------------------------------------------------------------------------
 // Tools and processes inside hosts.
