@@ -15,8 +15,8 @@ use std::time::Duration;
 use meshtun_config::{load, parse, Allow, Config, ConfigErrors, HostPort, EXAMPLE};
 use meshtun_proto::{NodeName, ServiceName};
 
-/// The design's example config, verbatim.
-const DESIGN_EXAMPLE: &str = r#"
+/// A complete config with every section, as an operator might write it.
+const FULL_EXAMPLE: &str = r#"
 node = "node-1"                     # must equal this node's certificate identity
 
 [quic]
@@ -125,7 +125,7 @@ fn address(text: &str) -> SocketAddr {
 
 #[test]
 fn design_example_parses_with_its_values() {
-    let config = ok(DESIGN_EXAMPLE);
+    let config = ok(FULL_EXAMPLE);
     assert_eq!(config.node, node("node-1"));
     assert_eq!(config.quic.listen, address("198.18.0.2:4433"));
     assert_eq!(config.quic.connections_per_peer.get(), 1);

@@ -1,6 +1,6 @@
-//! The cluster CA's certificate revocation list (DESIGN §3: "Optional CRL,
-//! enforced on both sides"), kept as `DIR/crl.pem` beside `ca.crt` and
-//! `ca.key`.
+//! The cluster CA's certificate revocation list (docs/design.md,
+//! "Identity": optional, enforced on both sides), kept as `DIR/crl.pem`
+//! beside `ca.crt` and `ca.key`.
 //!
 //! The CRL file is the only record of what was revoked: `meshtun pki revoke`
 //! reads it (checking that this CA signed it), adds a serial, and writes it

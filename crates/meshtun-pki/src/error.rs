@@ -135,7 +135,7 @@ pub enum PkiError {
         key_origin: String,
     },
 
-    /// A certificate carries no usable node identity (DESIGN §3).
+    /// A certificate carries no usable node identity (docs/design.md, "Identity").
     #[error("{origin}: no node identity: {detail}")]
     Identity {
         /// The file or input that holds the certificate.

@@ -1,4 +1,4 @@
-//! Node identity (DESIGN §3): the node name a certificate stands for.
+//! Node identity (docs/design.md, "Identity"): the node name a certificate stands for.
 //!
 //! The identity is taken from the URI SAN `spiffe://<cluster>/node/<name>`
 //! when the certificate has one, else from its first DNS SAN, and it must be a
@@ -19,7 +19,7 @@ const SPIFFE_SCHEME: &str = "spiffe://";
 /// Longest cluster name accepted, in bytes (the SPIFFE trust domain limit).
 const MAX_CLUSTER_LEN: usize = 255;
 
-/// The node's identity as carried by `cert` (DESIGN §3).
+/// The node's identity as carried by `cert` (docs/design.md, "Identity").
 ///
 /// Fails when the certificate cannot be parsed, carries neither a URI SAN
 /// `spiffe://<cluster>/node/<name>` nor a DNS SAN, carries two different node

@@ -30,7 +30,7 @@ pub struct Inspection {
     pub serial: String,
     /// Subject alternative names, e.g. `URI:spiffe://prod/node/node-1`, `DNS:node-1`, `IP:10.0.0.1`.
     pub sans: Vec<String>,
-    /// The node identity (DESIGN §3), if the certificate carries one.
+    /// The node identity (docs/design.md, "Identity"), if the certificate carries one.
     pub identity: Option<NodeName>,
     /// Why there is no identity, when there is none.
     pub identity_problem: Option<String>,

@@ -3,7 +3,7 @@
 //! This crate owns everything about who a node is and whom it trusts:
 //! issuing the cluster CA and node certificates with rcgen (ECDSA P-256),
 //! loading PEM certificates, keys and CRLs, taking a node's identity from its
-//! certificate (DESIGN §3: the URI SAN `spiffe://<cluster>/node/<name>`, else
+//! certificate (docs/design.md, "Identity": the URI SAN `spiffe://<cluster>/node/<name>`, else
 //! the first DNS SAN), and building the rustls client and server
 //! configurations with their verifiers (TLS 1.3 only, ALPN `meshtun/1`,
 //! X25519MLKEM768 preferred, client certificates required, the server pinned

@@ -273,7 +273,7 @@ impl NodeCredentials {
     /// 32 bytes derived from the private key: SHA-256 over the label
     /// `meshtun/1 stateless-reset` followed by the key's DER. A restarted
     /// daemon with the same key produces the same QUIC stateless-reset key,
-    /// so peers drop connections to the old process at once (DESIGN §4).
+    /// so peers drop connections to the old process at once (docs/design.md, "Identity").
     pub fn stateless_reset_secret(&self) -> [u8; 32] {
         let mut hash = Sha256::new();
         hash.update(STATELESS_RESET_LABEL);
