@@ -14,9 +14,10 @@
 //!     (forward mode), then link Worker to Worker (overlay);
 //!   - vLLM, four nodes: a pyzmq ROUTER/DEALER exchange on the RPC port of
 //!     the head's overlay address, then PUSH/PULL to a port zmq picked;
-//!   and in each, a host that runs no meshtun routes the head's overlay
-//!   address at its underlay address: nothing answers, and the guard
-//!   counts the drops;
+//!
+//!   in each, a host that runs no meshtun routes the head's overlay address
+//!   at its underlay address: nothing answers, and the guard counts the
+//!   drops;
 //! - the guard itself: that route is dropped and counted in `/metrics` and
 //!   `/status` with the guard on, and reaches the service with it off;
 //! - refusals: a port outside the allowed range and a peer not allowed are
@@ -98,17 +99,21 @@ fn start_mesh(lab: &Lab, configs: &[NodeConfig]) -> Vec<Daemon> {
         .enumerate()
         .map(|(index, config)| lab.start(index, config).unwrap())
         .collect();
+    wait_mesh_connected(&daemons, &NAMES[..configs.len()]);
+    daemons
+}
+
+/// Waits until daemon `i` (node `names[i]`) is connected to every other.
+fn wait_mesh_connected(daemons: &[Daemon], names: &[&str]) {
     for (index, daemon) in daemons.iter().enumerate() {
-        let others: Vec<&str> = NAMES
+        let others: Vec<&str> = names
             .iter()
-            .take(configs.len())
             .enumerate()
             .filter(|(other, _)| *other != index)
             .map(|(_, name)| *name)
             .collect();
         wait_connected(daemon, &others, Duration::from_secs(30));
     }
-    daemons
 }
 
 fn all_logs(daemons: &[Daemon]) -> String {
@@ -239,15 +244,7 @@ fn run_mesh_recipe(test: &str, files: [&str; 3], store_port: u16) {
         .enumerate()
         .map(|(index, file)| start_recipe_node(&lab, index, file))
         .collect();
-    for (index, daemon) in daemons.iter().enumerate() {
-        let others: Vec<&str> = NAMES
-            .iter()
-            .enumerate()
-            .filter(|(other, _)| *other != index)
-            .map(|(_, name)| *name)
-            .collect();
-        wait_connected(daemon, &others, Duration::from_secs(30));
-    }
+    wait_mesh_connected(&daemons, &NAMES);
 
     // The rendezvous, on node-0's loopback as the recipe has it.
     let store_addr: SocketAddr = (Ipv4Addr::LOCALHOST, store_port).into();
@@ -648,15 +645,7 @@ fn the_vllm_four_node_recipe_carries_a_vllm_shaped_zmq_exchange() {
     let daemons: Vec<Daemon> = (0..4)
         .map(|index| start_recipe_node(&lab, index, &format!("vllm-dp-4node/node-{index}.toml")))
         .collect();
-    for (index, daemon) in daemons.iter().enumerate() {
-        let others: Vec<&str> = names
-            .iter()
-            .enumerate()
-            .filter(|(other, _)| *other != index)
-            .map(|(_, name)| *name)
-            .collect();
-        wait_connected(daemon, &others, Duration::from_secs(30));
-    }
+    wait_mesh_connected(&daemons, &names);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/zmq_overlay.py");
     let address = overlay(0).to_string();
     let port = 13345;
