@@ -197,17 +197,18 @@ fn the_torch_recipe_carries_its_store_and_a_gloo_like_full_mesh() {
             "torch-distributed/worker.toml",
             "torch-distributed/worker-2.toml",
         ],
-        29500,
+        (Ipv4Addr::LOCALHOST, 29500).into(),
     );
 }
 
-/// The MindSpore recipe (`examples/mindspore/`) run as written, with a
-/// stand-in for MindSpore's dynamic cluster: every Worker registers its
-/// address with a Scheduler on node-0's `127.0.0.1:8118`
-/// (`MS_SCHED_HOST=127.0.0.1`, `MS_SCHED_PORT=8118`, carried to the other
-/// nodes by forward mode), waits until all have, and then links to every
-/// other Worker on the port that Worker's OS picked on its overlay address
-/// (carried by the overlay).
+/// The MindSpore recipe (`examples/mindspore/`) run as written in its
+/// overlay form (its README's 3.2: `--master_addr=100.127.0.1` on every
+/// node), with a stand-in for MindSpore's dynamic cluster: every Worker
+/// registers its address with a Scheduler on node-0's overlay address,
+/// port 8118 (`MS_SCHED_HOST`, `MS_SCHED_PORT`), waits until all have, and
+/// then links to every other Worker on the port that Worker's OS picked on
+/// its overlay address. All of it is carried by the overlay; node-0's own
+/// Workers reach the Scheduler on their host.
 #[test]
 fn the_mindspore_recipe_carries_scheduler_registration_and_worker_links() {
     run_mesh_recipe(
@@ -217,19 +218,20 @@ fn the_mindspore_recipe_carries_scheduler_registration_and_worker_links() {
             "mindspore/worker.toml",
             "mindspore/worker-2.toml",
         ],
-        8118,
+        on_overlay(0, 8118),
     );
 }
 
 /// Runs the three-node recipe `files` (under `examples/`) as its README
-/// says, with a rendezvous store on node-0's `127.0.0.1:store_port` and a
-/// listener per node on its overlay address, port chosen by the OS. Every
+/// says, with a rendezvous store on node-0 at `store_addr` (loopback,
+/// carried by forward mode, or node-0's overlay address) and a listener
+/// per node on its overlay address, port chosen by the OS. Every
 /// node registers with the store, waits for the others, and exchanges 1 MiB
 /// each way with each of them, checked by SHA-256. The wire carries only
 /// QUIC between the hosts' real addresses, with no plaintext. Then the
 /// outsider's route around the tunnel to node-0's listener gets nothing,
 /// and node-0's guard counts it.
-fn run_mesh_recipe(test: &str, files: [&str; 3], store_port: u16) {
+fn run_mesh_recipe(test: &str, files: [&str; 3], store_addr: SocketAddr) {
     if !require_netns(test) {
         return;
     }
@@ -246,8 +248,7 @@ fn run_mesh_recipe(test: &str, files: [&str; 3], store_port: u16) {
         .collect();
     wait_mesh_connected(&daemons, &NAMES);
 
-    // The rendezvous, on node-0's loopback as the recipe has it.
-    let store_addr: SocketAddr = (Ipv4Addr::LOCALHOST, store_port).into();
+    // The rendezvous, where the recipe has it.
     let store = Store::start(lab.host(0).listen(store_addr).unwrap());
 
     // A listener per host on its overlay address, port chosen by the OS.
