@@ -305,7 +305,22 @@ fn run_mesh_recipe(test: &str, files: [&str; 3], store_addr: SocketAddr) {
         mesh_time.as_secs_f64()
     );
     assert_eq!(store_connections, 3, "one store client per host");
-    // The wire: only QUIC between the hosts' real addresses.
+    // The wire: only QUIC between the hosts' real addresses. Each host
+    // sent 2 MiB to the others and 2 MiB of replies.
+    assert_only_quic(nodes, captures, (4 * MIB) as u64);
+
+    // The route around the tunnel, after the captures (its SYNs are not
+    // QUIC): nothing answers at node-0's published listener.
+    let bait = Echo::start(lab.host(0).listen(on_overlay(0, 0)).unwrap());
+    assert_bypass_dropped(lab.host(0), lab.host(3), on_overlay(0, bait.port));
+    assert_eq!(bait.stop(), 0, "the outsider reached node-0's service");
+}
+
+/// Stops `captures` (one per host of `nodes`, in order) and asserts that
+/// the wire held only QUIC between the hosts' real addresses, whole (no
+/// frame truncated or missed), with no plaintext marker, and at least
+/// `min_out` bytes of QUIC leaving each host.
+fn assert_only_quic(nodes: &[Host], captures: Vec<Capture>, min_out: u64) {
     let stopping: Vec<_> = captures
         .into_iter()
         .map(|capture| thread::spawn(move || capture.stop_with_stats()))
@@ -354,23 +369,15 @@ fn run_mesh_recipe(test: &str, files: [&str; 3], store_addr: SocketAddr) {
             "{}: plaintext marker across the packets of a flow",
             host.name
         );
-        // Each host sent 2 MiB to the others and 2 MiB of replies: the
-        // data did cross this wire, so the marker's absence means something.
+        // The data did cross this wire, so the marker's absence means
+        // something.
         let out = wire.udp_from(host.addr);
         assert!(
-            out >= (4 * MIB) as u64,
+            out >= min_out,
             "{}: only {out} bytes of QUIC left this host",
             host.name
         );
     }
-
-    // The route around the tunnel, after the captures (its SYNs are not
-    // QUIC): nothing answers at node-0's published listener.
-    let target = published[0];
-    let bait = Echo::start(lab.host(0).listen(on_overlay(0, 0)).unwrap());
-    let target = SocketAddr::new(target.ip(), bait.port);
-    assert_bypass_dropped(lab.host(0), lab.host(3), target);
-    assert_eq!(bait.stop(), 0, "the outsider reached node-0's service");
 }
 
 /// One host's part of the mesh: publish, wait for everyone, look the others
@@ -633,8 +640,11 @@ impl Kv {
 /// --data-parallel-rpc-port 13345`), a DEALER on each headless node; the
 /// ROUTER announces a PULL port zmq picked (`bind_to_random_port`), as
 /// vLLM's handshake hands out its queues, and the DEALER hosts push
-/// messages to it. Then a fifth host's route around the tunnel to the RPC
-/// port gets nothing, and the head's guard counts it.
+/// messages to it. Then a TCPStore-like store on a port the OS picked on
+/// the head's overlay address (as the DP process group's master port is
+/// handed out): every headless node registers and reads the others. The
+/// wire carries only QUIC. Last, a fifth host's route around the tunnel to
+/// the RPC port gets nothing, and the head's guard counts it.
 #[test]
 fn the_vllm_four_node_recipe_carries_a_vllm_shaped_zmq_exchange() {
     let test = "the_vllm_four_node_recipe_carries_a_vllm_shaped_zmq_exchange";
@@ -643,6 +653,11 @@ fn the_vllm_four_node_recipe_carries_a_vllm_shaped_zmq_exchange() {
     }
     let names = ["node-0", "node-1", "node-2", "node-3"];
     let lab = Lab::new(&["node-0", "node-1", "node-2", "node-3", "outsider"]).unwrap();
+    let nodes = &lab.hosts()[..4];
+    let captures: Vec<Capture> = nodes
+        .iter()
+        .map(|host| Capture::start(host, &lab.dir, &host.name).unwrap())
+        .collect();
     let daemons: Vec<Daemon> = (0..4)
         .map(|index| start_recipe_node(&lab, index, &format!("vllm-dp-4node/node-{index}.toml")))
         .collect();
@@ -728,6 +743,38 @@ fn the_vllm_four_node_recipe_carries_a_vllm_shaped_zmq_exchange() {
         router_out.contains("router OK dealers=3 messages=1500"),
         "{logs}"
     );
+
+    // The DP process group's store, on a port the OS picked.
+    let listener = lab.host(0).listen(on_overlay(0, 0)).unwrap();
+    let store_addr = listener.local_addr().unwrap();
+    let store = Store::start(listener);
+    let members: Vec<JoinHandle<Result<(), String>>> = (1..4)
+        .map(|index| {
+            let host = lab.host(index).clone();
+            thread::spawn(move || {
+                let mut kv = Kv::connect(&host, store_addr)
+                    .map_err(|error| format!("{}: store {store_addr}: {error}", host.name))?;
+                kv.request(&format!("SET {} rank-{index}", host.name), "OK")?;
+                kv.request("WAIT 3", "OK")?;
+                for other in (1..4).filter(|other| *other != index) {
+                    let reply = kv.call(&format!("GET node-{other}"))?;
+                    if reply != format!("VALUE rank-{other}") {
+                        return Err(format!("{}: GET node-{other}: {reply:?}", host.name));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for member in members {
+        member
+            .join()
+            .unwrap()
+            .unwrap_or_else(|error| panic!("{error}\n{}", all_logs(&daemons)));
+    }
+    assert_eq!(store.stop(), 3, "one store client per headless node");
+    assert_only_quic(nodes, captures, 16 * 1024);
+
     let bait = Echo::start(lab.host(0).listen(on_overlay(0, port)).unwrap());
     assert_bypass_dropped(lab.host(0), lab.host(4), on_overlay(0, port));
     assert_eq!(bait.stop(), 0, "the outsider reached the RPC port");
