@@ -944,7 +944,7 @@ fn a_managed_overlay_is_removed_at_stop_and_replaced_after_a_crash() {
         "SIGTERM: {status:?}\n{}",
         head_daemon.log_since_start()
     );
-    let (table_check, table_text) = host_output(head, "nft", &["list", "table", "ip", TABLE]);
+    let (table_check, table_text) = host_output(head, "nft", &["list", "table", "inet", TABLE]);
     assert!(!table_check, "the table outlived SIGTERM:\n{table_text}");
     let (link_check, link_text) = host_output(head, "ip", &["link", "show", INTERFACE]);
     assert!(!link_check, "the interface outlived SIGTERM:\n{link_text}");
@@ -964,7 +964,7 @@ fn a_managed_overlay_is_removed_at_stop_and_replaced_after_a_crash() {
     let mut restarted = lab.start(0, &configs[0]).unwrap();
     let tables = host_output(head, "nft", &["list", "tables"]).1;
     assert_eq!(
-        tables.matches(&format!("table ip {TABLE}")).count(),
+        tables.matches(&format!("table inet {TABLE}")).count(),
         1,
         "`nft list tables` after the restart:\n{tables}"
     );
@@ -1107,7 +1107,7 @@ fn overlay_state(host: &Host) -> (usize, usize) {
     let tables = host_output(host, "nft", &["list", "tables"]).1;
     let tables = tables
         .lines()
-        .filter(|line| line.trim() == format!("table ip {TABLE}"))
+        .filter(|line| line.trim() == format!("table inet {TABLE}"))
         .count();
     let links = host_output(host, "ip", &["-o", "link", "show"]).1;
     let links = links
@@ -1122,7 +1122,7 @@ fn overlay_state(host: &Host) -> (usize, usize) {
 }
 
 fn nft_table(host: &Host) -> Option<String> {
-    let (ok, text) = host_output(host, "nft", &["list", "table", "ip", TABLE]);
+    let (ok, text) = host_output(host, "nft", &["list", "table", "inet", TABLE]);
     ok.then_some(text)
 }
 
@@ -1250,7 +1250,7 @@ fn the_guard_drops_and_counts_a_route_around_the_tunnel() {
     let (ok, listed) = host_output(
         head,
         "nft",
-        &["list", "counter", "ip", TABLE, "bypass_dropped"],
+        &["list", "counter", "inet", TABLE, "bypass_dropped"],
     );
     assert!(ok, "{listed}");
     let packets = listed
@@ -1304,7 +1304,7 @@ fn the_guard_drops_and_counts_a_route_around_the_tunnel() {
         log.contains("overlay.guard = false"),
         "no warning at start:\n{log}"
     );
-    let (_, table) = host_output(head, "nft", &["list", "table", "ip", TABLE]);
+    let (_, table) = host_output(head, "nft", &["list", "table", "inet", TABLE]);
     assert!(
         !table.contains("drop"),
         "the guard is still loaded:\n{table}"
@@ -1334,4 +1334,122 @@ fn admin_get(host: &Host, path: &str) -> io::Result<String> {
     let mut response = String::new();
     tcp.read_to_string(&mut response)?;
     Ok(response)
+}
+
+/// `[guard]` on a forward-mode node with no overlay: a service that listens
+/// on every interface (as torch's TCPStore does) is reachable from another
+/// host directly until `meshtun overlay up` loads the port guard (the
+/// control); then the direct connection gets nothing and is counted, in
+/// nftables and in the daemon's `/status`, while the same service still
+/// answers through meshtun's forward. `meshtun overlay down` removes the
+/// table again.
+#[test]
+fn the_port_guard_keeps_a_service_on_every_interface_for_meshtun() {
+    let test = "the_port_guard_keeps_a_service_on_every_interface_for_meshtun";
+    if !require_netns(test) {
+        return;
+    }
+    let lab = Lab::new(&["node-0", "node-1"]).unwrap();
+    let (head, member) = (lab.host(0), lab.host(1));
+    let port = STORE_PORT;
+    let echo = Echo::start(head.listen((Ipv4Addr::UNSPECIFIED, port).into()).unwrap());
+    let local: SocketAddr = (Ipv4Addr::LOCALHOST, port).into();
+    let mut head_config = lab.config(0).expose("store", local, &["node-1"]);
+    head_config.extra.push_str(&format!(
+        "\n[guard]\nports = [{port}]\n\n[admin]\nlisten = \"{ADMIN}\"\n"
+    ));
+    let config_path = lab.dir.join("node-0-guard.toml");
+    std::fs::write(&config_path, head_config.to_toml()).unwrap();
+    let overlay_command = |action: &str| {
+        let output = head
+            .command(lab.binary())
+            .args(["overlay", action, "-c"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "meshtun overlay {action}: {text}");
+        text
+    };
+    let direct: SocketAddr = (head.addr, port).into();
+
+    // The control: without the guard, the service answers from off the node.
+    echo_works(member, direct).unwrap_or_else(|error| panic!("control: {error}"));
+
+    let said = overlay_command("up");
+    assert!(
+        said.contains(&format!(
+            "port guard: new TCP and UDP connections to ports {port}"
+        )),
+        "{said}"
+    );
+    let daemon = lab.start(0, &head_config).unwrap();
+    let member_daemon = lab
+        .start(
+            1,
+            &lab.config(1).peer(head).forward(local, "node-0", "store"),
+        )
+        .unwrap();
+    wait_connected(&member_daemon, &["node-0"], Duration::from_secs(30));
+    let logs = || {
+        format!(
+            "--- node-0 ---\n{}\n--- node-1 ---\n{}",
+            daemon.log_since_start(),
+            member_daemon.log_since_start()
+        )
+    };
+
+    let started = Instant::now();
+    let attempt = member.connect(direct).unwrap();
+    println!(
+        "FIGURE port guard: a direct connect to {direct}: {:?} after {:.2?}",
+        attempt.as_ref().map(|_| ()).map_err(io::Error::kind),
+        started.elapsed()
+    );
+    assert!(
+        attempt.is_err(),
+        "connected to {direct} around meshtun\n{}",
+        logs()
+    );
+    echo_works(member, local)
+        .unwrap_or_else(|error| panic!("through meshtun: {error}\n{}", logs()));
+
+    let (ok, listed) = host_output(
+        head,
+        "nft",
+        &["list", "counter", "inet", TABLE, "bypass_dropped"],
+    );
+    assert!(ok && !listed.contains("packets 0 "), "{listed}");
+    let mut seen = None;
+    let counted = wait_until(Duration::from_secs(25), || {
+        seen = admin_get(head, "/status").ok().and_then(|response| {
+            let body = response.split("\r\n\r\n").nth(1)?.to_owned();
+            let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+            status["guard"]["bypass_dropped"].as_u64()
+        });
+        seen.is_some_and(|dropped| dropped >= 1)
+    });
+    assert!(
+        counted,
+        "/status guard.bypass_dropped: {seen:?}\n{}",
+        logs()
+    );
+
+    drop(member_daemon);
+    daemon.terminate();
+    overlay_command("down");
+    assert!(
+        nft_table(head).is_none(),
+        "the table is still there after overlay down"
+    );
+    echo_works(member, direct).unwrap_or_else(|error| panic!("after overlay down: {error}"));
+    assert!(
+        echo.stop() >= 3,
+        "the service saw the control, the carried and the last connection"
+    );
 }

@@ -90,6 +90,9 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
     if let Some(Some(overlay)) = &overlay {
         listeners.push(("overlay.listen".to_string(), overlay.listen));
     }
+    let guard = section(&root, sink, "guard").and_then(|table| {
+        crate::overlay::guard(sink, table, quic.as_ref().map(|quic| quic.listen.port()))
+    });
     check_overlapping_listeners(sink, &listeners);
     if let Some(overlay) = &overlay {
         check_overlay_addresses(
@@ -100,22 +103,27 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
         );
     }
 
-    match (node, quic, tls, limits, admin, overlay) {
-        (Some(node), Some(quic), Some(tls), Some(limits), Some(admin), Some(overlay))
-            if sink.errors.is_empty() =>
-        {
-            Ok(Config {
-                node,
-                quic,
-                tls,
-                peers: peers.valid,
-                forwards,
-                exposes,
-                limits,
-                admin,
-                overlay,
-            })
-        }
+    match (node, quic, tls, limits, admin, overlay, guard) {
+        (
+            Some(node),
+            Some(quic),
+            Some(tls),
+            Some(limits),
+            Some(admin),
+            Some(overlay),
+            Some(guard),
+        ) if sink.errors.is_empty() => Ok(Config {
+            node,
+            quic,
+            tls,
+            peers: peers.valid,
+            forwards,
+            exposes,
+            limits,
+            admin,
+            overlay,
+            guard,
+        }),
         _ => {
             if sink.errors.is_empty() {
                 // Every path that drops a value records why; this is a bug.

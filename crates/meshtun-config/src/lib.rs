@@ -28,8 +28,8 @@ use std::path::Path;
 pub use error::{ConfigError, ConfigErrors};
 pub use host_port::{HostPort, HostPortError};
 pub use model::{
-    Admin, Allow, Config, Expose, Forward, Limits, Overlay, OverlayAllow, OverlayPrefix, Peer,
-    Quic, Tls,
+    Admin, Allow, Config, Expose, Forward, Guard, Limits, Overlay, OverlayAllow, OverlayPrefix,
+    Peer, Quic, Tls,
 };
 
 /// A complete, commented configuration of node-1 in a two-node cluster,

@@ -33,6 +33,9 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// Overlay mode, if `[overlay]` is present.
     pub overlay: Option<Overlay>,
+    /// The port guard for services that cannot bind loopback, if `[guard]`
+    /// is present.
+    pub guard: Option<Guard>,
 }
 
 impl Config {
@@ -283,6 +286,18 @@ impl Overlay {
             .iter()
             .any(|rule| rule.peers.permits(identity) && rule.ports.contains(&port))
     }
+}
+
+/// `[guard]`: ports of this node that only meshtun may reach from off the
+/// node, for services that cannot bind loopback. The host set-up (`meshtun
+/// overlay up`, or the daemon when `overlay.manage = true`) drops new TCP
+/// and UDP connections to them that arrive on any interface but `lo`,
+/// counted with the overlay guard's drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    /// The guarded port ranges, in file order; never empty, never the
+    /// QUIC port.
+    pub ports: Vec<RangeInclusive<u16>>,
 }
 
 /// An IPv4 block, `network/len`, with the host bits of `network` zero.

@@ -8,7 +8,7 @@ use toml::{Table, Value};
 
 use crate::build::{allow_list, is_loopback};
 use crate::read::{boolean, found, socket_addr, string, Sink, TableReader};
-use crate::{Overlay, OverlayAllow, OverlayPrefix};
+use crate::{Guard, Overlay, OverlayAllow, OverlayPrefix};
 
 pub(crate) const OVERLAY_KEYS: &[&str] = &[
     "address",
@@ -20,6 +20,7 @@ pub(crate) const OVERLAY_KEYS: &[&str] = &[
     "allow",
 ];
 const ALLOW_KEYS: &[&str] = &["peers", "ports"];
+const GUARD_KEYS: &[&str] = &["ports"];
 
 /// Where redirected connections arrive unless `overlay.listen` says.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
@@ -86,6 +87,64 @@ pub(crate) fn overlay(sink: &mut Sink, table: Option<&Table>) -> Option<Option<O
         guard: guard?,
         allow: allow?,
     }))
+}
+
+/// `[guard]`: `Some(None)` if absent, `None` if invalid. `quic_port` (if
+/// known) may not be guarded: the rule would drop meshtun's own packets.
+pub(crate) fn guard(
+    sink: &mut Sink,
+    table: Option<&Table>,
+    quic_port: Option<u16>,
+) -> Option<Option<Guard>> {
+    let Some(table) = table else {
+        return Some(None);
+    };
+    let reader = TableReader::new(sink, "guard".to_string(), table, GUARD_KEYS, "[guard]");
+    let items = match reader.get("ports") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(other) => {
+            sink.error(
+                reader.key("ports"),
+                format!(
+                    "expected a non-empty list of ports or ranges, e.g. [29500, \"29550-29560\"], {}",
+                    found(other)
+                ),
+            );
+            return None;
+        }
+        None => {
+            sink.error(
+                reader.key("ports"),
+                "missing: the ports only meshtun may reach from off this node, e.g. [29500, \"29550-29560\"]",
+            );
+            return None;
+        }
+    };
+    let mut ports = Vec::new();
+    let mut valid = true;
+    for (index, item) in items.iter().enumerate() {
+        let path = format!("guard.ports[{index}]");
+        match port_range(item) {
+            Ok(range) if quic_port.is_some_and(|quic| range.contains(&quic)) => {
+                sink.error(
+                    path,
+                    format!(
+                        "{}-{} includes quic.listen's port {}; the guard would drop meshtun's own QUIC packets",
+                        range.start(),
+                        range.end(),
+                        quic_port.unwrap_or_default()
+                    ),
+                );
+                valid = false;
+            }
+            Ok(range) => ports.push(range),
+            Err(message) => {
+                sink.error(path, message);
+                valid = false;
+            }
+        }
+    }
+    valid.then_some(Some(Guard { ports }))
 }
 
 /// `overlay.allow`: a list of `{ peers = [...], ports = "N-M" }`; may be

@@ -48,7 +48,7 @@ pub(crate) fn join(path: &str, key: &str) -> String {
 
 /// The keys of the top level of the file.
 pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
-    "node", "quic", "tls", "peer", "forward", "expose", "limits", "admin", "overlay",
+    "node", "quic", "tls", "peer", "forward", "expose", "limits", "admin", "overlay", "guard",
 ];
 
 /// One table being read, with its key path (`""` for the top level,

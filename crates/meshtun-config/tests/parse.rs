@@ -1389,3 +1389,39 @@ prefix = "100.127.0.0/16"
     assert!(!keys.contains(&"peer[0].overlay"), "{errors:?}");
     assert!(!keys.contains(&"expose[0].target"), "{errors:?}");
 }
+
+#[test]
+fn guard_section_lists_ports_and_ranges_and_never_the_quic_port() {
+    let with = |section: &str| format!("{MINIMAL}\n{section}\n");
+    let config = ok(&with("[guard]\nports = [29500, \"29550-29560\"]"));
+    let guard = config.guard.expect("[guard] is present");
+    assert_eq!(guard.ports, vec![29500..=29500, 29550..=29560]);
+    assert!(ok(MINIMAL).guard.is_none(), "no [guard], no guard");
+
+    let keys = |text: &str| -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .iter()
+            .map(|error| error.key.clone())
+            .collect()
+    };
+    let quic_port = ok(MINIMAL).quic.listen.port();
+    assert_eq!(
+        keys(&with(&format!(
+            "[guard]\nports = [80, \"{}-{}\"]",
+            quic_port - 1,
+            quic_port + 1
+        ))),
+        ["guard.ports[1]"]
+    );
+    assert_eq!(keys(&with("[guard]\nports = []")), ["guard.ports"]);
+    assert_eq!(keys(&with("[guard]")), ["guard.ports"]);
+    assert_eq!(
+        keys(&with("[guard]\nports = [0, \"9-2\", 70000]")),
+        ["guard.ports[0]", "guard.ports[1]", "guard.ports[2]"]
+    );
+    assert_eq!(
+        keys(&with("[guard]\nports = [22]\nmanage = true")),
+        ["guard.manage"]
+    );
+}

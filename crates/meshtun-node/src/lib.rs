@@ -76,8 +76,8 @@ use crate::peer::{DialTiming, PeerLinks};
 
 pub use crate::overlay::OverlayError;
 pub use crate::status::{
-    CertificateStatus, ExposeStatus, ForwardStatus, NodeStatus, OverlayStatus, PeerCertificate,
-    PeerStatus, ReloadStatus, ShardStatus,
+    CertificateStatus, ExposeStatus, ForwardStatus, GuardStatus, NodeStatus, OverlayStatus,
+    PeerCertificate, PeerStatus, ReloadStatus, ShardStatus,
 };
 
 /// Why a node could not start. Each variant says which part of the
@@ -224,6 +224,7 @@ struct Facts {
     forwards: Vec<ForwardStatus>,
     exposes: Vec<ExposeStatus>,
     overlay: Option<OverlayStatus>,
+    guard: Option<GuardStatus>,
     last_reload_unix: Option<i64>,
     last_reload_error: Option<String>,
 }
@@ -454,6 +455,10 @@ impl Shared {
                 bypass_dropped: self.metrics.overlay_bypass_dropped(),
                 ..overlay
             }),
+            guard: facts.guard.clone().map(|guard| GuardStatus {
+                bypass_dropped: self.metrics.overlay_bypass_dropped(),
+                ..guard
+            }),
         }
     }
 }
@@ -609,6 +614,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     if without_allow(&old.overlay) != without_allow(&new.overlay) {
         changed.push("[overlay] (except allow)");
+    }
+    // Loaded into nftables with the host set-up.
+    if old.guard != new.guard {
+        changed.push("[guard]");
     }
     changed
 }
@@ -797,13 +806,19 @@ impl Node {
             .filter(|overlay| overlay.manage)
             .zip(transparent.as_ref())
         {
-            let applied = Overlay {
-                listen: transparent.local,
-                ..overlay.clone()
+            // `[guard]` shares the table, so it is loaded with the overlay.
+            let applied = overlay::HostSetup {
+                overlay: Some(Overlay {
+                    listen: transparent.local,
+                    ..overlay.clone()
+                }),
+                guard: config.guard.clone(),
             };
-            if let Err(error) = overlay::setup_up_blocking(applied, config.peers.clone()).await {
+            if let Err(error) =
+                overlay::setup_up_blocking(applied.clone(), config.peers.clone()).await
+            {
                 // Leave nothing half made behind.
-                if let Err(undo) = overlay::setup_down_blocking(overlay.clone()).await {
+                if let Err(undo) = overlay::setup_down_blocking(applied).await {
                     warn!(%undo, "could not undo a partial overlay set-up");
                 }
                 return Err(error.into());
@@ -836,6 +851,10 @@ impl Node {
                 forwards: forward_statuses,
                 exposes: expose_statuses(&config.exposes),
                 overlay: overlay_status,
+                guard: config.guard.as_ref().map(|guard| GuardStatus {
+                    ports: overlay::port_list(&guard.ports),
+                    bypass_dropped: None,
+                }),
                 last_reload_unix: None,
                 last_reload_error: None,
             }),
@@ -894,11 +913,12 @@ impl Node {
             let task = forward::accept_loop(forward, shared.clone());
             loops.push((name, shared.tasks.spawn_on(task, &shard.handle)));
         }
+        if overlay::HostSetup::of(&config).is_some_and(|setup| setup.guards()) {
+            let watch = overlay::watch_guard(shared.clone());
+            shared.tasks.spawn(watch);
+        }
         if let Some(overlay) = &config.overlay {
-            if overlay.guard {
-                let watch = overlay::watch_guard(shared.clone());
-                shared.tasks.spawn(watch);
-            } else {
+            if !overlay.guard {
                 warn!(address = %overlay.address, prefix = %overlay.prefix, "overlay.guard = false: packets for the overlay prefix from off this node are not dropped, so anyone on the link who routes this node's overlay address at it reaches the services bound there in plain text");
             }
         }
@@ -1176,13 +1196,14 @@ impl Node {
     /// With `overlay.manage`, removes the overlay interface and nftables
     /// table last.
     pub async fn shutdown(self, grace: Duration) {
-        let managed_overlay = self
-            .config
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .overlay
-            .clone()
-            .filter(|overlay| overlay.manage);
+        let managed_overlay = {
+            let config = self
+                .config
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            overlay::HostSetup::of(&config)
+                .filter(|setup| setup.overlay.as_ref().is_some_and(|overlay| overlay.manage))
+        };
         let shared = &self.shared;
         shared.stop_accepting.cancel();
         shared.streams.close();

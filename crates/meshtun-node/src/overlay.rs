@@ -12,8 +12,8 @@
 //! - a dummy interface (or a port-less bridge where the kernel has no dummy
 //!   driver) holding A/32, and a route for P through it, so a
 //!   connect to any overlay address is routable before nftables rewrites it;
-//! - a table `ip meshtun_overlay` whose output nat chain redirects TCP for
-//!   P, except A itself, to L;
+//! - a table `inet meshtun_overlay` whose output nat chain redirects TCP
+//!   for P, except A itself, to L;
 //! - unless `overlay.guard = false`, the guard in the same table: input and
 //!   forward filter chains that drop every packet for P arriving on any
 //!   interface but `lo` and the overlay interface, counted in the named
@@ -22,6 +22,12 @@
 //!   underlay address reaches the services bound to A in plain text.
 //!   Carried connections never cross it: the acceptor connects to A from
 //!   this host, which the kernel delivers over `lo`.
+//!
+//! The same table holds the port guard of `[guard]`, for forward mode's
+//! hosting nodes whose services cannot bind loopback: new TCP and UDP
+//! connections to the listed ports that arrive on any interface but `lo`
+//! are dropped, and counted in the same counter. A node with only
+//! `[guard]` gets the table and no interface.
 //!
 //! Loop freedom: the rule must never catch meshtun's own connections. The
 //! obvious way is to exclude them by mark or uid; this rule excludes by address
@@ -39,7 +45,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshtun_config::{Overlay, Peer};
+use meshtun_config::{Config, Guard, Overlay, Peer};
 use meshtun_proto::Preamble;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
@@ -122,33 +128,84 @@ impl OverlayError {
     }
 }
 
-/// Sets the host up for overlay mode: the dummy interface with this node's
-/// overlay address, the route for the prefix, and the nftables table.
+/// What meshtun sets up on the host, in its one nftables table: the
+/// overlay (its interface, route, redirect and guard), the port guard of
+/// `[guard]`, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSetup {
+    /// `[overlay]`, with `listen` as bound.
+    pub overlay: Option<Overlay>,
+    /// `[guard]`.
+    pub guard: Option<Guard>,
+}
+
+impl HostSetup {
+    /// The set-up `config` asks for; `None` if it has neither `[overlay]`
+    /// nor `[guard]`.
+    pub fn of(config: &Config) -> Option<Self> {
+        let setup = Self {
+            overlay: config.overlay.clone(),
+            guard: config.guard.clone(),
+        };
+        (setup.overlay.is_some() || setup.guard.is_some()).then_some(setup)
+    }
+
+    /// Whether anything in the table drops and counts packets.
+    pub fn guards(&self) -> bool {
+        self.guard.is_some() || self.overlay.as_ref().is_some_and(|overlay| overlay.guard)
+    }
+}
+
+/// Sets the host up: for overlay mode the dummy interface with this node's
+/// overlay address and the route for the prefix; then meshtun's nftables
+/// table, with the overlay's redirect and guard and the port guard.
 /// Idempotent: re-applying leaves one interface, one route and one table,
 /// the latter replaced whole. Needs root or `CAP_NET_ADMIN`.
-pub fn setup_up(overlay: &Overlay, peers: &[Peer]) -> Result<(), OverlayError> {
-    let rules = ruleset(overlay)?;
-    let interface = overlay.interface.as_str();
-    let address = format!("{}/32", overlay.address);
-    let prefix = overlay.prefix.to_string();
-    add_interface(interface)?;
-    run(
-        "ip",
-        &["addr", "replace", &address, "dev", interface],
-        None,
-        &[],
-    )?;
-    run("ip", &["link", "set", interface, "up"], None, &[])?;
-    run(
-        "ip",
-        &["route", "replace", &prefix, "dev", interface],
-        None,
-        &[],
-    )?;
+pub fn setup_up(setup: &HostSetup, peers: &[Peer]) -> Result<(), OverlayError> {
+    let rules = ruleset(setup)?;
+    if let Some(overlay) = &setup.overlay {
+        let interface = overlay.interface.as_str();
+        let address = format!("{}/32", overlay.address);
+        let prefix = overlay.prefix.to_string();
+        add_interface(interface)?;
+        run(
+            "ip",
+            &["addr", "replace", &address, "dev", interface],
+            None,
+            &[],
+        )?;
+        run("ip", &["link", "set", interface, "up"], None, &[])?;
+        run(
+            "ip",
+            &["route", "replace", &prefix, "dev", interface],
+            None,
+            &[],
+        )?;
+    }
     run("nft", &["-f", "-"], Some(&rules), &[])?;
-    let reachable = peers.iter().filter(|peer| peer.overlay.is_some()).count();
-    info!(%interface, address = %overlay.address, %prefix, listen = %overlay.listen, peers = reachable, "overlay set up");
+    if let Some(overlay) = &setup.overlay {
+        let reachable = peers.iter().filter(|peer| peer.overlay.is_some()).count();
+        info!(interface = %overlay.interface, address = %overlay.address, prefix = %overlay.prefix, listen = %overlay.listen, guard = overlay.guard, peers = reachable, "overlay set up");
+    }
+    if let Some(guard) = &setup.guard {
+        info!(ports = %port_list(&guard.ports), "port guard set up");
+    }
     Ok(())
+}
+
+/// `29500, 29550-29560`: ranges as nft and people write them.
+pub fn port_list(ports: &[std::ops::RangeInclusive<u16>]) -> String {
+    ports
+        .iter()
+        .map(|range| {
+            if range.start() == range.end() {
+                range.start().to_string()
+            } else {
+                format!("{}-{}", range.start(), range.end())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Creates the interface that holds the overlay address: a dummy one, or,
@@ -166,88 +223,125 @@ fn add_interface(interface: &str) -> Result<(), OverlayError> {
     }
 }
 
-/// Undoes [`setup_up`]: deletes the nftables table and the interface (with
-/// its address and route). Idempotent: what is already gone is fine.
-pub fn setup_down(overlay: &Overlay) -> Result<(), OverlayError> {
-    let interface = overlay.interface.as_str();
-    run(
-        "nft",
-        &["delete", "table", "ip", TABLE],
-        None,
-        &["No such file or directory"],
-    )?;
-    run(
-        "ip",
-        &["link", "del", interface],
-        None,
-        &["Cannot find device"],
-    )?;
-    info!(%interface, "overlay removed");
+/// Undoes [`setup_up`]: deletes the nftables table (also one left in the
+/// `ip` family by an older meshtun) and the overlay's interface (with its
+/// address and route). Idempotent: what is already gone is fine.
+pub fn setup_down(setup: &HostSetup) -> Result<(), OverlayError> {
+    for family in ["inet", "ip"] {
+        run(
+            "nft",
+            &["delete", "table", family, TABLE],
+            None,
+            &["No such file or directory"],
+        )?;
+    }
+    if let Some(overlay) = &setup.overlay {
+        let interface = overlay.interface.as_str();
+        run(
+            "ip",
+            &["link", "del", interface],
+            None,
+            &["Cannot find device"],
+        )?;
+        info!(%interface, "overlay removed");
+    }
+    info!(table = TABLE, "nftables table removed");
     Ok(())
 }
 
 /// [`setup_up`] off the async threads.
 pub(crate) async fn setup_up_blocking(
-    overlay: Overlay,
+    setup: HostSetup,
     peers: Vec<Peer>,
 ) -> Result<(), OverlayError> {
-    tokio::task::spawn_blocking(move || setup_up(&overlay, &peers))
+    tokio::task::spawn_blocking(move || setup_up(&setup, &peers))
         .await
         .unwrap_or_else(|error| Err(OverlayError::Interrupted(error.to_string())))
 }
 
 /// [`setup_down`] off the async threads.
-pub(crate) async fn setup_down_blocking(overlay: Overlay) -> Result<(), OverlayError> {
-    tokio::task::spawn_blocking(move || setup_down(&overlay))
+pub(crate) async fn setup_down_blocking(setup: HostSetup) -> Result<(), OverlayError> {
+    tokio::task::spawn_blocking(move || setup_down(&setup))
         .await
         .unwrap_or_else(|error| Err(OverlayError::Interrupted(error.to_string())))
 }
 
 /// The `nft -f` script that (re)defines meshtun's table. Declaring the
 /// table, deleting it and defining it again in one transaction replaces
-/// whatever was there, atomically, whether or not it existed.
-pub fn ruleset(overlay: &Overlay) -> Result<String, OverlayError> {
-    let listen = overlay.listen;
-    if listen.port() == 0 {
-        return Err(OverlayError::NoPort(listen));
-    }
-    let SocketAddr::V4(listen) = listen else {
-        return Err(OverlayError::NotIpv4(listen));
-    };
-    // `redirect` sends locally generated packets to 127.0.0.1; any other
-    // loopback address needs an explicit `dnat`.
-    let verdict = if *listen.ip() == Ipv4Addr::LOCALHOST {
-        format!("redirect to :{}", listen.port())
-    } else {
-        format!("dnat to {listen}")
-    };
-    let prefix = overlay.prefix;
+/// whatever was there, atomically, whether or not it existed; a table an
+/// older meshtun left in the `ip` family goes the same way. The table is
+/// in the `inet` family, so the port guard covers IPv6 as well as IPv4
+/// (the overlay itself is IPv4 only).
+pub fn ruleset(setup: &HostSetup) -> Result<String, OverlayError> {
     let mut text = format!(
         "table ip {TABLE} {{}}\n\
          delete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
-         \tchain output {{\n\
-         \t\ttype nat hook output priority -100; policy accept;\n\
-         \t\tip daddr {prefix} ip daddr != {address} meta l4proto tcp {verdict}\n\
-         \t}}\n",
-        address = overlay.address,
+         table inet {TABLE} {{}}\n\
+         delete table inet {TABLE}\n\
+         table inet {TABLE} {{\n"
     );
-    if overlay.guard {
-        // The interface name is quoted: config validation keeps it to
-        // characters nft takes inside a string.
+    if setup.guards() {
+        text.push_str(&format!("\tcounter {BYPASS_COUNTER} {{\n\t}}\n"));
+    }
+    let mut input = Vec::new();
+    let mut forward = Vec::new();
+    if let Some(overlay) = &setup.overlay {
+        let listen = overlay.listen;
+        if listen.port() == 0 {
+            return Err(OverlayError::NoPort(listen));
+        }
+        let SocketAddr::V4(listen) = listen else {
+            return Err(OverlayError::NotIpv4(listen));
+        };
+        // `redirect` sends locally generated packets to 127.0.0.1; any other
+        // loopback address needs an explicit `dnat`.
+        let verdict = if *listen.ip() == Ipv4Addr::LOCALHOST {
+            format!("redirect to :{}", listen.port())
+        } else {
+            format!("dnat ip to {listen}")
+        };
         text.push_str(&format!(
-            "\tcounter {BYPASS_COUNTER} {{\n\
-             \t}}\n\
-             \tchain input {{\n\
-             \t\ttype filter hook input priority filter; policy accept;\n\
-             \t\tip daddr {prefix} iifname != {{ \"lo\", \"{interface}\" }} counter name \"{BYPASS_COUNTER}\" drop\n\
-             \t}}\n\
-             \tchain forward {{\n\
-             \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tip daddr {prefix} counter name \"{BYPASS_COUNTER}\" drop\n\
+            "\tchain output {{\n\
+             \t\ttype nat hook output priority -100; policy accept;\n\
+             \t\tip daddr {prefix} ip daddr != {address} meta l4proto tcp {verdict}\n\
              \t}}\n",
-            interface = overlay.interface,
+            prefix = overlay.prefix,
+            address = overlay.address,
         ));
+        if overlay.guard {
+            // The interface name is quoted: config validation keeps it to
+            // characters nft takes inside a string.
+            input.push(format!(
+                "ip daddr {prefix} iifname != {{ \"lo\", \"{interface}\" }} counter name \"{BYPASS_COUNTER}\" drop",
+                prefix = overlay.prefix,
+                interface = overlay.interface,
+            ));
+            forward.push(format!(
+                "ip daddr {prefix} counter name \"{BYPASS_COUNTER}\" drop",
+                prefix = overlay.prefix,
+            ));
+        }
+    }
+    if let Some(guard) = &setup.guard {
+        // New connections only: replies to this node's own outgoing
+        // connections may come back to a guarded port number.
+        input.push(format!(
+            "iifname != \"lo\" ct state new meta l4proto {{ tcp, udp }} th dport {{ {ports} }} counter name \"{BYPASS_COUNTER}\" drop",
+            ports = port_list(&guard.ports),
+        ));
+    }
+    for (chain, rules) in [("input", input), ("forward", forward)] {
+        if rules.is_empty() {
+            continue;
+        }
+        text.push_str(&format!(
+            "\tchain {chain} {{\n\
+             \t\ttype filter hook {chain} priority filter; policy accept;\n"
+        ));
+        for rule in rules {
+            text.push_str(&format!("\t\t{rule}\n"));
+        }
+        text.push_str("\t}\n");
     }
     text.push_str("}\n");
     Ok(text)
@@ -276,12 +370,12 @@ pub(crate) async fn watch_guard(shared: Arc<Shared>) {
                 shared.metrics.set_overlay_bypass_dropped(packets);
             }
             Ok(Err(error)) if error.needs_privilege() => {
-                info!(%error, "cannot read the overlay guard's counter without CAP_NET_ADMIN; meshtun_overlay_bypass_dropped_total is not exported (as root: nft list counter ip {TABLE} {BYPASS_COUNTER})");
+                info!(%error, "cannot read the overlay guard's counter without CAP_NET_ADMIN; meshtun_overlay_bypass_dropped_total is not exported (as root: nft list counter inet {TABLE} {BYPASS_COUNTER})");
                 return;
             }
             Ok(Err(error)) => {
                 if !missing {
-                    warn!(%error, "the overlay guard is not in place: packets for the overlay prefix from off this node are not dropped; run `meshtun overlay up` (or set overlay.manage = true)");
+                    warn!(%error, "meshtun's guard is not in place: packets for the overlay prefix or the [guard] ports from off this node are not dropped; run `meshtun overlay up` (or set overlay.manage = true)");
                 }
                 missing = true;
             }
@@ -299,7 +393,7 @@ pub(crate) async fn watch_guard(shared: Arc<Shared>) {
 /// `bypass_dropped` counter, read with `nft`. Needs `CAP_NET_ADMIN`, as
 /// any read of nftables does.
 pub fn bypass_dropped() -> Result<u64, OverlayError> {
-    let args = ["--json", "list", "counter", "ip", TABLE, BYPASS_COUNTER];
+    let args = ["--json", "list", "counter", "inet", TABLE, BYPASS_COUNTER];
     let stdout = run_for_output("nft", &args, None, &[])?;
     let command = format!("nft {}", args.join(" "));
     packets_in_counter_json(&stdout).ok_or_else(|| OverlayError::Unreadable {
@@ -529,43 +623,100 @@ mod tests {
         }
     }
 
+    fn overlay_only(listen: &str) -> HostSetup {
+        HostSetup {
+            overlay: Some(overlay(listen)),
+            guard: None,
+        }
+    }
+
+    /// Replaces a legacy `ip` table and the `inet` table in one transaction.
+    const PRELUDE: &str = "table ip meshtun_overlay {}\n\
+                           delete table ip meshtun_overlay\n\
+                           table inet meshtun_overlay {}\n\
+                           delete table inet meshtun_overlay\n";
+
     #[test]
     fn ruleset_redirects_the_prefix_except_this_node_and_guards_it() {
-        let text = ruleset(&overlay("127.0.0.1:15001")).expect("a valid overlay");
+        let text = ruleset(&overlay_only("127.0.0.1:15001")).expect("a valid overlay");
         assert_eq!(
             text,
-            "table ip meshtun_overlay {}\n\
-             delete table ip meshtun_overlay\n\
-             table ip meshtun_overlay {\n\
-             \tchain output {\n\
-             \t\ttype nat hook output priority -100; policy accept;\n\
-             \t\tip daddr 100.127.0.0/16 ip daddr != 100.127.0.2 meta l4proto tcp redirect to :15001\n\
-             \t}\n\
-             \tcounter bypass_dropped {\n\
-             \t}\n\
-             \tchain input {\n\
-             \t\ttype filter hook input priority filter; policy accept;\n\
-             \t\tip daddr 100.127.0.0/16 iifname != { \"lo\", \"meshtun0\" } counter name \"bypass_dropped\" drop\n\
-             \t}\n\
-             \tchain forward {\n\
-             \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tip daddr 100.127.0.0/16 counter name \"bypass_dropped\" drop\n\
-             \t}\n\
-             }\n"
+            format!(
+                "{PRELUDE}\
+                 table inet meshtun_overlay {{\n\
+                 \tcounter bypass_dropped {{\n\
+                 \t}}\n\
+                 \tchain output {{\n\
+                 \t\ttype nat hook output priority -100; policy accept;\n\
+                 \t\tip daddr 100.127.0.0/16 ip daddr != 100.127.0.2 meta l4proto tcp redirect to :15001\n\
+                 \t}}\n\
+                 \tchain input {{\n\
+                 \t\ttype filter hook input priority filter; policy accept;\n\
+                 \t\tip daddr 100.127.0.0/16 iifname != {{ \"lo\", \"meshtun0\" }} counter name \"bypass_dropped\" drop\n\
+                 \t}}\n\
+                 \tchain forward {{\n\
+                 \t\ttype filter hook forward priority filter; policy accept;\n\
+                 \t\tip daddr 100.127.0.0/16 counter name \"bypass_dropped\" drop\n\
+                 \t}}\n\
+                 }}\n"
+            )
         );
     }
 
     #[test]
     fn ruleset_without_the_guard_only_redirects() {
-        let unguarded = Overlay {
-            guard: false,
-            ..overlay("127.0.0.1:15001")
-        };
-        let text = ruleset(&unguarded).expect("a valid overlay");
+        let mut setup = overlay_only("127.0.0.1:15001");
+        if let Some(overlay) = &mut setup.overlay {
+            overlay.guard = false;
+        }
+        let text = ruleset(&setup).expect("a valid overlay");
         assert!(text.contains("redirect to :15001"), "{text}");
         for absent in ["drop", "counter", "chain input", "chain forward"] {
             assert!(!text.contains(absent), "{absent} in {text}");
         }
+    }
+
+    #[test]
+    fn ruleset_of_a_port_guard_alone_has_no_overlay() {
+        let setup = HostSetup {
+            overlay: None,
+            guard: Some(Guard {
+                ports: vec![29500..=29500, 29550..=29560],
+            }),
+        };
+        let text = ruleset(&setup).expect("a valid guard");
+        assert_eq!(
+            text,
+            format!(
+                "{PRELUDE}\
+                 table inet meshtun_overlay {{\n\
+                 \tcounter bypass_dropped {{\n\
+                 \t}}\n\
+                 \tchain input {{\n\
+                 \t\ttype filter hook input priority filter; policy accept;\n\
+                 \t\tiifname != \"lo\" ct state new meta l4proto {{ tcp, udp }} th dport {{ 29500, 29550-29560 }} counter name \"bypass_dropped\" drop\n\
+                 \t}}\n\
+                 }}\n"
+            )
+        );
+    }
+
+    #[test]
+    fn ruleset_of_both_guards_puts_both_rules_in_one_input_chain() {
+        let setup = HostSetup {
+            guard: Some(Guard {
+                ports: vec![8000..=8000],
+            }),
+            ..overlay_only("127.0.0.1:15001")
+        };
+        let text = ruleset(&setup).expect("a valid set-up");
+        assert_eq!(text.matches("chain input").count(), 1, "{text}");
+        assert_eq!(text.matches("counter bypass_dropped").count(), 1, "{text}");
+        assert!(text.contains("th dport { 8000 }"), "{text}");
+        assert!(
+            text.contains("iifname != { \"lo\", \"meshtun0\" }"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -578,9 +729,9 @@ mod tests {
 
     #[test]
     fn ruleset_uses_dnat_for_other_loopback_addresses() {
-        let text = ruleset(&overlay("127.0.0.9:15002")).expect("a valid overlay");
+        let text = ruleset(&overlay_only("127.0.0.9:15002")).expect("a valid overlay");
         assert!(
-            text.contains("meta l4proto tcp dnat to 127.0.0.9:15002\n"),
+            text.contains("meta l4proto tcp dnat ip to 127.0.0.9:15002\n"),
             "{text}"
         );
     }
@@ -588,11 +739,11 @@ mod tests {
     #[test]
     fn ruleset_refuses_what_it_cannot_redirect_to() {
         assert!(matches!(
-            ruleset(&overlay("127.0.0.1:0")),
+            ruleset(&overlay_only("127.0.0.1:0")),
             Err(OverlayError::NoPort(_))
         ));
         assert!(matches!(
-            ruleset(&overlay("[::1]:15001")),
+            ruleset(&overlay_only("[::1]:15001")),
             Err(OverlayError::NotIpv4(_))
         ));
     }

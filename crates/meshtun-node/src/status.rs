@@ -47,6 +47,21 @@ pub struct NodeStatus {
     /// Overlay mode, if `[overlay]` is configured.
     #[serde(default)]
     pub overlay: Option<OverlayStatus>,
+    /// The port guard, if `[guard]` is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardStatus>,
+}
+
+/// The port guard of `[guard]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardStatus {
+    /// The guarded ports, as `29500, 29550-29560`.
+    pub ports: String,
+    /// Packets the guards dropped (the overlay's and this one share the
+    /// counter), as last read from nftables; absent while the daemon
+    /// cannot read it (reading needs `CAP_NET_ADMIN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bypass_dropped: Option<u64>,
 }
 
 /// One data-plane shard: a thread with its own QUIC sockets, connections

@@ -219,6 +219,17 @@ pub(crate) fn render(status: &NodeStatus) -> String {
             let _ = writeln!(out, "  overlay: {address} -> {}", printable(peer));
         }
     }
+    if let Some(guard) = &status.guard {
+        let dropped = match guard.bypass_dropped {
+            Some(dropped) => format!("{dropped} packet(s) from off this node dropped"),
+            None => "its counter is unreadable without CAP_NET_ADMIN, or the table is missing: see the daemon's log".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  port guard: ports {} kept for meshtun; {dropped}",
+            printable(&guard.ports)
+        );
+    }
     for peer in &status.peers {
         out.push('\n');
         render_peer(&mut out, peer);

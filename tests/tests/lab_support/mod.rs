@@ -108,7 +108,13 @@ pub(crate) fn assert_bypass_dropped(head: &Host, outsider: &Host, target: Socket
     );
     let output = head
         .command("nft")
-        .args(["list", "counter", "ip", "meshtun_overlay", "bypass_dropped"])
+        .args([
+            "list",
+            "counter",
+            "inet",
+            "meshtun_overlay",
+            "bypass_dropped",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
