@@ -1342,7 +1342,8 @@ fn admin_get(host: &Host, path: &str) -> io::Result<String> {
 /// control); then the direct connection gets nothing and is counted, in
 /// nftables and in the daemon's `/status`, while the same service still
 /// answers through meshtun's forward. `meshtun overlay down` removes the
-/// table again.
+/// table again, even once `[guard]` is gone from the config (as after an
+/// operator took it out and the unit's stop hook ran).
 #[test]
 fn the_port_guard_keeps_a_service_on_every_interface_for_meshtun() {
     let test = "the_port_guard_keeps_a_service_on_every_interface_for_meshtun";
@@ -1442,6 +1443,8 @@ fn the_port_guard_keeps_a_service_on_every_interface_for_meshtun() {
 
     drop(member_daemon);
     daemon.terminate();
+    let without_guard = lab.config(0).expose("store", local, &["node-1"]);
+    std::fs::write(&config_path, without_guard.to_toml()).unwrap();
     overlay_command("down");
     assert!(
         nft_table(head).is_none(),

@@ -98,6 +98,7 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
         check_overlay_addresses(
             sink,
             overlay.as_ref(),
+            quic.as_ref().map(|quic| quic.listen),
             peers.valid.iter().zip(&peers.valid_paths),
             exposes.iter().zip(&expose_paths),
         );
@@ -718,11 +719,37 @@ fn admin(sink: &mut Sink, table: Option<&Table>) -> Option<Option<Admin>> {
 fn check_overlay_addresses<'c>(
     sink: &mut Sink,
     overlay: Option<&crate::Overlay>,
+    quic_listen: Option<SocketAddr>,
     peers: impl Iterator<Item = (&'c Peer, &'c String)>,
     exposes: impl Iterator<Item = (&'c Expose, &'c String)>,
 ) {
+    // The prefix is routed into the overlay interface and guarded: an
+    // underlay address inside it would be cut off.
+    let underlay = |addr: Option<SocketAddr>| match addr.map(|addr| addr.ip()) {
+        Some(IpAddr::V4(ip)) => overlay.filter(|overlay| overlay.prefix.contains(ip)),
+        _ => None,
+    };
+    if let Some(overlay) = underlay(quic_listen) {
+        sink.error(
+            "quic.listen",
+            format!(
+                "{} is inside overlay.prefix {}; the prefix must not cover the network the nodes talk QUIC on",
+                quic_listen.map(|addr| addr.to_string()).unwrap_or_default(),
+                overlay.prefix
+            ),
+        );
+    }
     let mut seen: HashMap<std::net::Ipv4Addr, &str> = HashMap::new();
     for (peer, path) in peers {
+        if let Some(overlay) = underlay(peer.addr.to_socket_addr_if_literal()) {
+            sink.error(
+                format!("{path}.addr"),
+                format!(
+                    "{} is inside overlay.prefix {}; the prefix must not cover the network the nodes talk QUIC on",
+                    peer.addr, overlay.prefix
+                ),
+            );
+        }
         let Some(address) = peer.overlay else {
             continue;
         };

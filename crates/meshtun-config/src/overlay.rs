@@ -100,6 +100,13 @@ pub(crate) fn guard(
         return Some(None);
     };
     let reader = TableReader::new(sink, "guard".to_string(), table, GUARD_KEYS, "[guard]");
+    if quic_port == Some(0) {
+        sink.error(
+            "quic.listen",
+            "has port 0, which the OS picks at start; with [guard] the QUIC port must be fixed, so that no guarded range can cover it",
+        );
+        return None;
+    }
     let items = match reader.get("ports") {
         Some(Value::Array(items)) if !items.is_empty() => items,
         Some(other) => {

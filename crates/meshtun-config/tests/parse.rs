@@ -1425,3 +1425,27 @@ fn guard_section_lists_ports_and_ranges_and_never_the_quic_port() {
         ["guard.manage"]
     );
 }
+
+#[test]
+fn an_overlay_prefix_may_not_cover_the_underlay_and_a_guarded_node_needs_a_fixed_quic_port() {
+    let keys = |text: &str| -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .iter()
+            .map(|error| error.key.clone())
+            .collect()
+    };
+    // The example's nodes talk QUIC on 198.18.0.0/15; a prefix around it
+    // would route and guard the underlay away.
+    let wide = EXAMPLE
+        .replace("prefix = \"100.127.0.0/16\"", "prefix = \"198.0.0.0/8\"")
+        .replace("address = \"100.127.0.2\"", "address = \"198.127.0.2\"")
+        .replace("overlay = \"100.127.0.1\"", "overlay = \"198.127.0.1\"");
+    assert_eq!(keys(&wide), ["quic.listen", "peer[0].addr"]);
+    let port_zero = MINIMAL.replace("198.18.0.2:4433", "198.18.0.2:0");
+    assert!(ok(&port_zero).guard.is_none());
+    assert_eq!(
+        keys(&format!("{port_zero}\n[guard]\nports = [29500]\n")),
+        ["quic.listen"]
+    );
+}

@@ -239,7 +239,7 @@ impl Metrics {
         let overlay_bypass_dropped = Family::default();
         registry.register(
             "overlay_bypass_dropped",
-            "Packets for the overlay prefix from off this node that the overlay guard dropped (read from nftables; absent while unreadable)",
+            "Packets from off this node that meshtun's guards dropped: for its overlay address or prefix, or to its [guard] ports (read from nftables; absent while unreadable)",
             Family::clone(&overlay_bypass_dropped),
         );
         let buffer_bytes = Gauge::default();
@@ -386,6 +386,11 @@ impl Metrics {
             .get_or_create(&NoLabels)
             .inner()
             .store(packets, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops the figure: it could not be read, so none is shown as current.
+    pub(crate) fn forget_overlay_bypass_dropped(&self) {
+        self.overlay_bypass_dropped.remove(&NoLabels);
     }
 
     /// The guard's drop counter as last read, if it was.
@@ -705,6 +710,10 @@ mod tests {
         metrics.set_overlay_bypass_dropped(7);
         metrics.set_overlay_bypass_dropped(42);
         assert_eq!(metrics.overlay_bypass_dropped(), Some(42));
+        metrics.forget_overlay_bypass_dropped();
+        assert_eq!(metrics.overlay_bypass_dropped(), None);
+        assert!(!metrics.encode().unwrap().contains("overlay_bypass_dropped"));
+        metrics.set_overlay_bypass_dropped(42);
         let text = metrics.encode().unwrap();
         assert_eq!(
             sample(&text).as_deref(),

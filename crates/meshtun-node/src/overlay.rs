@@ -14,10 +14,11 @@
 //!   connect to any overlay address is routable before nftables rewrites it;
 //! - a table `inet meshtun_overlay` whose output nat chain redirects TCP
 //!   for P, except A itself, to L;
-//! - unless `overlay.guard = false`, the guard in the same table: input and
-//!   forward filter chains that drop every packet for P arriving on any
-//!   interface but `lo` and the overlay interface, counted in the named
-//!   counter `bypass_dropped`. Linux accepts packets for a local address on
+//! - unless `overlay.guard = false`, the guard in the same table: an input
+//!   chain that drops every packet for A arriving on any interface but `lo`
+//!   and the overlay interface, and a forward chain that drops every packet
+//!   for P the node would route, counted in the named counter
+//!   `bypass_dropped`. Linux accepts packets for a local address on
 //!   any interface, so without it a neighbour that routes A at this node's
 //!   underlay address reaches the services bound to A in plain text.
 //!   Carried connections never cross it: the acceptor connects to A from
@@ -112,6 +113,11 @@ pub enum OverlayError {
 }
 
 impl OverlayError {
+    /// Whether the failure says the table or the counter does not exist.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Self::Failed { stderr, .. } if stderr.contains("No such file or directory"))
+    }
+
     /// Whether the failure looks like missing privileges (not root, no
     /// `CAP_NET_ADMIN`).
     pub fn needs_privilege(&self) -> bool {
@@ -311,9 +317,12 @@ pub fn ruleset(setup: &HostSetup) -> Result<String, OverlayError> {
         if overlay.guard {
             // The interface name is quoted: config validation keeps it to
             // characters nft takes inside a string.
+            // Input: this node's overlay address, the one local address in
+            // the prefix; matching the whole prefix would lock the host out
+            // if the prefix were ever to cover an underlay address.
             input.push(format!(
-                "ip daddr {prefix} iifname != {{ \"lo\", \"{interface}\" }} counter name \"{BYPASS_COUNTER}\" drop",
-                prefix = overlay.prefix,
+                "ip daddr {address} iifname != {{ \"lo\", \"{interface}\" }} counter name \"{BYPASS_COUNTER}\" drop",
+                address = overlay.address,
                 interface = overlay.interface,
             ));
             forward.push(format!(
@@ -370,12 +379,19 @@ pub(crate) async fn watch_guard(shared: Arc<Shared>) {
                 shared.metrics.set_overlay_bypass_dropped(packets);
             }
             Ok(Err(error)) if error.needs_privilege() => {
-                info!(%error, "cannot read the overlay guard's counter without CAP_NET_ADMIN; meshtun_overlay_bypass_dropped_total is not exported (as root: nft list counter inet {TABLE} {BYPASS_COUNTER})");
+                shared.metrics.forget_overlay_bypass_dropped();
+                info!(%error, "cannot read the guard's counter without CAP_NET_ADMIN; meshtun_overlay_bypass_dropped_total is not exported (as root: nft list counter inet {TABLE} {BYPASS_COUNTER})");
                 return;
             }
             Ok(Err(error)) => {
+                // A figure that cannot be read now is not shown as current.
+                shared.metrics.forget_overlay_bypass_dropped();
                 if !missing {
-                    warn!(%error, "meshtun's guard is not in place: packets for the overlay prefix or the [guard] ports from off this node are not dropped; run `meshtun overlay up` (or set overlay.manage = true)");
+                    if error.is_missing() {
+                        warn!(%error, "meshtun's guard is not in place: packets for this node's overlay address or its [guard] ports from off the node are not dropped; run `meshtun overlay up -c FILE` as root (or set overlay.manage = true)");
+                    } else {
+                        warn!(%error, "cannot read the guard's counter; meshtun_overlay_bypass_dropped_total is not exported until it can");
+                    }
                 }
                 missing = true;
             }
@@ -652,7 +668,7 @@ mod tests {
                  \t}}\n\
                  \tchain input {{\n\
                  \t\ttype filter hook input priority filter; policy accept;\n\
-                 \t\tip daddr 100.127.0.0/16 iifname != {{ \"lo\", \"meshtun0\" }} counter name \"bypass_dropped\" drop\n\
+                 \t\tip daddr 100.127.0.2 iifname != {{ \"lo\", \"meshtun0\" }} counter name \"bypass_dropped\" drop\n\
                  \t}}\n\
                  \tchain forward {{\n\
                  \t\ttype filter hook forward priority filter; policy accept;\n\

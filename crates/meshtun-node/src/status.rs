@@ -98,7 +98,8 @@ pub struct OverlayStatus {
     /// Whether the daemon set up the interface and nftables table itself.
     pub managed: bool,
     /// Whether `overlay.guard` is on (packets for the prefix from off the
-    /// node are dropped).
+    /// node are dropped). Absent from an older daemon, which had no guard.
+    #[serde(default)]
     pub guard: bool,
     /// Packets the guard dropped, as last read from nftables; absent while
     /// the daemon cannot read it (reading needs `CAP_NET_ADMIN`).

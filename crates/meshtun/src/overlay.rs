@@ -40,12 +40,18 @@ pub(crate) fn overlay(command: OverlayCommand) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let Some(setup) = HostSetup::of(&config) else {
-        eprintln!(
-            "error: {} has neither an [overlay] nor a [guard] section; there is nothing to set up",
-            path.display()
-        );
-        return ExitCode::from(EXIT_CONFIG);
+    // `down` removes meshtun's table whatever the config says now: a
+    // section taken out of the config must not leave its rules behind.
+    let setup = match HostSetup::of(&config) {
+        Some(setup) => setup,
+        None if !up => HostSetup::default(),
+        None => {
+            eprintln!(
+                "error: {} has neither an [overlay] nor a [guard] section; there is nothing to set up",
+                path.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     let result = if up {
         overlay::setup_up(&setup, &config.peers)
