@@ -281,12 +281,17 @@ impl Drop for WireImpairment {
 
 /// Counts the UDP packets a host receives on its wire interface from
 /// another address (a `netdev` ingress counter inside the host), to check
-/// what an impairment upstream really delivered. Dropping it removes it.
+/// what an impairment upstream really delivered, and, apart, those whose
+/// UDP payload is above [`LARGE_PAYLOAD`] bytes (jumbo packets). Dropping
+/// it removes it.
 #[derive(Debug)]
 pub struct ArrivalCounter {
     namespace: String,
     table: String,
 }
+
+/// The UDP payload above which [`ArrivalCounter::large`] counts a packet.
+pub const LARGE_PAYLOAD: u32 = 8000;
 
 impl ArrivalCounter {
     /// Counts UDP packets from `source` arriving on `host`'s `eth0`.
@@ -295,12 +300,16 @@ impl ArrivalCounter {
         let ruleset = format!(
             "table netdev {table} {{\n\
              \x20 counter arrived {{ }}\n\
+             \x20 counter large {{ }}\n\
              \x20 chain ingress {{\n\
              \x20   type filter hook ingress device \"{interface}\" priority 0; policy accept;\n\
              \x20   meta protocol ip ip saddr {source} meta l4proto udp counter name arrived\n\
+             \x20   meta protocol ip ip saddr {source} udp length > {large} counter name large\n\
              \x20 }}\n\
              }}\n",
             interface = host.interface,
+            // The UDP length field counts its 8-byte header.
+            large = LARGE_PAYLOAD + 8,
         );
         let _ = nft_in(
             &host.namespace,
@@ -317,6 +326,11 @@ impl ArrivalCounter {
     /// What arrived so far.
     pub fn count(&self) -> Result<Count> {
         read_counter(&self.namespace, "netdev", &self.table, "arrived")
+    }
+
+    /// What arrived so far with a UDP payload above [`LARGE_PAYLOAD`].
+    pub fn large(&self) -> Result<Count> {
+        read_counter(&self.namespace, "netdev", &self.table, "large")
     }
 }
 
