@@ -1390,6 +1390,15 @@ prefix = "100.127.0.0/16"
     assert!(!keys.contains(&"expose[0].target"), "{errors:?}");
 }
 
+/// The key paths of the errors `text` gets, in order; panics if it parses.
+fn keys(text: &str) -> Vec<String> {
+    parse(text)
+        .unwrap_err()
+        .iter()
+        .map(|error| error.key.clone())
+        .collect()
+}
+
 #[test]
 fn guard_section_lists_ports_and_ranges_and_never_the_quic_port() {
     let with = |section: &str| format!("{MINIMAL}\n{section}\n");
@@ -1398,13 +1407,6 @@ fn guard_section_lists_ports_and_ranges_and_never_the_quic_port() {
     assert_eq!(guard.ports, vec![29500..=29500, 29550..=29560]);
     assert!(ok(MINIMAL).guard.is_none(), "no [guard], no guard");
 
-    let keys = |text: &str| -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .iter()
-            .map(|error| error.key.clone())
-            .collect()
-    };
     let quic_port = ok(MINIMAL).quic.listen.port();
     assert_eq!(
         keys(&with(&format!(
@@ -1428,13 +1430,6 @@ fn guard_section_lists_ports_and_ranges_and_never_the_quic_port() {
 
 #[test]
 fn an_overlay_prefix_may_not_cover_the_underlay_and_a_guarded_node_needs_a_fixed_quic_port() {
-    let keys = |text: &str| -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .iter()
-            .map(|error| error.key.clone())
-            .collect()
-    };
     // The example's nodes talk QUIC on 198.18.0.0/15; a prefix around it
     // would route and guard the underlay away.
     let wide = EXAMPLE
