@@ -116,9 +116,9 @@ fn wait_mesh_connected(daemons: &[Daemon], names: &[&str]) {
     }
 }
 
-fn all_logs(daemons: &[Daemon]) -> String {
+fn all_logs<'a>(daemons: impl IntoIterator<Item = &'a Daemon>) -> String {
     daemons
-        .iter()
+        .into_iter()
         .map(|daemon| format!("--- {} ---\n{}", daemon.host(), daemon.log_since_start()))
         .collect::<Vec<_>>()
         .join("\n")
@@ -1222,13 +1222,7 @@ fn the_guard_drops_and_counts_a_route_around_the_tunnel() {
     let member_daemon = lab.start(1, &member_config).unwrap();
     wait_connected(&daemon, &["node-1"], Duration::from_secs(30));
     wait_connected(&member_daemon, &["node-0"], Duration::from_secs(30));
-    let daemons = || {
-        format!(
-            "--- node-0 ---\n{}\n--- node-1 ---\n{}",
-            daemon.log_since_start(),
-            member_daemon.log_since_start()
-        )
-    };
+    let daemons = || all_logs([&daemon, &member_daemon]);
     let echo = Echo::start(head.listen(target).unwrap());
 
     let started = Instant::now();
@@ -1397,13 +1391,7 @@ fn the_port_guard_keeps_a_service_on_every_interface_for_meshtun() {
         )
         .unwrap();
     wait_connected(&member_daemon, &["node-0"], Duration::from_secs(30));
-    let logs = || {
-        format!(
-            "--- node-0 ---\n{}\n--- node-1 ---\n{}",
-            daemon.log_since_start(),
-            member_daemon.log_since_start()
-        )
-    };
+    let logs = || all_logs([&daemon, &member_daemon]);
 
     let started = Instant::now();
     let attempt = member.connect(direct).unwrap();
