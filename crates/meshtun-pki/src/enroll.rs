@@ -48,7 +48,7 @@ use rcgen::{
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::NoServerSessionStorage;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -64,9 +64,11 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
+use crate::crl::{RevocationList, Serial};
 use crate::files::{self, NewFile, CERT_MODE, KEY_MODE};
 use crate::identity::node_uri;
 use crate::issue::{Authority, Validity, CA_CERT_FILE};
+use crate::ledger::{Issuance, IssuedRecord, Ledger};
 use crate::load::{first_certificate, NodeCredentials, TrustBundle};
 use crate::tls::crypto_provider;
 use crate::PkiError;
@@ -82,6 +84,9 @@ pub const TOKENS_LOCK_FILE: &str = "tokens.lock";
 /// ALPN of the enrollment protocol (TLS 1.3 over TCP). Distinct from the
 /// QUIC ALPN, so neither endpoint can be mistaken for the other.
 pub const ENROLL_ALPN: &[u8] = b"meshtun-enroll/1";
+
+/// The ALPN protocol of a node's renewal (mTLS with its current certificate).
+pub const RENEW_ALPN: &[u8] = b"meshtun-renew/1";
 
 /// The enrollment protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -204,19 +209,28 @@ pub enum RefusalCode {
     BadRequest,
     /// Too many failed attempts from this address; wait and retry.
     RateLimited,
+    /// A renewal without the node's current certificate.
+    CertificateRequired,
+    /// A renewal for a certificate the CA's ledger does not know.
+    UnknownCertificate,
+    /// A renewal for a revoked certificate.
+    Revoked,
     /// The server could not complete a valid request (its log says why).
     ServerError,
 }
 
 impl RefusalCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [RefusalCode; 7] = [
+    pub const ALL: [RefusalCode; 10] = [
         Self::UnknownToken,
         Self::TokenUsed,
         Self::TokenExpired,
         Self::WrongName,
         Self::BadRequest,
         Self::RateLimited,
+        Self::CertificateRequired,
+        Self::UnknownCertificate,
+        Self::Revoked,
         Self::ServerError,
     ];
 
@@ -229,6 +243,9 @@ impl RefusalCode {
             Self::WrongName => "wrong_name",
             Self::BadRequest => "bad_request",
             Self::RateLimited => "rate_limited",
+            Self::CertificateRequired => "certificate_required",
+            Self::UnknownCertificate => "unknown_certificate",
+            Self::Revoked => "revoked",
             Self::ServerError => "server_error",
         }
     }
@@ -379,6 +396,8 @@ pub struct Grant {
     pub ips: Vec<IpAddr>,
     /// Extra DNS SANs (the node name is always the first DNS SAN).
     pub dns: Vec<String>,
+    /// How long the certificate is valid; the server's default if `None`.
+    pub valid_for: Option<Duration>,
 }
 
 impl Grant {
@@ -428,6 +447,9 @@ struct TokenRecord {
     /// The source address that redeemed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     used_by: Option<String>,
+    /// Seconds the certificate is valid for (`pki token --valid-for`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    valid_for: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -505,6 +527,7 @@ impl TokenBook {
             used: false,
             used_at: None,
             used_by: None,
+            valid_for: grant.valid_for.map(|lifetime| lifetime.as_secs()),
         });
         Ok(NewToken {
             token,
@@ -573,6 +596,7 @@ impl TokenBook {
             node,
             ips: record.ips.clone(),
             dns: record.dns.clone(),
+            valid_for: record.valid_for.map(Duration::from_secs),
         })
     }
 
@@ -726,6 +750,17 @@ impl TokenStore {
 
 // ------------------------------------------------------------------ messages
 
+/// A node's renewal request, sent over a connection with ALPN
+/// [`RENEW_ALPN`] on which it presented its current certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The CSR for the node's fresh key, in PEM.
+    pub csr: String,
+}
+
 /// The client's request.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -830,8 +865,8 @@ pub fn decode_response(body: &[u8]) -> Result<EnrollResponse, EnrollError> {
 pub struct Granted {
     /// The node it was issued for.
     pub node: NodeName,
-    /// The id of the token that was used.
-    pub token_id: String,
+    /// The id of the token that was used; `None` for a renewal.
+    pub token_id: Option<String>,
     /// `sha256:<hex>` of the certificate.
     pub fingerprint: String,
     /// The certificate in PEM.
@@ -840,23 +875,28 @@ pub struct Granted {
     pub ca_pem: String,
 }
 
-/// Answers enrollment requests with one CA and its token store. Blocking
-/// (it takes a file lock and writes the token file): callers on an async
-/// runtime run [`Enroller::handle`] on a blocking thread.
+/// Answers enrollment and renewal requests with one CA, its token store
+/// and its issuance ledger. Blocking (it takes file locks and writes
+/// files): callers on an async runtime run [`Enroller::handle`] and
+/// [`Enroller::renew`] on a blocking thread.
 #[derive(Debug)]
 pub struct Enroller {
     authority: Authority,
     store: TokenStore,
-    days: u32,
+    ledger: Ledger,
+    lifetime: Duration,
 }
 
 impl Enroller {
-    /// An enroller issuing certificates valid for `days` days.
-    pub fn new(authority: Authority, store: TokenStore, days: u32) -> Self {
+    /// An enroller for the CA directory of `store`, issuing certificates
+    /// valid for `lifetime` unless a token says otherwise; a renewal lasts
+    /// as long as the certificate it renews, at most `lifetime`.
+    pub fn new(authority: Authority, store: TokenStore, lifetime: Duration) -> Self {
         Self {
+            ledger: Ledger::new(&store.dir),
             authority,
             store,
-            days,
+            lifetime,
         }
     }
 
@@ -896,20 +936,189 @@ impl Enroller {
         })?;
         let csr =
             ParsedCsr::from_pem(&request.csr).map_err(|refusal| refusal.with_token(&token.id()))?;
-        let validity = Validity::days_from(OffsetDateTime::from(now), self.days);
         let (node, certificate_pem) = self.store.redeem(&token, now, source, |grant| {
+            let lifetime = grant.valid_for.unwrap_or(self.lifetime);
+            let validity = Validity::lasting(OffsetDateTime::from(now), lifetime);
             let pem = sign_request(&self.authority, grant, &csr, validity)?;
+            self.record(&pem, Issuance::Join, None, now)?;
             Ok((grant.node.clone(), pem))
         })?;
+        Ok(self.granted(node, Some(token.id()), certificate_pem))
+    }
+
+    /// Answers one renewal request body from a node that presented
+    /// `client_chain` in the TLS handshake (its leaf verified against this
+    /// CA by the handshake), at `source`.
+    ///
+    /// Refused: no certificate; a certificate the ledger does not know, or
+    /// whose record names another node; one that `DIR/crl.pem` revokes; a
+    /// CSR that asks for a name the certificate does not carry. The new
+    /// certificate has the same node name and SANs, the CSR's key, and the
+    /// old certificate's lifetime (at most the server's), from `now`.
+    pub fn renew(
+        &self,
+        body: &[u8],
+        client_chain: Option<&[CertificateDer<'static>]>,
+        now: SystemTime,
+    ) -> Result<Granted, Refusal> {
+        let request: RenewRequest = serde_json::from_slice(body).map_err(|error| {
+            Refusal::new(
+                RefusalCode::BadRequest,
+                format!(
+                    "not a renewal request {{\"version\":{PROTOCOL_VERSION},\"csr\":..}} \
+                     ({:?} error at line {} column {})",
+                    error.classify(),
+                    error.line(),
+                    error.column()
+                ),
+            )
+        })?;
+        if request.version != PROTOCOL_VERSION {
+            return Err(Refusal::new(
+                RefusalCode::BadRequest,
+                format!(
+                    "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
+                    request.version
+                ),
+            ));
+        }
+        let leaf = client_chain.and_then(<[_]>::first).ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::CertificateRequired,
+                "a renewal must present the node's current certificate",
+            )
+        })?;
+        let current = CurrentCertificate::of(leaf)?;
+        let known = self
+            .ledger
+            .find(&current.serial)
+            .map_err(Refusal::server_error)?;
+        match known {
+            None => {
+                return Err(Refusal::new(
+                    RefusalCode::UnknownCertificate,
+                    format!(
+                        "certificate {} of node {} is not in this CA's ledger (it was issued \
+                         before the ledger existed, or by another CA): get a new one with a \
+                         join token or `meshtun pki issue`",
+                        current.serial, current.grant.node
+                    ),
+                ))
+            }
+            Some(record) if record.node != current.grant.node.as_str() => {
+                return Err(Refusal::new(
+                    RefusalCode::UnknownCertificate,
+                    format!(
+                        "the ledger records certificate {} for node {}, not {}",
+                        current.serial, record.node, current.grant.node
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        let revocations = RevocationList::load(&self.store.dir, &self.authority)
+            .map_err(Refusal::server_error)?;
+        if revocations.is_some_and(|list| list.is_revoked(&current.serial)) {
+            return Err(Refusal::new(
+                RefusalCode::Revoked,
+                format!(
+                    "certificate {} of node {} is revoked; the node must join again",
+                    current.serial, current.grant.node
+                ),
+            ));
+        }
+        let csr = ParsedCsr::from_pem(&request.csr)?;
+        let lifetime = current.lifetime.min(self.lifetime);
+        let validity = Validity::lasting(OffsetDateTime::from(now), lifetime);
+        let pem = sign_request(&self.authority, &current.grant, &csr, validity)?;
+        self.record(&pem, Issuance::SelfRenew, Some(&current.serial), now)?;
+        Ok(self.granted(current.grant.node, None, pem))
+    }
+
+    /// Records a certificate in the ledger before it is sent.
+    fn record(
+        &self,
+        pem: &str,
+        how: Issuance,
+        replaces: Option<&Serial>,
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
+        IssuedRecord::of_pem(pem, how, replaces, now)
+            .and_then(|record| self.ledger.record(record, now))
+            .map_err(|error| {
+                Refusal::server_error(format!(
+                    "the certificate was not sent: cannot record it in the ledger: {error}"
+                ))
+            })
+    }
+
+    fn granted(
+        &self,
+        node: NodeName,
+        token_id: Option<String>,
+        certificate_pem: String,
+    ) -> Granted {
         let fingerprint = first_certificate(&certificate_pem, "issued certificate")
             .map(|der| crate::load::fingerprint(&der))
             .unwrap_or_default();
-        Ok(Granted {
+        Granted {
             node,
-            token_id: token.id(),
+            token_id,
             fingerprint,
             certificate_pem,
             ca_pem: self.authority.cert_pem(),
+        }
+    }
+}
+
+/// What a renewal takes from the certificate the node presented.
+struct CurrentCertificate {
+    serial: Serial,
+    /// Its node name and SANs, which the new certificate carries again.
+    grant: Grant,
+    lifetime: Duration,
+}
+
+impl CurrentCertificate {
+    fn of(leaf: &CertificateDer<'_>) -> Result<Self, Refusal> {
+        let bad = |detail: String| {
+            Refusal::new(
+                RefusalCode::BadRequest,
+                format!("the presented certificate {detail}"),
+            )
+        };
+        let parsed = crate::identity::parse_certificate(leaf, "presented certificate")
+            .map_err(|error| bad(error.to_string()))?;
+        let node = crate::identity::identity_of_parsed(&parsed)
+            .map_err(|detail| bad(format!("has no node identity: {detail}")))?;
+        let serial = Serial::of_parsed(&parsed, "presented certificate")
+            .map_err(|error| bad(error.to_string()))?;
+        let mut ips = Vec::new();
+        let mut dns = Vec::new();
+        if let Ok(Some(extension)) = parsed.subject_alternative_name() {
+            for name in &extension.value.general_names {
+                match name {
+                    GeneralName::IPAddress(bytes) => ips.extend(ip_from_bytes(bytes)),
+                    GeneralName::DNSName(name) if *name != node.as_str() => {
+                        dns.push((*name).to_owned());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let validity = parsed.validity();
+        let time = |at: x509_parser::time::ASN1Time| {
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(at.timestamp()).unwrap_or(0))
+        };
+        Ok(Self {
+            serial,
+            lifetime: Validity::lifetime_of(time(validity.not_before), time(validity.not_after)),
+            grant: Grant {
+                node,
+                ips,
+                dns,
+                valid_for: None,
+            },
         })
     }
 }
@@ -1119,9 +1328,11 @@ impl fmt::Display for CaFingerprintMismatch {
 impl std::error::Error for CaFingerprintMismatch {}
 
 /// The enrollment server's TLS configuration: TLS 1.3 only, ALPN
-/// [`ENROLL_ALPN`], no client certificate (the token authenticates the
-/// client), no session resumption, and a certificate chain [own certificate,
-/// CA certificate] made here, in memory, with a fresh key.
+/// [`ENROLL_ALPN`] or [`RENEW_ALPN`], a client certificate optional (a
+/// joining node has none, its token authenticates it; a renewing node
+/// presents its current one, which must verify against the CA), no session
+/// resumption, and a certificate chain [own certificate, CA certificate]
+/// made here, in memory, with a fresh key.
 ///
 /// The server certificate is valid for a day from `now` (set back an hour
 /// for clock skew), has key usage serverAuth only and no subjectAltName: it
@@ -1153,11 +1364,20 @@ pub fn enrollment_server_config(
     let chain = vec![cert.der().clone(), authority.cert_der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
 
-    let mut config = ServerConfig::builder_with_provider(Arc::new(crypto_provider()))
+    // A joining node has no certificate yet (its token authenticates it); a
+    // renewing node presents its current one, verified here against the CA.
+    let provider = Arc::new(crypto_provider());
+    let mut roots = RootCertStore::empty();
+    roots.add(authority.cert_der().clone())?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .allow_unauthenticated()
+            .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    config.alpn_protocols = vec![ENROLL_ALPN.to_vec(), RENEW_ALPN.to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(config)
@@ -1178,6 +1398,29 @@ pub fn enrollment_client_config(pinned: &CaFingerprint) -> Result<ClientConfig, 
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    config.resumption = Resumption::disabled();
+    config.enable_sni = false;
+    Ok(config)
+}
+
+/// A renewing node's TLS configuration: as [`enrollment_client_config`],
+/// with ALPN [`RENEW_ALPN`] and `current` (the node's certificate and key
+/// in force) as the client certificate.
+pub fn renewal_client_config(
+    pinned: &CaFingerprint,
+    current: &NodeCredentials,
+) -> Result<ClientConfig, PkiError> {
+    let provider = Arc::new(crypto_provider());
+    let verifier = Arc::new(PinnedCaVerifier {
+        pinned: *pinned,
+        provider: Arc::clone(&provider),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(current.chain.clone(), current.key.clone_key())?;
+    config.alpn_protocols = vec![RENEW_ALPN.to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_sni = false;
     Ok(config)
@@ -1325,6 +1568,15 @@ impl JoinKey {
         encode_frame(&EnrollRequest {
             version: PROTOCOL_VERSION,
             token: token.reveal(),
+            csr: self.csr_pem.clone(),
+        })
+    }
+
+    /// The framed renewal request carrying the CSR (the current
+    /// certificate goes in the TLS handshake).
+    pub fn renewal_request(&self) -> Result<Vec<u8>, EnrollError> {
+        encode_frame(&RenewRequest {
+            version: PROTOCOL_VERSION,
             csr: self.csr_pem.clone(),
         })
     }
@@ -1504,6 +1756,43 @@ impl Enrolled {
     }
 }
 
+impl Enrolled {
+    /// Installs a renewed certificate and key in place of the ones at
+    /// `cert` and `key` (`tls.cert`, `tls.key`): the current pair is copied
+    /// to `<cert>.prev` and `<key>.prev` first, then the key and the
+    /// certificate are each replaced atomically (a temporary file renamed
+    /// over it). The CA certificate is not touched. Returns the `.prev`
+    /// paths.
+    pub fn install(&self, cert: &Path, key: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
+        let previous = |path: &Path| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".prev");
+            PathBuf::from(name)
+        };
+        let (cert_prev, key_prev) = (previous(cert), previous(key));
+        let old_key = files::read_private_text(key)?;
+        let old_cert = files::read_text(cert)?;
+        for (path, contents, mode) in [
+            (&key_prev, old_key.as_str(), KEY_MODE),
+            (&cert_prev, old_cert.as_str(), CERT_MODE),
+            (&key.to_path_buf(), self.key_pem.as_str(), KEY_MODE),
+            (&cert.to_path_buf(), self.cert_pem.as_str(), CERT_MODE),
+        ] {
+            let dir = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            let file = NewFile {
+                path: path.clone(),
+                contents,
+                mode,
+            };
+            files::write_files(dir, &[file], true)?;
+        }
+        Ok((cert_prev, key_prev))
+    }
+}
+
 impl fmt::Debug for Enrolled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Enrolled")
@@ -1565,6 +1854,7 @@ mod tests {
     use super::*;
     use crate::files::tests::TempDir;
     use crate::identity::identity_of;
+    use crate::issue::pem_block;
     use rustls::{ClientConnection, ServerConnection};
     use std::os::unix::fs::PermissionsExt;
 
@@ -1577,6 +1867,7 @@ mod tests {
             node: node(name),
             ips: vec!["198.18.0.5".parse().unwrap()],
             dns: vec![format!("{name}.cluster.example")],
+            valid_for: None,
         }
     }
 
@@ -1590,6 +1881,7 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(86_400);
 
     #[test]
     fn tokens_round_trip_and_hide_their_secret() {
@@ -1982,7 +2274,7 @@ mod tests {
         let ca_pem = authority.cert_pem();
         let now = SystemTime::now();
         let token = store.create(&grant("node-x"), HOUR, now).unwrap().token;
-        let enroller = Enroller::new(authority, store.clone(), 30);
+        let enroller = Enroller::new(authority, store.clone(), 30 * DAY);
         let key = JoinKey::generate(&node("node-x")).unwrap();
         let code = |result: Result<Granted, Refusal>| result.unwrap_err().code;
 
@@ -2025,7 +2317,7 @@ mod tests {
             .handle(&body(&token.reveal(), key.csr_pem()), "198.18.0.9:1", now)
             .unwrap();
         assert_eq!(granted.node.as_str(), "node-x");
-        assert_eq!(granted.token_id, token.id());
+        assert_eq!(granted.token_id, Some(token.id()));
         assert_eq!(granted.ca_pem, ca_pem);
         assert!(granted.fingerprint.starts_with("sha256:"));
         assert_eq!(
@@ -2070,6 +2362,159 @@ mod tests {
             .accept(refused, &pinned, now)
             .unwrap_err();
         assert_eq!(error.refusal(), Some(RefusalCode::TokenUsed));
+    }
+
+    /// A node joined with a token valid for `valid_for`: its enroller and
+    /// its credentials.
+    fn joined(
+        label: &str,
+        valid_for: Option<Duration>,
+    ) -> (TempDir, Enroller, NodeCredentials, CaFingerprint) {
+        let (dir, authority, store) = ca_dir(label);
+        let pinned = CaFingerprint::of_authority(&authority);
+        let now = SystemTime::now();
+        let mut granted = grant("node-x");
+        granted.valid_for = valid_for;
+        let token = store.create(&granted, HOUR, now).unwrap().token;
+        let enroller = Enroller::new(authority, store, 30 * DAY);
+        let key = JoinKey::generate(&node("node-x")).unwrap();
+        let answer = enroller
+            .handle(&body(&token.reveal(), key.csr_pem()), "a", now)
+            .unwrap();
+        let enrolled = key
+            .accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
+            .unwrap();
+        let credentials = enrolled.credentials().clone();
+        (dir, enroller, credentials, pinned)
+    }
+
+    fn renewal_body(key: &JoinKey) -> Vec<u8> {
+        let frame = key.renewal_request().unwrap();
+        frame[4..].to_vec()
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_names_and_lifetime_takes_the_new_key_and_is_recorded() {
+        let (dir, enroller, current, pinned) = joined("renew", Some(2 * HOUR));
+        let now = SystemTime::now();
+        let lifetime = current.not_after().duration_since(now).unwrap();
+        assert!(lifetime <= 2 * HOUR && lifetime > 2 * HOUR - 60 * Duration::from_secs(1));
+
+        let key = JoinKey::generate(&node("node-x")).unwrap();
+        let answer = enroller
+            .renew(&renewal_body(&key), Some(current.chain()), now)
+            .unwrap();
+        assert_eq!(answer.token_id, None);
+        let renewed = key
+            .accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
+            .unwrap();
+        let new = renewed.credentials();
+        assert_eq!(new.identity().as_str(), "node-x");
+        let left = new.not_after().duration_since(now).unwrap();
+        assert!(
+            left > 2 * HOUR - Duration::from_secs(60) && left <= 2 * HOUR,
+            "{left:?}"
+        );
+        let describe = |credentials: &NodeCredentials| {
+            crate::inspect_pem(&pem_block("CERTIFICATE", &credentials.chain()[0]))
+                .unwrap()
+                .remove(0)
+                .sans
+        };
+        assert_eq!(describe(new), describe(&current));
+
+        let ledger = Ledger::new(dir.path()).records().unwrap();
+        assert_eq!(ledger.len(), 2, "the join and the renewal are recorded");
+        assert_eq!(ledger[0].how, Issuance::Join);
+        assert_eq!(ledger[1].how, Issuance::SelfRenew);
+        let old_serial = Serial::of_certificate(&current.chain()[0]).unwrap();
+        assert_eq!(ledger[1].replaces, Some(old_serial.to_string()));
+        assert_eq!(
+            ledger[1].serial,
+            Serial::of_certificate(&new.chain()[0]).unwrap().to_string()
+        );
+    }
+
+    #[test]
+    fn a_renewal_is_refused_without_a_known_unrevoked_certificate_or_for_another_name() {
+        let (dir, enroller, current, _) = joined("renew-refused", None);
+        let now = SystemTime::now();
+        let code = |result: Result<Granted, Refusal>| result.unwrap_err().code;
+        let key = JoinKey::generate(&node("node-x")).unwrap();
+
+        assert_eq!(
+            code(enroller.renew(&renewal_body(&key), None, now)),
+            RefusalCode::CertificateRequired
+        );
+        let other = JoinKey::generate(&node("node-y")).unwrap();
+        assert_eq!(
+            code(enroller.renew(&renewal_body(&other), Some(current.chain()), now)),
+            RefusalCode::WrongName
+        );
+        assert_eq!(
+            code(enroller.renew(b"{\"version\":1}", Some(current.chain()), now)),
+            RefusalCode::BadRequest
+        );
+        // Issued by this CA, but outside the ledger (as before it existed).
+        let unrecorded = enroller
+            .authority()
+            .issue(&node("node-x"), &[], &[], Validity::days_from_now(1))
+            .unwrap();
+        let unrecorded =
+            NodeCredentials::from_pem(&unrecorded.cert_pem, &unrecorded.key_pem).unwrap();
+        assert_eq!(
+            code(enroller.renew(&renewal_body(&key), Some(unrecorded.chain()), now)),
+            RefusalCode::UnknownCertificate
+        );
+        // Revoked.
+        let mut list = RevocationList::new();
+        list.revoke(
+            Serial::of_certificate(&current.chain()[0]).unwrap(),
+            None,
+            now,
+        );
+        list.write(enroller.authority(), dir.path(), now, 30)
+            .unwrap();
+        assert_eq!(
+            code(enroller.renew(&renewal_body(&key), Some(current.chain()), now)),
+            RefusalCode::Revoked
+        );
+        assert_eq!(
+            Ledger::new(dir.path()).records().unwrap().len(),
+            1,
+            "nothing issued"
+        );
+    }
+
+    #[test]
+    fn install_keeps_the_previous_pair_beside_the_new_one() {
+        let (_dir, enroller, current, pinned) = joined("install", None);
+        let out = TempDir::new("install-out");
+        std::fs::create_dir_all(out.path()).unwrap();
+        let cert = out.path().join("node-x.crt");
+        let key_path = out.path().join("node-x.key");
+        let pem = |der: &CertificateDer<'_>| pem_block("CERTIFICATE", der);
+        let old_cert = pem(&current.chain()[0]);
+        std::fs::write(&cert, &old_cert).unwrap();
+        std::fs::write(&key_path, "old key").unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        let key = JoinKey::generate(&node("node-x")).unwrap();
+        let now = SystemTime::now();
+        let answer = enroller
+            .renew(&renewal_body(&key), Some(current.chain()), now)
+            .unwrap();
+        let renewed = key
+            .accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
+            .unwrap();
+        let (cert_prev, key_prev) = renewed.install(&cert, &key_path).unwrap();
+        assert_eq!(std::fs::read_to_string(&cert_prev).unwrap(), old_cert);
+        assert_eq!(std::fs::read_to_string(&key_prev).unwrap(), "old key");
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key_prev), 0o600);
+        assert_eq!(mode(&key_path), 0o600);
+        let loaded = NodeCredentials::load(&cert, &key_path).unwrap();
+        assert_eq!(loaded.fingerprint(), renewed.credentials().fingerprint());
     }
 
     #[test]
@@ -2232,7 +2677,7 @@ mod tests {
             .create(&grant("node-x"), HOUR, SystemTime::now())
             .unwrap()
             .token;
-        let enroller = Enroller::new(authority, store, 30);
+        let enroller = Enroller::new(authority, store, 30 * DAY);
         let key = JoinKey::generate(&node("node-x")).unwrap();
         let granted = enroller
             .handle(

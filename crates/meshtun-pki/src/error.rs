@@ -185,6 +185,15 @@ pub enum PkiError {
     #[error("cannot build a certificate verifier from the trust bundle: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 
+    /// The issuance ledger of a CA directory cannot be used.
+    #[error("{}: {detail}", path.display())]
+    Ledger {
+        /// The ledger file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+
     /// A certificate does not verify against the trust bundle.
     #[error("the certificate of {identity} is not trusted: {reason}")]
     Untrusted {

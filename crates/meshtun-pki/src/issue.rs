@@ -32,7 +32,8 @@ pub const CA_CERT_FILE: &str = "ca.crt";
 pub const CA_KEY_FILE: &str = "ca.key";
 
 /// How far `not_before` is set back from "now", to tolerate clock skew
-/// between the issuing machine and the nodes.
+/// between the issuing machine and the nodes; at most a quarter of the
+/// lifetime, so a certificate valid for minutes is not mostly in the past.
 const CLOCK_SKEW: Duration = Duration::hours(1);
 
 /// Random bytes in a serial number (RFC 5280 allows up to 20 octets).
@@ -56,13 +57,51 @@ impl Validity {
     /// From one hour before `start` until `days` days after it. A period
     /// reaching past 9999-12-31T23:59:59Z (the end of X.509 time) ends there.
     pub fn days_from(start: OffsetDateTime, days: u32) -> Self {
-        let not_before = start.checked_sub(CLOCK_SKEW).unwrap_or(start);
+        Self::lasting(
+            start,
+            std::time::Duration::from_secs(u64::from(days) * 86_400),
+        )
+    }
+
+    /// From now for `lifetime` (see [`Validity::lasting`]).
+    pub fn from_now(lifetime: std::time::Duration) -> Self {
+        Self::lasting(OffsetDateTime::now_utc(), lifetime)
+    }
+
+    /// Until `lifetime` after `start`, and from somewhat before `start` for
+    /// clock skew: an hour, or a quarter of `lifetime` if that is less. A
+    /// period reaching past 9999-12-31T23:59:59Z (the end of X.509 time)
+    /// ends there.
+    pub fn lasting(start: OffsetDateTime, lifetime: std::time::Duration) -> Self {
+        let lifetime = Duration::try_from(lifetime).unwrap_or(Duration::MAX);
+        let skew = CLOCK_SKEW.min(lifetime / 4);
+        let not_before = start.checked_sub(skew).unwrap_or(start);
         let not_after = start
-            .checked_add(Duration::days(i64::from(days)))
+            .checked_add(lifetime)
             .map_or_else(latest_x509_time, |end| end.min(latest_x509_time()));
         Self {
             not_before,
             not_after,
+        }
+    }
+
+    /// The lifetime that [`Validity::lasting`] was given for a certificate
+    /// valid from `not_before` to `not_after` (the span less the skew
+    /// allowance): what a renewal of it should last.
+    pub fn lifetime_of(
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> std::time::Duration {
+        let span = not_after
+            .duration_since(not_before)
+            .unwrap_or(std::time::Duration::ZERO);
+        let hour = std::time::Duration::from_secs(3600);
+        // A lifetime of 4 h or more was set back a full hour (5 h of span);
+        // a shorter one by a quarter of itself.
+        if span >= 5 * hour {
+            span - hour
+        } else {
+            span * 4 / 5
         }
     }
 
@@ -665,7 +704,7 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
 }
 
 /// DER wrapped in a PEM block with 64-column base64 lines.
-fn pem_block(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut encoded = Vec::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {
@@ -705,6 +744,30 @@ mod tests {
 
     fn node(name: &str) -> NodeName {
         NodeName::new(name).unwrap()
+    }
+
+    #[test]
+    fn a_short_lifetime_is_set_back_a_quarter_and_its_renewal_lasts_as_long() {
+        let start = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let to_system = |time: OffsetDateTime| std::time::SystemTime::from(time);
+        for (lifetime, skew) in [
+            (120, 30),
+            (4 * 3600, 3600),
+            (12 * 3600, 3600),
+            (365 * 86_400, 3600),
+        ] {
+            let lifetime = std::time::Duration::from_secs(lifetime);
+            let validity = Validity::lasting(start, lifetime);
+            assert_eq!(validity.not_before, start - Duration::seconds(skew));
+            assert_eq!(validity.not_after, start + lifetime);
+            assert_eq!(
+                Validity::lifetime_of(
+                    to_system(validity.not_before),
+                    to_system(validity.not_after)
+                ),
+                lifetime
+            );
+        }
     }
 
     #[test]

@@ -30,16 +30,18 @@ mod files;
 mod identity;
 mod inspect;
 mod issue;
+mod ledger;
 mod load;
 mod tls;
 
 pub use crl::{Reason, RevocationList, RevocationTarget, Revoked, Serial, CRL_FILE};
 pub use enroll::{
     decode_response, encode_frame, enrollment_client_config, enrollment_server_config, format_utc,
-    frame_len, CaFingerprint, CaFingerprintMismatch, EnrollError, EnrollRequest, EnrollResponse,
-    Enrolled, Enroller, FingerprintFormatError, Grant, Granted, JoinFiles, JoinKey, JoinToken,
-    NewToken, PinnedCaVerifier, Refusal, RefusalCode, TokenFormatError, TokenStore, ENROLL_ALPN,
-    MAX_MESSAGE_LEN, PROTOCOL_VERSION, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
+    frame_len, renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollError,
+    EnrollRequest, EnrollResponse, Enrolled, Enroller, FingerprintFormatError, Grant, Granted,
+    JoinFiles, JoinKey, JoinToken, NewToken, PinnedCaVerifier, Refusal, RefusalCode, RenewRequest,
+    TokenFormatError, TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, PROTOCOL_VERSION, RENEW_ALPN,
+    TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
 };
 pub use error::PkiError;
 pub use files::key_file_mode_problem;
@@ -49,5 +51,8 @@ pub use inspect::{
     Inspection, RevokedInspection,
 };
 pub use issue::{Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
+pub use ledger::{
+    Issuance, IssuedRecord, Ledger, EXPIRED_RECORD_KEPT, LEDGER_FILE, LEDGER_LOCK_FILE,
+};
 pub use load::{NodeCredentials, TrustBundle};
 pub use tls::{client_config, server_config, PeerMismatch, PeerRole};

@@ -1,0 +1,475 @@
+//! The issuance ledger: `DIR/issued.json` in a CA directory holds one record
+//! per certificate the CA signed (by `pki issue`, `pki renew`, `meshtun
+//! join` or a node's own renewal), so that every certificate of a node can
+//! be revoked at once (`pki revoke --node`) and a renewal can be refused for
+//! a certificate the CA does not know.
+//!
+//! A record is written *before* its certificate leaves the CA (is written
+//! to a file or sent): a certificate out in the world always has a record,
+//! while a failure after the record leaves at most a record of a certificate
+//! nobody holds, which costs nothing. Every change reads, changes and
+//! rewrites the whole file under an advisory lock (`DIR/issued.lock`) and
+//! renames a temporary file over it, so two commands at once never lose
+//! each other's records and a reader never sees half a file. Records of
+//! certificates expired more than [`EXPIRED_RECORD_KEPT`] ago are dropped.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::crl::Serial;
+use crate::files::{self, NewFile, KEY_MODE};
+use crate::identity::{identity_of_parsed, parse_certificate};
+use crate::inspect::describe_name;
+use crate::load::first_certificate;
+use crate::PkiError;
+
+/// The ledger's file in a CA directory.
+pub const LEDGER_FILE: &str = "issued.json";
+
+/// The lock file taken around every change of [`LEDGER_FILE`].
+pub const LEDGER_LOCK_FILE: &str = "issued.lock";
+
+/// How long a record is kept after its certificate expired: long enough to
+/// answer "who held serial X last month".
+pub const EXPIRED_RECORD_KEPT: Duration = Duration::from_secs(90 * 24 * 3600);
+
+const LEDGER_VERSION: u32 = 1;
+
+/// How a certificate came to be issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Issuance {
+    /// `meshtun pki issue`, on the CA host.
+    Issue,
+    /// `meshtun pki renew`, on the CA host.
+    Renew,
+    /// `meshtun join`, with a join token.
+    Join,
+    /// A node's own renewal over mTLS (`meshtun renew`, or the daemon).
+    SelfRenew,
+}
+
+impl Issuance {
+    /// The name the ledger and `pki list` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Issue => "issue",
+            Self::Renew => "renew",
+            Self::Join => "join",
+            Self::SelfRenew => "self-renew",
+        }
+    }
+}
+
+impl fmt::Display for Issuance {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+/// One issued certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedRecord {
+    /// Its serial number, as `meshtun pki inspect` prints it.
+    pub serial: String,
+    /// The node it names.
+    pub node: String,
+    /// Its subject alternative names (`URI:…`, `DNS:…`, `IP:…`).
+    pub names: Vec<String>,
+    /// Start of validity, Unix seconds.
+    pub not_before: u64,
+    /// End of validity, Unix seconds.
+    pub not_after: u64,
+    /// SHA-256 of its SubjectPublicKeyInfo, lowercase hex: which key it
+    /// certifies.
+    pub public_key_sha256: String,
+    /// When the CA signed it, Unix seconds.
+    pub issued_at: u64,
+    /// How it was asked for.
+    pub how: Issuance,
+    /// The serial of the certificate it renewed, if it was a renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
+impl IssuedRecord {
+    /// The record of the certificate in `cert_pem`, signed at `now`.
+    pub fn of_pem(
+        cert_pem: &str,
+        how: Issuance,
+        replaces: Option<&Serial>,
+        now: SystemTime,
+    ) -> Result<Self, PkiError> {
+        let der = first_certificate(cert_pem, "issued certificate")?;
+        Self::of_der(&der, how, replaces, now)
+    }
+
+    /// The record of the certificate `der`, signed at `now`.
+    pub fn of_der(
+        der: &CertificateDer<'_>,
+        how: Issuance,
+        replaces: Option<&Serial>,
+        now: SystemTime,
+    ) -> Result<Self, PkiError> {
+        let origin = "issued certificate";
+        let parsed = parse_certificate(der, origin)?;
+        let node = identity_of_parsed(&parsed).map_err(|detail| PkiError::Identity {
+            origin: origin.to_string(),
+            detail,
+        })?;
+        let names = match parsed.subject_alternative_name() {
+            Ok(Some(extension)) => extension
+                .value
+                .general_names
+                .iter()
+                .map(describe_name)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let validity = parsed.validity();
+        Ok(Self {
+            serial: Serial::of_parsed(&parsed, origin)?.to_string(),
+            node: node.to_string(),
+            names,
+            not_before: u64::try_from(validity.not_before.timestamp()).unwrap_or(0),
+            not_after: u64::try_from(validity.not_after.timestamp()).unwrap_or(0),
+            public_key_sha256: hex(&Sha256::digest(parsed.public_key().raw)),
+            issued_at: unix_seconds(now),
+            how,
+            replaces: replaces.map(ToString::to_string),
+        })
+    }
+
+    /// Its serial number, parsed.
+    pub fn serial(&self) -> Result<Serial, PkiError> {
+        self.serial.parse()
+    }
+
+    /// Whether it is past its `not_after` at `now`.
+    pub fn expired_at(&self, now: SystemTime) -> bool {
+        unix_seconds(now) > self.not_after
+    }
+
+    /// End of validity.
+    pub fn not_after_time(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.not_after)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerDocument {
+    version: u32,
+    certificates: Vec<IssuedRecord>,
+}
+
+/// `DIR/issued.json` of a CA directory.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    dir: PathBuf,
+}
+
+impl Ledger {
+    /// The ledger of the CA directory `dir` (nothing is read yet).
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `DIR/issued.json`.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(LEDGER_FILE)
+    }
+
+    /// Adds `record`, dropping records expired more than
+    /// [`EXPIRED_RECORD_KEPT`] before `now`. A record with the serial of one
+    /// already there is refused: serials are random and 126 bits long, so a
+    /// repeat means something is badly wrong.
+    pub fn record(&self, record: IssuedRecord, now: SystemTime) -> Result<(), PkiError> {
+        let _lock = self.lock()?;
+        let mut records = self.read()?;
+        if records.iter().any(|known| known.serial == record.serial) {
+            return Err(self.error(format!(
+                "serial {} is recorded already; refusing to record it twice",
+                record.serial
+            )));
+        }
+        let kept = EXPIRED_RECORD_KEPT.as_secs();
+        let now = unix_seconds(now);
+        records.retain(|known| known.not_after.saturating_add(kept) > now);
+        records.push(record);
+        self.write(records)
+    }
+
+    /// Every record, oldest first; none if the file does not exist yet.
+    pub fn records(&self) -> Result<Vec<IssuedRecord>, PkiError> {
+        self.read()
+    }
+
+    /// The record of `serial`, if any.
+    pub fn find(&self, serial: &Serial) -> Result<Option<IssuedRecord>, PkiError> {
+        let wanted = serial.to_string();
+        Ok(self
+            .read()?
+            .into_iter()
+            .find(|record| record.serial == wanted))
+    }
+
+    /// The records of `node`'s certificates that are unexpired at `now`.
+    pub fn unexpired_of(&self, node: &str, now: SystemTime) -> Result<Vec<IssuedRecord>, PkiError> {
+        Ok(self
+            .read()?
+            .into_iter()
+            .filter(|record| record.node == node && !record.expired_at(now))
+            .collect())
+    }
+
+    fn read(&self) -> Result<Vec<IssuedRecord>, PkiError> {
+        let path = self.path();
+        let text = match files::read_text(&path) {
+            Ok(text) => text,
+            Err(PkiError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Ok(Vec::new())
+            }
+            Err(error) => return Err(error),
+        };
+        let document: LedgerDocument = serde_json::from_str(&text)
+            .map_err(|error| self.error(format!("not a meshtun issuance ledger: {error}")))?;
+        if document.version != LEDGER_VERSION {
+            return Err(self.error(format!(
+                "version {} (this meshtun reads version {LEDGER_VERSION})",
+                document.version
+            )));
+        }
+        Ok(document.certificates)
+    }
+
+    fn write(&self, certificates: Vec<IssuedRecord>) -> Result<(), PkiError> {
+        let document = LedgerDocument {
+            version: LEDGER_VERSION,
+            certificates,
+        };
+        let mut text = serde_json::to_string_pretty(&document)
+            .map_err(|error| self.error(format!("cannot serialize: {error}")))?;
+        text.push('\n');
+        let file = NewFile {
+            path: self.path(),
+            contents: &text,
+            mode: KEY_MODE,
+        };
+        files::write_files(&self.dir, &[file], true)
+    }
+
+    fn lock(&self) -> Result<Flock<std::fs::File>, PkiError> {
+        let path = self.dir.join(LEDGER_LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(KEY_MODE)
+            .open(&path)
+            .map_err(|source| PkiError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| PkiError::Write {
+            path,
+            source: io::Error::from(errno),
+        })
+    }
+
+    fn error(&self, detail: String) -> PkiError {
+        PkiError::Ledger {
+            path: self.path(),
+            detail,
+        }
+    }
+}
+
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::tests::TempDir;
+    use crate::issue::{Authority, Validity};
+    use meshtun_proto::NodeName;
+
+    fn issue(authority: &Authority, node: &str, days: u32) -> String {
+        let node = NodeName::new(node).expect("node name");
+        authority
+            .issue(
+                &node,
+                &["198.18.0.1".parse().expect("ip")],
+                &[],
+                Validity::days_from_now(days),
+            )
+            .expect("issue")
+            .cert_pem
+    }
+
+    #[test]
+    fn a_record_names_the_certificate_its_key_and_how() {
+        let authority = Authority::generate("lab", Validity::days_from_now(30)).expect("ca");
+        let pem = issue(&authority, "node-1", 5);
+        let der = first_certificate(&pem, "test").expect("der");
+        let now = SystemTime::now();
+        let record = IssuedRecord::of_pem(&pem, Issuance::Join, None, now).expect("record");
+        assert_eq!(record.node, "node-1");
+        assert_eq!(
+            record.serial,
+            Serial::of_certificate(&der).expect("serial").to_string()
+        );
+        assert_eq!(
+            record.names,
+            [
+                "URI:spiffe://lab/node/node-1",
+                "DNS:node-1",
+                "IP:198.18.0.1"
+            ]
+        );
+        assert_eq!(record.public_key_sha256.len(), 64);
+        assert_eq!(record.how, Issuance::Join);
+        assert!(record.not_after > record.not_before);
+        assert!(!record.expired_at(now));
+        assert!(record.expired_at(record.not_after_time() + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn records_persist_and_find_by_serial_and_node() {
+        let dir = TempDir::new("ledger-find");
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        let ledger = Ledger::new(&dir.0);
+        assert!(ledger.records().expect("empty").is_empty());
+        let authority = Authority::generate("lab", Validity::days_from_now(30)).expect("ca");
+        let now = SystemTime::now();
+        let first =
+            IssuedRecord::of_pem(&issue(&authority, "node-1", 5), Issuance::Issue, None, now)
+                .expect("record");
+        let other =
+            IssuedRecord::of_pem(&issue(&authority, "node-2", 5), Issuance::Issue, None, now)
+                .expect("record");
+        let renewed = IssuedRecord::of_pem(
+            &issue(&authority, "node-1", 5),
+            Issuance::Renew,
+            Some(&first.serial().expect("serial")),
+            now,
+        )
+        .expect("record");
+        for record in [&first, &other, &renewed] {
+            ledger.record(record.clone(), now).expect("record");
+        }
+        let again = Ledger::new(&dir.0);
+        assert_eq!(
+            again.records().expect("read"),
+            [first.clone(), other, renewed.clone()]
+        );
+        assert_eq!(
+            again.find(&first.serial().expect("serial")).expect("find"),
+            Some(first.clone())
+        );
+        assert_eq!(
+            again.unexpired_of("node-1", now).expect("of node"),
+            [first.clone(), renewed.clone()]
+        );
+        assert_eq!(renewed.replaces.as_deref(), Some(first.serial.as_str()));
+        // Past their end, they are no longer "unexpired".
+        let later = first.not_after_time() + Duration::from_secs(10);
+        assert!(again
+            .unexpired_of("node-1", later)
+            .expect("of node")
+            .is_empty());
+        assert!(matches!(
+            again.record(first, now),
+            Err(PkiError::Ledger { .. })
+        ));
+    }
+
+    #[test]
+    fn long_expired_records_are_dropped_on_the_next_change() {
+        let dir = TempDir::new("ledger-prune");
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        let ledger = Ledger::new(&dir.0);
+        let authority = Authority::generate("lab", Validity::days_from_now(30)).expect("ca");
+        let now = SystemTime::now();
+        let old = IssuedRecord::of_pem(&issue(&authority, "node-1", 1), Issuance::Issue, None, now)
+            .expect("record");
+        ledger.record(old.clone(), now).expect("record");
+        let much_later = old.not_after_time() + EXPIRED_RECORD_KEPT + Duration::from_secs(1);
+        let new = IssuedRecord::of_pem(&issue(&authority, "node-2", 1), Issuance::Issue, None, now)
+            .expect("record");
+        ledger.record(new.clone(), much_later).expect("record");
+        assert_eq!(ledger.records().expect("read"), [new]);
+    }
+
+    #[test]
+    fn a_damaged_ledger_is_refused_with_its_path() {
+        let dir = TempDir::new("ledger-damaged");
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        std::fs::write(dir.0.join(LEDGER_FILE), "{not json").expect("write");
+        let error = Ledger::new(&dir.0).records().expect_err("damaged");
+        let message = error.to_string();
+        assert!(message.contains(LEDGER_FILE), "{message}");
+        assert!(
+            message.contains("not a meshtun issuance ledger"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn concurrent_writers_lose_no_record() {
+        let dir = TempDir::new("ledger-concurrent");
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        let authority = Authority::generate("lab", Validity::days_from_now(30)).expect("ca");
+        let now = SystemTime::now();
+        let records: Vec<IssuedRecord> = (0..16)
+            .map(|index| {
+                IssuedRecord::of_pem(
+                    &issue(&authority, &format!("node-{index}"), 5),
+                    Issuance::Issue,
+                    None,
+                    now,
+                )
+                .expect("record")
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for record in &records {
+                let dir = dir.0.clone();
+                scope.spawn(move || {
+                    Ledger::new(&dir)
+                        .record(record.clone(), now)
+                        .expect("record")
+                });
+            }
+        });
+        let mut written: Vec<String> = Ledger::new(&dir.0)
+            .records()
+            .expect("read")
+            .into_iter()
+            .map(|record| record.serial)
+            .collect();
+        written.sort();
+        let mut expected: Vec<String> = records.into_iter().map(|record| record.serial).collect();
+        expected.sort();
+        assert_eq!(written, expected);
+    }
+}
