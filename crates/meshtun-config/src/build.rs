@@ -14,10 +14,10 @@ use toml::{Table, Value};
 
 use crate::read::{
     boolean, duration_in, found, host_port, integer_in, node_name, path, service_name, size_in,
-    socket_addr, Sink, TableReader, TOP_LEVEL_KEYS,
+    socket_addr, string, Sink, TableReader, TOP_LEVEL_KEYS,
 };
 use crate::units::{format_duration, format_size, GIB, KIB, MIB};
-use crate::{Admin, Allow, Config, ConfigErrors, Expose, Forward, Limits, Peer, Quic, Tls};
+use crate::{Admin, Allow, Config, ConfigErrors, Expose, Forward, Limits, Peer, Quic, Renew, Tls};
 
 const QUIC_KEYS: &[&str] = &[
     "listen",
@@ -34,7 +34,8 @@ const QUIC_KEYS: &[&str] = &[
     "reconnect_min",
     "reconnect_max",
 ];
-const TLS_KEYS: &[&str] = &["ca", "cert", "key", "crl"];
+const TLS_KEYS: &[&str] = &["ca", "cert", "key", "crl", "renew"];
+const RENEW_KEYS: &[&str] = &["server", "ca_fingerprint", "at"];
 const PEER_KEYS: &[&str] = &["name", "addr", "overlay"];
 const FORWARD_KEYS: &[&str] = &["listen", "peer", "service", "allow_non_loopback"];
 const EXPOSE_KEYS: &[&str] = &["service", "target", "allow"];
@@ -320,11 +321,77 @@ fn tls(sink: &mut Sink, table: Option<&Table>) -> Option<Tls> {
         path,
     );
     let crl = tls.optional(sink, "crl", path);
+    let renew = match tls.get("renew") {
+        None => Some(None),
+        Some(Value::Table(table)) => renew(sink, tls.key("renew"), table).map(Some),
+        Some(other) => {
+            sink.error(
+                tls.key("renew"),
+                format!(
+                    "expected a table like {{ server = \"ca-host:4434\", ca_fingerprint = \"sha256:…\" }}, {}",
+                    found(other)
+                ),
+            );
+            None
+        }
+    };
     Some(Tls {
         ca: ca?,
         cert: cert?,
         key: key?,
         crl: crl?,
+        renew: renew?,
+    })
+}
+
+/// `[tls] renew = { server, ca_fingerprint, at }`.
+fn renew(sink: &mut Sink, path: String, table: &Table) -> Option<Renew> {
+    let renew = TableReader::new(sink, path, table, RENEW_KEYS, "tls.renew");
+    let server = renew.required(
+        sink,
+        "server",
+        "the renewal server (`meshtun pki serve`) as host:port, e.g. \"ca-host:4434\"",
+        host_port,
+    );
+    let ca_fingerprint = renew.required(
+        sink,
+        "ca_fingerprint",
+        "the CA's fingerprint as `meshtun pki serve` prints it, \"sha256:\" and 64 hex digits",
+        |value| {
+            let text = string(value)?;
+            let digits: String = text
+                .strip_prefix("sha256:")
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| *c != ':')
+                .collect();
+            if digits.len() == 64 && digits.chars().all(|c| c.is_ascii_hexdigit()) {
+                Ok(text.to_owned())
+            } else {
+                Err(format!(
+                    "{text:?} is not a CA fingerprint: write \"sha256:\" and 64 hex digits, as \
+                     `meshtun pki serve` and `meshtun pki inspect` print it"
+                ))
+            }
+        },
+    );
+    let at_percent = renew.or_default(sink, "at", Renew::DEFAULT_AT_PERCENT, |value| match value {
+        Value::Float(share) if (0.1..=0.9).contains(share) => {
+            // In range, so the rounded percentage fits a u8.
+            Ok(u8::try_from((share * 100.0).round() as i64).unwrap_or(Renew::DEFAULT_AT_PERCENT))
+        }
+        Value::Float(share) => Err(format!(
+            "{share} is outside 0.1..=0.9: the share of a certificate's lifetime after which it is renewed"
+        )),
+        other => Err(format!(
+            "expected a share of the lifetime between 0.1 and 0.9, e.g. 0.67, {}",
+            found(other)
+        )),
+    });
+    Some(Renew {
+        server: server?,
+        ca_fingerprint: ca_fingerprint?,
+        at_percent: at_percent?,
     })
 }
 

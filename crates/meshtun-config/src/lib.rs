@@ -29,7 +29,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use host_port::{HostPort, HostPortError};
 pub use model::{
     Admin, Allow, Config, Expose, Forward, Guard, Limits, Overlay, OverlayAllow, OverlayPrefix,
-    Peer, Quic, Tls,
+    Peer, Quic, Renew, Tls,
 };
 
 /// A complete, commented configuration of node-1 in a two-node cluster,

@@ -101,6 +101,27 @@ pub struct Tls {
     pub key: PathBuf,
     /// Optional PEM certificate revocation list, enforced on both sides.
     pub crl: Option<PathBuf>,
+    /// `renew = { .. }`: the node renews its own certificate.
+    pub renew: Option<Renew>,
+}
+
+/// `[tls] renew`: where and when the node renews its certificate itself
+/// (a fresh key, a CSR, mTLS with the current certificate against
+/// `meshtun pki serve`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renew {
+    /// The renewal server (`meshtun pki serve`), `host:port`.
+    pub server: HostPort,
+    /// The pinned CA: `sha256:` and 64 hex digits, as `pki serve` prints it.
+    pub ca_fingerprint: String,
+    /// At which share of its lifetime a certificate is renewed, in percent
+    /// (`at = 0.67` is 67).
+    pub at_percent: u8,
+}
+
+impl Renew {
+    /// The default of `at`: two thirds of the lifetime.
+    pub const DEFAULT_AT_PERCENT: u8 = 67;
 }
 
 impl Tls {
@@ -357,6 +378,7 @@ mod tests {
             cert: PathBuf::from("node-1.crt"),
             key: PathBuf::from("keys/node-1.key"),
             crl: Some(PathBuf::from("crl.pem")),
+            renew: None,
         };
         tls.resolve_relative_to(Path::new("/srv/meshtun"));
         assert_eq!(tls.ca, PathBuf::from("/etc/meshtun/ca.crt"));

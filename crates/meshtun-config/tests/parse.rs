@@ -574,6 +574,69 @@ fn tls_section_and_its_files_are_required() {
 }
 
 #[test]
+fn tls_renew_names_the_server_and_pinned_ca_and_when() {
+    let fingerprint = format!("sha256:{}", "ab".repeat(32));
+    let renewing = |fields: &str| {
+        MINIMAL.replace(
+            "key = \"node-1.key\"\n",
+            &format!("key = \"node-1.key\"\nrenew = {{ {fields} }}\n"),
+        )
+    };
+    let config = ok(&renewing(&format!(
+        "server = \"ca-host:4434\", ca_fingerprint = \"{fingerprint}\""
+    )));
+    let renew = config.tls.renew.expect("renew");
+    assert_eq!(renew.server.to_string(), "ca-host:4434");
+    assert_eq!(renew.ca_fingerprint, fingerprint);
+    assert_eq!(renew.at_percent, 67);
+    let half = ok(&renewing(&format!(
+        "server = \"198.18.0.1:4434\", ca_fingerprint = \"{fingerprint}\", at = 0.5"
+    )));
+    assert_eq!(half.tls.renew.expect("renew").at_percent, 50);
+    assert_eq!(ok(MINIMAL).tls.renew, None);
+
+    one_error(
+        &renewing(&format!("ca_fingerprint = \"{fingerprint}\"")),
+        "tls.renew.server",
+        "missing: the renewal server",
+    );
+    one_error(
+        &renewing("server = \"ca-host:4434\", ca_fingerprint = \"sha256:abc\""),
+        "tls.renew.ca_fingerprint",
+        "is not a CA fingerprint",
+    );
+    one_error(
+        &renewing(&format!(
+            "server = \"ca-host:4434\", ca_fingerprint = \"{fingerprint}\", at = 0.95"
+        )),
+        "tls.renew.at",
+        "outside 0.1..=0.9",
+    );
+    one_error(
+        &renewing(&format!(
+            "server = \"ca-host:4434\", ca_fingerprint = \"{fingerprint}\", at = 67"
+        )),
+        "tls.renew.at",
+        "e.g. 0.67",
+    );
+    one_error(
+        &renewing(&format!(
+            "server = \"ca-host:4434\", ca_fingerprint = \"{fingerprint}\", sever = 1"
+        )),
+        "tls.renew.sever",
+        "unknown key",
+    );
+    one_error(
+        &MINIMAL.replace(
+            "key = \"node-1.key\"\n",
+            "key = \"node-1.key\"\nrenew = \"ca-host:4434\"\n",
+        ),
+        "tls.renew",
+        "expected a table",
+    );
+}
+
+#[test]
 fn peer_errors() {
     let text = format!(
         r#"{MINIMAL}
