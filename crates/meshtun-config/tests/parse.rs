@@ -208,8 +208,8 @@ fn example_comments_state_the_real_defaults() {
             }
         })
         .collect();
-    // 12 [quic] keys, crl, 2 allow_non_loopback, 9 [limits] keys, 4 [overlay] keys.
-    assert_eq!(uncommented, 28);
+    // 12 [quic] keys, crl, renew, 2 allow_non_loopback, 9 [limits] keys, 4 [overlay] keys.
+    assert_eq!(uncommented, 29);
     let explicit = ok(&text);
     let defaults = ok(EXAMPLE);
     assert_eq!(explicit.quic, defaults.quic);
@@ -220,6 +220,10 @@ fn example_comments_state_the_real_defaults() {
     assert_eq!(
         explicit.tls.crl,
         Some(PathBuf::from("/etc/meshtun/crl.pem"))
+    );
+    assert_eq!(
+        explicit.tls.renew.map(|renew| renew.at_percent),
+        Some(meshtun_config::Renew::DEFAULT_AT_PERCENT)
     );
 }
 
