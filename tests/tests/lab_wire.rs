@@ -300,12 +300,10 @@ fn nothing_reaches_the_service_around_the_tunnel() {
     let service: SocketAddr = "127.0.0.1:7000".parse().unwrap();
     let echo = Echo::start(b.listen(service).unwrap());
     // node-c's *name* is allowed: only its certificate can keep it out.
-    let daemon_b = lab
-        .start(
-            1,
-            &lab.config(1).expose("echo", service, &["node-a", "node-c"]),
-        )
-        .unwrap();
+    let mut b_config = lab.config(1).expose("echo", service, &["node-a", "node-c"]);
+    b_config.extra = format!("\n[admin]\nlisten = \"{ADMIN}\"\n");
+    let b_started = Instant::now();
+    let daemon_b = lab.start(1, &b_config).unwrap();
     let forward: SocketAddr = "127.0.0.1:7100".parse().unwrap();
     let daemon_a = lab
         .start(0, &lab.config(0).peer(b).forward(forward, "node-b", "echo"))
@@ -366,35 +364,23 @@ fn nothing_reaches_the_service_around_the_tunnel() {
         let cluster_ca = std::fs::read_to_string(&config.ca).unwrap();
         std::fs::write(&bundle, format!("{rogue_ca}{cluster_ca}")).unwrap();
         config.ca = bundle;
-        let rejections_before = count_lines(&daemon_b.log_since_start(), "handshake failed");
+        config.extra = format!("\n[admin]\nlisten = \"{ADMIN}\"\n");
+        // B counts every refused handshake (and logs only some: see below).
+        let refused_before = admin_counter(b, B_REFUSED_TLS).unwrap();
         let mut rogue = lab.start(2, &config).unwrap();
         let rejected = wait_until(Duration::from_secs(15), || {
-            count_lines(&daemon_b.log_since_start(), "handshake failed") > rejections_before
+            admin_counter(b, B_REFUSED_TLS).unwrap() > refused_before
                 && rogue.log_since_start().contains("cannot connect to peer")
         });
         let b_log = daemon_b.log_since_start();
         let c_log = rogue.log_since_start();
         assert!(
             rejected,
-            "B did not log a rejected handshake from the rogue node-c\n--- B ---\n{b_log}\n--- C ---\n{c_log}"
+            "B did not count a refused handshake from the rogue node-c\n--- B ---\n{b_log}\n--- C ---\n{c_log}"
         );
-        let rejection = b_log
-            .lines()
-            .filter(|line| line.contains("handshake failed"))
-            .nth(rejections_before)
-            .unwrap()
-            .to_owned();
-        println!("rogue CA {cluster:?}: B logged: {rejection}");
-        assert!(
-            rejection.contains(&c.addr.to_string()),
-            "the rejection names the rogue's address"
-        );
-        // Also a CA that copies the cluster's name: the issuer is unknown
-        // because no trusted key signed the certificate.
-        assert!(
-            rejection.contains("invalid peer certificate: UnknownIssuer"),
-            "B's rejection says the issuer is unknown"
-        );
+        // Each of the rogue's attempts that failed, B refused and counted.
+        let rogue_failed = admin_counter(c, C_REFUSED_TLS).unwrap();
+        assert!(rogue_failed > 0, "the rogue counted no failure:\n{c_log}");
         assert!(
             !b_log.contains("peer=node-c"),
             "B never accepted the rogue as node-c:\n{b_log}"
@@ -414,6 +400,63 @@ fn nothing_reaches_the_service_around_the_tunnel() {
 
         rogue.terminate();
         assert!(rogue.wait_exit(Duration::from_secs(10)).is_some());
+        let mut refused = 0;
+        let counted = wait_until(Duration::from_secs(5), || {
+            refused = admin_counter(b, B_REFUSED_TLS).unwrap() - refused_before;
+            refused >= rogue_failed
+        });
+        println!(
+            "rogue CA {cluster:?}: C saw {rogue_failed} handshake(s) with B fail; B counted {refused}"
+        );
+        assert!(
+            counted,
+            "B counted {refused} refused handshakes, the rogue saw {rogue_failed} fail"
+        );
+    }
+    // B warns about refused handshakes once per reason per 10 s (plus the
+    // first), whatever their number: the rogues' later attempts went to
+    // debug. What it says names the rogue and who refused what; a CA that
+    // copies the cluster's name fares no better, the issuer is unknown
+    // because no trusted key signed the certificate.
+    let b_log = daemon_b.log_since_start();
+    let warned: Vec<&str> = b_log
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("handshake failed"))
+        .collect();
+    let allowed = 1 + b_started.elapsed().as_secs() / 10;
+    let mut reasons = std::collections::BTreeMap::<&str, u64>::new();
+    for line in &warned {
+        println!("B warned: {line}");
+        let reason = line
+            .split_once(" reason=")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .map_or("(none)", |reason| reason.trim_matches('"'));
+        *reasons.entry(reason).or_default() += 1;
+    }
+    for (reason, lines) in &reasons {
+        assert!(
+            *lines <= allowed,
+            "{lines} warn lines for reason {reason} in {:?}, at most {allowed}:\n{b_log}",
+            b_started.elapsed()
+        );
+    }
+    let tls: Vec<&&str> = warned
+        .iter()
+        .filter(|line| line.contains("reason=\"tls\""))
+        .collect();
+    assert!(
+        !tls.is_empty(),
+        "B never warned about the refused handshakes:\n{b_log}"
+    );
+    for line in tls {
+        assert!(
+            line.contains(&c.addr.to_string()),
+            "the warning names the rogue's address: {line}"
+        );
+        assert!(
+            line.contains("this node refused the peer's certificate (UnknownIssuer)"),
+            "the warning says B refused the rogue's certificate, its issuer unknown: {line}"
+        );
     }
     let accepted = echo.stop();
     assert_eq!(
@@ -433,6 +476,36 @@ fn pki(lab: &Lab, args: impl FnOnce(&mut Command) -> &mut Command) {
     );
 }
 
-fn count_lines(log: &str, needle: &str) -> usize {
-    log.lines().filter(|line| line.contains(needle)).count()
+/// The admin endpoint of B and of the rogues, each on its own host.
+const ADMIN: &str = "127.0.0.1:9464";
+/// Handshakes B refused for a TLS reason (a certificate), by anyone.
+const B_REFUSED_TLS: &str =
+    "meshtun_peer_handshakes_failed_total{peer=\"\",direction=\"incoming\",reason=\"tls\"}";
+/// Handshakes with B that a rogue saw fail for a TLS reason.
+const C_REFUSED_TLS: &str =
+    "meshtun_peer_handshakes_failed_total{peer=\"node-b\",direction=\"outgoing\",reason=\"tls\"}";
+
+/// The value of the counter `series` in the `/metrics` of the daemon on
+/// `host` ([`ADMIN`]); 0 while it has no sample.
+fn admin_counter(host: &Host, series: &str) -> io::Result<u64> {
+    let mut tcp = host
+        .connect(ADMIN.parse().expect("a socket address"))
+        .map_err(io::Error::other)??;
+    tcp.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: meshtun\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)?;
+    if !response.starts_with("HTTP/1.1 200") {
+        return Err(io::Error::other(format!("GET /metrics: {response}")));
+    }
+    let prefix = format!("{series} ");
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(Ok(0), |value| {
+            value.trim().parse().map_err(io::Error::other)
+        })
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshtun_pki::{
     decode_response, encode_frame, frame_len, inspect_pem, Authority, CaFingerprint, EnrollError,
-    EnrollResponse, Enroller, JoinKey, RefusalCode, TokenStore, Validity, MAX_MESSAGE_LEN,
-    TOKENS_FILE,
+    EnrollResponse, Enroller, Issuance, IssuedRecord, JoinKey, Ledger, RefusalCode, TokenStore,
+    Validity, MAX_MESSAGE_LEN, TOKENS_FILE,
 };
 use meshtun_proto::NodeName;
 use rustls_pki_types::pem::PemObject;
@@ -45,6 +45,9 @@ const SOURCE: &str = "198.18.0.9:50000";
 ///
 /// - `frame_len` accepts exactly the lengths 1..=[`MAX_MESSAGE_LEN`], and
 ///   refuses the others as a bad request;
+/// - the server's `Enroller::renew` on the body, from a node presenting a
+///   recorded certificate, never panics, renews only for that node with
+///   exactly that certificate's names, and refuses only as a client's fault;
 /// - the server's `Enroller::handle` on the body (all bytes after the
 ///   prefix, whatever it announced) never panics; it answers with a
 ///   certificate only for the known token, for node [`ENROLL_NODE`] and with
@@ -84,6 +87,7 @@ fn server(body: &[u8]) {
         Ok(server) => server.lock().unwrap_or_else(PoisonError::into_inner),
         Err(error) => crate::violated(format_args!("cannot set up the enrollment server: {error}")),
     };
+    renewal(&server, body);
     let result = server.enroller.handle(body, SOURCE, server.now);
     match result {
         Ok(granted) => {
@@ -91,8 +95,9 @@ fn server(body: &[u8]) {
             let reset = server.write_tokens();
             check!(reset.is_ok(), "cannot rewrite the token file: {reset:?}");
             check!(
-                granted.node.as_str() == ENROLL_NODE && granted.token_id == TOKEN_ID,
-                "{body:02x?}: granted {} with token {}",
+                granted.node.as_str() == ENROLL_NODE
+                    && granted.token_id.as_deref() == Some(TOKEN_ID),
+                "{body:02x?}: granted {} with token {:?}",
                 granted.node,
                 granted.token_id
             );
@@ -140,6 +145,45 @@ fn server(body: &[u8]) {
                 );
             }
         }
+    }
+}
+
+/// `Enroller::renew` on the body, from a node presenting a recorded
+/// certificate: it never panics, issues only for [`ENROLL_NODE`] with that
+/// certificate's names, and refuses only as a client's fault.
+fn renewal(server: &Server, body: &[u8]) {
+    match server
+        .enroller
+        .renew(body, Some(&server.current), server.now)
+    {
+        Ok(granted) => {
+            let inspected = inspect_pem(&granted.certificate_pem);
+            let Ok([inspection]) = inspected.as_deref() else {
+                crate::violated(format_args!(
+                    "{body:02x?}: the renewed certificate does not inspect: {inspected:?}"
+                ))
+            };
+            let expected = [
+                format!("URI:spiffe://{ENROLL_CLUSTER}/node/{ENROLL_NODE}"),
+                format!("DNS:{ENROLL_NODE}"),
+                format!("DNS:{GRANT_DNS}"),
+                format!("IP:{GRANT_IP}"),
+            ];
+            check!(
+                granted.token_id.is_none()
+                    && inspection.identity.as_ref().map(NodeName::as_str) == Some(ENROLL_NODE)
+                    && !inspection.is_ca
+                    && inspection.sans == expected,
+                "{body:02x?}: renewed as {inspection:?}"
+            );
+        }
+        Err(refusal) => check!(
+            matches!(
+                refusal.code,
+                RefusalCode::BadRequest | RefusalCode::WrongName
+            ),
+            "{body:02x?}: renewal refused {refusal:?}"
+        ),
     }
 }
 
@@ -192,9 +236,38 @@ fn client(body: &[u8]) {
 
 static SERVER: OnceLock<Result<Mutex<Server>, String>> = OnceLock::new();
 
+const THIRTY_DAYS: Duration = Duration::from_secs(30 * 86_400);
+
+/// A certificate of [`ENROLL_NODE`] recorded in the ledger of `dir`, as a
+/// renewing node presents it.
+fn current_certificate(
+    authority: &Authority,
+    dir: &Path,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let node = NodeName::new(ENROLL_NODE).map_err(|error| error.to_string())?;
+    let issued = authority
+        .issue(
+            &node,
+            &[GRANT_IP.parse().map_err(|_| "bad GRANT_IP".to_owned())?],
+            &[GRANT_DNS.to_owned()],
+            Validity::days_from_now(30),
+        )
+        .map_err(|error| format!("cannot issue: {error}"))?;
+    let record = IssuedRecord::of_pem(&issued.cert_pem, Issuance::Issue, None, SystemTime::now())
+        .map_err(|error| format!("cannot describe the certificate: {error}"))?;
+    Ledger::new(dir)
+        .record(record, SystemTime::now())
+        .map_err(|error| format!("cannot record the certificate: {error}"))?;
+    CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("cannot read the certificate back: {error}"))
+}
+
 /// The enrollment server of this process.
 struct Server {
     enroller: Enroller,
+    /// The certificate a renewing node presents.
+    current: Vec<CertificateDer<'static>>,
     dir: PathBuf,
     now: SystemTime,
 }
@@ -205,7 +278,8 @@ impl Server {
         let authority = Authority::generate(ENROLL_CLUSTER, Validity::days_from_now(3650))
             .map_err(|error| format!("cannot make a CA: {error}"))?;
         let server = Self {
-            enroller: Enroller::new(authority, TokenStore::new(&dir), 30),
+            current: current_certificate(&authority, &dir)?,
+            enroller: Enroller::new(authority, TokenStore::new(&dir), THIRTY_DAYS),
             dir,
             now: SystemTime::now(),
         };

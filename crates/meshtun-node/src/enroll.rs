@@ -18,6 +18,11 @@
 //! [`FAILURE_WINDOW`] make the server answer `rate_limited` to that address
 //! for [`BLOCK_DURATION`], valid tokens included. IPv6 sources are counted
 //! by /64.
+//!
+//! The same server answers renewals: a node connects with ALPN
+//! `meshtun-renew/1`, presents its current certificate (verified against the
+//! CA in the handshake) and sends a CSR for a fresh key; the client side is
+//! [`request_renewal`].
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -27,8 +32,8 @@ use std::time::{Duration, SystemTime};
 
 use meshtun_pki::{
     decode_response, encode_frame, enrollment_client_config, enrollment_server_config, frame_len,
-    CaFingerprint, CaFingerprintMismatch, EnrollResponse, Enroller, Granted, PkiError, Refusal,
-    RefusalCode,
+    renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollResponse, Enroller, Granted,
+    NodeCredentials, PkiError, Refusal, RefusalCode, RENEW_ALPN,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -317,13 +322,21 @@ impl std::fmt::Display for ConnectionFailure {
 /// One connection; logs its outcome and counts failures.
 async fn serve_one(state: Arc<State>, tcp: TcpStream, source: SocketAddr) {
     match exchange(&state, tcp, source).await {
-        Ok(Ok(granted)) => info!(
-            %source,
-            node = %granted.node,
-            token_id = %granted.token_id,
-            certificate = %granted.fingerprint,
-            "enrollment: issued a certificate"
-        ),
+        Ok(Ok(granted)) => match &granted.token_id {
+            Some(token_id) => info!(
+                %source,
+                node = %granted.node,
+                token_id,
+                certificate = %granted.fingerprint,
+                "enrollment: issued a certificate"
+            ),
+            None => info!(
+                %source,
+                node = %granted.node,
+                certificate = %granted.fingerprint,
+                "renewal: issued a certificate for the node's new key"
+            ),
+        },
         Ok(Err(refusal)) => {
             if refusal.code.is_client_failure() {
                 state.record_failure(source);
@@ -384,9 +397,19 @@ async fn exchange(
         (None, Ok(body)) => {
             let task_state = state.clone();
             let by = source.to_string();
+            let (_, session) = tls.get_ref();
+            let renewal = session.alpn_protocol() == Some(RENEW_ALPN);
+            let client_chain = session.peer_certificates().map(<[_]>::to_vec);
             state
                 .tasks
-                .spawn_blocking(move || task_state.enroller.handle(&body, &by, SystemTime::now()))
+                .spawn_blocking(move || {
+                    let enroller = &task_state.enroller;
+                    if renewal {
+                        enroller.renew(&body, client_chain.as_deref(), SystemTime::now())
+                    } else {
+                        enroller.handle(&body, &by, SystemTime::now())
+                    }
+                })
                 .await
                 .unwrap_or_else(|error| {
                     let mut refusal = Refusal::new(
@@ -415,7 +438,7 @@ async fn exchange(
         warn!(
             %source,
             node = %granted.node,
-            token_id = %granted.token_id,
+            token_id = granted.token_id.as_deref(),
             error = %failure,
             "enrollment: issued a certificate but could not deliver it; the token is used up"
         );
@@ -510,6 +533,29 @@ pub async fn request_certificate(
     timeout: Duration,
 ) -> Result<EnrollResponse, EnrollClientError> {
     let config = Arc::new(enrollment_client_config(pinned)?);
+    exchange_with(config, server, request, timeout).await
+}
+
+/// Like [`request_certificate`], for a renewal: presents `current` (the
+/// node's certificate and key in force) in the handshake and sends the
+/// framed renewal `request`.
+pub async fn request_renewal(
+    server: &str,
+    pinned: &CaFingerprint,
+    current: &NodeCredentials,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<EnrollResponse, EnrollClientError> {
+    let config = Arc::new(renewal_client_config(pinned, current)?);
+    exchange_with(config, server, request, timeout).await
+}
+
+async fn exchange_with(
+    config: Arc<rustls::ClientConfig>,
+    server: &str,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<EnrollResponse, EnrollClientError> {
     tokio::time::timeout(timeout, async {
         let tcp = connect(server).await?;
         let peer = tcp.peer_addr().map_err(|source| EnrollClientError::Io {
@@ -778,6 +824,7 @@ mod tests {
             node: node.clone(),
             ips: Vec::new(),
             dns: Vec::new(),
+            valid_for: None,
         };
         let token = store
             .create(&grant, Duration::from_secs(60), SystemTime::now())
@@ -785,7 +832,7 @@ mod tests {
             .token;
         let server = EnrollServer::start(
             "127.0.0.1:0".parse().expect("addr"),
-            Enroller::new(authority, store, 1),
+            Enroller::new(authority, store, Duration::from_secs(86_400)),
         )
         .await
         .expect("start");
@@ -810,6 +857,32 @@ mod tests {
             .expect("certificate");
         assert_eq!(enrolled.node(), &node);
         assert!(server.is_running());
+
+        // The node renews with the certificate it got: a new key, the same node.
+        let current = enrolled.credentials();
+        let fresh = JoinKey::generate(&node).expect("key");
+        let renewal = fresh.renewal_request().expect("request");
+        let response = request_renewal(&addr, &pinned, current, &renewal, Duration::from_secs(10))
+            .await
+            .expect("answer");
+        let renewed = fresh
+            .accept(response, &pinned, SystemTime::now())
+            .expect("renewed certificate");
+        assert_eq!(renewed.node(), &node);
+        assert_ne!(
+            renewed.credentials().fingerprint(),
+            current.fingerprint(),
+            "a new certificate"
+        );
+        // Without a client certificate (the join ALPN and a renewal body),
+        // the server refuses as a bad request: no token.
+        let response = request_certificate(&addr, &pinned, &renewal, Duration::from_secs(10))
+            .await
+            .expect("answer");
+        assert!(
+            matches!(&response, meshtun_pki::EnrollResponse::Refused { error, .. } if error == "bad_request"),
+            "{response:?}"
+        );
 
         // Nobody listening: a connect error, promptly.
         let closed = {

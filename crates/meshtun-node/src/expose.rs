@@ -13,8 +13,9 @@ use meshtun_proto::{
     MAX_PREAMBLE_LEN, OK_STATUS, WELCOME,
 };
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use rustls::AlertDescription;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::metrics::{handshake_reason, Direction, OpenStream, Pending};
 use crate::splice::{self, Downlink, Outbound};
@@ -84,26 +85,46 @@ async fn serve_connection(
     };
     let handshake = tokio::time::timeout(shared.handshake_timeout, connecting).await;
     drop(handshaking);
+    // Anyone can make handshakes fail, as often as it likes: each failure
+    // is counted, and logged at warn once per reason and period (the rest
+    // at debug), so a client that re-dials every few milliseconds with a
+    // certificate this node refuses cannot flood the journal.
     let connection = match handshake {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
-            warn!(%error, "handshake failed");
-            shared
-                .metrics
-                .incoming_handshake_failed(handshake_reason(&error));
+            let reason = handshake_reason(&error);
+            let verdict = shared.metrics.incoming_handshake_failed(reason);
+            log_limit!(
+                verdict,
+                reason,
+                "handshake failed: {}",
+                HandshakeFailure(&error)
+            );
             return;
         }
         Err(_) => {
-            warn!(timeout = ?shared.handshake_timeout, "handshake timed out");
-            shared.metrics.incoming_handshake_failed("timeout");
+            let reason = "timeout";
+            let verdict = shared.metrics.incoming_handshake_failed(reason);
+            log_limit!(
+                verdict,
+                reason,
+                timeout = ?shared.handshake_timeout,
+                "handshake failed: not complete within quic.handshake_timeout"
+            );
             return;
         }
     };
     let identity = match peer_identity(&connection) {
         Ok(identity) => identity,
-        Err(reason) => {
-            warn!(%reason, "closing connection without a usable identity");
-            shared.metrics.incoming_handshake_failed("no_identity");
+        Err(detail) => {
+            let reason = "no_identity";
+            let verdict = shared.metrics.incoming_handshake_failed(reason);
+            log_limit!(
+                verdict,
+                reason,
+                %detail,
+                "handshake failed: closing a connection without a usable identity"
+            );
             let code = ConnectionCode::NoIdentity;
             connection.close(VarInt::from_u32(code.to_u32()), code.reason());
             return;
@@ -127,7 +148,13 @@ async fn serve_connection(
             }
         };
         // The handshake may have used a trust bundle a reload replaced.
-        if !crate::still_trusted(&connection, &shared.trust, meshtun_pki::PeerRole::Dialer) {
+        let stats = shared.metrics.peer(&identity);
+        if !crate::still_trusted(
+            &connection,
+            &shared.trust,
+            meshtun_pki::PeerRole::Dialer,
+            &stats,
+        ) {
             return;
         }
         // Only now, with the identity checked, may the peer open streams
@@ -180,6 +207,111 @@ async fn serve_connection(
     }
     .instrument(span)
     .await;
+}
+
+/// TLS alerts that say a certificate was refused (RFC 8446, section 6.2).
+const CERTIFICATE_ALERTS: &[AlertDescription] = &[
+    AlertDescription::NoCertificate,
+    AlertDescription::BadCertificate,
+    AlertDescription::UnsupportedCertificate,
+    AlertDescription::CertificateRevoked,
+    AlertDescription::CertificateExpired,
+    AlertDescription::CertificateUnknown,
+    AlertDescription::UnknownCA,
+    AlertDescription::AccessDenied,
+    AlertDescription::CertificateUnobtainable,
+    AlertDescription::BadCertificateStatusResponse,
+    AlertDescription::BadCertificateHashValue,
+    AlertDescription::CertificateRequired,
+];
+
+/// How rustls words a refused certificate; the rest of its message names
+/// the problem (`UnknownIssuer`, `Expired`, ...).
+const RUSTLS_REFUSAL_PREFIX: &str = "invalid peer certificate: ";
+
+/// A failed incoming handshake in words that say which side gave up, and
+/// over whose certificate.
+///
+/// quinn's own text reads backwards for a TLS alert the peer sent: "aborted
+/// by peer: the cryptographic handshake failed: error 48: invalid peer
+/// certificate: UnknownIssuer" is the *peer* refusing *this node's*
+/// certificate, yet reads like this node refusing the peer's. An alert this
+/// node raised arrives as `ConnectionError::TransportError`; one the peer
+/// sent, as `ConnectionError::ConnectionClosed`, both with a crypto error
+/// code (0x100 + the alert). Text that came from the peer is quoted and
+/// escaped: it is the peer's to choose.
+struct HandshakeFailure<'a>(&'a quinn::ConnectionError);
+
+impl std::fmt::Display for HandshakeFailure<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use quinn::ConnectionError;
+        match self.0 {
+            ConnectionError::TransportError(error) => match tls_alert(error.code) {
+                Some(alert) => {
+                    let reason = error.reason.as_str();
+                    if let Some(problem) = reason.strip_prefix(RUSTLS_REFUSAL_PREFIX) {
+                        write!(f, "this node refused the peer's certificate ({problem})")
+                    } else if CERTIFICATE_ALERTS.contains(&alert) {
+                        write!(f, "this node refused the peer's certificate ({alert:?}")?;
+                        if !reason.is_empty() {
+                            write!(f, ": {reason}")?;
+                        }
+                        f.write_str(")")
+                    } else {
+                        write!(f, "this node ended the TLS handshake with alert {alert:?}")?;
+                        if !reason.is_empty() {
+                            write!(f, " ({reason})")?;
+                        }
+                        Ok(())
+                    }
+                }
+                None => write!(f, "this node closed the connection: {error}"),
+            },
+            ConnectionError::ConnectionClosed(close) => {
+                let said = String::from_utf8_lossy(&close.reason);
+                match tls_alert(close.error_code) {
+                    Some(alert) if CERTIFICATE_ALERTS.contains(&alert) => write!(
+                        f,
+                        "the peer refused this node's certificate with alert {alert:?}"
+                    )?,
+                    Some(alert) => {
+                        write!(f, "the peer ended the TLS handshake with alert {alert:?}")?
+                    }
+                    None => write!(
+                        f,
+                        "the peer's QUIC stack closed the connection: {}",
+                        close.error_code
+                    )?,
+                }
+                if !said.is_empty() {
+                    write!(f, " (the peer says {said:?})")?;
+                }
+                Ok(())
+            }
+            ConnectionError::ApplicationClosed(close) => {
+                write!(
+                    f,
+                    "the peer closed the connection with code {}",
+                    close.error_code
+                )?;
+                let said = String::from_utf8_lossy(&close.reason);
+                if !said.is_empty() {
+                    write!(f, " (the peer says {said:?})")?;
+                }
+                Ok(())
+            }
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
+/// The TLS alert a QUIC crypto error code carries (0x100 + the alert), if
+/// it is one.
+fn tls_alert(code: quinn::TransportErrorCode) -> Option<AlertDescription> {
+    let code = u64::from(code);
+    (0x100..0x200)
+        .contains(&code)
+        .then(|| AlertDescription::from((code & 0xff) as u8))
 }
 
 /// Tells the dialer its certificate was accepted (see [`WELCOME`]).
@@ -552,6 +684,88 @@ mod tests {
     fn policy() -> Policy {
         let config = meshtun_config::parse(meshtun_config::EXAMPLE).expect("the example is valid");
         Policy::from_config(&config)
+    }
+
+    /// A TLS alert as quinn reports one this node raised.
+    fn raised(alert: AlertDescription, reason: &str) -> quinn::ConnectionError {
+        quinn::ConnectionError::TransportError(quinn_proto::TransportError {
+            code: quinn::TransportErrorCode::crypto(u8::from(alert)),
+            frame: None,
+            reason: reason.to_owned(),
+        })
+    }
+
+    /// A TLS alert as quinn reports one the peer sent.
+    fn received(alert: AlertDescription, reason: &str) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(u8::from(alert)),
+            frame_type: None,
+            reason: Bytes::copy_from_slice(reason.as_bytes()),
+        })
+    }
+
+    #[test]
+    fn handshake_failures_say_who_refused_whose_certificate() {
+        let words = |error: &quinn::ConnectionError| HandshakeFailure(error).to_string();
+        // This node refused the peer: rustls's reason, without its prefix.
+        let ours = raised(
+            AlertDescription::UnknownCA,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        assert_eq!(
+            words(&ours),
+            "this node refused the peer's certificate (UnknownIssuer)"
+        );
+        assert_eq!(handshake_reason(&ours), "tls");
+        assert_eq!(
+            words(&raised(AlertDescription::CertificateRequired, "")),
+            "this node refused the peer's certificate (CertificateRequired)"
+        );
+        // The peer refused this node: the same alert, received. quinn would
+        // say "aborted by peer: ... invalid peer certificate: UnknownIssuer".
+        let theirs = received(
+            AlertDescription::UnknownCA,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        assert!(
+            theirs.to_string().starts_with("aborted by peer"),
+            "{theirs}"
+        );
+        assert_eq!(
+            words(&theirs),
+            "the peer refused this node's certificate with alert UnknownCA \
+             (the peer says \"invalid peer certificate: UnknownIssuer\")"
+        );
+        assert_eq!(handshake_reason(&theirs), "tls");
+        assert_eq!(
+            words(&received(AlertDescription::BadCertificate, "")),
+            "the peer refused this node's certificate with alert BadCertificate"
+        );
+        // Other alerts are not about certificates.
+        assert_eq!(
+            words(&raised(
+                AlertDescription::NoApplicationProtocol,
+                "peer doesn't support any known protocol"
+            )),
+            "this node ended the TLS handshake with alert NoApplicationProtocol \
+             (peer doesn't support any known protocol)"
+        );
+        assert_eq!(
+            words(&received(AlertDescription::NoApplicationProtocol, "")),
+            "the peer ended the TLS handshake with alert NoApplicationProtocol"
+        );
+        // What the peer says is escaped: it cannot forge log lines.
+        let forged = words(&received(
+            AlertDescription::BadCertificate,
+            "no\nWARN fake line\u{1b}[31m",
+        ));
+        assert!(
+            !forged.contains('\n') && !forged.contains('\u{1b}'),
+            "{forged}"
+        );
+        // Not a TLS alert: quinn's words, which are right there.
+        assert_eq!(words(&quinn::ConnectionError::TimedOut), "timed out");
+        assert_eq!(words(&quinn::ConnectionError::Reset), "reset by peer");
     }
 
     #[test]

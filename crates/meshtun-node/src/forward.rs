@@ -112,11 +112,15 @@ async fn carry(
 ) {
     let stream = peer.stats().stream(Direction::outgoing);
     let stats = stream.stats();
-    let Some(connection) = peer.connection(shard, PEER_WAIT).await else {
+    let Some(link) = peer.connection(shard, PEER_WAIT).await else {
         let verdict = stats.refused(Direction::outgoing, "not_connected");
         log_refusal!(verdict, "peer not connected; resetting local connection");
         return;
     };
+    // Counted on the connection, so a connection being replaced waits for
+    // this stream before it closes.
+    let _carried = link.carry();
+    let connection = link.connection();
     let (send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, connection.open_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(error)) => {

@@ -77,7 +77,7 @@ use crate::peer::{DialTiming, PeerLinks};
 pub use crate::overlay::OverlayError;
 pub use crate::status::{
     CertificateStatus, ExposeStatus, ForwardStatus, GuardStatus, NodeStatus, OverlayStatus,
-    PeerCertificate, PeerStatus, ReloadStatus, ShardStatus,
+    PeerCertificate, PeerStatus, ReloadStatus, RenewalStatus, ShardStatus,
 };
 
 /// Why a node could not start. Each variant says which part of the
@@ -151,31 +151,109 @@ pub(crate) type TrustState = Arc<RwLock<Arc<TrustBundle>>>;
 
 /// Checks `connection`'s peer certificate against the trust in force, the
 /// way its handshake did (`role`), and closes the connection if it no
-/// longer passes. Call it after the connection is tracked (in `incoming` or
-/// a peer slot), so a reload's sweep or this check, whichever comes last,
-/// sees it. Returns whether the connection may stay.
+/// longer passes: with [`ConnectionCode::Expired`] when a certificate of
+/// the chain expired, [`ConnectionCode::Revoked`] when a CRL revokes it,
+/// else [`ConnectionCode::Untrusted`], counted in `stats`. Call it after
+/// the connection is tracked (in `incoming` or a peer slot), so a reload's
+/// sweep or this check, whichever comes last, sees it. Returns whether the
+/// connection may stay.
 pub(crate) fn still_trusted(
     connection: &Connection,
     trust: &TrustState,
     role: PeerRole<'_>,
+    stats: &metrics::PeerStats,
 ) -> bool {
     let trust = trust
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
-    let verdict = expose::peer_chain(connection).and_then(|chain| {
-        trust
+    let verdict = match expose::peer_chain(connection) {
+        Ok(chain) => trust
             .verify_peer_chain(&chain, role, SystemTime::now())
-            .map_err(|error| error.to_string())
-    });
+            .map(|_| ())
+            .map_err(|error| {
+                let code = if error.is_expired() {
+                    ConnectionCode::Expired
+                } else if error.is_revoked() {
+                    ConnectionCode::Revoked
+                } else {
+                    ConnectionCode::Untrusted
+                };
+                (code, error.to_string())
+            }),
+        Err(reason) => Err((ConnectionCode::Untrusted, reason)),
+    };
     match verdict {
-        Ok(_) => true,
-        Err(reason) => {
-            warn!(remote = %connection.remote_address(), %reason, "closing connection: the peer's certificate is no longer trusted");
-            let code = ConnectionCode::Untrusted;
+        Ok(()) => true,
+        Err((code, reason)) => {
+            let label = match code {
+                ConnectionCode::Expired => "expired",
+                ConnectionCode::Revoked => "revoked",
+                _ => "untrusted",
+            };
+            warn!(
+                remote = %connection.remote_address(),
+                cut = label,
+                %reason,
+                "closing connection: the peer's certificate is no longer trusted"
+            );
+            stats.connection_cut(label);
             connection.close(VarInt::from_u32(code.to_u32()), code.reason());
             false
         }
+    }
+}
+
+/// How often live connections are checked against the dates of their
+/// peers' certificates.
+const TRUST_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Closes live connections whose peer's chain expired: every
+/// [`TRUST_SWEEP_INTERVAL`], a connection past its chain's deadline
+/// ([`TrustBundle::chain_deadline`], parsed once per connection) is checked
+/// in full by [`still_trusted`]. Ends when the node closes.
+async fn sweep_expired(shared: Arc<Shared>) {
+    let mut deadlines: HashMap<usize, Option<SystemTime>> = HashMap::new();
+    let mut ticks = tokio::time::interval(TRUST_SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shared.closing.cancelled() => return,
+        }
+        let trust = shared
+            .trust
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let now = SystemTime::now();
+        let mut seen = Vec::new();
+        for (name, connection, role) in shared.live_connections() {
+            let id = connection.stable_id();
+            seen.push(id);
+            let deadline = *deadlines.entry(id).or_insert_with(|| {
+                expose::peer_chain(&connection)
+                    .ok()
+                    .and_then(|chain| trust.chain_deadline(&chain))
+            });
+            if deadline.is_some_and(|deadline| deadline <= now) {
+                let role = match &role {
+                    Some(peer) => PeerRole::Acceptor(peer),
+                    None => PeerRole::Dialer,
+                };
+                let stats = shared.metrics.peer(&name);
+                if still_trusted(&connection, &shared.trust, role, &stats) {
+                    // Still good (a newer CA of the same name): look again
+                    // at the next deadline the bundle in force gives.
+                    let next = expose::peer_chain(&connection)
+                        .ok()
+                        .and_then(|chain| trust.chain_deadline(&chain))
+                        .filter(|next| *next > now);
+                    deadlines.insert(id, next);
+                }
+            }
+        }
+        deadlines.retain(|id, _| seen.contains(id));
     }
 }
 
@@ -227,6 +305,8 @@ struct Facts {
     guard: Option<GuardStatus>,
     last_reload_unix: Option<i64>,
     last_reload_error: Option<String>,
+    /// Self-renewal, as the daemon last reported it.
+    renewal: Option<RenewalStatus>,
 }
 
 impl Shared {
@@ -355,6 +435,30 @@ impl Shared {
         (live, per_shard)
     }
 
+    /// Every live connection: its peer, and `Some(peer)` if this node
+    /// dialled it (the peer verified as the acceptor) or `None` if the peer
+    /// dialled in. Copied out of the locks.
+    fn live_connections(&self) -> Vec<(NodeName, Connection, Option<NodeName>)> {
+        let mut live = Vec::new();
+        for (name, links) in &self.peers {
+            for (_, connection) in links.live_connections() {
+                live.push((name.clone(), connection, Some(name.clone())));
+            }
+        }
+        let incoming = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (name, connections) in incoming.iter() {
+            for (_, connection) in connections {
+                if connection.close_reason().is_none() {
+                    live.push((name.clone(), connection.clone(), None));
+                }
+            }
+        }
+        live
+    }
+
     /// The `/metrics` text: live gauges refreshed, then every family.
     pub(crate) fn metrics_text(&self) -> Result<String, std::fmt::Error> {
         self.refresh_live(false);
@@ -399,6 +503,7 @@ impl Shared {
                 refused_outgoing: named(&counts.refused[Direction::outgoing as usize]),
                 refused_incoming: named(&counts.refused[Direction::incoming as usize]),
                 handshakes_failed: named(&counts.handshakes_failed),
+                connections_cut: named(&counts.cut),
                 reconnects: counts.reconnects,
                 last_error: links.and_then(|links| links.last_error()),
             });
@@ -406,6 +511,7 @@ impl Shared {
         let facts = self.facts();
         let mut certificate = facts.certificate.clone();
         certificate.expires_in_seconds = certificate.not_after_unix - unix_now();
+        certificate.renewal = facts.renewal.clone();
         NodeStatus {
             node: self.node.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -559,6 +665,7 @@ fn certificate_status(credentials: &NodeCredentials) -> CertificateStatus {
         fingerprint: credentials.fingerprint(),
         not_after_unix,
         expires_in_seconds: not_after_unix - unix_now(),
+        renewal: None,
     }
 }
 
@@ -720,6 +827,7 @@ impl Node {
                 shard_count.get(),
                 quic.connections_per_peer.get(),
                 client,
+                credentials.not_after(),
                 metrics.peer(&peer.name),
                 trust_state.clone(),
             ));
@@ -857,6 +965,7 @@ impl Node {
                 }),
                 last_reload_unix: None,
                 last_reload_error: None,
+                renewal: None,
             }),
             started: Instant::now(),
         });
@@ -913,6 +1022,7 @@ impl Node {
             let task = forward::accept_loop(forward, shared.clone());
             loops.push((name, shared.tasks.spawn_on(task, &shard.handle)));
         }
+        shared.tasks.spawn(sweep_expired(shared.clone()));
         if overlay::HostSetup::of(&config).is_some_and(|setup| setup.guards()) {
             let watch = overlay::watch_guard(shared.clone());
             shared.tasks.spawn(watch);
@@ -1009,9 +1119,18 @@ impl Node {
 
     /// The certificate in use, with the seconds left until it expires.
     pub fn certificate(&self) -> CertificateStatus {
-        let mut certificate = self.shared.facts().certificate.clone();
+        let facts = self.shared.facts();
+        let mut certificate = facts.certificate.clone();
         certificate.expires_in_seconds = certificate.not_after_unix - unix_now();
+        certificate.renewal = facts.renewal.clone();
         certificate
+    }
+
+    /// Records the state of the certificate's self-renewal, for `/status`
+    /// and `/metrics` (`None`: not configured).
+    pub fn set_renewal(&self, renewal: Option<RenewalStatus>) {
+        self.shared.metrics.set_renewal(renewal.as_ref());
+        self.shared.facts().renewal = renewal;
     }
 
     /// The node's state, as `/status` serves it.
@@ -1110,8 +1229,12 @@ impl Node {
         for listener in &self.listeners {
             listener.set_server_config(Some(server.clone()));
         }
+        // A new certificate of this node: dialers replace their
+        // connections, so peers never hold one made with the old
+        // certificate when it expires.
+        let renewed = self.shared.facts().certificate.fingerprint != credentials.fingerprint();
         for (links, client) in clients {
-            links.set_client(client);
+            links.set_client(client, credentials.not_after(), renewed);
         }
         *self
             .shared
@@ -1139,27 +1262,13 @@ impl Node {
     fn drop_untrusted(&self) -> usize {
         let trust = &self.shared.trust;
         let mut closed = 0;
-        for (name, links) in &self.shared.peers {
-            for (_, connection) in links.live_connections() {
-                if !still_trusted(&connection, trust, PeerRole::Acceptor(name)) {
-                    closed += 1;
-                }
-            }
-        }
-        let incoming: Vec<Connection> = {
-            let incoming = self
-                .shared
-                .incoming
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            incoming
-                .values()
-                .flatten()
-                .map(|(_, connection)| connection.clone())
-                .collect()
-        };
-        for connection in incoming {
-            if !still_trusted(&connection, trust, PeerRole::Dialer) {
+        for (name, connection, dialled) in self.shared.live_connections() {
+            let role = match &dialled {
+                Some(peer) => PeerRole::Acceptor(peer),
+                None => PeerRole::Dialer,
+            };
+            let stats = self.shared.metrics.peer(&name);
+            if !still_trusted(&connection, trust, role, &stats) {
                 closed += 1;
             }
         }

@@ -50,6 +50,16 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CutLabels {
+    peer: String,
+    reason: &'static str,
+}
+
+/// Why a live connection was cut because its peer's certificate lost
+/// trust, as label values.
+pub(crate) const CUT_REASONS: &[&str] = &["expired", "revoked", "untrusted"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -92,8 +102,15 @@ pub(crate) struct Metrics {
     reconnects: Family<PeerLabels, Counter>,
     certificate_expiry: Gauge,
     reloads: Family<ResultLabels, Counter>,
+    renewals: Family<ResultLabels, Counter>,
+    /// When the next renewal attempt starts; no sample when renewal is
+    /// off or an attempt runs.
+    renewal_next: Family<NoLabels, Gauge>,
+    cut: Family<CutLabels, Counter>,
     limit_hits: Family<LimitLabels, Counter>,
     limit_log: Throttle<&'static str>,
+    /// Which failed incoming handshakes are logged at warn, by reason.
+    handshake_log: Throttle<&'static str>,
     retries: Counter,
     /// Packets the overlay guard dropped, as nftables counted them. A
     /// family without labels, so it has no sample until the daemon could
@@ -224,6 +241,25 @@ impl Metrics {
             "Configuration and certificate reloads, by result",
             Family::clone(&reloads),
         );
+        let renewals = Family::default();
+        registry.register(
+            "certificate_renewals",
+            "Attempts of this node to renew its own certificate ([tls] renew), by result",
+            Family::clone(&renewals),
+        );
+        let renewal_next = Family::default();
+        registry.register_with_unit(
+            "certificate_renewal_next_timestamp",
+            "When this node next tries to renew its certificate (Unix time; absent when renewal is off or running)",
+            Unit::Seconds,
+            Family::clone(&renewal_next),
+        );
+        let cut = Family::default();
+        registry.register(
+            "peer_connections_cut",
+            "Live connections closed because the peer's certificate lost trust: expired, revoked (a new CRL) or untrusted (its CA left the bundle)",
+            Family::clone(&cut),
+        );
         let limit_hits = Family::default();
         registry.register(
             "limit_hits",
@@ -269,8 +305,12 @@ impl Metrics {
             reconnects,
             certificate_expiry,
             reloads,
+            renewals,
+            renewal_next,
+            cut,
             limit_hits,
             limit_log: Throttle::new(LIMIT_LOG_PERIOD),
+            handshake_log: Throttle::new(HANDSHAKE_LOG_PERIOD),
             retries,
             overlay_bypass_dropped,
             buffer_bytes,
@@ -332,13 +372,18 @@ impl Metrics {
             reconnects: self.reconnects.get_or_create_owned(&labels),
             refused: self.refused.clone(),
             handshakes_failed: self.handshakes_failed.clone(),
+            cut: self.cut.clone(),
             refusal_log: Throttle::new(REFUSAL_LOG_PERIOD),
             pending: AtomicU32::new(0),
         }
     }
 
-    /// Counts a failed incoming handshake, whose peer is not known.
-    pub(crate) fn incoming_handshake_failed(&self, reason: &'static str) {
+    /// Counts a failed incoming handshake, whose peer is not known, and
+    /// returns the log verdict, as [`Metrics::limit_hit`] does: one warn
+    /// line per reason every [`HANDSHAKE_LOG_PERIOD`], node-wide. Anyone
+    /// who can reach the QUIC port can make handshakes fail as fast as it
+    /// can send; every failure is counted, few are logged.
+    pub(crate) fn incoming_handshake_failed(&self, reason: &'static str) -> Option<u64> {
         self.handshakes_failed
             .get_or_create(&ReasonLabels {
                 peer: String::new(),
@@ -346,6 +391,7 @@ impl Metrics {
                 reason,
             })
             .inc();
+        self.handshake_log.admit(reason)
     }
 
     /// Failed incoming handshakes by reason (only reasons seen).
@@ -408,6 +454,30 @@ impl Metrics {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
+    /// Brings the renewal metrics to what `renewal` says (counts since
+    /// start only grow).
+    pub(crate) fn set_renewal(&self, renewal: Option<&crate::RenewalStatus>) {
+        let Some(renewal) = renewal else {
+            self.renewal_next.remove(&NoLabels);
+            return;
+        };
+        for (result, count) in [("success", renewal.successes), ("failure", renewal.failures)] {
+            let counter = self.renewals.get_or_create(&ResultLabels { result });
+            let seen = counter.get();
+            if count > seen {
+                counter.inc_by(count - seen);
+            }
+        }
+        match renewal.next_attempt_unix {
+            Some(at) => {
+                self.renewal_next.get_or_create(&NoLabels).set(at);
+            }
+            None => {
+                self.renewal_next.remove(&NoLabels);
+            }
+        }
+    }
+
     pub(crate) fn reloads(&self, result: &'static str) -> u64 {
         self.reloads
             .get(&ResultLabels { result })
@@ -456,6 +526,7 @@ pub(crate) struct PeerStats {
     reconnects: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshakes_failed: Family<ReasonLabels, Counter>,
+    cut: Family<CutLabels, Counter>,
     /// Which refusals are logged at info.
     refusal_log: Throttle<RefusalKind>,
     /// Incoming streams not yet answered (`limits.pending_streams_per_peer`).
@@ -472,6 +543,12 @@ const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 /// At most one info line per node-wide limit in this period; a flood is
 /// worth hearing about more often than a refused peer.
 const LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// At most one warn line per reason of failed incoming handshakes in this
+/// period: a client that reconnects every few milliseconds with a
+/// certificate this node refuses is worth hearing about, not thousands of
+/// times.
+const HANDSHAKE_LOG_PERIOD: Duration = LIMIT_LOG_PERIOD;
 
 /// Lets one log line per kind and period through; counts the rest.
 #[derive(Debug)]
@@ -534,6 +611,7 @@ pub(crate) struct PeerCounts {
     pub(crate) reconnects: u64,
     pub(crate) refused: [BTreeMap<&'static str, u64>; 2],
     pub(crate) handshakes_failed: BTreeMap<&'static str, u64>,
+    pub(crate) cut: BTreeMap<&'static str, u64>,
 }
 
 impl PeerStats {
@@ -613,7 +691,29 @@ impl PeerStats {
                 Direction::outgoing,
                 HANDSHAKE_REASONS,
             ),
+            cut: CUT_REASONS
+                .iter()
+                .filter_map(|reason| {
+                    let labels = CutLabels {
+                        peer: self.name.clone(),
+                        reason,
+                    };
+                    let count = self.cut.get(&labels).map_or(0, |counter| counter.get());
+                    (count > 0).then_some((*reason, count))
+                })
+                .collect(),
         }
+    }
+
+    /// Counts a live connection cut because the peer's certificate lost
+    /// trust; `reason` is one of [`CUT_REASONS`].
+    pub(crate) fn connection_cut(&self, reason: &'static str) {
+        self.cut
+            .get_or_create(&CutLabels {
+                peer: self.name.clone(),
+                reason,
+            })
+            .inc();
     }
 }
 
@@ -765,6 +865,28 @@ mod tests {
         let text = metrics.encode().unwrap();
         assert!(
             text.contains("meshtun_limit_hits_total{limit=\"handshakes\"} 10"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn failed_incoming_handshakes_are_all_counted_and_logged_once_per_reason_and_period() {
+        let metrics = Metrics::new();
+        let admitted = (0..2000)
+            .filter(|_| metrics.incoming_handshake_failed("tls").is_some())
+            .count();
+        assert_eq!(admitted, 1, "one warn line for 2000 failures of one reason");
+        // Another reason has its own budget, and its own count.
+        assert_eq!(metrics.incoming_handshake_failed("timeout"), Some(0));
+        assert_eq!(metrics.incoming_handshake_failed("timeout"), None);
+        let counted = metrics.incoming_handshakes_failed();
+        assert_eq!(counted.get("tls"), Some(&2000));
+        assert_eq!(counted.get("timeout"), Some(&2));
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                "meshtun_peer_handshakes_failed_total{peer=\"\",direction=\"incoming\",reason=\"tls\"} 2000"
+            ),
             "{text}"
         );
     }

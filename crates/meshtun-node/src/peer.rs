@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use meshtun_config::HostPort;
 use meshtun_proto::{ConnectionCode, NodeName, WELCOME};
@@ -37,9 +37,82 @@ enum Slot {
     /// A dial is under way; a forwarder may wait for it.
     Dialing,
     /// A connection is established.
-    Up(Connection),
+    Up(Link),
     /// The last dial failed; the dialer is backing off.
     Down,
+}
+
+/// A dialled connection and the count of streams this node carries on it,
+/// so a connection being replaced is closed only once they are done.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    connection: Connection,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Link {
+    fn new(connection: Connection) -> Self {
+        Self {
+            connection,
+            streams: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// Counts a stream on this connection until the guard drops.
+    pub(crate) fn carry(&self) -> Carried {
+        self.streams.fetch_add(1, Ordering::AcqRel);
+        Carried(self.streams.clone())
+    }
+}
+
+/// A stream counted on its [`Link`].
+#[derive(Debug)]
+pub(crate) struct Carried(Arc<AtomicUsize>);
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a replaced connection is left alone before its stream count
+/// is looked at: a forwarder that picked it a moment before it was
+/// replaced counts its stream within microseconds.
+const RETIRE_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a replaced connection's stream count is looked at.
+const RETIRE_POLL: Duration = Duration::from_millis(200);
+
+/// The shortest and longest lead with which a connection is replaced
+/// before its certificates expire: a tenth of the time they had left when
+/// it was made, within these bounds.
+const REFRESH_LEAD: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(300));
+
+/// When to replace a connection made at `now` whose certificates (the
+/// peer's chain and this node's own) stop being valid at `deadline`, or
+/// `None` if it should not be: no deadline, or the same one as the
+/// connection it replaced (the peer has not renewed yet, so a new
+/// connection would carry the same certificates).
+fn refresh_at(
+    now: SystemTime,
+    deadline: Option<SystemTime>,
+    previous: Option<SystemTime>,
+) -> Option<SystemTime> {
+    let deadline = deadline?;
+    if previous == Some(deadline) {
+        return None;
+    }
+    let left = deadline.duration_since(now).unwrap_or(Duration::ZERO);
+    let (shortest, longest) = REFRESH_LEAD;
+    Some(
+        deadline
+            .checked_sub((left / 10).clamp(shortest, longest))
+            .map_or(now, |at| at.max(now)),
+    )
 }
 
 /// Backoff and timing for a dialer.
@@ -61,6 +134,12 @@ pub(crate) struct PeerLinks {
     next: AtomicUsize,
     /// TLS for the next dial; a reload replaces it.
     client: Mutex<ClientConfig>,
+    /// When this node's own certificate expires (the peer cuts connections
+    /// made with it then).
+    own_not_after: Mutex<SystemTime>,
+    /// Bumped when this node's certificate changed: every dialer replaces
+    /// its connection, so peers see the new certificate.
+    renewed: watch::Sender<u64>,
     /// The trust in force, to re-check a handshake that raced a reload.
     trust: TrustState,
     /// Why the last dial failed, until one succeeds.
@@ -76,6 +155,7 @@ impl PeerLinks {
         shards: usize,
         connections: usize,
         client: ClientConfig,
+        own_not_after: SystemTime,
         stats: Arc<PeerStats>,
         trust: TrustState,
     ) -> Self {
@@ -87,6 +167,8 @@ impl PeerLinks {
                 .collect(),
             next: AtomicUsize::new(0),
             client: Mutex::new(client),
+            own_not_after: Mutex::new(own_not_after),
+            renewed: watch::Sender::new(0),
             trust,
             last_error: Mutex::new(None),
             stats,
@@ -111,12 +193,40 @@ impl PeerLinks {
     }
 
     /// Replaces the TLS config used by the next dials. Live connections
-    /// keep the one they were made with.
-    pub(crate) fn set_client(&self, client: ClientConfig) {
+    /// keep the one they were made with, unless `renewed` says this node's
+    /// certificate (valid until `own_not_after`) is new: then each dialer
+    /// replaces its connection, and the old one closes once its streams end.
+    pub(crate) fn set_client(&self, client: ClientConfig, own_not_after: SystemTime, renewed: bool) {
         *self
             .client
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+        *self
+            .own_not_after
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = own_not_after;
+        if renewed {
+            self.renewed.send_modify(|generation| *generation += 1);
+        }
+    }
+
+    /// When a connection made now stops being valid: the earlier of the
+    /// peer's chain ([`TrustBundle::chain_deadline`]) and this node's
+    /// own certificate.
+    fn deadline(&self, connection: &Connection) -> Option<SystemTime> {
+        let own = *self
+            .own_not_after
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let trust = self
+            .trust
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let peer = crate::expose::peer_chain(connection)
+            .ok()
+            .and_then(|chain| trust.chain_deadline(&chain));
+        Some(peer.map_or(own, |peer| peer.min(own)))
     }
 
     fn client(&self) -> ClientConfig {
@@ -145,9 +255,9 @@ impl PeerLinks {
         let mut live = Vec::new();
         for (shard, slots) in self.shards.iter().enumerate() {
             for slot in slots.borrow().iter() {
-                if let Slot::Up(connection) = slot {
-                    if connection.close_reason().is_none() {
-                        live.push((shard, connection.clone()));
+                if let Slot::Up(link) = slot {
+                    if link.connection.close_reason().is_none() {
+                        live.push((shard, link.connection.clone()));
                     }
                 }
             }
@@ -159,7 +269,7 @@ impl PeerLinks {
     /// that of any other shard. Waits up to `wait` only while a dial of
     /// `shard` is still in progress; returns `None` at once if nothing is
     /// up and `shard` is not dialling.
-    pub(crate) async fn connection(&self, shard: usize, wait: Duration) -> Option<Connection> {
+    pub(crate) async fn connection(&self, shard: usize, wait: Duration) -> Option<Link> {
         let deadline = Instant::now() + wait;
         let own = self.shards.get(shard).unwrap_or(&self.shards[0]);
         let mut slots = own.subscribe();
@@ -196,11 +306,11 @@ impl PeerLinks {
     }
 
     /// A live connection among `slots`, round-robin.
-    fn pick(&self, slots: &[Slot]) -> Option<Connection> {
+    fn pick(&self, slots: &[Slot]) -> Option<Link> {
         let count = slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..count).find_map(|offset| match &slots[(start + offset) % count] {
-            Slot::Up(connection) if connection.close_reason().is_none() => Some(connection.clone()),
+            Slot::Up(link) if link.connection.close_reason().is_none() => Some(link.clone()),
             _ => None,
         })
     }
@@ -212,7 +322,7 @@ impl PeerLinks {
 
     fn shard_connected(&self, shard: usize) -> bool {
         self.shards[shard].borrow().iter().any(|slot| match slot {
-            Slot::Up(connection) => connection.close_reason().is_none(),
+            Slot::Up(link) => link.connection.close_reason().is_none(),
             _ => false,
         })
     }
@@ -254,14 +364,26 @@ impl PeerLinks {
         let mut delay = timing.reconnect_min;
         let mut failures: u32 = 0;
         let mut was_up = false;
+        let mut renewed = self.renewed.subscribe();
+        // The connection being replaced: it stays in the slot, carrying new
+        // streams, until its successor is up.
+        let mut replacing: Option<Link> = None;
+        let mut previous_deadline = None;
         loop {
-            self.set(shard, index, Slot::Dialing);
+            if replacing.is_none() {
+                self.set(shard, index, Slot::Dialing);
+            }
             let client = self.client();
             let attempt = self.dial_once(&endpoint, &client, timing.handshake_timeout);
             let result = tokio::select! {
                 result = attempt => result,
                 () = cancel.cancelled() => return,
             };
+            let replaced = replacing.take();
+            let was_replacement = replaced.is_some();
+            if let Some(old) = replaced {
+                tokio::spawn(self.clone().retire(old, previous_deadline));
+            }
             match result {
                 Ok(connection) => {
                     info!(
@@ -272,19 +394,35 @@ impl PeerLinks {
                     );
                     failures = 0;
                     delay = timing.reconnect_min;
-                    if was_up {
+                    // A replacement is not a reconnect: nothing was lost.
+                    if was_up && !was_replacement {
                         self.stats.reconnected();
                     }
                     was_up = true;
                     self.set_last_error(None);
-                    self.set(shard, index, Slot::Up(connection.clone()));
+                    let link = Link::new(connection.clone());
+                    self.set(shard, index, Slot::Up(link.clone()));
                     // The handshake may have used a trust bundle a reload
                     // replaced; if so the connection is closed right here.
                     let role = meshtun_pki::PeerRole::Acceptor(&self.name);
-                    let _ = still_trusted(&connection, &self.trust, role);
+                    let _ = still_trusted(&connection, &self.trust, role, &self.stats);
+                    let deadline = self.deadline(&connection);
+                    let refresh = refresh_at(SystemTime::now(), deadline, previous_deadline);
+                    previous_deadline = deadline;
+                    renewed.borrow_and_update();
                     tokio::select! {
                         reason = connection.closed() => {
                             info!(connection = index, %reason, "peer connection closed");
+                        }
+                        () = sleep_until_wall(refresh) => {
+                            info!(connection = index, "replacing the connection: its certificates expire soon");
+                            replacing = Some(link);
+                            continue;
+                        }
+                        Ok(()) = renewed.changed() => {
+                            info!(connection = index, "replacing the connection: this node's certificate was renewed");
+                            replacing = Some(link);
+                            continue;
                         }
                         // On shutdown the connection stays in its slot so that
                         // draining streams keep it; the node closes the endpoint.
@@ -312,6 +450,32 @@ impl PeerLinks {
                 () = cancel.cancelled() => return,
             }
             delay = (delay * 2).min(timing.reconnect_max);
+        }
+    }
+
+    /// Closes a replaced connection once no stream of this node uses it
+    /// (after [`RETIRE_GRACE`]), or cuts it when its certificates expire
+    /// at `deadline`, whichever comes first.
+    async fn retire(self: Arc<Self>, old: Link, deadline: Option<SystemTime>) {
+        tokio::time::sleep(RETIRE_GRACE).await;
+        loop {
+            if old.connection.close_reason().is_some() {
+                return;
+            }
+            if old.streams.load(Ordering::Acquire) == 0 {
+                debug!("closing a replaced connection: its streams are done");
+                let code = ConnectionCode::Shutdown;
+                old.connection
+                    .close(VarInt::from_u32(code.to_u32()), b"replaced");
+                return;
+            }
+            if deadline.is_some_and(|deadline| deadline <= SystemTime::now()) {
+                let role = meshtun_pki::PeerRole::Acceptor(&self.name);
+                if !still_trusted(&old.connection, &self.trust, role, &self.stats) {
+                    return;
+                }
+            }
+            tokio::time::sleep(RETIRE_POLL).await;
         }
     }
 
@@ -392,6 +556,17 @@ enum WelcomeError {
     Garbled(String),
 }
 
+/// Sleeps until the wall-clock time `at`, or forever if `None`.
+async fn sleep_until_wall(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let wait = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// A uniformly random pause in `[delay/2, delay]`, so peers that lost each
 /// other at the same moment do not re-dial in lockstep.
 fn jitter(delay: Duration) -> Duration {
@@ -431,6 +606,42 @@ impl DialError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_replaced_a_tenth_of_its_time_before_its_certificates_expire() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let in_seconds = |seconds: u64| now + Duration::from_secs(seconds);
+        // A two-minute certificate: 12 s ahead.
+        assert_eq!(refresh_at(now, Some(in_seconds(120)), None), Some(in_seconds(108)));
+        // Hours ahead: at most five minutes early.
+        assert_eq!(
+            refresh_at(now, Some(in_seconds(12 * 3600)), None),
+            Some(in_seconds(12 * 3600 - 300))
+        );
+        // Seconds ahead: at least two seconds early, never before now.
+        assert_eq!(refresh_at(now, Some(in_seconds(10)), None), Some(in_seconds(8)));
+        assert_eq!(refresh_at(now, Some(in_seconds(1)), None), Some(now));
+        // The same certificates as the connection it replaced: not again.
+        assert_eq!(refresh_at(now, Some(in_seconds(120)), Some(in_seconds(120))), None);
+        assert_eq!(refresh_at(now, None, None), None);
+    }
+
+    #[test]
+    fn a_link_counts_the_streams_it_carries() {
+        let streams = Arc::new(AtomicUsize::new(0));
+        let first = Carried({
+            streams.fetch_add(1, Ordering::AcqRel);
+            streams.clone()
+        });
+        let second = Carried({
+            streams.fetch_add(1, Ordering::AcqRel);
+            streams.clone()
+        });
+        assert_eq!(streams.load(Ordering::Acquire), 2);
+        drop(first);
+        drop(second);
+        assert_eq!(streams.load(Ordering::Acquire), 0);
+    }
 
     #[test]
     fn jitter_stays_within_half_and_whole() {

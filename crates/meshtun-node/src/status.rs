@@ -122,6 +122,30 @@ pub struct CertificateStatus {
     pub not_after_unix: i64,
     /// Seconds until expiry (negative once expired).
     pub expires_in_seconds: i64,
+    /// Self-renewal (`[tls] renew`), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal: Option<RenewalStatus>,
+}
+
+/// The node renewing its own certificate (`[tls] renew`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalStatus {
+    /// The renewal server, `host:port`.
+    pub server: String,
+    /// At which share of the lifetime it renews, in percent.
+    pub at_percent: u8,
+    /// Whether an attempt is running now.
+    pub in_progress: bool,
+    /// When the next attempt starts, Unix seconds; `None` while one runs.
+    pub next_attempt_unix: Option<i64>,
+    /// When the last attempt started, Unix seconds.
+    pub last_attempt_unix: Option<i64>,
+    /// Why the last attempt failed; `None` after a success.
+    pub last_error: Option<String>,
+    /// Renewals installed since start.
+    pub successes: u64,
+    /// Failed attempts since start.
+    pub failures: u64,
 }
 
 /// Reload history.
@@ -176,6 +200,10 @@ pub struct PeerStatus {
     pub refused_incoming: BTreeMap<String, u64>,
     /// Failed dials to the peer, by reason.
     pub handshakes_failed: BTreeMap<String, u64>,
+    /// Live connections closed because the peer's certificate lost trust,
+    /// by reason (`expired`, `revoked`, `untrusted`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub connections_cut: BTreeMap<String, u64>,
     /// Times a lost connection came back.
     pub reconnects: u64,
     /// The last dial error, if the peer is not reachable now.

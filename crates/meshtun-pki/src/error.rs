@@ -216,6 +216,23 @@ impl PkiError {
         )
     }
 
+    /// Whether a certificate was refused because it, or a certificate of
+    /// its chain, is past its validity.
+    pub fn is_expired(&self) -> bool {
+        matches!(
+            self,
+            PkiError::Untrusted {
+                reason: rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired
+                        | rustls::CertificateError::ExpiredContext { .. }
+                        | rustls::CertificateError::ExpiredRevocationList
+                        | rustls::CertificateError::ExpiredRevocationListContext { .. }
+                ),
+                ..
+            }
+        )
+    }
+
     /// Whether a certificate was refused because CRLs are configured but
     /// none of them is from its CA (so its revocation status is unknown).
     pub fn is_unknown_revocation_status(&self) -> bool {

@@ -166,8 +166,10 @@ pub(crate) fn cluster_of_parsed(cert: &X509Certificate<'_>) -> Option<String> {
 }
 
 /// A cluster name must be a SPIFFE trust domain: 1 to 255 bytes of lowercase
-/// ASCII letters, digits, '.', '-' and '_'.
-pub(crate) fn check_cluster(name: &str) -> Result<(), PkiError> {
+/// ASCII letters, digits, '.', '-' and '_'. The error
+/// ([`PkiError::ClusterName`]) says which rule `name` breaks; the command
+/// line checks names with it before any work is done.
+pub fn check_cluster(name: &str) -> Result<(), PkiError> {
     let reject = |detail: String| PkiError::ClusterName {
         name: name.to_string(),
         detail,

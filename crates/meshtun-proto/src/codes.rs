@@ -79,10 +79,15 @@ pub enum ConnectionCode {
     /// The peer broke the protocol (for example opened a unidirectional stream).
     ProtocolViolation = 2,
     /// The peer's certificate no longer verifies against this node's trust
-    /// (revoked by a newly loaded CRL, or its CA no longer trusted).
+    /// for a reason other than the two below (its CA left the bundle).
     Untrusted = 3,
     /// The peer already has `limits.connections_per_peer` connections open.
     ConnectionLimit = 4,
+    /// The peer's certificate, or one of its chain, expired while the
+    /// connection was up. A peer with a renewed certificate dials again.
+    Expired = 5,
+    /// A newly loaded CRL revokes the peer's certificate.
+    Revoked = 6,
 }
 
 impl ConnectionCode {
@@ -97,8 +102,10 @@ impl ConnectionCode {
             ConnectionCode::Shutdown => b"shutdown",
             ConnectionCode::NoIdentity => b"no meshtun identity in certificate",
             ConnectionCode::ProtocolViolation => b"protocol violation",
-            ConnectionCode::Untrusted => b"certificate no longer trusted (revoked?)",
+            ConnectionCode::Untrusted => b"certificate no longer trusted",
             ConnectionCode::ConnectionLimit => b"too many connections from this peer",
+            ConnectionCode::Expired => b"certificate expired",
+            ConnectionCode::Revoked => b"certificate revoked",
         }
     }
 }

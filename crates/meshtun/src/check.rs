@@ -3,11 +3,12 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use meshtun_config::Config;
 use meshtun_pki::{NodeCredentials, PkiError, Serial, TrustBundle};
 
+use crate::watch::{expiry_in_words, seconds_until};
 use crate::EXIT_CONFIG;
 
 /// Below this many days left, `check` warns about the certificate's expiry:
@@ -81,10 +82,10 @@ fn check_tls(config: &Config, report: &mut Report, now: SystemTime) {
     if let (Some(crl), Some(_)) = (&tls.crl, &trust) {
         describe_crls(&tls.ca, crl, report, now);
     }
-    match meshtun_pki::key_file_mode_problem(&tls.key) {
-        Ok(None) => {}
-        Ok(Some(problem)) => report.errors.push(format!("tls.key: {problem}")),
-        Err(problem) => report.errors.push(format!("tls.key: {problem}")),
+    // A key file that cannot even be looked at (missing, say) is reported
+    // once, by the read below, which fails on it too.
+    if let Ok(Some(problem)) = meshtun_pki::key_file_mode_problem(&tls.key) {
+        report.errors.push(format!("tls.key: {problem}"));
     }
     // Read the files directly so that a key with bad permissions still gets
     // its other checks (identity, key match, expiry) in the same run.
@@ -221,20 +222,17 @@ fn expiry(credentials: &NodeCredentials, now: SystemTime, report: &mut Report) {
             .errors
             .push("tls.cert: certificate is not valid yet (check the clock)".to_owned());
     }
-    match credentials.not_after().duration_since(now) {
-        Ok(left) => {
-            let days = left.as_secs() / 86_400;
-            let line = format!("tls.cert: certificate expires in {days} day(s)");
-            if left < Duration::from_secs(EXPIRY_WARNING_DAYS * 86_400) {
-                report
-                    .warnings
-                    .push(format!("{line}; renew it with `meshtun pki renew`"));
-            } else {
-                report.facts.push(line);
-            }
-        }
-        Err(_) => report.errors.push(
-            "tls.cert: certificate has expired; renew it with `meshtun pki renew`".to_owned(),
-        ),
+    let left = seconds_until(credentials.not_after(), now);
+    let line = format!("tls.cert: certificate {}", expiry_in_words(left));
+    if left <= 0 {
+        report
+            .errors
+            .push(format!("{line}; renew it with `meshtun pki renew`"));
+    } else if left.unsigned_abs() < EXPIRY_WARNING_DAYS * 86_400 {
+        report
+            .warnings
+            .push(format!("{line}; renew it with `meshtun pki renew`"));
+    } else {
+        report.facts.push(line);
     }
 }

@@ -183,7 +183,13 @@ fn refused(error: &EnrollError, node: &NodeName) -> Failure {
                     ),
                     ..Failure::runtime(text)
                 },
-                RefusalCode::BadRequest | RefusalCode::ServerError => Failure::runtime(text),
+                // Renewal refusals: a join never gets them from a server
+                // that speaks the protocol.
+                RefusalCode::BadRequest
+                | RefusalCode::ServerError
+                | RefusalCode::CertificateRequired
+                | RefusalCode::UnknownCertificate
+                | RefusalCode::Revoked => Failure::runtime(text),
             }
         }
         (EnrollError::CaMismatch { .. }, _) => Failure::credentials(error, None),

@@ -25,6 +25,7 @@ mod junk;
 mod notify;
 mod overlay;
 mod pki;
+mod renew;
 mod run;
 mod status;
 mod watch;
@@ -81,6 +82,14 @@ enum Command {
         #[arg(short, long, env = "MESHTUN_CONFIG")]
         config: PathBuf,
     },
+    /// Renew this node's certificate once from `[tls] renew` (`meshtun pki
+    /// serve`): a fresh key made here, the current certificate as proof;
+    /// the old pair is kept as .prev. The daemon does this by itself.
+    Renew {
+        /// The node's configuration file.
+        #[arg(short, long, env = "MESHTUN_CONFIG")]
+        config: PathBuf,
+    },
     /// Run a self-contained two-node demo on loopback with a throwaway CA.
     Demo {
         /// MiB to push each way through the tunnel.
@@ -118,6 +127,7 @@ fn main() -> ExitCode {
             json,
         } => status::status(config.as_deref(), admin, json),
         Command::Check { config } => check::check(&config),
+        Command::Renew { config } => renew::renew_command(&config),
         Command::Demo { mib } => demo::demo(mib),
         Command::Pki(command) => pki::pki(command),
         Command::Join(args) => join::join(args),

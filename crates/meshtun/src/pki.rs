@@ -9,7 +9,8 @@ use std::time::SystemTime;
 
 use clap::Subcommand;
 use meshtun_pki::{
-    Authority, PkiError, Reason, RevocationList, RevocationTarget, Serial, Validity, CRL_FILE,
+    Authority, Issuance, IssuedRecord, Ledger, PkiError, Reason, RevocationList, RevocationTarget,
+    Serial, Validity, CRL_FILE,
 };
 use meshtun_proto::NodeName;
 
@@ -20,8 +21,9 @@ pub(crate) enum PkiCommand {
     /// Create a cluster CA: writes DIR/ca.crt, DIR/ca.key (0600) and an
     /// empty revocation list DIR/crl.pem.
     InitCa {
-        /// The cluster's name (the trust domain in spiffe://<cluster>/node/<name>).
-        #[arg(long)]
+        /// The cluster's name (the trust domain in spiffe://<cluster>/node/<name>):
+        /// lowercase ASCII letters, digits, '.', '-' and '_', at most 255.
+        #[arg(long, value_parser = parse_cluster)]
         cluster: String,
         /// Directory to write into.
         #[arg(long)]
@@ -47,9 +49,8 @@ pub(crate) enum PkiCommand {
         /// An extra DNS SAN (repeatable); the node name is always the first.
         #[arg(long = "dns")]
         dns: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
-        days: u32,
+        #[command(flatten)]
+        lifetime: LifetimeArgs,
         /// Directory to write into.
         #[arg(long)]
         out: PathBuf,
@@ -59,6 +60,12 @@ pub(crate) enum PkiCommand {
     },
     /// Make a single-use join token for a node (`meshtun join` on the node
     /// trades it for a certificate); DIR/tokens.json keeps only its hash.
+    ///
+    /// Prints the token, the CA fingerprint and two lines to run on the
+    /// node: `read -rs MESHTUN_JOIN_TOKEN && export MESHTUN_JOIN_TOKEN`, at
+    /// whose silent prompt the token is pasted, then `meshtun join` without
+    /// the token, which reads it from MESHTUN_JOIN_TOKEN: a token on the
+    /// command line would show in `ps` and the shell history.
     Token {
         /// Directory holding ca.crt and ca.key; the token is recorded in DIR/tokens.json.
         #[arg(long)]
@@ -72,6 +79,10 @@ pub(crate) enum PkiCommand {
         /// An extra DNS SAN (repeatable); the node name is always the first.
         #[arg(long = "dns")]
         dns: Vec<String>,
+        /// How long the certificate is valid: a number and s, m, h or d,
+        /// from 1m to 3650d (e.g. 12h) [default: what `pki serve` issues].
+        #[arg(long, value_name = "DURATION", value_parser = parse_lifetime)]
+        valid_for: Option<std::time::Duration>,
         /// How long the token may be used: a number and s, m, h or d (at most 30d).
         #[arg(long, default_value = "1h", value_parser = parse_token_ttl)]
         ttl: std::time::Duration,
@@ -92,9 +103,11 @@ pub(crate) enum PkiCommand {
         /// Address to listen on (TCP, TLS 1.3), e.g. 0.0.0.0:4434; port 0 picks one.
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// Validity in days of the certificates issued.
-        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
-        days: u32,
+        /// How long the certificates it issues are valid, unless a token
+        /// says otherwise; a renewal lasts as long as the certificate it
+        /// renews, at most this.
+        #[command(flatten)]
+        lifetime: LifetimeArgs,
     },
     /// Print subject, SANs, identity, fingerprint and validity of a certificate file
     /// (or issuer, number, dates and revoked serials of a CRL file).
@@ -104,7 +117,7 @@ pub(crate) enum PkiCommand {
     },
     /// Revoke a node certificate: adds its serial to DIR/crl.pem and re-signs
     /// the CRL with the next CRL number.
-    #[command(group(clap::ArgGroup::new("revoked").required(true).args(["serial", "cert"])))]
+    #[command(group(clap::ArgGroup::new("revoked").required(true).args(["serial", "cert", "node"])))]
     Revoke {
         /// Directory holding ca.crt and ca.key; the CRL is DIR/crl.pem.
         #[arg(long)]
@@ -115,12 +128,27 @@ pub(crate) enum PkiCommand {
         /// The certificate to revoke (this CA must have issued it).
         #[arg(long, value_name = "FILE")]
         cert: Option<PathBuf>,
+        /// Revoke every unexpired certificate the ledger (DIR/issued.json)
+        /// records for this node: what it was issued, renewed and joined with.
+        #[arg(long, value_name = "NAME")]
+        node: Option<NodeName>,
         /// Why, recorded in the CRL.
         #[arg(long, value_parser = reason_parser())]
         reason: Option<Reason>,
         /// Days until the CRL's nextUpdate.
         #[arg(long, default_value_t = DEFAULT_CRL_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
         crl_days: u32,
+    },
+    /// Show the issuance ledger DIR/issued.json: every certificate this CA
+    /// issued (by issue, renew, join or a node's own renewal) and whether it
+    /// is valid, expired or revoked now.
+    List {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Only this node's certificates.
+        #[arg(long, value_name = "NAME")]
+        node: Option<NodeName>,
     },
     /// Re-sign DIR/crl.pem with fresh dates and the next CRL number (run it
     /// from cron before nextUpdate); writes an empty CRL if there is none.
@@ -147,9 +175,8 @@ pub(crate) enum PkiCommand {
         /// Generate a new key instead (do this when the old one may be compromised).
         #[arg(long)]
         new_key: bool,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
-        days: u32,
+        #[command(flatten)]
+        lifetime: LifetimeArgs,
         /// Directory to write into [default: the directory of --cert].
         #[arg(long)]
         out: Option<PathBuf>,
@@ -169,29 +196,34 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
             node,
             ips,
             dns,
+            valid_for,
             ttl,
             server,
             join_out,
-        } => return enroll_token(&ca, node, ips, dns, ttl, server.as_deref(), &join_out),
-        PkiCommand::Serve { ca, listen, days } => return enroll_serve(&ca, listen, days),
+        } => {
+            let grant = meshtun_pki::Grant {
+                node,
+                ips,
+                dns,
+                valid_for,
+            };
+            return enroll_token(&ca, grant, ttl, server.as_deref(), &join_out);
+        }
+        PkiCommand::Serve {
+            ca,
+            listen,
+            lifetime,
+        } => return enroll_serve(&ca, listen, lifetime.lifetime()),
         PkiCommand::Issue {
             ca,
             node,
             ips,
             dns,
-            days,
+            lifetime,
             out,
             force,
-        } => Authority::load(&ca)
-            .and_then(|authority| authority.issue(&node, &ips, &dns, Validity::days_from_now(days)))
-            .and_then(|issued| issued.write(&out, &node, force))
-            .map(|(cert, key)| {
-                say!(
-                    "wrote {} and {} (node {node}, {days} days)",
-                    cert.display(),
-                    key.display()
-                );
-            }),
+        } => issue(&ca, &node, &ips, &dns, lifetime.lifetime(), &out, force),
+        PkiCommand::List { ca, node } => list(&ca, node.as_ref()),
         PkiCommand::Inspect { file } => match std::fs::read_to_string(&file) {
             Ok(pem) if meshtun_pki::is_crl_pem(&pem) => {
                 meshtun_pki::inspect_crl_pem(&pem).map(|crls| {
@@ -220,18 +252,22 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
             ca,
             serial,
             cert,
+            node,
             reason,
             crl_days,
-        } => revoke(&ca, serial, cert.as_deref(), reason, crl_days),
+        } => match node {
+            Some(node) => revoke_node(&ca, &node, reason, crl_days),
+            None => revoke(&ca, serial, cert.as_deref(), reason, crl_days),
+        },
         PkiCommand::Crl { ca, crl_days } => resign_crl(&ca, crl_days),
         PkiCommand::Renew {
             ca,
             cert,
             key,
             new_key,
-            days,
+            lifetime,
             out,
-        } => renew(&ca, &cert, key, new_key, days, out),
+        } => renew(&ca, &cert, key, new_key, lifetime.lifetime(), out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,6 +276,215 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// `--days` or `--valid-for`: how long a node certificate is valid.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub(crate) struct LifetimeArgs {
+    /// Validity in days.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    days: u32,
+    /// Validity as a number and s, m, h or d (e.g. 12h), instead of --days;
+    /// from 1m to 3650d. Short-lived certificates renew themselves (see
+    /// `[tls] renew` in the configuration).
+    #[arg(long, value_name = "DURATION", value_parser = parse_lifetime, conflicts_with = "days")]
+    valid_for: Option<std::time::Duration>,
+}
+
+impl LifetimeArgs {
+    fn lifetime(self) -> std::time::Duration {
+        self.valid_for
+            .unwrap_or(std::time::Duration::from_secs(u64::from(self.days) * 86_400))
+    }
+}
+
+/// The shortest and longest `--valid-for`.
+const LIFETIME_RANGE: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_secs(60),
+    std::time::Duration::from_secs(3650 * 86_400),
+);
+
+/// `--valid-for`: a whole number and a unit s, m, h or d, from 1m to 3650d.
+fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let lifetime = parse_duration(text)?;
+    let (shortest, longest) = LIFETIME_RANGE;
+    if lifetime < shortest || lifetime > longest {
+        return Err(format!("{text} is outside 1m..3650d"));
+    }
+    Ok(lifetime)
+}
+
+/// A whole number and a unit s, m, h or d.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: write e.g. 30m, 12h or 2d"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?}: use s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(number.saturating_mul(unit)))
+}
+
+/// A lifetime in its largest whole unit: "365 days", "12 hours", "2 minutes".
+fn lifetime_text(lifetime: std::time::Duration) -> String {
+    let seconds = lifetime.as_secs();
+    let (count, unit) = [(86_400, "day"), (3600, "hour"), (60, "minute")]
+        .into_iter()
+        .find(|(size, _)| seconds >= *size && seconds % size == 0)
+        .map_or((seconds, "second"), |(size, unit)| (seconds / size, unit));
+    if count == 1 {
+        format!("1 {unit}")
+    } else {
+        format!("{count} {unit}s")
+    }
+}
+
+/// `meshtun pki issue`: the certificate is recorded in the ledger before
+/// its files are written.
+fn issue(
+    ca: &Path,
+    node: &NodeName,
+    ips: &[IpAddr],
+    dns: &[String],
+    lifetime: std::time::Duration,
+    out: &Path,
+    force: bool,
+) -> Result<(), PkiError> {
+    let authority = Authority::load(ca)?;
+    let issued = authority.issue(node, ips, dns, Validity::from_now(lifetime))?;
+    let now = SystemTime::now();
+    let record = IssuedRecord::of_pem(&issued.cert_pem, Issuance::Issue, None, now)?;
+    let serial = record.serial.clone();
+    Ledger::new(ca).record(record, now)?;
+    let (cert, key) = issued.write(out, node, force)?;
+    say!(
+        "wrote {} and {} (node {node}, serial {serial}, {})",
+        cert.display(),
+        key.display(),
+        lifetime_text(lifetime)
+    );
+    Ok(())
+}
+
+/// `meshtun pki list`.
+fn list(ca: &Path, node: Option<&NodeName>) -> Result<(), PkiError> {
+    let authority = Authority::load(ca)?;
+    let revoked = RevocationList::load(ca, &authority)?.unwrap_or_default();
+    let ledger = Ledger::new(ca);
+    let now = SystemTime::now();
+    let records: Vec<IssuedRecord> = ledger
+        .records()?
+        .into_iter()
+        .filter(|record| node.is_none_or(|node| record.node == node.as_str()))
+        .collect();
+    if records.is_empty() {
+        say!(
+            "no certificates recorded in {}{}",
+            ledger.path().display(),
+            node.map(|node| format!(" for node {node}"))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    say!(
+        "{:<10} {:<20} {:<8} {:<10} {:<20} {}",
+        "STATE",
+        "NODE",
+        "HOW",
+        "ISSUED",
+        "NOT AFTER",
+        "SERIAL"
+    );
+    for record in &records {
+        let state = if record
+            .serial()
+            .is_ok_and(|serial| revoked.is_revoked(&serial))
+        {
+            "revoked"
+        } else if record.expired_at(now) {
+            "expired"
+        } else {
+            "valid"
+        };
+        let issued = meshtun_pki::format_utc(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(record.issued_at),
+        );
+        say!(
+            "{:<10} {:<20} {:<8} {:<10} {:<20} {}",
+            state,
+            record.node,
+            record.how,
+            issued.get(..10).unwrap_or(&issued),
+            meshtun_pki::format_utc(record.not_after_time()),
+            record.serial
+        );
+    }
+    Ok(())
+}
+
+/// `meshtun pki revoke --node`: every unexpired certificate of the node in
+/// the ledger, in one new CRL.
+fn revoke_node(
+    ca: &Path,
+    node: &NodeName,
+    reason: Option<Reason>,
+    crl_days: u32,
+) -> Result<(), PkiError> {
+    let authority = Authority::load(ca)?;
+    let ledger = Ledger::new(ca);
+    let now = SystemTime::now();
+    let records = ledger.unexpired_of(node.as_str(), now)?;
+    if records.is_empty() {
+        return Err(PkiError::Ledger {
+            path: ledger.path(),
+            detail: format!(
+                "records no unexpired certificate of node {node}; nothing to revoke (a \
+                 certificate issued before the ledger existed is revoked with --cert FILE or \
+                 --serial HEX)"
+            ),
+        });
+    }
+    let mut list = RevocationList::load(ca, &authority)?.unwrap_or_default();
+    let mut added = Vec::new();
+    for record in &records {
+        let serial = record.serial()?;
+        if list.revoke(serial.clone(), reason, now) {
+            added.push(serial);
+        }
+    }
+    if added.is_empty() {
+        say!(
+            "every unexpired certificate of node {node} ({}) is already revoked in {}; \
+             nothing changed",
+            records.len(),
+            ca.join(CRL_FILE).display()
+        );
+        return Ok(());
+    }
+    let path = list.write(&authority, ca, now, crl_days)?;
+    for serial in &added {
+        say!("revoked serial {serial} ({node})");
+    }
+    say!(
+        "revoked {} of node {node}; CRL number {} with {} written to {}",
+        match added.len() {
+            1 => "1 certificate".to_owned(),
+            count => format!("{count} certificates"),
+        },
+        list.number(),
+        entries(list.entries().len()),
+        path.display()
+    );
+    say_install_crl(ca, crl_days);
+    Ok(())
 }
 
 /// Days a CRL written by `init-ca`, `revoke` and `crl` stays current (its
@@ -270,6 +515,17 @@ fn entries(count: usize) -> String {
     match count {
         1 => "1 entry".to_string(),
         count => format!("{count} entries"),
+    }
+}
+
+/// `--cluster`: a name `Authority::generate` accepts (a SPIFFE trust
+/// domain), so a bad one is a usage error (exit 64) that names the rule,
+/// before any key is made or file written.
+fn parse_cluster(text: &str) -> Result<String, String> {
+    match meshtun_pki::check_cluster(text) {
+        Ok(()) => Ok(text.to_owned()),
+        Err(PkiError::ClusterName { detail, .. }) => Err(detail),
+        Err(other) => Err(other.to_string()),
     }
 }
 
@@ -363,12 +619,12 @@ fn renew(
     cert: &Path,
     key: Option<PathBuf>,
     new_key: bool,
-    days: u32,
+    lifetime: std::time::Duration,
     out: Option<PathBuf>,
 ) -> Result<(), PkiError> {
     let authority = Authority::load(ca)?;
     let key = (!new_key).then(|| key.unwrap_or_else(|| cert.with_extension("key")));
-    let renewed = authority.renew_files(cert, key.as_deref(), Validity::days_from_now(days))?;
+    let renewed = authority.renew_files(cert, key.as_deref(), Validity::from_now(lifetime))?;
     // Extending a revoked certificate's key would undo the revocation.
     if key.is_some() {
         if let Some(list) = RevocationList::load(ca, &authority)? {
@@ -389,20 +645,29 @@ fn renew(
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     });
+    let now = SystemTime::now();
+    let record = IssuedRecord::of_pem(
+        &renewed.cert_pem,
+        Issuance::Renew,
+        Some(&renewed.previous_serial),
+        now,
+    )?;
+    Ledger::new(ca).record(record, now)?;
     let (cert_path, key_path) = renewed.write(&out)?;
+    let days = lifetime_text(lifetime);
     if let Some(issuer) = &renewed.previous_issuer {
         say!("note: the previous certificate was issued by another CA ({issuer})");
     }
     match (&key_path, &key) {
         (Some(key_path), _) => say!(
-            "wrote {} and a new key {} (node {}, serial {}, {days} days)",
+            "wrote {} and a new key {} (node {}, serial {}, {days})",
             cert_path.display(),
             key_path.display(),
             renewed.node,
             renewed.serial
         ),
         (None, Some(key)) => say!(
-            "wrote {} (node {}, serial {}, {days} days), keeping the key in {}",
+            "wrote {} (node {}, serial {}, {days}), keeping the key in {}",
             cert_path.display(),
             renewed.node,
             renewed.serial,
@@ -456,14 +721,12 @@ fn parse_token_ttl(text: &str) -> Result<std::time::Duration, String> {
 /// `meshtun pki token`.
 fn enroll_token(
     ca: &Path,
-    node: NodeName,
-    ips: Vec<IpAddr>,
-    dns: Vec<String>,
+    grant: meshtun_pki::Grant,
     ttl: std::time::Duration,
     server: Option<&str>,
     join_out: &Path,
 ) -> ExitCode {
-    use meshtun_pki::{CaFingerprint, EnrollError, Grant, TokenStore};
+    use meshtun_pki::{CaFingerprint, EnrollError, TokenStore};
 
     let authority = match Authority::load(ca) {
         Ok(authority) => authority,
@@ -473,7 +736,6 @@ fn enroll_token(
         }
     };
     let store = TokenStore::new(ca);
-    let grant = Grant { node, ips, dns };
     let made = match store.create(&grant, ttl, SystemTime::now()) {
         Ok(made) => made,
         Err(problem) => {
@@ -501,19 +763,38 @@ fn enroll_token(
         store.path().display()
     );
     say!(
-        "with `meshtun pki serve --ca {} --listen ADDR` running, run on {node}:",
+        "with `meshtun pki serve --ca {} --listen ADDR` running, run on {node} (bash or zsh), \
+         pasting the token at the silent prompt of the first line: in MESHTUN_JOIN_TOKEN it \
+         stays out of the process list and the shell history",
         ca.display()
     );
-    say!(
-        "  meshtun join --server {} --ca-fingerprint {fingerprint} --token {token} --node {node} --out {}",
-        server.unwrap_or("CA-HOST:PORT"),
-        join_out.display()
-    );
+    let server = server.unwrap_or("CA-HOST:PORT");
+    for line in join_commands(server, &fingerprint, node, join_out) {
+        say!("  {line}");
+    }
     ExitCode::SUCCESS
 }
 
+/// The shell lines `pki token` prints for the node: a silent prompt that
+/// puts the token in `MESHTUN_JOIN_TOKEN`, then `meshtun join` without it.
+/// A token on the command line would show in `ps` and the shell history.
+fn join_commands(
+    server: &str,
+    fingerprint: &meshtun_pki::CaFingerprint,
+    node: &NodeName,
+    out: &Path,
+) -> [String; 2] {
+    [
+        "read -rs MESHTUN_JOIN_TOKEN && export MESHTUN_JOIN_TOKEN".to_owned(),
+        format!(
+            "meshtun join --server {server} --ca-fingerprint {fingerprint} --node {node} --out {}",
+            out.display()
+        ),
+    ]
+}
+
 /// `meshtun pki serve`.
-fn enroll_serve(ca: &Path, listen: std::net::SocketAddr, days: u32) -> ExitCode {
+fn enroll_serve(ca: &Path, listen: std::net::SocketAddr, lifetime: std::time::Duration) -> ExitCode {
     use meshtun_node::enroll::EnrollServer;
     use meshtun_pki::{CaFingerprint, Enroller, TokenStore};
     use tokio::signal::unix::{signal, SignalKind};
@@ -557,7 +838,7 @@ fn enroll_serve(ca: &Path, listen: std::net::SocketAddr, days: u32) -> ExitCode 
         };
         let server = match EnrollServer::start(
             listen,
-            Enroller::new(authority, store.clone(), days),
+            Enroller::new(authority, store.clone(), lifetime),
         )
         .await
         {
@@ -576,7 +857,7 @@ fn enroll_serve(ca: &Path, listen: std::net::SocketAddr, days: u32) -> ExitCode 
             ca = %fingerprint,
             tokens = %store.path().display(),
             recorded_tokens = tokens,
-            days,
+            lifetime = %lifetime_text(lifetime),
             "enrollment server ready"
         );
         let mut health = tokio::time::interval(std::time::Duration::from_secs(1));

@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::notify::Notifier;
-use crate::watch::{ExpiryWarnings, Watched, POLL_INTERVAL};
+use crate::watch::{expiry_in_words, seconds_until, ExpiryWarnings, Watched, POLL_INTERVAL};
 use crate::{init_logging, runtime_with, LogFormat, EXIT_CONFIG, EXIT_RUNTIME};
 
 /// How often dropped junk datagrams are summarized in the log.
@@ -45,6 +45,7 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
     };
     let notifier = Notifier::from_env();
     let mut watched = Watched::new(path, &config);
+    let mut renewal = Renewal::new(config.clone(), &credentials);
     runtime.block_on(async move {
         let mut grace = config.limits.drain_grace;
         // Signal handlers go in before any port is bound, so a signal that
@@ -79,8 +80,23 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
         polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry_checks = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
         let mut expiry = ExpiryWarnings::default();
+        renewal.publish(&node);
+        let (renewed_tx, mut renewed_rx) = tokio::sync::mpsc::channel(1);
         let signal = loop {
+            let renewal_due = renewal.due();
             tokio::select! {
+                () = sleep_until(renewal_due) => {
+                    renewal.start(renewed_tx.clone());
+                    renewal.publish(&node);
+                    continue;
+                }
+                Some(finished) = renewed_rx.recv() => {
+                    let renewed = renewal.finish(finished);
+                    renewal.publish(&node);
+                    if !renewed {
+                        continue;
+                    }
+                }
                 signal = signals.next() => {
                     if signal != "SIGHUP" {
                         break signal;
@@ -115,9 +131,11 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
             // A SIGHUP or changed files: reload, bracketed for systemd.
             notifier.reloading();
             let before = watched.snapshot();
-            if let Some((new_grace, new_watched)) = reload(path, &node) {
-                grace = new_grace;
-                watched = new_watched.seen_as(&before);
+            if let Some(applied) = reload(path, &node) {
+                grace = applied.grace;
+                watched = applied.watched.seen_as(&before);
+                renewal.replan(applied.config, &applied.credentials);
+                renewal.publish(&node);
             }
             notifier.ready(&summary(&node));
             warn_expiry(&node, &mut expiry);
@@ -138,11 +156,19 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
     })
 }
 
+/// What a reload applied, for the run loop.
+struct Applied {
+    grace: Duration,
+    watched: Watched,
+    config: Config,
+    credentials: NodeCredentials,
+}
+
 /// Re-reads the configuration and certificates and hands them to the node.
-/// Returns the new drain grace and the files to watch if the reload
-/// applied. A failure keeps everything as it was and is logged once, with
-/// every problem.
-fn reload(path: &Path, node: &Node) -> Option<(Duration, Watched)> {
+/// Returns what the run loop keeps of them if the reload applied. A
+/// failure keeps everything as it was and is logged once, with every
+/// problem.
+fn reload(path: &Path, node: &Node) -> Option<Applied> {
     let material = match Material::load(path) {
         Ok(material) => material,
         Err(problems) => {
@@ -155,10 +181,17 @@ fn reload(path: &Path, node: &Node) -> Option<(Duration, Watched)> {
     let grace = material.config.limits.drain_grace;
     let watched = Watched::new(path, &material.config);
     let fingerprint = material.credentials.fingerprint();
+    let config = material.config.clone();
+    let credentials = material.credentials.clone();
     match node.reload(material.config, material.credentials, material.trust) {
         Ok(()) => {
             info!(certificate = %fingerprint, "reloaded; new handshakes and streams use the new configuration");
-            Some((grace, watched))
+            Some(Applied {
+                grace,
+                watched,
+                config,
+                credentials,
+            })
         }
         Err(problem) => {
             error!(%problem, "reload failed; still running the previous configuration");
@@ -170,18 +203,169 @@ fn reload(path: &Path, node: &Node) -> Option<(Duration, Watched)> {
 /// Warns once per threshold as the node certificate nears its expiry.
 fn warn_expiry(node: &Node, warnings: &mut ExpiryWarnings) {
     let certificate = node.certificate();
+    let words = expiry_in_words(certificate.expires_in_seconds);
     match warnings.due(&certificate.fingerprint, certificate.expires_in_seconds) {
         Some(0) => error!(
             certificate = %certificate.fingerprint,
-            "the node certificate has expired: peers refuse new connections from this node; renew it with `meshtun pki renew`, then reload"
+            "the node certificate {words}: peers refuse new connections from this node; renew it with `meshtun pki renew`, then reload"
         ),
-        Some(days) => warn!(
+        Some(_) => warn!(
             certificate = %certificate.fingerprint,
             expires_in_hours = certificate.expires_in_seconds / 3600,
-            "the node certificate expires within {days} days; renew it with `meshtun pki renew`, then reload"
+            "the node certificate {words}; renew it with `meshtun pki renew`, then reload"
         ),
         None => {}
     }
+}
+
+/// The daemon's own certificate renewal (`[tls] renew`): when the next
+/// attempt is due, the attempt in flight, and what `/status` shows.
+struct Renewal {
+    config: Config,
+    /// When the next attempt starts; `None` while one runs or when off.
+    next: Option<tokio::time::Instant>,
+    next_wall: Option<SystemTime>,
+    /// Whether an attempt runs now (its result comes over a channel).
+    running: bool,
+    /// The certificate's validity, for the retry pause.
+    validity: (SystemTime, SystemTime),
+    successes: u64,
+    failures: u64,
+    last_attempt: Option<SystemTime>,
+    last_error: Option<String>,
+}
+
+impl Renewal {
+    fn new(config: Config, credentials: &NodeCredentials) -> Self {
+        let mut renewal = Self {
+            config,
+            next: None,
+            next_wall: None,
+            running: false,
+            validity: (credentials.not_before(), credentials.not_after()),
+            successes: 0,
+            failures: 0,
+            last_attempt: None,
+            last_error: None,
+        };
+        renewal.plan();
+        renewal
+    }
+
+    /// A reload applied `config` and `credentials`: plan from them (an
+    /// attempt in flight finishes first and plans again then).
+    fn replan(&mut self, config: Config, credentials: &NodeCredentials) {
+        self.config = config;
+        self.validity = (credentials.not_before(), credentials.not_after());
+        if !self.running {
+            self.plan();
+        }
+    }
+
+    fn plan(&mut self) {
+        let Some(settings) = &self.config.tls.renew else {
+            self.schedule(None);
+            return;
+        };
+        let (not_before, not_after) = self.validity;
+        let due = crate::renew::due_at(settings, not_before, not_after)
+            .checked_sub(crate::renew::jitter(not_before, not_after))
+            .unwrap_or(not_before);
+        info!(
+            at = %meshtun_pki::format_utc(due),
+            server = %settings.server,
+            "certificate renewal planned"
+        );
+        self.schedule(Some(due));
+    }
+
+    fn schedule(&mut self, at: Option<SystemTime>) {
+        self.next_wall = at;
+        self.next = at.map(|at| {
+            let wait = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::time::Instant::now() + wait
+        });
+    }
+
+    /// When an attempt is due (never while one runs, or when off).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.next.filter(|_| !self.running)
+    }
+
+    /// Starts an attempt in its own task; its result is sent to `done`.
+    fn start(&mut self, done: tokio::sync::mpsc::Sender<Result<crate::renew::Installed, String>>) {
+        self.schedule(None);
+        self.running = true;
+        self.last_attempt = Some(SystemTime::now());
+        let config = self.config.clone();
+        info!("renewing the node certificate");
+        tokio::spawn(async move {
+            let attempt = tokio::spawn(async move { crate::renew::renew_once(&config).await });
+            let result = attempt
+                .await
+                .unwrap_or_else(|error| Err(format!("the renewal task failed: {error}")));
+            // The run loop holds the receiver until the daemon exits.
+            let _ = done.send(result).await;
+        });
+    }
+
+    /// Records an attempt's result; true if new files were installed (the
+    /// caller reloads, which plans the next renewal). A failure is retried
+    /// after a twentieth of the lifetime.
+    fn finish(&mut self, result: Result<crate::renew::Installed, String>) -> bool {
+        self.running = false;
+        match result {
+            Ok(installed) => {
+                self.successes += 1;
+                self.last_error = None;
+                info!(
+                    certificate = %installed.fingerprint,
+                    not_after = %meshtun_pki::format_utc(installed.not_after),
+                    "renewed the node certificate; reloading to use it"
+                );
+                true
+            }
+            Err(problem) => {
+                self.failures += 1;
+                let (not_before, not_after) = self.validity;
+                let retry = crate::renew::retry_after(not_before, not_after);
+                warn!(
+                    %problem,
+                    retry_in = ?retry,
+                    failures = self.failures,
+                    "certificate renewal failed; the current certificate stays in use"
+                );
+                self.last_error = Some(problem);
+                self.schedule(Some(SystemTime::now() + retry));
+                false
+            }
+        }
+    }
+
+    /// Hands the state to the node for `/status` and `/metrics`.
+    fn publish(&self, node: &Node) {
+        let Some(settings) = &self.config.tls.renew else {
+            node.set_renewal(None);
+            return;
+        };
+        node.set_renewal(Some(meshtun_node::RenewalStatus {
+            server: settings.server.to_string(),
+            at_percent: settings.at_percent,
+            in_progress: self.running,
+            next_attempt_unix: self.next_wall.map(unix_seconds),
+            last_attempt_unix: self.last_attempt.map(unix_seconds),
+            last_error: self.last_error.clone(),
+            successes: self.successes,
+            failures: self.failures,
+        }));
+    }
+}
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// One line for systemd's STATUS= (`systemctl status` shows it), which
@@ -198,6 +382,14 @@ fn summary(node: &Node) -> String {
         status.forwards.len(),
         status.exposes.len()
     )
+}
+
+/// Sleeps until `at`, or forever if `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next watchdog tick, or never if the watchdog is off.
@@ -239,10 +431,12 @@ impl Material {
                 config.node.as_str()
             )]);
         }
-        if credentials.not_after() <= SystemTime::now() {
+        let expires_in = seconds_until(credentials.not_after(), SystemTime::now());
+        if expires_in <= 0 {
             return Err(vec![format!(
-                "tls.cert: certificate {} has expired; renew it with `meshtun pki renew`",
-                tls.cert.display()
+                "tls.cert: certificate {} {}; renew it with `meshtun pki renew`",
+                tls.cert.display(),
+                expiry_in_words(expires_in)
             )]);
         }
         // What `meshtun check` insists on, so that a reload from changed

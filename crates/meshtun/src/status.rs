@@ -162,6 +162,9 @@ pub(crate) fn render(status: &NodeStatus) -> String {
         "  certificate: {} serial {} ({expiry}; {})",
         certificate.identity, certificate.serial, certificate.fingerprint
     );
+    if let Some(renewal) = &certificate.renewal {
+        let _ = writeln!(out, "  renewal: {}", renewal_line(renewal, now_unix()));
+    }
     let reload = &status.reload;
     if reload.successes + reload.failures > 0 {
         let _ = writeln!(
@@ -293,6 +296,13 @@ fn render_peer(out: &mut String, peer: &PeerStatus) {
     if !peer.refused_incoming.is_empty() {
         let _ = writeln!(out, "  refused by us: {}", reasons(&peer.refused_incoming));
     }
+    if !peer.connections_cut.is_empty() {
+        let _ = writeln!(
+            out,
+            "  connections cut (certificate no longer trusted): {}",
+            reasons(&peer.connections_cut)
+        );
+    }
     if !peer.handshakes_failed.is_empty() {
         let _ = writeln!(
             out,
@@ -368,6 +378,33 @@ fn bytes(count: u64) -> String {
 }
 
 /// Seconds as the two largest units: "3 days, 4 hours", "5 minutes, 2 seconds".
+/// `[tls] renew` in one line: where, when next, and how it went.
+fn renewal_line(renewal: &meshtun_node::RenewalStatus, now: i64) -> String {
+    let when = if renewal.in_progress {
+        "renewing now".to_owned()
+    } else {
+        match renewal.next_attempt_unix {
+            Some(at) if at > now => format!("next in {}", duration((at - now).unsigned_abs())),
+            Some(_) => "next attempt due now".to_owned(),
+            None => "no attempt planned".to_owned(),
+        }
+    };
+    let mut line = format!(
+        "from {} at {}% of the lifetime; {when}; {} renewed, {} failed",
+        renewal.server, renewal.at_percent, renewal.successes, renewal.failures
+    );
+    if let Some(error) = &renewal.last_error {
+        line.push_str(&format!("; LAST ATTEMPT FAILED: {}", printable(error)));
+    }
+    line
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
+}
+
 fn duration(seconds: u64) -> String {
     let parts = [
         (seconds / 86_400, "day"),
@@ -408,6 +445,34 @@ mod tests {
         assert_eq!(bytes(1023), "1023 B");
         assert_eq!(bytes(1536), "1.50 KiB");
         assert_eq!(bytes(5 * 1024 * 1024 * 1024), "5.00 GiB");
+    }
+
+    #[test]
+    fn renewal_says_where_when_and_how_it_went() {
+        let mut renewal = meshtun_node::RenewalStatus {
+            server: "198.18.0.10:7443".to_owned(),
+            at_percent: 67,
+            in_progress: false,
+            next_attempt_unix: Some(1_000 + 3 * 3600),
+            last_attempt_unix: None,
+            last_error: None,
+            successes: 2,
+            failures: 0,
+        };
+        assert_eq!(
+            renewal_line(&renewal, 1_000),
+            "from 198.18.0.10:7443 at 67% of the lifetime; next in 3 hours; 2 renewed, 0 failed"
+        );
+        renewal.failures = 1;
+        renewal.last_error = Some("cannot connect to 198.18.0.10:7443".to_owned());
+        renewal.next_attempt_unix = Some(1_030);
+        assert_eq!(
+            renewal_line(&renewal, 1_000),
+            "from 198.18.0.10:7443 at 67% of the lifetime; next in 30 seconds; 2 renewed, 1 failed; \
+             LAST ATTEMPT FAILED: cannot connect to 198.18.0.10:7443"
+        );
+        renewal.in_progress = true;
+        assert!(renewal_line(&renewal, 1_000).contains("renewing now"));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use meshtun_config::Config;
 
@@ -123,6 +123,46 @@ impl Watched {
     }
 }
 
+/// How long until a certificate expires, or since it did, in words:
+/// "expires in 3 days", "expires in 5 hours", "expires in 40 minutes",
+/// "expired 2 hours ago". `meshtun check` and `meshtun run` both say it
+/// this way.
+///
+/// The count is in whole units, rounded down, so it never promises more
+/// time than is left; a unit is used from two of it on ("expires in 47
+/// hours", not "in 1 day"), so what is said is always more than two
+/// thirds of the truth. `expires_in_seconds` of 0 or less means expired.
+pub(crate) fn expiry_in_words(expires_in_seconds: i64) -> String {
+    match expires_in_seconds {
+        0 => "expired just now".to_owned(),
+        left if left > 0 => format!("expires in {}", span(left.unsigned_abs())),
+        ago => format!("expired {} ago", span(ago.unsigned_abs())),
+    }
+}
+
+/// Seconds from `now` until `then`, negative once `then` has passed
+/// (whole seconds, rounded toward zero; saturating).
+pub(crate) fn seconds_until(then: SystemTime, now: SystemTime) -> i64 {
+    match then.duration_since(now) {
+        Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+        Err(past) => i64::try_from(past.duration().as_secs()).map_or(i64::MIN, |ago| -ago),
+    }
+}
+
+/// `seconds` as a whole number of the largest unit of which it holds at
+/// least two (or seconds), singular or plural as the number needs.
+fn span(seconds: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(86_400, "day"), (3_600, "hour"), (60, "minute")];
+    let (size, unit) = UNITS
+        .iter()
+        .copied()
+        .find(|(size, _)| seconds >= 2 * size)
+        .unwrap_or((1, "second"));
+    let count = seconds / size;
+    let plural = if count == 1 { "" } else { "s" };
+    format!("{count} {unit}{plural}")
+}
+
 /// Days before expiry at which the daemon warns, largest first.
 pub(crate) const EXPIRY_WARNING_DAYS: [i64; 3] = [30, 7, 1];
 
@@ -165,6 +205,39 @@ mod tests {
     use super::*;
 
     const DAY: i64 = 86_400;
+
+    #[test]
+    fn expiry_is_said_in_the_largest_honest_unit() {
+        const HOUR: i64 = 3_600;
+        assert_eq!(expiry_in_words(3 * DAY + 5 * HOUR), "expires in 3 days");
+        assert_eq!(expiry_in_words(2 * DAY), "expires in 2 days");
+        // Under two days, hours: "1 day" would hide most of a day.
+        assert_eq!(expiry_in_words(2 * DAY - 1), "expires in 47 hours");
+        assert_eq!(expiry_in_words(DAY), "expires in 24 hours");
+        assert_eq!(expiry_in_words(5 * HOUR + 59 * 60), "expires in 5 hours");
+        assert_eq!(expiry_in_words(40 * 60 + 30), "expires in 40 minutes");
+        assert_eq!(expiry_in_words(90), "expires in 90 seconds");
+        assert_eq!(expiry_in_words(1), "expires in 1 second");
+        assert_eq!(expiry_in_words(0), "expired just now");
+        assert_eq!(expiry_in_words(-1), "expired 1 second ago");
+        assert_eq!(expiry_in_words(-2 * HOUR - 10), "expired 2 hours ago");
+        assert_eq!(expiry_in_words(-400 * DAY), "expired 400 days ago");
+        assert_eq!(
+            expiry_in_words(i64::MIN),
+            format!("expired {} days ago", i64::MIN.unsigned_abs() / 86_400)
+        );
+        // What `check` said as "0 day(s)" and `run` as "within 1 days".
+        assert_eq!(expiry_in_words(DAY / 2), "expires in 12 hours");
+    }
+
+    #[test]
+    fn seconds_until_is_negative_once_passed() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let later = now + Duration::from_millis(90_500);
+        assert_eq!(seconds_until(later, now), 90);
+        assert_eq!(seconds_until(now, later), -90);
+        assert_eq!(seconds_until(now, now), 0);
+    }
 
     #[test]
     fn each_threshold_warns_once() {

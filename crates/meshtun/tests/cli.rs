@@ -49,6 +49,8 @@ fn usage_errors_exit_64() {
             out,
         ],
         &["pki", "issue", "--ca", out, "--node", "", "--out", out],
+        &["pki", "init-ca", "--cluster", "Prod", "--out", out],
+        &["pki", "init-ca", "--cluster", "", "--out", out],
         &["run", "-c"],
     ];
     for args in cases {
@@ -134,6 +136,45 @@ fn init_ca_writes_a_private_key_and_refuses_to_overwrite_without_force() {
     );
     assert_ne!(fs::read_to_string(&cert).expect("ca.crt"), cert_pem);
     assert_eq!(mode_of(&key), 0o600, "a replaced key is still 0600");
+}
+
+#[test]
+fn init_ca_refuses_a_cluster_name_outside_the_rule_as_a_usage_error() {
+    let dir = TempDir::new("init-ca-cluster");
+    let ca = dir.join("ca");
+    let rule = "only lowercase ASCII letters, digits, '.', '-' and '_' are allowed";
+    for (cluster, says) in [
+        ("Prod", &["'P' at byte 0", rule][..]),
+        ("prod/eu", &["'/' at byte 4", rule]),
+        ("", &["it is empty"]),
+    ] {
+        let refused = meshtun_with(&[
+            "pki",
+            "init-ca",
+            "--cluster",
+            cluster,
+            "--out",
+            path_str(&ca),
+        ]);
+        assert_eq!(
+            refused.code(),
+            EXIT_USAGE,
+            "--cluster {cluster:?}: {refused}"
+        );
+        // Like any bad argument: clap's error, naming the option, the value,
+        // what is wrong with it and the rule, then the pointer to --help.
+        let value = format!("'{cluster}'");
+        let clap = ["invalid value", "--cluster", &value, "--help"];
+        for expected in clap.iter().chain(says) {
+            assert!(
+                refused.stderr.contains(expected),
+                "--cluster {cluster:?}: no {expected:?} in {refused}"
+            );
+        }
+        assert!(!ca.exists(), "--cluster {cluster:?} wrote {}", ca.display());
+    }
+    // The rule's edge: every character it allows.
+    init_ca("gpu-cluster.example_2", &ca);
 }
 
 /// `YYYY-MM-DD` of a UTC instant, as `pki inspect` prints dates.
@@ -414,6 +455,53 @@ fn check_reports_a_key_readable_by_others() {
 }
 
 #[test]
+fn check_reports_a_missing_key_once() {
+    let setup = Setup::new("check-no-key");
+    let key = setup.path("node-1.key");
+    fs::remove_file(&key).expect("remove the key");
+    let (finished, errors) = check_fails(&setup.default_config());
+    let line = error_with(&errors, &["tls.key", "cannot read"], &finished);
+    assert!(line.contains(path_str(&key)), "{line}");
+    assert_eq!(
+        finished.stdout.matches("cannot read").count(),
+        1,
+        "the unreadable key is reported once: {finished}"
+    );
+    assert_eq!(errors.len(), 1, "only the key is missing: {finished}");
+}
+
+#[test]
+fn check_says_how_long_the_certificate_has_left_in_hours_under_two_days() {
+    let setup = Setup::new("check-hours-left");
+    let authority = Authority::load(setup.dir.path()).expect("the CLI's CA loads");
+    let now = time::OffsetDateTime::now_utc();
+    let short = Validity {
+        not_before: now - time::Duration::hours(1),
+        not_after: now + time::Duration::hours(12),
+    };
+    let node = NodeName::new("node-1").expect("node name");
+    authority
+        .issue(&node, &[], &[], short)
+        .expect("issue a certificate that expires in 12 hours")
+        .write(setup.dir.path(), &node, true)
+        .expect("write it");
+    let finished = meshtun_with(&["check", "-c", path_str(&setup.default_config())]);
+    assert_eq!(finished.code(), 0, "expiring soon is a warning: {finished}");
+    // Not "expires in 0 day(s)": the hours that are left, rounded down.
+    let warning = finished
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("warning: tls.cert: certificate expires in"))
+        .unwrap_or_else(|| panic!("no expiry warning: {finished}"));
+    assert!(
+        warning.starts_with("warning: tls.cert: certificate expires in 11 hours;")
+            || warning.starts_with("warning: tls.cert: certificate expires in 12 hours;"),
+        "{warning}"
+    );
+    assert!(warning.contains("meshtun pki renew"), "{warning}");
+}
+
+#[test]
 fn check_reports_a_certificate_of_another_node() {
     let setup = Setup::new("check-identity");
     issue(setup.dir.path(), "node-2", setup.dir.path());
@@ -481,7 +569,7 @@ fn check_reports_an_expired_certificate() {
         .write(setup.dir.path(), &node, true)
         .expect("write it");
     let (finished, errors) = check_fails(&setup.default_config());
-    error_with(&errors, &["tls.cert", "expired"], &finished);
+    error_with(&errors, &["tls.cert", "expired 24 hours ago"], &finished);
 }
 
 // ---------------------------------------------------------------- run

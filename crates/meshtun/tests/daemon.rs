@@ -1280,8 +1280,10 @@ async fn certificates_rotate_under_load_without_dropping_a_byte() {
     let finished = Instant::now();
     assert_ne!(new_b, old_b);
 
-    // Both now run the new certificates; the connection from before the
-    // rotation is still the one in use (no reconnect, old serial).
+    // Both now run the new certificates. node-a, whose own certificate
+    // changed, replaced its connections with ones made with the new one
+    // (a replacement, not a reconnect); the old ones closed once their
+    // streams ended, so node-b soon sees only node-a's new certificate.
     let status_a = wait_serial(cluster.admin_a, &new_a).await;
     let status_b = wait_serial(cluster.admin_b, &new_b).await;
     eprintln!(
@@ -1296,7 +1298,18 @@ async fn certificates_rotate_under_load_without_dropping_a_byte() {
     let peer = &status_a["peers"][0];
     assert_eq!(peer["reconnects"], 0, "{peer}");
     assert_eq!(peer["connections_up"], NODE_A_SHARDS, "{peer}");
-    assert_eq!(peer_serials(cluster.admin_a, "node-b").await, vec![old_b]);
+    let replaced_by = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = peer_serials(cluster.admin_b, "node-a").await;
+        if seen == vec![new_a.clone()] {
+            break;
+        }
+        assert!(
+            Instant::now() < replaced_by,
+            "node-b still sees node-a's certificates {seen:?}, not only the new {new_a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     echo_once(cluster.echo, Duration::from_secs(5))
         .await
         .expect("echo after the rotation");
@@ -1612,4 +1625,210 @@ async fn a_ca_bundle_that_would_cut_the_node_off_is_refused_on_reload() {
     round_trip(&mut held)
         .await
         .expect("the open connection survives the refused reload");
+}
+
+/// The failed incoming handshakes node-b has counted for `reason`, from a
+/// `/metrics` text (0 before the first).
+fn incoming_handshakes_failed(metrics: &str, reason: &str) -> u64 {
+    let series = format!(
+        "meshtun_peer_handshakes_failed_total{{peer=\"\",direction=\"incoming\",reason=\"{reason}\"}} "
+    );
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |value| value.trim().parse().expect("a counter value"))
+}
+
+/// The `reason` field of a log line, if it has one.
+fn reason_field(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once(" reason=")?;
+    let value = rest.split_whitespace().next()?;
+    Some(value.trim_matches('"'))
+}
+
+/// A hostile client that re-dials as fast as `quic.reconnect_min` allows
+/// (every 10 ms, on four shards) with a certificate of a CA node-b does not
+/// trust: node-b counts every failed handshake in `/metrics`, but logs at
+/// warn only one line per reason each 10 s, not one per attempt (5,463
+/// lines in 5 s before). The flood runs until node-b has counted 2,000
+/// failures, or for 10 s, whichever comes first; at least 200 must fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_is_counted_in_full_and_logged_a_few_times() {
+    const ATTEMPTS: u64 = 2_000;
+    const FLOOD_FOR: Duration = Duration::from_secs(10);
+    const AT_LEAST: u64 = 200;
+    /// How often node-b may warn about one reason (metrics.rs).
+    const LOG_PERIOD: Duration = Duration::from_secs(10);
+    let cluster = Cluster::start("handshake-flood").await;
+
+    // The rogue: node-c with a certificate from a CA of its own. It trusts
+    // that CA and the cluster's (meshtun will not start with a certificate
+    // its own bundle does not vouch for), so it accepts node-b; node-b
+    // refuses it.
+    let rogue_dir = cluster.dir.join("rogue");
+    let rogue = Authority::generate("test", Validity::days_from_now(2)).expect("rogue CA");
+    rogue.write(&rogue_dir, false).expect("write rogue CA");
+    let node_c = NodeName::new("node-c").expect("node name");
+    rogue
+        .issue(&node_c, &[], &[], Validity::days_from_now(2))
+        .expect("issue rogue certificate")
+        .write(&rogue_dir, &node_c, false)
+        .expect("write rogue certificate");
+    let cluster_ca = fs::read_to_string(cluster.dir.join("ca.crt")).expect("cluster CA");
+    fs::write(
+        rogue_dir.join("bundle.crt"),
+        format!("{}{cluster_ca}", rogue.cert_pem()),
+    )
+    .expect("write rogue bundle");
+    let rogue_admin = free_tcp_port("127.0.0.1");
+    let config = format!(
+        "node = \"node-c\"\n\
+         [quic]\nlisten = \"127.0.0.4:0\"\nreconnect_min = \"10ms\"\nreconnect_max = \"10ms\"\n\
+         [tls]\nca = \"rogue/bundle.crt\"\ncert = \"rogue/node-c.crt\"\nkey = \"rogue/node-c.key\"\n\
+         [[peer]]\nname = \"node-b\"\naddr = \"{}\"\n\
+         [limits]\nshards = 4\n\
+         [admin]\nlisten = \"{rogue_admin}\"\n",
+        cluster.node_b_quic
+    );
+    let path = cluster.dir.join("rogue.toml");
+    fs::write(&path, config).expect("write rogue config");
+    let b_log_before = fs::read_to_string(&cluster.node_b.log).unwrap_or_default();
+    let started = Instant::now();
+    let mut rogue_daemon = Daemon::spawn("rogue node-c", path, cluster.dir.join("rogue.log"));
+
+    // Flood until node-b has counted enough, or the time is up.
+    let counted = || async {
+        let (code, text) = http_get(cluster.admin_b, "/metrics")
+            .await
+            .expect("GET /metrics from node-b");
+        assert_eq!(code, 200, "{text}");
+        incoming_handshakes_failed(&text, "tls")
+    };
+    while started.elapsed() < FLOOD_FOR && counted().await < ATTEMPTS {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the rogue saw fail, then the rogue gone: node-b must have counted
+    // at least as many (it refused each one before the rogue could tell).
+    let (code, rogue_metrics) = http_get(rogue_admin, "/metrics")
+        .await
+        .expect("GET /metrics from the rogue");
+    assert_eq!(code, 200, "{rogue_metrics}");
+    rogue_daemon.kill();
+    let flood = started.elapsed();
+    let rogue_failed: u64 = rogue_metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "meshtun_peer_handshakes_failed_total{peer=\"node-b\",direction=\"outgoing\",reason=\"tls\"} ",
+            )
+        })
+        .map_or(0, |value| value.trim().parse().expect("a counter value"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counted = counted().await;
+    let elapsed = started.elapsed();
+
+    let b_log = fs::read_to_string(&cluster.node_b.log).unwrap_or_default();
+    let new_lines = b_log.get(b_log_before.len()..).unwrap_or_default();
+    let warned: Vec<&str> = new_lines
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("handshake failed"))
+        .collect();
+    let mut per_reason = std::collections::BTreeMap::<&str, u64>::new();
+    for line in &warned {
+        *per_reason
+            .entry(reason_field(line).unwrap_or("(none)"))
+            .or_default() += 1;
+    }
+    eprintln!(
+        "FIGURE handshake flood: node-b counted {counted} refused handshakes (the rogue saw \
+         {rogue_failed} fail) in {flood:.1?}; {} warn line(s) by reason {per_reason:?}",
+        warned.len()
+    );
+    for line in &warned {
+        eprintln!("  {line}");
+    }
+
+    assert!(
+        rogue_failed >= AT_LEAST,
+        "the rogue made only {rogue_failed} failed attempts in {flood:?}; the test needs {AT_LEAST}"
+    );
+    assert!(
+        counted >= rogue_failed,
+        "node-b counted {counted} failed handshakes, the rogue saw {rogue_failed} fail"
+    );
+    // One line at the first failure, then at most one per period.
+    let allowed = 1 + elapsed.as_secs() / LOG_PERIOD.as_secs();
+    assert!(
+        !warned.is_empty(),
+        "node-b never warned about the refused handshakes"
+    );
+    for (reason, lines) in &per_reason {
+        assert!(
+            *lines <= allowed,
+            "{lines} warn lines for reason {reason} in {elapsed:?} (at most {allowed}):\n{}",
+            warned.join("\n")
+        );
+    }
+    assert!(
+        warned[0].contains("this node refused the peer's certificate (UnknownIssuer)"),
+        "the warning says who refused whose certificate: {}",
+        warned[0]
+    );
+    assert!(
+        warned[0].contains("similar_since_last_report=0"),
+        "{}",
+        warned[0]
+    );
+    // node-a, whose certificate node-b trusts, was not disturbed.
+    echo_once(cluster.echo, Duration::from_secs(5))
+        .await
+        .expect("an echo through node-a after the flood");
+}
+
+/// `meshtun run` and `meshtun check` say how long a certificate has left
+/// in the same words. node-b gets a certificate that lasts twelve and a
+/// half hours (picked up by its file watch); both then say "12 hours" (not
+/// "within 1 days", nor "0 day(s)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_and_check_say_how_long_the_certificate_has_left_alike() {
+    let cluster = Cluster::start("expiry-words").await;
+    let authority = Authority::load(cluster.dir.path()).expect("the cluster's CA");
+    let node = NodeName::new("node-b").expect("node name");
+    let now = time::OffsetDateTime::now_utc();
+    let short = Validity {
+        not_before: now - time::Duration::hours(1),
+        not_after: now + time::Duration::minutes(12 * 60 + 30),
+    };
+    authority
+        .issue(&node, &[], &[], short)
+        .expect("issue a short certificate")
+        .write(cluster.dir.path(), &node, true)
+        .expect("replace node-b's certificate and key");
+    let expected = "the node certificate expires in 12 hours; renew it";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let warning = loop {
+        let log = fs::read_to_string(&cluster.node_b.log).unwrap_or_default();
+        if let Some(line) = log.lines().find(|line| line.contains(expected)) {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-b did not say {expected:?} after the reload:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(warning.contains(" WARN "), "{warning}");
+    let config = cluster.dir.join("node-b.toml");
+    let checked = tokio::task::spawn_blocking(move || {
+        common::run(meshtun().arg("check").arg("-c").arg(&config))
+    })
+    .await
+    .expect("meshtun check");
+    assert_eq!(checked.code(), 0, "{checked}");
+    assert!(
+        checked
+            .stdout
+            .contains("warning: tls.cert: certificate expires in 12 hours; renew it"),
+        "{checked}"
+    );
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    free_tcp_port, free_udp_port, init_ca, issue, meshtun, meshtun_with, mode_of, ChildGuard,
+    free_tcp_port, free_udp_port, init_ca, issue, meshtun, meshtun_with, mode_of, run, ChildGuard,
     Finished, TempDir, EXIT_CONFIG,
 };
 use meshtun_pki::{CaFingerprint, JoinKey, JoinToken};
@@ -122,33 +122,47 @@ impl Server {
             .find_map(|line| line.trim().strip_prefix("mtjoin1.").map(|_| line.trim()))
             .unwrap_or_else(|| panic!("no token printed: {finished}"))
             .to_owned();
-        // The printed join command carries the same token and the fingerprint.
-        let command = finished
-            .stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with("meshtun join "))
+        // The printed join command carries the fingerprint, but not the
+        // token: a silent prompt before it puts that in MESHTUN_JOIN_TOKEN,
+        // out of `ps` and the shell history (`join_with` passes it so).
+        let lines: Vec<&str> = finished.stdout.lines().map(str::trim).collect();
+        let command = lines
+            .iter()
+            .position(|line| line.starts_with("meshtun join "))
             .unwrap_or_else(|| panic!("no join command printed: {finished}"));
-        assert!(command.contains(&token), "{command}");
+        assert!(command > 0, "{finished}");
+        assert_eq!(
+            lines[command - 1],
+            "read -rs MESHTUN_JOIN_TOKEN && export MESHTUN_JOIN_TOKEN",
+            "{finished}"
+        );
+        let command = lines[command];
+        assert!(!command.contains(&token), "the token is in {command}");
+        assert!(!command.contains("--token"), "{command}");
         assert!(command.contains(&self.fingerprint), "{command}");
         assert!(command.contains(&format!("--node {node}")), "{command}");
+        assert_eq!(
+            finished.stdout.matches(&token).count(),
+            1,
+            "the token is printed once, on its own line: {finished}"
+        );
         token
     }
 
-    /// `meshtun join` against this server with `fingerprint`.
+    /// `meshtun join` against this server with `fingerprint`, the token in
+    /// MESHTUN_JOIN_TOKEN as `pki token` tells the operator to pass it.
     fn join_with(&self, fingerprint: &str, token: &str, node: &str, out: &Path) -> Finished {
-        meshtun_with(&[
+        run(meshtun().env("MESHTUN_JOIN_TOKEN", token).args([
             "join",
             "--server",
             &self.addr.to_string(),
             "--ca-fingerprint",
             fingerprint,
-            "--token",
-            token,
             "--node",
             node,
             "--out",
             path_str(out),
-        ])
+        ]))
     }
 
     fn join(&self, token: &str, node: &str, out: &Path) -> Finished {

@@ -577,3 +577,190 @@ fn check_warns_about_a_ca_without_a_crl() {
     );
     assert_eq!(lines_with(&finished, "ok: tls.crl:").len(), 2, "{finished}");
 }
+
+// ---------------------------------------------------------------- ledger
+
+/// The ledger's records of `node`, as `pki list --node` prints them:
+/// (state, how, serial).
+fn listed(cluster: &Cluster, node: &str) -> Vec<(String, String, String)> {
+    let list = cluster.pki(&["list", "--node", node]).success();
+    list.stdout
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(fields.len(), 6, "{line}");
+            (
+                fields[0].to_owned(),
+                fields[2].to_owned(),
+                fields[5].to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn issue_and_renew_are_recorded_and_revoke_by_node_revokes_them_all() {
+    let cluster = Cluster::new("ledger-revoke-node");
+    cluster.issue("node-5");
+    cluster.issue("node-6");
+    let first = serial_of(&cluster.credentials("node-5")).to_string();
+    // A copy of the first certificate, as an attacker who stole it holds it.
+    let stolen = cluster.dir.join("stolen.crt");
+    fs::copy(cluster.cert("node-5"), &stolen).expect("copy");
+    cluster
+        .pki(&["renew", "--cert", path_str(&cluster.cert("node-5"))])
+        .success();
+    let renewed = serial_of(&cluster.credentials("node-5")).to_string();
+    assert_ne!(first, renewed);
+
+    assert_eq!(
+        listed(&cluster, "node-5"),
+        [
+            ("valid".to_owned(), "issue".to_owned(), first.clone()),
+            ("valid".to_owned(), "renew".to_owned(), renewed.clone()),
+        ]
+    );
+    let ledger = fs::read_to_string(cluster.ca().join("issued.json")).expect("ledger");
+    assert!(ledger.contains(&format!("\"replaces\": \"{first}\"")), "{ledger}");
+    assert_eq!(mode_of(&cluster.ca().join("issued.json")), 0o600);
+
+    let revoke = cluster.pki(&["revoke", "--node", "node-5"]).success();
+    assert!(revoke.stdout.contains("revoked 2 certificates of node node-5"), "{revoke}");
+    let list = cluster.revocation_list();
+    for serial in [&first, &renewed] {
+        assert!(
+            list.is_revoked(&serial.parse().expect("serial")),
+            "{serial} is in the CRL"
+        );
+    }
+    assert_eq!(list.entries().len(), 2, "node-6 is untouched");
+    assert!(listed(&cluster, "node-5")
+        .iter()
+        .all(|(state, _, _)| state == "revoked"));
+    assert_eq!(listed(&cluster, "node-6")[0].0, "valid");
+
+    // Neither the renewed certificate nor the stolen copy is trusted now.
+    let trust = cluster.trust();
+    assert!(trust
+        .verify_node(&cluster.credentials("node-5"), SystemTime::now())
+        .is_err());
+    let stolen_pem = fs::read_to_string(&stolen).expect("stolen");
+    let key_pem = fs::read_to_string(cluster.key("node-5")).expect("key");
+    let stolen = NodeCredentials::from_pem(&stolen_pem, &key_pem).expect("same key");
+    assert!(trust.verify_node(&stolen, SystemTime::now()).is_err());
+
+    // Again: nothing new to revoke, said so.
+    let again = cluster.pki(&["revoke", "--node", "node-5"]).success();
+    assert!(again.stdout.contains("already revoked"), "{again}");
+    // A node the ledger does not know: an error naming the ledger.
+    let unknown = cluster.pki(&["revoke", "--node", "node-9"]);
+    assert_eq!(unknown.code(), 1, "{unknown}");
+    assert!(unknown.stderr.contains("issued.json"), "{unknown}");
+    assert!(unknown.stderr.contains("node-9"), "{unknown}");
+}
+
+#[test]
+fn valid_for_gives_lifetimes_shorter_than_a_day() {
+    let cluster = Cluster::new("valid-for");
+    let ca = cluster.ca();
+    let issued = meshtun_with(&[
+        "pki",
+        "issue",
+        "--ca",
+        path_str(&ca),
+        "--node",
+        "node-1",
+        "--valid-for",
+        "2h",
+        "--out",
+        path_str(&cluster.nodes()),
+    ])
+    .success();
+    assert!(issued.stdout.contains("2 hours"), "{issued}");
+    let credentials = cluster.credentials("node-1");
+    let left = credentials
+        .not_after()
+        .duration_since(SystemTime::now())
+        .expect("valid")
+        .as_secs();
+    assert!((7100..=7200).contains(&left), "{left} s left");
+    // Set back a quarter of the lifetime at most (30 min), not a full hour.
+    let span = credentials
+        .not_after()
+        .duration_since(credentials.not_before())
+        .expect("ordered")
+        .as_secs();
+    assert_eq!(span, 2 * 3600 + 1800);
+
+    for bad in ["30s", "2w", "h", "3651d"] {
+        let refused = meshtun_with(&[
+            "pki",
+            "issue",
+            "--ca",
+            path_str(&ca),
+            "--node",
+            "node-2",
+            "--valid-for",
+            bad,
+            "--out",
+            path_str(&cluster.nodes()),
+        ]);
+        assert_eq!(refused.code(), EXIT_USAGE, "--valid-for {bad}: {refused}");
+        assert!(refused.stderr.contains("--valid-for"), "{refused}");
+    }
+    let both = cluster.pki(&[
+        "issue", "--node", "node-3", "--days", "3", "--valid-for", "2h", "--out", "x",
+    ]);
+    assert_eq!(both.code(), EXIT_USAGE, "{both}");
+}
+
+#[test]
+fn two_issues_at_once_both_land_in_the_ledger_with_distinct_serials() {
+    let cluster = Cluster::new("ledger-concurrent");
+    let ca = cluster.ca();
+    let nodes = cluster.nodes();
+    // Eight `pki issue` processes started together, each racing for the lock.
+    let children: Vec<_> = (0..8)
+        .map(|index| {
+            common::meshtun()
+                .args([
+                    "pki",
+                    "issue",
+                    "--ca",
+                    path_str(&ca),
+                    "--node",
+                    &format!("node-{index}"),
+                    "--out",
+                    path_str(&nodes),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn meshtun")
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().expect("wait");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let mut serials = Vec::new();
+    for index in 0..8 {
+        let node = format!("node-{index}");
+        let records = listed(&cluster, &node);
+        assert_eq!(records.len(), 1, "{node}: {records:?}");
+        assert_eq!(
+            records[0].2,
+            serial_of(&cluster.credentials(&node)).to_string(),
+            "{node}'s file and record agree"
+        );
+        serials.push(records[0].2.clone());
+    }
+    serials.sort();
+    serials.dedup();
+    assert_eq!(serials.len(), 8, "distinct serials");
+}

@@ -130,6 +130,8 @@ fn the_unit_holds_the_required_directives() {
         ("AmbientCapabilities", ""),
         ("ProtectSystem", "strict"),
         ("ReadOnlyPaths", "/etc/meshtun"),
+        // Renewal writes the certificate and key there, and nowhere else.
+        ("ReadWritePaths", "-/etc/meshtun/keys"),
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
         ("PrivateDevices", "yes"),
