@@ -826,8 +826,10 @@ impl Node {
                 peer.addr.clone(),
                 shard_count.get(),
                 quic.connections_per_peer.get(),
-                client,
-                credentials.not_after(),
+                peer::DialTls {
+                    client,
+                    own_not_after: credentials.not_after(),
+                },
                 metrics.peer(&peer.name),
                 trust_state.clone(),
             ));
@@ -1234,7 +1236,11 @@ impl Node {
         // certificate when it expires.
         let renewed = self.shared.facts().certificate.fingerprint != credentials.fingerprint();
         for (links, client) in clients {
-            links.set_client(client, credentials.not_after(), renewed);
+            let tls = peer::DialTls {
+                client,
+                own_not_after: credentials.not_after(),
+            };
+            links.set_client(tls, renewed);
         }
         *self
             .shared

@@ -461,7 +461,10 @@ impl Metrics {
             self.renewal_next.remove(&NoLabels);
             return;
         };
-        for (result, count) in [("success", renewal.successes), ("failure", renewal.failures)] {
+        for (result, count) in [
+            ("success", renewal.successes),
+            ("failure", renewal.failures),
+        ] {
             let counter = self.renewals.get_or_create(&ResultLabels { result });
             let seen = counter.get();
             if count > seen {

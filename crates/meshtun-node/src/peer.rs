@@ -115,6 +115,14 @@ fn refresh_at(
     )
 }
 
+/// What a dialer presents: the TLS client configuration and when the
+/// certificate in it expires.
+#[derive(Debug, Clone)]
+pub(crate) struct DialTls {
+    pub(crate) client: ClientConfig,
+    pub(crate) own_not_after: SystemTime,
+}
+
 /// Backoff and timing for a dialer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DialTiming {
@@ -154,8 +162,7 @@ impl PeerLinks {
         addr: HostPort,
         shards: usize,
         connections: usize,
-        client: ClientConfig,
-        own_not_after: SystemTime,
+        tls: DialTls,
         stats: Arc<PeerStats>,
         trust: TrustState,
     ) -> Self {
@@ -166,8 +173,8 @@ impl PeerLinks {
                 .map(|_| watch::Sender::new(vec![Slot::Dialing; connections]))
                 .collect(),
             next: AtomicUsize::new(0),
-            client: Mutex::new(client),
-            own_not_after: Mutex::new(own_not_after),
+            client: Mutex::new(tls.client),
+            own_not_after: Mutex::new(tls.own_not_after),
             renewed: watch::Sender::new(0),
             trust,
             last_error: Mutex::new(None),
@@ -196,15 +203,15 @@ impl PeerLinks {
     /// keep the one they were made with, unless `renewed` says this node's
     /// certificate (valid until `own_not_after`) is new: then each dialer
     /// replaces its connection, and the old one closes once its streams end.
-    pub(crate) fn set_client(&self, client: ClientConfig, own_not_after: SystemTime, renewed: bool) {
+    pub(crate) fn set_client(&self, tls: DialTls, renewed: bool) {
         *self
             .client
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = tls.client;
         *self
             .own_not_after
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = own_not_after;
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = tls.own_not_after;
         if renewed {
             self.renewed.send_modify(|generation| *generation += 1);
         }
@@ -560,7 +567,9 @@ enum WelcomeError {
 async fn sleep_until_wall(at: Option<SystemTime>) {
     match at {
         Some(at) => {
-            let wait = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            let wait = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             tokio::time::sleep(wait).await;
         }
         None => std::future::pending().await,
@@ -612,17 +621,26 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let in_seconds = |seconds: u64| now + Duration::from_secs(seconds);
         // A two-minute certificate: 12 s ahead.
-        assert_eq!(refresh_at(now, Some(in_seconds(120)), None), Some(in_seconds(108)));
+        assert_eq!(
+            refresh_at(now, Some(in_seconds(120)), None),
+            Some(in_seconds(108))
+        );
         // Hours ahead: at most five minutes early.
         assert_eq!(
             refresh_at(now, Some(in_seconds(12 * 3600)), None),
             Some(in_seconds(12 * 3600 - 300))
         );
         // Seconds ahead: at least two seconds early, never before now.
-        assert_eq!(refresh_at(now, Some(in_seconds(10)), None), Some(in_seconds(8)));
+        assert_eq!(
+            refresh_at(now, Some(in_seconds(10)), None),
+            Some(in_seconds(8))
+        );
         assert_eq!(refresh_at(now, Some(in_seconds(1)), None), Some(now));
         // The same certificates as the connection it replaced: not again.
-        assert_eq!(refresh_at(now, Some(in_seconds(120)), Some(in_seconds(120))), None);
+        assert_eq!(
+            refresh_at(now, Some(in_seconds(120)), Some(in_seconds(120))),
+            None
+        );
         assert_eq!(refresh_at(now, None, None), None);
     }
 

@@ -293,8 +293,9 @@ pub(crate) struct LifetimeArgs {
 
 impl LifetimeArgs {
     fn lifetime(self) -> std::time::Duration {
-        self.valid_for
-            .unwrap_or(std::time::Duration::from_secs(u64::from(self.days) * 86_400))
+        self.valid_for.unwrap_or(std::time::Duration::from_secs(
+            u64::from(self.days) * 86_400,
+        ))
     }
 }
 
@@ -794,7 +795,11 @@ fn join_commands(
 }
 
 /// `meshtun pki serve`.
-fn enroll_serve(ca: &Path, listen: std::net::SocketAddr, lifetime: std::time::Duration) -> ExitCode {
+fn enroll_serve(
+    ca: &Path,
+    listen: std::net::SocketAddr,
+    lifetime: std::time::Duration,
+) -> ExitCode {
     use meshtun_node::enroll::EnrollServer;
     use meshtun_pki::{CaFingerprint, Enroller, TokenStore};
     use tokio::signal::unix::{signal, SignalKind};
@@ -836,18 +841,16 @@ fn enroll_serve(ca: &Path, listen: std::net::SocketAddr, lifetime: std::time::Du
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        let server = match EnrollServer::start(
-            listen,
-            Enroller::new(authority, store.clone(), lifetime),
-        )
-        .await
-        {
-            Ok(server) => server,
-            Err(problem) => {
-                error!("{problem}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        };
+        let server =
+            match EnrollServer::start(listen, Enroller::new(authority, store.clone(), lifetime))
+                .await
+            {
+                Ok(server) => server,
+                Err(problem) => {
+                    error!("{problem}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
         let local = server.local_addr();
         say!("listening on {local}");
         say!("CA fingerprint: {fingerprint}");

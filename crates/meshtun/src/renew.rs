@@ -93,7 +93,11 @@ pub(crate) async fn renew_once(config: &Config) -> Result<Installed, String> {
 
 /// When a certificate valid from `not_before` to `not_after` is due for
 /// renewal under `settings`, before jitter.
-pub(crate) fn due_at(settings: &Renew, not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+pub(crate) fn due_at(
+    settings: &Renew,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> SystemTime {
     let lifetime = Validity::lifetime_of(not_before, not_after);
     let issued = not_after.checked_sub(lifetime).unwrap_or(not_before);
     issued + lifetime * u32::from(settings.at_percent) / 100
@@ -198,7 +202,11 @@ mod tests {
                 validity.not_before.into(),
                 validity.not_after.into(),
             );
-            assert_eq!(due, issued + Duration::from_secs(after), "{lifetime} s at {at}%");
+            assert_eq!(
+                due,
+                issued + Duration::from_secs(after),
+                "{lifetime} s at {at}%"
+            );
             let jitter = jitter(validity.not_before.into(), validity.not_after.into());
             assert!(jitter <= Duration::from_secs(lifetime) / 20);
         }

@@ -402,7 +402,9 @@ fn renewal_line(renewal: &meshtun_node::RenewalStatus, now: i64) -> String {
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        })
 }
 
 fn duration(seconds: u64) -> String {

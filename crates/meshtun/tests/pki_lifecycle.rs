@@ -622,11 +622,19 @@ fn issue_and_renew_are_recorded_and_revoke_by_node_revokes_them_all() {
         ]
     );
     let ledger = fs::read_to_string(cluster.ca().join("issued.json")).expect("ledger");
-    assert!(ledger.contains(&format!("\"replaces\": \"{first}\"")), "{ledger}");
+    assert!(
+        ledger.contains(&format!("\"replaces\": \"{first}\"")),
+        "{ledger}"
+    );
     assert_eq!(mode_of(&cluster.ca().join("issued.json")), 0o600);
 
     let revoke = cluster.pki(&["revoke", "--node", "node-5"]).success();
-    assert!(revoke.stdout.contains("revoked 2 certificates of node node-5"), "{revoke}");
+    assert!(
+        revoke
+            .stdout
+            .contains("revoked 2 certificates of node node-5"),
+        "{revoke}"
+    );
     let list = cluster.revocation_list();
     for serial in [&first, &renewed] {
         assert!(
@@ -710,7 +718,15 @@ fn valid_for_gives_lifetimes_shorter_than_a_day() {
         assert!(refused.stderr.contains("--valid-for"), "{refused}");
     }
     let both = cluster.pki(&[
-        "issue", "--node", "node-3", "--days", "3", "--valid-for", "2h", "--out", "x",
+        "issue",
+        "--node",
+        "node-3",
+        "--days",
+        "3",
+        "--valid-for",
+        "2h",
+        "--out",
+        "x",
     ]);
     assert_eq!(both.code(), EXIT_USAGE, "{both}");
 }
