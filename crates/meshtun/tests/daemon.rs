@@ -14,14 +14,17 @@
 
 mod common;
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, free_udp_port, http_get, meshtun, status_of, ChildGuard, TempDir};
+use common::{
+    echo_checked, echo_server, free_tcp_port, free_udp_port, http_get, meshtun, status_of, Daemon,
+    TempDir,
+};
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,125 +40,6 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the daemons may take to come up and carry a first round trip.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The daemons' log filter: info, unless MESHTUN_TEST_DAEMON_LOG names
-/// another (e.g. `info,quinn_proto=debug` to see stateless resets).
-fn log_filter() -> String {
-    std::env::var("MESHTUN_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".to_owned())
-}
-
-/// One `meshtun run` process, its config and its log file.
-struct Daemon {
-    name: &'static str,
-    config: PathBuf,
-    log: PathBuf,
-    env: Vec<(String, String)>,
-    child: Option<ChildGuard>,
-}
-
-impl Daemon {
-    fn spawn(name: &'static str, config: PathBuf, log: PathBuf) -> Self {
-        Self::spawn_with(name, config, log, Vec::new())
-    }
-
-    /// Like [`Daemon::spawn`], with extra environment variables.
-    fn spawn_with(
-        name: &'static str,
-        config: PathBuf,
-        log: PathBuf,
-        env: Vec<(String, String)>,
-    ) -> Self {
-        let mut daemon = Self {
-            name,
-            config,
-            log,
-            env,
-            child: None,
-        };
-        daemon.respawn();
-        daemon
-    }
-
-    /// Starts the daemon (again), appending to the same log.
-    fn respawn(&mut self) {
-        assert!(self.child.is_none(), "{} is still running", self.name);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open log file");
-        let stdout = log.try_clone().expect("clone log file");
-        let child = meshtun()
-            .arg("run")
-            .arg("-c")
-            .arg(&self.config)
-            .env("MESHTUN_LOG", log_filter())
-            .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn meshtun run");
-        self.child = Some(ChildGuard::new(child));
-    }
-
-    fn child(&mut self) -> &mut ChildGuard {
-        self.child.as_mut().expect("daemon is running")
-    }
-
-    /// `kill -9`, and reap.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill();
-        }
-    }
-
-    /// Sends SIGTERM.
-    fn terminate(&mut self) {
-        self.signal("TERM");
-    }
-
-    /// Sends a signal by name (`kill -NAME`).
-    fn signal(&mut self, name: &str) {
-        let pid = self.child().id().to_string();
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {pid}: {status}");
-    }
-
-    /// Whether the process is still alive.
-    fn is_running(&mut self) -> bool {
-        self.child().0.try_wait().expect("try_wait").is_none()
-    }
-
-    /// Polls for the exit until `deadline`; `None` if it still runs.
-    async fn exited_by(&mut self, deadline: Instant) -> Option<ExitStatus> {
-        loop {
-            if let Some(status) = self.child().0.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log = fs::read_to_string(&self.log).unwrap_or_else(|error| error.to_string());
-            eprintln!(
-                "===== {} log ({}) =====\n{log}",
-                self.name,
-                self.log.display()
-            );
-        }
-    }
-}
 
 /// node-a forwards `echo` and `source` to node-b, which exposes them to
 /// node-a with targets served by this test. node-a also forwards `missing`,
@@ -297,23 +181,6 @@ impl Cluster {
         }
         cluster
     }
-}
-
-/// An echo server: every byte comes back; the client's FIN is mirrored.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                if tokio::io::copy(&mut read, &mut write).await.is_ok() {
-                    let _ = write.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// A server that writes to each connection until the connection fails.
@@ -1134,48 +1001,6 @@ async fn json_logs_carry_connection_and_stream_events_but_no_key_material() {
         !log.contains("PRIVATE KEY"),
         "a private key header appears in the log"
     );
-}
-
-/// Echoes `total` bytes through `addr` (a repeating 1 MiB pattern), checking
-/// every byte that comes back; `progress` is called with the bytes received
-/// so far after each read. Returns the bytes received and the offset of the
-/// first wrong byte, if any.
-async fn echo_checked(
-    addr: SocketAddr,
-    total: usize,
-    mut progress: impl FnMut(usize),
-) -> io::Result<(usize, Option<usize>)> {
-    let block: Vec<u8> = (0..MIB).map(|index| (index * 7 % 251) as u8).collect();
-    let mut tcp = TcpStream::connect(addr).await?;
-    let (mut read, mut write) = tcp.split();
-    let sending = async {
-        for _ in 0..total / MIB {
-            write.write_all(&block).await?;
-        }
-        write.shutdown().await
-    };
-    let receiving = async {
-        let mut buffer = vec![0u8; 256 * 1024];
-        let mut received = 0usize;
-        let mut mismatch = None;
-        loop {
-            let count = read.read(&mut buffer).await?;
-            if count == 0 {
-                return Ok::<_, io::Error>((received, mismatch));
-            }
-            for (offset, byte) in buffer[..count].iter().enumerate() {
-                let at = received + offset;
-                if mismatch.is_none() && *byte != block[at % MIB] {
-                    mismatch = Some(at);
-                }
-            }
-            received += count;
-            progress(received);
-        }
-    };
-    let (sent, received) = tokio::join!(sending, receiving);
-    sent?;
-    received
 }
 
 /// Issues a new certificate and key for `node` from the cluster CA in `dir`

@@ -4,7 +4,7 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::fs;
+use std::fs::{self, OpenOptions};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// How long a one-shot CLI command (`check`, `pki ...`, a `run` that must
 /// fail) may take. Generous: the binary is a debug build on a shared machine.
@@ -276,4 +278,189 @@ pub(crate) async fn status_of(admin: SocketAddr) -> serde_json::Value {
     assert_eq!(code, 200, "GET /status: {body}");
     serde_json::from_str(&body)
         .unwrap_or_else(|error| panic!("/status is not JSON ({error}): {body}"))
+}
+
+/// The daemons' log filter: info, unless MESHTUN_TEST_DAEMON_LOG names
+/// another (e.g. `info,quinn_proto=debug` to see stateless resets).
+pub(crate) fn log_filter() -> String {
+    std::env::var("MESHTUN_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".to_owned())
+}
+
+/// One `meshtun run` process, its config and its log file.
+pub(crate) struct Daemon {
+    pub(crate) name: &'static str,
+    pub(crate) config: PathBuf,
+    pub(crate) log: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<ChildGuard>,
+}
+
+impl Daemon {
+    pub(crate) fn spawn(name: &'static str, config: PathBuf, log: PathBuf) -> Self {
+        Self::spawn_with(name, config, log, Vec::new())
+    }
+
+    /// Like [`Daemon::spawn`], with extra environment variables.
+    pub(crate) fn spawn_with(
+        name: &'static str,
+        config: PathBuf,
+        log: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Self {
+        let mut daemon = Self {
+            name,
+            config,
+            log,
+            env,
+            child: None,
+        };
+        daemon.respawn();
+        daemon
+    }
+
+    /// Starts the daemon (again), appending to the same log.
+    pub(crate) fn respawn(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log file");
+        let stdout = log.try_clone().expect("clone log file");
+        let child = meshtun()
+            .arg("run")
+            .arg("-c")
+            .arg(&self.config)
+            .env("MESHTUN_LOG", log_filter())
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn meshtun run");
+        self.child = Some(ChildGuard::new(child));
+    }
+
+    pub(crate) fn child(&mut self) -> &mut ChildGuard {
+        self.child.as_mut().expect("daemon is running")
+    }
+
+    /// `kill -9`, and reap.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill();
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub(crate) fn terminate(&mut self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`kill -NAME`).
+    pub(crate) fn signal(&mut self, name: &str) {
+        let pid = self.child().id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}: {status}");
+    }
+
+    /// Whether the process is still alive.
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.child().0.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Polls for the exit until `deadline`; `None` if it still runs.
+    pub(crate) async fn exited_by(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(status) = self.child().0.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = fs::read_to_string(&self.log).unwrap_or_else(|error| error.to_string());
+            eprintln!(
+                "===== {} log ({}) =====\n{log}",
+                self.name,
+                self.log.display()
+            );
+        }
+    }
+}
+
+/// One mebibyte.
+pub(crate) const MIB_BYTES: usize = 1024 * 1024;
+
+/// An echo server: every byte comes back; the client's FIN is mirrored.
+pub(crate) async fn echo_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.split();
+                if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                    let _ = write.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Echoes `total` bytes through `addr` (a repeating 1 MiB pattern), checking
+/// every byte that comes back; `progress` is called with the bytes received
+/// so far after each read. Returns the bytes received and the offset of the
+/// first wrong byte, if any.
+pub(crate) async fn echo_checked(
+    addr: SocketAddr,
+    total: usize,
+    mut progress: impl FnMut(usize),
+) -> std::io::Result<(usize, Option<usize>)> {
+    let block: Vec<u8> = (0..MIB_BYTES)
+        .map(|index| (index * 7 % 251) as u8)
+        .collect();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut read, mut write) = tcp.split();
+    let sending = async {
+        for _ in 0..total / MIB_BYTES {
+            write.write_all(&block).await?;
+        }
+        write.shutdown().await
+    };
+    let receiving = async {
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut received = 0usize;
+        let mut mismatch = None;
+        loop {
+            let count = read.read(&mut buffer).await?;
+            if count == 0 {
+                return Ok::<_, std::io::Error>((received, mismatch));
+            }
+            for (offset, byte) in buffer[..count].iter().enumerate() {
+                let at = received + offset;
+                if mismatch.is_none() && *byte != block[at % MIB_BYTES] {
+                    mismatch = Some(at);
+                }
+            }
+            received += count;
+            progress(received);
+        }
+    };
+    let (sent, received) = tokio::join!(sending, receiving);
+    sent?;
+    received
 }
