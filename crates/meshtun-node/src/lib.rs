@@ -69,7 +69,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::metrics::{Direction, Metrics};
 use crate::peer::{DialTiming, PeerLinks};
@@ -237,19 +237,23 @@ async fn sweep_expired(shared: Arc<Shared>) {
                     .and_then(|chain| trust.chain_deadline(&chain))
             });
             if deadline.is_some_and(|deadline| deadline <= now) {
+                debug!(peer = %name, remote = %connection.remote_address(), "the peer's certificates of a live connection are past their date: checking it");
                 let role = match &role {
                     Some(peer) => PeerRole::Acceptor(peer),
                     None => PeerRole::Dialer,
                 };
                 let stats = shared.metrics.peer(&name);
                 if still_trusted(&connection, &shared.trust, role, &stats) {
-                    // Still good (a newer CA of the same name): look again
-                    // at the next deadline the bundle in force gives.
+                    // Still good (a newer CA of the same name, or a clock
+                    // a moment behind the certificate's): look again at
+                    // the next deadline the bundle in force gives, or at
+                    // the next sweep.
                     let next = expose::peer_chain(&connection)
                         .ok()
                         .and_then(|chain| trust.chain_deadline(&chain))
-                        .filter(|next| *next > now);
-                    deadlines.insert(id, next);
+                        .filter(|next| *next > now)
+                        .unwrap_or(now + TRUST_SWEEP_INTERVAL);
+                    deadlines.insert(id, Some(next));
                 }
             }
         }

@@ -46,11 +46,13 @@ impl TrustBundle {
     }
 
     /// When a peer's `chain` stops verifying against this bundle for its
-    /// dates alone: the earliest end of validity of its certificates and of
-    /// the bundle's CA certificates that could have issued its last one
-    /// (same subject as its issuer). `None` if the chain cannot be parsed
-    /// (the handshake would not have taken it). No signature is checked:
-    /// this only says when to check again.
+    /// dates alone: one second after the earliest end of validity of its
+    /// certificates and of the bundle's CA certificates that could have
+    /// issued its last one (same subject as its issuer), as X.509 times are
+    /// whole seconds and a certificate is valid through its `notAfter`
+    /// second. `None` if the chain cannot be parsed (the handshake would not
+    /// have taken it). No signature is checked: this only says when to
+    /// check again.
     pub fn chain_deadline(&self, chain: &[CertificateDer<'_>]) -> Option<SystemTime> {
         let mut deadline: Option<SystemTime> = None;
         let mut earliest = |time: SystemTime| {
@@ -79,7 +81,7 @@ impl TrustBundle {
         if let Some(latest) = issuing.into_iter().max() {
             earliest(latest);
         }
-        deadline
+        deadline.map(|deadline| deadline + Duration::from_secs(1))
     }
 
     /// Loads the CA bundle at `ca` and, if given, the CRLs at `crl` (PEM
