@@ -771,7 +771,14 @@ pub struct EnrollRequest {
     pub token: String,
     /// The CSR in PEM.
     pub csr: String,
+    /// Seconds the node asks its certificate to be valid for (`join
+    /// --valid-for`): it may ask for less than the token grants, not more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_for: Option<u64>,
 }
+
+/// The shortest lifetime a node may ask for when it joins.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
 
 impl fmt::Debug for EnrollRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -936,8 +943,17 @@ impl Enroller {
         })?;
         let csr =
             ParsedCsr::from_pem(&request.csr).map_err(|refusal| refusal.with_token(&token.id()))?;
+        let asked = request.valid_for.map(Duration::from_secs);
+        if asked.is_some_and(|asked| asked < MIN_LIFETIME) {
+            return Err(Refusal::new(
+                RefusalCode::BadRequest,
+                format!("valid_for must be at least {} s", MIN_LIFETIME.as_secs()),
+            )
+            .with_token(&token.id()));
+        }
         let (node, certificate_pem) = self.store.redeem(&token, now, source, |grant| {
-            let lifetime = grant.valid_for.unwrap_or(self.lifetime);
+            let granted = grant.valid_for.unwrap_or(self.lifetime);
+            let lifetime = asked.map_or(granted, |asked| asked.min(granted));
             let validity = Validity::lasting(OffsetDateTime::from(now), lifetime);
             let pem = sign_request(&self.authority, grant, &csr, validity)?;
             self.record(&pem, Issuance::Join, None, now)?;
@@ -1565,10 +1581,21 @@ impl JoinKey {
 
     /// The framed request carrying `token` and the CSR.
     pub fn request(&self, token: &JoinToken) -> Result<Vec<u8>, EnrollError> {
+        self.request_for(token, None)
+    }
+
+    /// The framed request carrying `token` and the CSR, asking for a
+    /// certificate valid for `valid_for` (if less than the token grants).
+    pub fn request_for(
+        &self,
+        token: &JoinToken,
+        valid_for: Option<Duration>,
+    ) -> Result<Vec<u8>, EnrollError> {
         encode_frame(&EnrollRequest {
             version: PROTOCOL_VERSION,
             token: token.reveal(),
             csr: self.csr_pem.clone(),
+            valid_for: valid_for.map(|lifetime| lifetime.as_secs()),
         })
     }
 
@@ -1772,6 +1799,27 @@ impl Enrolled {
         let (cert_prev, key_prev) = (previous(cert), previous(key));
         let old_key = files::read_private_text(key)?;
         let old_cert = files::read_text(cert)?;
+        // The stateless-reset secret stays what it was: peers of a daemon
+        // restarted after this renewal must recognize its resets.
+        let reset = crate::load::reset_secret_path(key);
+        if !reset.exists() {
+            let current = NodeCredentials::load(cert, key)?;
+            let secret: String = current
+                .stateless_reset_secret()
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect();
+            let dir = match reset.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            let file = NewFile {
+                path: reset.clone(),
+                contents: &format!("{secret}\n"),
+                mode: KEY_MODE,
+            };
+            files::write_files(dir, &[file], false)?;
+        }
         for (path, contents, mode) in [
             (&key_prev, old_key.as_str(), KEY_MODE),
             (&cert_prev, old_cert.as_str(), CERT_MODE),
@@ -2264,6 +2312,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             token: token.to_owned(),
             csr: csr.to_owned(),
+            valid_for: None,
         })
         .unwrap()
     }
@@ -2369,7 +2418,7 @@ mod tests {
     fn joined(
         label: &str,
         valid_for: Option<Duration>,
-    ) -> (TempDir, Enroller, NodeCredentials, CaFingerprint) {
+    ) -> (TempDir, Enroller, Enrolled, CaFingerprint) {
         let (dir, authority, store) = ca_dir(label);
         let pinned = CaFingerprint::of_authority(&authority);
         let now = SystemTime::now();
@@ -2384,8 +2433,46 @@ mod tests {
         let enrolled = key
             .accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
             .unwrap();
-        let credentials = enrolled.credentials().clone();
-        (dir, enroller, credentials, pinned)
+        (dir, enroller, enrolled, pinned)
+    }
+
+    #[test]
+    fn a_join_may_ask_for_a_shorter_lifetime_than_the_token_grants_not_a_longer_one() {
+        let (_dir, authority, store) = ca_dir("join-valid-for");
+        let pinned = CaFingerprint::of_authority(&authority);
+        let now = SystemTime::now();
+        let mut granted = grant("node-x");
+        granted.valid_for = Some(2 * HOUR);
+        let enroller = Enroller::new(authority, store.clone(), 30 * DAY);
+        for (asked, expected) in [
+            (Some(HOUR), HOUR),
+            (Some(5 * HOUR), 2 * HOUR),
+            (None, 2 * HOUR),
+        ] {
+            let token = store.create(&granted, HOUR, now).unwrap().token;
+            let key = JoinKey::generate(&node("node-x")).unwrap();
+            let frame = key.request_for(&token, asked).unwrap();
+            let answer = enroller.handle(&frame[4..], "a", now).unwrap();
+            let enrolled = key
+                .accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
+                .unwrap();
+            let left = enrolled
+                .credentials()
+                .not_after()
+                .duration_since(now)
+                .unwrap();
+            assert!(
+                left <= expected && left > expected - Duration::from_secs(60),
+                "asked {asked:?}: {left:?}"
+            );
+        }
+        let token = store.create(&granted, HOUR, now).unwrap().token;
+        let key = JoinKey::generate(&node("node-x")).unwrap();
+        let frame = key
+            .request_for(&token, Some(Duration::from_secs(5)))
+            .unwrap();
+        let refusal = enroller.handle(&frame[4..], "a", now).unwrap_err();
+        assert_eq!(refusal.code, RefusalCode::BadRequest);
     }
 
     fn renewal_body(key: &JoinKey) -> Vec<u8> {
@@ -2395,7 +2482,8 @@ mod tests {
 
     #[test]
     fn a_renewal_keeps_the_names_and_lifetime_takes_the_new_key_and_is_recorded() {
-        let (dir, enroller, current, pinned) = joined("renew", Some(2 * HOUR));
+        let (dir, enroller, joined, pinned) = joined("renew", Some(2 * HOUR));
+        let current = joined.credentials();
         let now = SystemTime::now();
         let lifetime = current.not_after().duration_since(now).unwrap();
         assert!(lifetime <= 2 * HOUR && lifetime > 2 * HOUR - 60 * Duration::from_secs(1));
@@ -2421,7 +2509,7 @@ mod tests {
                 .remove(0)
                 .sans
         };
-        assert_eq!(describe(new), describe(&current));
+        assert_eq!(describe(new), describe(current));
 
         let ledger = Ledger::new(dir.path()).records().unwrap();
         assert_eq!(ledger.len(), 2, "the join and the renewal are recorded");
@@ -2437,7 +2525,8 @@ mod tests {
 
     #[test]
     fn a_renewal_is_refused_without_a_known_unrevoked_certificate_or_for_another_name() {
-        let (dir, enroller, current, _) = joined("renew-refused", None);
+        let (dir, enroller, joined, _) = joined("renew-refused", None);
+        let current = joined.credentials();
         let now = SystemTime::now();
         let code = |result: Result<Granted, Refusal>| result.unwrap_err().code;
         let key = JoinKey::generate(&node("node-x")).unwrap();
@@ -2488,7 +2577,8 @@ mod tests {
 
     #[test]
     fn install_keeps_the_previous_pair_beside_the_new_one() {
-        let (_dir, enroller, current, pinned) = joined("install", None);
+        let (_dir, enroller, joined, pinned) = joined("install", None);
+        let current = joined.credentials();
         let out = TempDir::new("install-out");
         std::fs::create_dir_all(out.path()).unwrap();
         let cert = out.path().join("node-x.crt");
@@ -2496,7 +2586,7 @@ mod tests {
         let pem = |der: &CertificateDer<'_>| pem_block("CERTIFICATE", der);
         let old_cert = pem(&current.chain()[0]);
         std::fs::write(&cert, &old_cert).unwrap();
-        std::fs::write(&key_path, "old key").unwrap();
+        std::fs::write(&key_path, &joined.key_pem).unwrap();
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
 
         let key = JoinKey::generate(&node("node-x")).unwrap();
@@ -2509,12 +2599,33 @@ mod tests {
             .unwrap();
         let (cert_prev, key_prev) = renewed.install(&cert, &key_path).unwrap();
         assert_eq!(std::fs::read_to_string(&cert_prev).unwrap(), old_cert);
-        assert_eq!(std::fs::read_to_string(&key_prev).unwrap(), "old key");
+        assert_eq!(std::fs::read_to_string(&key_prev).unwrap(), joined.key_pem);
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&key_prev), 0o600);
         assert_eq!(mode(&key_path), 0o600);
         let loaded = NodeCredentials::load(&cert, &key_path).unwrap();
         assert_eq!(loaded.fingerprint(), renewed.credentials().fingerprint());
+        // The stateless-reset secret is the previous key's, kept beside it.
+        let reset = out.path().join("node-x.key.reset");
+        assert_eq!(mode(&reset), 0o600);
+        assert_ne!(
+            loaded.stateless_reset_secret(),
+            renewed.credentials().stateless_reset_secret(),
+            "not derived from the new key"
+        );
+        let first_secret = loaded.stateless_reset_secret();
+        // A second renewal keeps it.
+        let current = loaded;
+        let key = JoinKey::generate(&node("node-x")).unwrap();
+        let answer = enroller
+            .renew(&renewal_body(&key), Some(current.chain()), now)
+            .unwrap();
+        key.accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
+            .unwrap()
+            .install(&cert, &key_path)
+            .unwrap();
+        let again = NodeCredentials::load(&cert, &key_path).unwrap();
+        assert_eq!(again.stateless_reset_secret(), first_secret);
     }
 
     #[test]
@@ -2557,6 +2668,7 @@ mod tests {
             version: 1,
             token: "mtjoin1.secret".to_owned(),
             csr: String::new(),
+            valid_for: None,
         };
         assert!(!format!("{request:?}").contains("secret"));
     }

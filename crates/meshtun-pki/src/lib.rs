@@ -40,8 +40,8 @@ pub use enroll::{
     frame_len, renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollError,
     EnrollRequest, EnrollResponse, Enrolled, Enroller, FingerprintFormatError, Grant, Granted,
     JoinFiles, JoinKey, JoinToken, NewToken, PinnedCaVerifier, Refusal, RefusalCode, RenewRequest,
-    TokenFormatError, TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, PROTOCOL_VERSION, RENEW_ALPN,
-    TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
+    TokenFormatError, TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, MIN_LIFETIME, PROTOCOL_VERSION,
+    RENEW_ALPN, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
 };
 pub use error::PkiError;
 pub use files::key_file_mode_problem;

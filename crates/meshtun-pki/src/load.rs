@@ -188,6 +188,9 @@ impl TrustBundle {
 pub struct NodeCredentials {
     pub(crate) chain: Vec<CertificateDer<'static>>,
     pub(crate) key: PrivateKeyDer<'static>,
+    /// The stateless-reset secret kept beside the key across renewals
+    /// (`<key>.reset`), if there is one.
+    reset_secret: Option<[u8; 32]>,
     identity: NodeName,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -205,14 +208,35 @@ impl NodeCredentials {
 
     /// Loads the certificate chain at `cert` and the key at `key`, refusing a
     /// key file that its group or others may read.
+    ///
+    /// A file `<key>.reset` beside the key (written by a renewal, 0600)
+    /// holds the stateless-reset secret to use instead of one derived from
+    /// the key, so that it outlives the key (see
+    /// [`NodeCredentials::stateless_reset_secret`]).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, PkiError> {
         let pair = files::read_pair(cert, key)?;
-        Self::from_pem_with_origin(
+        let mut credentials = Self::from_pem_with_origin(
             &pair.cert_pem,
             &pair.key_pem,
             &pair.cert_origin,
             &pair.key_origin,
-        )
+        )?;
+        let reset = reset_secret_path(key);
+        match files::read_private_text(&reset) {
+            Ok(text) => {
+                let secret = parse_hex_32(text.trim()).ok_or_else(|| PkiError::Key {
+                    origin: reset.display().to_string(),
+                    detail: "not a stateless-reset secret (64 hex digits); delete it to \
+                             derive one from the key again"
+                        .to_string(),
+                })?;
+                credentials.reset_secret = Some(secret);
+            }
+            Err(PkiError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(credentials)
     }
 
     fn from_pem_with_origin(
@@ -275,6 +299,7 @@ impl NodeCredentials {
         Ok(Self {
             chain,
             key,
+            reset_secret: None,
             identity,
             not_before,
             not_after,
@@ -313,7 +338,15 @@ impl NodeCredentials {
     /// `meshtun/1 stateless-reset` followed by the key's DER. A restarted
     /// daemon with the same key produces the same QUIC stateless-reset key,
     /// so peers drop connections to the old process at once (docs/design.md, "Identity").
+    ///
+    /// With a `<key>.reset` file (see [`NodeCredentials::load`]), its
+    /// secret instead: a renewal writes the secret of the key it replaces
+    /// there, so a daemon restarted after any number of renewals still
+    /// sends resets its peers recognize.
     pub fn stateless_reset_secret(&self) -> [u8; 32] {
+        if let Some(secret) = self.reset_secret {
+            return secret;
+        }
         let mut hash = Sha256::new();
         hash.update(STATELESS_RESET_LABEL);
         hash.update(self.key.secret_der());
@@ -326,6 +359,7 @@ impl Clone for NodeCredentials {
         Self {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
+            reset_secret: self.reset_secret,
             identity: self.identity.clone(),
             not_before: self.not_before,
             not_after: self.not_after,
@@ -406,6 +440,27 @@ fn pem_error(origin: &str, error: pem::Error) -> PkiError {
 }
 
 /// An X.509 time as a `SystemTime`.
+/// `<key>.reset`: where a renewal keeps the stateless-reset secret.
+pub(crate) fn reset_secret_path(key: &Path) -> std::path::PathBuf {
+    let mut name = key.as_os_str().to_owned();
+    name.push(".reset");
+    std::path::PathBuf::from(name)
+}
+
+fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let high = char::from(pair[0]).to_digit(16)?;
+        let low = char::from(pair[1]).to_digit(16)?;
+        *byte = u8::try_from(high * 16 + low).ok()?;
+    }
+    Some(out)
+}
+
 pub(crate) fn system_time(time: ASN1Time, origin: &str) -> Result<SystemTime, PkiError> {
     let seconds = time.timestamp();
     let magnitude = Duration::from_secs(seconds.unsigned_abs());

@@ -47,6 +47,11 @@ pub(crate) struct JoinArgs {
     /// Replace existing files.
     #[arg(long)]
     force: bool,
+    /// Ask for a certificate valid this long (a number and s, m, h or d,
+    /// from 1m): less than the token grants, never more [default: what the
+    /// token grants].
+    #[arg(long, value_name = "DURATION", value_parser = crate::pki::parse_lifetime)]
+    valid_for: Option<std::time::Duration>,
     /// Seconds to wait for the whole exchange with the server.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
@@ -96,7 +101,9 @@ fn enroll(args: &JoinArgs) -> Result<(), Failure> {
     // overwritten.
     JoinFiles::prepare(&args.out, &args.node, pinned, args.force).map_err(Failure::runtime)?;
     let key = JoinKey::generate(&args.node).map_err(Failure::runtime)?;
-    let request = key.request(&args.token).map_err(Failure::runtime)?;
+    let request = key
+        .request_for(&args.token, args.valid_for)
+        .map_err(Failure::runtime)?;
     let runtime = runtime()
         .map_err(|error| Failure::runtime(format!("cannot start the async runtime: {error}")))?;
     let response = runtime

@@ -306,7 +306,7 @@ const LIFETIME_RANGE: (std::time::Duration, std::time::Duration) = (
 );
 
 /// `--valid-for`: a whole number and a unit s, m, h or d, from 1m to 3650d.
-fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
     let lifetime = parse_duration(text)?;
     let (shortest, longest) = LIFETIME_RANGE;
     if lifetime < shortest || lifetime > longest {

@@ -390,6 +390,61 @@ async fn echo_through(addr: SocketAddr) -> std::io::Result<()> {
 // ------------------------------------------------------------ refusals
 
 #[test]
+fn a_token_and_a_join_set_how_long_the_certificate_lasts() {
+    let server = Server::start("enroll-valid-for");
+    let lifetime_of = |out: &Path, node: &str| {
+        let inspected = meshtun_pki::inspect_file(&out.join(format!("{node}.crt")))
+            .expect("certificate")
+            .remove(0);
+        inspected
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .expect("valid")
+    };
+    // The token grants 12 hours.
+    let token = server.token("node-v", &["--valid-for", "12h"]);
+    let out = server.dir.join("valid-for-token");
+    server.join(&token, "node-v", &out).success();
+    let left = lifetime_of(&out, "node-v");
+    assert!(
+        left > Duration::from_secs(12 * 3600 - 120) && left <= Duration::from_secs(12 * 3600),
+        "{left:?}"
+    );
+    // The node asks for less: it gets less.
+    let token = server.token("node-w", &["--valid-for", "12h"]);
+    let out = server.dir.join("valid-for-join");
+    let joined = run(meshtun().env("MESHTUN_JOIN_TOKEN", &token).args([
+        "join",
+        "--server",
+        &server.addr.to_string(),
+        "--ca-fingerprint",
+        &server.fingerprint,
+        "--node",
+        "node-w",
+        "--valid-for",
+        "1h",
+        "--out",
+        path_str(&out),
+    ]));
+    assert_eq!(joined.code(), 0, "{joined}");
+    let left = lifetime_of(&out, "node-w");
+    assert!(
+        left > Duration::from_secs(3600 - 120) && left <= Duration::from_secs(3600),
+        "{left:?}"
+    );
+    // The ledger has both, as joins.
+    let list = meshtun_with(&["pki", "list", "--ca", path_str(&server.ca_dir())]).success();
+    for node in ["node-v", "node-w"] {
+        assert!(
+            list.stdout
+                .lines()
+                .any(|line| line.contains(node) && line.contains(" join ")),
+            "{list}"
+        );
+    }
+}
+
+#[test]
 fn used_and_expired_tokens_are_refused_and_the_server_keeps_serving() {
     let server = Server::start("enroll-used");
     let token = server.token("node-u", &[]);
