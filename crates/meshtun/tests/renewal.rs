@@ -272,13 +272,14 @@ async fn renewal_under_load_keeps_every_byte_and_every_stream() {
             other => panic!("echo {echoes} after {bytes} bytes failed: {other:?}"),
         }
     }
-    eprintln!(
-        "FIGURE renewal under load: {echoes} echoes, {} MiB, intact",
-        bytes >> 20
-    );
-
     let status_a = status_of(pair.admin_a).await;
     let status_b = status_of(pair.admin_b).await;
+    eprintln!(
+        "FIGURE renewal under load: {echoes} echoes, {} MiB, intact; renewals: node-a {}, node-b {}",
+        bytes >> 20,
+        status_a["certificate"]["renewal"]["successes"],
+        status_b["certificate"]["renewal"]["successes"]
+    );
     for (node, status, old) in [
         ("node-a", &status_a, &first.0),
         ("node-b", &status_b, &first.1),
