@@ -30,17 +30,17 @@
 //! carries exactly the token's node name and SANs, never the CSR's.
 
 use std::fmt;
-use std::fs::{DirBuilder, OpenOptions};
+use std::fs::DirBuilder;
 use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshtun_proto::NodeName;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
@@ -708,20 +708,7 @@ impl TokenStore {
 
     fn lock(&self) -> Result<Flock<std::fs::File>, EnrollError> {
         let path = self.dir.join(TOKENS_LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(KEY_MODE)
-            .open(&path)
-            .map_err(|source| EnrollError::Lock {
-                path: path.clone(),
-                source,
-            })?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| EnrollError::Lock {
-            path,
-            source: io::Error::from(errno),
-        })
+        files::lock_exclusive(&path).map_err(|source| EnrollError::Lock { path, source })
     }
 
     fn read(&self) -> Result<TokenBook, EnrollError> {
@@ -915,29 +902,11 @@ impl Enroller {
     /// Answers one request body (the JSON, without its length prefix) from
     /// the client at `source`.
     pub fn handle(&self, body: &[u8], source: &str, now: SystemTime) -> Result<Granted, Refusal> {
-        // serde's messages can quote the input, which may hold a secret:
-        // only the position is reported.
-        let request: EnrollRequest = serde_json::from_slice(body).map_err(|error| {
-            Refusal::new(
-                RefusalCode::BadRequest,
-                format!(
-                    "not an enrollment request {{\"version\":{PROTOCOL_VERSION},\"token\":..,\"csr\":..}} \
-                     ({:?} error at line {} column {})",
-                    error.classify(),
-                    error.line(),
-                    error.column()
-                ),
-            )
-        })?;
-        if request.version != PROTOCOL_VERSION {
-            return Err(Refusal::new(
-                RefusalCode::BadRequest,
-                format!(
-                    "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
-                    request.version
-                ),
-            ));
-        }
+        let request: EnrollRequest = decode_request(
+            body,
+            "an enrollment request {\"version\":1,\"token\":..,\"csr\":..}",
+        )?;
+        check_version(request.version)?;
         let token: JoinToken = request.token.parse().map_err(|error: TokenFormatError| {
             Refusal::new(RefusalCode::UnknownToken, error.to_string())
         })?;
@@ -977,27 +946,9 @@ impl Enroller {
         client_chain: Option<&[CertificateDer<'static>]>,
         now: SystemTime,
     ) -> Result<Granted, Refusal> {
-        let request: RenewRequest = serde_json::from_slice(body).map_err(|error| {
-            Refusal::new(
-                RefusalCode::BadRequest,
-                format!(
-                    "not a renewal request {{\"version\":{PROTOCOL_VERSION},\"csr\":..}} \
-                     ({:?} error at line {} column {})",
-                    error.classify(),
-                    error.line(),
-                    error.column()
-                ),
-            )
-        })?;
-        if request.version != PROTOCOL_VERSION {
-            return Err(Refusal::new(
-                RefusalCode::BadRequest,
-                format!(
-                    "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
-                    request.version
-                ),
-            ));
-        }
+        let request: RenewRequest =
+            decode_request(body, "a renewal request {\"version\":1,\"csr\":..}")?;
+        check_version(request.version)?;
         let leaf = client_chain.and_then(<[_]>::first).ok_or_else(|| {
             Refusal::new(
                 RefusalCode::CertificateRequired,
@@ -1085,6 +1036,36 @@ impl Enroller {
             ca_pem: self.authority.cert_pem(),
         }
     }
+}
+
+/// A request body as JSON of type `T` (`what` describes it for the
+/// refusal). serde's messages can quote the input, which may hold a
+/// secret: only the position is reported.
+fn decode_request<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|error| {
+        Refusal::new(
+            RefusalCode::BadRequest,
+            format!(
+                "not {what} ({:?} error at line {} column {})",
+                error.classify(),
+                error.line(),
+                error.column()
+            ),
+        )
+    })
+}
+
+/// Refuses a request of another protocol version than [`PROTOCOL_VERSION`].
+fn check_version(version: u32) -> Result<(), Refusal> {
+    if version == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        RefusalCode::BadRequest,
+        format!(
+            "protocol version {version} is not supported; this server speaks version {PROTOCOL_VERSION}"
+        ),
+    ))
 }
 
 /// What a renewal takes from the certificate the node presented.

@@ -139,6 +139,20 @@ fn write_error(path: &Path, source: io::Error) -> PkiError {
     }
 }
 
+/// Takes an exclusive advisory lock (flock) on `path`, creating it (0600)
+/// if needed; held until the returned handle drops. Every process that
+/// changes a shared file of a CA directory takes it first.
+pub(crate) fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(KEY_MODE)
+        .open(path)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io::Error::from(errno))
+}
+
 /// One file to write: where, what, and with which mode.
 pub(crate) struct NewFile<'a> {
     pub(crate) path: PathBuf,

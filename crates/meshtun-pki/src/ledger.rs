@@ -14,13 +14,11 @@
 //! certificates expired more than [`EXPIRED_RECORD_KEPT`] ago are dropped.
 
 use std::fmt;
-use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -273,20 +271,7 @@ impl Ledger {
 
     fn lock(&self) -> Result<Flock<std::fs::File>, PkiError> {
         let path = self.dir.join(LEDGER_LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(KEY_MODE)
-            .open(&path)
-            .map_err(|source| PkiError::Write {
-                path: path.clone(),
-                source,
-            })?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| PkiError::Write {
-            path,
-            source: io::Error::from(errno),
-        })
+        files::lock_exclusive(&path).map_err(|source| PkiError::Write { path, source })
     }
 
     fn error(&self, detail: String) -> PkiError {

@@ -698,21 +698,7 @@ const SERVE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `--ttl`: a whole number and a unit s, m, h or d, from 1s to 30d.
 fn parse_token_ttl(text: &str) -> Result<std::time::Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit: write e.g. 30m, 1h or 2d"))?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
-    let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => return Err(format!("unknown unit {other:?}: use s, m, h or d")),
-    };
-    let ttl = std::time::Duration::from_secs(number.saturating_mul(unit));
+    let ttl = parse_duration(text)?;
     if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
         return Err(format!("{text} is outside 1s..30d"));
     }

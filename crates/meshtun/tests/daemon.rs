@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_checked, echo_server, free_tcp_port, free_udp_port, http_get, meshtun, status_of, Daemon,
-    TempDir,
+    echo_checked, echo_server, free_tcp_port, free_udp_port, http_get, meshtun, peer_serials,
+    status_of, Daemon, TempDir,
 };
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
@@ -571,6 +571,13 @@ async fn metrics_and_status_follow_forwarded_bytes_and_refusals() {
                     ("reason", "unknown_service"),
                 ],
             ) == Some(1.0)
+            // The refused stream's task ends a moment after the client
+            // saw the reset.
+            && sample(
+                samples,
+                "meshtun_peer_open_streams",
+                &[("peer", "node-b"), ("direction", "outgoing")],
+            ) == Some(0.0)
     })
     .await
     else {
@@ -1021,24 +1028,6 @@ fn rotate(dir: &TempDir, node: &str) -> String {
     let pem = issued.cert_pem.clone();
     let inspected = meshtun_pki::inspect_pem(&pem).expect("inspect new certificate");
     inspected[0].serial.clone()
-}
-
-/// The serials of the certificates `peer` presents to the node behind `admin`.
-async fn peer_serials(admin: SocketAddr, peer: &str) -> Vec<String> {
-    let status = status_of(admin).await;
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|entry| entry["name"] == peer)
-        .flat_map(|entry| {
-            entry["certificates"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|certificate| certificate["serial"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// Waits until the node behind `admin` runs a certificate with `serial`.

@@ -19,8 +19,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    echo_checked, echo_server, free_tcp_port, free_udp_port, meshtun, meshtun_with, status_of,
-    ChildGuard, Daemon, TempDir, MIB_BYTES,
+    echo_checked, echo_server, free_tcp_port, free_udp_port, meshtun, meshtun_with, peer_serials,
+    status_of, ChildGuard, Daemon, TempDir, MIB_BYTES,
 };
 use meshtun_pki::{Authority, Issuance, IssuedRecord, Ledger, RevocationList, Validity, CRL_FILE};
 use meshtun_proto::NodeName;
@@ -210,24 +210,6 @@ impl Pair {
         }
         pair
     }
-}
-
-/// The serials of the certificates `admin`'s node sees its peer use.
-async fn peer_serials(admin: SocketAddr, peer: &str) -> Vec<String> {
-    let status = status_of(admin).await;
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|entry| entry["name"] == peer)
-        .flat_map(|entry| {
-            entry["certificates"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|certificate| certificate["serial"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// `/status` `peers[name]` of the node behind `admin`.

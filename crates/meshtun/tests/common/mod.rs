@@ -464,3 +464,21 @@ pub(crate) async fn echo_checked(
     sent?;
     received
 }
+
+/// The serials of the certificates `peer` presents to the node behind `admin`.
+pub(crate) async fn peer_serials(admin: SocketAddr, peer: &str) -> Vec<String> {
+    let status = status_of(admin).await;
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["name"] == peer)
+        .flat_map(|entry| {
+            entry["certificates"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|certificate| certificate["serial"].as_str().map(str::to_owned))
+        .collect()
+}
