@@ -215,13 +215,15 @@ pub enum RefusalCode {
     UnknownCertificate,
     /// A renewal for a revoked certificate.
     Revoked,
+    /// A renewal for a certificate renewed already, past the retry window.
+    AlreadyRenewed,
     /// The server could not complete a valid request (its log says why).
     ServerError,
 }
 
 impl RefusalCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [RefusalCode; 10] = [
+    pub const ALL: [RefusalCode; 11] = [
         Self::UnknownToken,
         Self::TokenUsed,
         Self::TokenExpired,
@@ -231,6 +233,7 @@ impl RefusalCode {
         Self::CertificateRequired,
         Self::UnknownCertificate,
         Self::Revoked,
+        Self::AlreadyRenewed,
         Self::ServerError,
     ];
 
@@ -246,6 +249,7 @@ impl RefusalCode {
             Self::CertificateRequired => "certificate_required",
             Self::UnknownCertificate => "unknown_certificate",
             Self::Revoked => "revoked",
+            Self::AlreadyRenewed => "already_renewed",
             Self::ServerError => "server_error",
         }
     }
@@ -764,6 +768,10 @@ pub struct EnrollRequest {
     pub valid_for: Option<u64>,
 }
 
+/// How long after a certificate's renewal the same certificate may ask
+/// again (the node never got the first answer); later, it is refused.
+pub const RENEWED_RETRY_WINDOW: Duration = Duration::from_secs(30 * 60);
+
 /// The shortest lifetime a node may ask for when it joins.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -956,10 +964,13 @@ impl Enroller {
             )
         })?;
         let current = CurrentCertificate::of(leaf)?;
-        let known = self
-            .ledger
-            .find(&current.serial)
-            .map_err(Refusal::server_error)?;
+        let csr = ParsedCsr::from_pem(&request.csr)?;
+        // From the checks to the record, under the ledger's lock: a
+        // `revoke --node` cannot fall between them.
+        let ledger = self.ledger.locked().map_err(Refusal::server_error)?;
+        let records = ledger.records().map_err(Refusal::server_error)?;
+        let wanted = current.serial.to_string();
+        let known = records.iter().find(|record| record.serial == wanted);
         match known {
             None => {
                 return Err(Refusal::new(
@@ -983,6 +994,30 @@ impl Enroller {
             }
             Some(_) => {}
         }
+        // A certificate renews once. Asking again soon after is a node
+        // whose answer was lost; asking again later means two holders of
+        // the same key, one of them a thief.
+        if let Some(successor) = records
+            .iter()
+            .find(|record| record.replaces.as_deref() == Some(wanted.as_str()))
+        {
+            let since = unix_seconds(now).saturating_sub(successor.issued_at);
+            if since > RENEWED_RETRY_WINDOW.as_secs() {
+                return Err(Refusal::new(
+                    RefusalCode::AlreadyRenewed,
+                    format!(
+                        "certificate {} of node {} was renewed already (as {}, {} s ago): a \
+                         certificate renews once, so this may be a copy of its key; revoke the \
+                         node (`meshtun pki revoke --node {}`) if that node did not ask twice",
+                        current.serial,
+                        current.grant.node,
+                        successor.serial,
+                        since,
+                        current.grant.node
+                    ),
+                ));
+            }
+        }
         let revocations = RevocationList::load(&self.store.dir, &self.authority)
             .map_err(Refusal::server_error)?;
         if revocations.is_some_and(|list| list.is_revoked(&current.serial)) {
@@ -994,11 +1029,16 @@ impl Enroller {
                 ),
             ));
         }
-        let csr = ParsedCsr::from_pem(&request.csr)?;
-        let lifetime = current.lifetime.min(self.lifetime);
+        let lifetime = current.lifetime.min(self.lifetime).max(MIN_LIFETIME);
         let validity = Validity::lasting(OffsetDateTime::from(now), lifetime);
         let pem = sign_request(&self.authority, &current.grant, &csr, validity)?;
-        self.record(&pem, Issuance::SelfRenew, Some(&current.serial), now)?;
+        IssuedRecord::of_pem(&pem, Issuance::SelfRenew, Some(&current.serial), now)
+            .and_then(|record| ledger.record(record, now))
+            .map_err(|error| {
+                Refusal::server_error(format!(
+                    "the certificate was not sent: cannot record it in the ledger: {error}"
+                ))
+            })?;
         Ok(self.granted(current.grant.node, None, pem))
     }
 
@@ -2553,6 +2593,27 @@ mod tests {
             Ledger::new(dir.path()).records().unwrap().len(),
             1,
             "nothing issued"
+        );
+    }
+
+    #[test]
+    fn a_certificate_renews_once_and_again_only_within_the_retry_window() {
+        let (_dir, enroller, joined, _) = joined("renew-twice", None);
+        let current = joined.credentials();
+        let now = SystemTime::now();
+        let renew = |at: SystemTime| {
+            let key = JoinKey::generate(&node("node-x")).unwrap();
+            enroller.renew(&renewal_body(&key), Some(current.chain()), at)
+        };
+        renew(now).unwrap();
+        // The answer was lost: the node asks again with the same certificate.
+        renew(now + Duration::from_secs(60)).unwrap();
+        // Much later the same certificate asks again: someone else holds it.
+        let refusal = renew(now + RENEWED_RETRY_WINDOW + Duration::from_secs(120)).unwrap_err();
+        assert_eq!(refusal.code, RefusalCode::AlreadyRenewed, "{refusal}");
+        assert!(
+            refusal.message.contains("revoke --node node-x"),
+            "{refusal}"
         );
     }
 

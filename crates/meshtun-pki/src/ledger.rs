@@ -37,8 +37,10 @@ pub const LEDGER_FILE: &str = "issued.json";
 pub const LEDGER_LOCK_FILE: &str = "issued.lock";
 
 /// How long a record is kept after its certificate expired: long enough to
-/// answer "who held serial X last month".
-pub const EXPIRED_RECORD_KEPT: Duration = Duration::from_secs(90 * 24 * 3600);
+/// answer "who held serial X last week", short enough that a cluster of
+/// hour-long certificates does not grow the file without end (a record of
+/// an expired certificate no longer matters for revocation).
+pub const EXPIRED_RECORD_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 const LEDGER_VERSION: u32 = 1;
 
@@ -160,7 +162,12 @@ impl IssuedRecord {
 
     /// End of validity.
     pub fn not_after_time(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.not_after)
+        at_unix(self.not_after)
+    }
+
+    /// When the CA signed it.
+    pub fn issued_at_time(&self) -> SystemTime {
+        at_unix(self.issued_at)
     }
 }
 
@@ -195,19 +202,17 @@ impl Ledger {
     /// already there is refused: serials are random and 126 bits long, so a
     /// repeat means something is badly wrong.
     pub fn record(&self, record: IssuedRecord, now: SystemTime) -> Result<(), PkiError> {
-        let _lock = self.lock()?;
-        let mut records = self.read()?;
-        if records.iter().any(|known| known.serial == record.serial) {
-            return Err(self.error(format!(
-                "serial {} is recorded already; refusing to record it twice",
-                record.serial
-            )));
-        }
-        let kept = EXPIRED_RECORD_KEPT.as_secs();
-        let now = unix_seconds(now);
-        records.retain(|known| known.not_after.saturating_add(kept) > now);
-        records.push(record);
-        self.write(records)
+        self.locked()?.record(record, now)
+    }
+
+    /// The ledger under its lock, for a decision and a change that must
+    /// see no other change in between (a renewal's checks and its record;
+    /// `revoke --node`'s read and its CRL). Held until dropped.
+    pub fn locked(&self) -> Result<LockedLedger<'_>, PkiError> {
+        Ok(LockedLedger {
+            _lock: self.lock()?,
+            ledger: self,
+        })
     }
 
     /// Every record, oldest first; none if the file does not exist yet.
@@ -280,6 +285,45 @@ impl Ledger {
             detail,
         }
     }
+}
+
+/// The ledger with its lock held (see [`Ledger::locked`]).
+#[derive(Debug)]
+pub struct LockedLedger<'a> {
+    ledger: &'a Ledger,
+    _lock: Flock<std::fs::File>,
+}
+
+impl LockedLedger<'_> {
+    /// Every record, oldest first.
+    pub fn records(&self) -> Result<Vec<IssuedRecord>, PkiError> {
+        self.ledger.read()
+    }
+
+    /// Adds `record` (see [`Ledger::record`]).
+    pub fn record(&self, record: IssuedRecord, now: SystemTime) -> Result<(), PkiError> {
+        let mut records = self.ledger.read()?;
+        if records.iter().any(|known| known.serial == record.serial) {
+            return Err(self.ledger.error(format!(
+                "serial {} is recorded already; refusing to record it twice",
+                record.serial
+            )));
+        }
+        let kept = EXPIRED_RECORD_KEPT.as_secs();
+        let now = unix_seconds(now);
+        records.retain(|known| known.not_after.saturating_add(kept) > now);
+        records.push(record);
+        self.ledger.write(records)
+    }
+}
+
+/// `seconds` after the epoch, or the latest time this system can hold (a
+/// damaged ledger must not make a command panic).
+fn at_unix(seconds: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(seconds))
+        .or_else(|| UNIX_EPOCH.checked_add(Duration::from_secs(i64::MAX as u64 / 2)))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 fn unix_seconds(time: SystemTime) -> u64 {

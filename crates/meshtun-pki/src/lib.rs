@@ -41,7 +41,7 @@ pub use enroll::{
     EnrollRequest, EnrollResponse, Enrolled, Enroller, FingerprintFormatError, Grant, Granted,
     JoinFiles, JoinKey, JoinToken, NewToken, PinnedCaVerifier, Refusal, RefusalCode, RenewRequest,
     TokenFormatError, TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, MIN_LIFETIME, PROTOCOL_VERSION,
-    RENEW_ALPN, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
+    RENEWED_RETRY_WINDOW, RENEW_ALPN, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
 };
 pub use error::PkiError;
 pub use files::key_file_mode_problem;
@@ -52,7 +52,8 @@ pub use inspect::{
 };
 pub use issue::{Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
 pub use ledger::{
-    Issuance, IssuedRecord, Ledger, EXPIRED_RECORD_KEPT, LEDGER_FILE, LEDGER_LOCK_FILE,
+    Issuance, IssuedRecord, Ledger, LockedLedger, EXPIRED_RECORD_KEPT, LEDGER_FILE,
+    LEDGER_LOCK_FILE,
 };
 pub use load::{NodeCredentials, TrustBundle};
 pub use tls::{client_config, server_config, PeerMismatch, PeerRole};

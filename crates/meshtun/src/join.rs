@@ -196,7 +196,8 @@ fn refused(error: &EnrollError, node: &NodeName) -> Failure {
                 | RefusalCode::ServerError
                 | RefusalCode::CertificateRequired
                 | RefusalCode::UnknownCertificate
-                | RefusalCode::Revoked => Failure::runtime(text),
+                | RefusalCode::Revoked
+                | RefusalCode::AlreadyRenewed => Failure::runtime(text),
             }
         }
         (EnrollError::CaMismatch { .. }, _) => Failure::credentials(error, None),

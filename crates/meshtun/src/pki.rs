@@ -415,9 +415,7 @@ fn list(ca: &Path, node: Option<&NodeName>) -> Result<(), PkiError> {
         } else {
             "valid"
         };
-        let issued = meshtun_pki::format_utc(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(record.issued_at),
-        );
+        let issued = meshtun_pki::format_utc(record.issued_at_time());
         say!(
             "{:<10} {:<20} {:<8} {:<10} {:<20} {}",
             state,
@@ -441,8 +439,15 @@ fn revoke_node(
 ) -> Result<(), PkiError> {
     let authority = Authority::load(ca)?;
     let ledger = Ledger::new(ca);
+    // Held until the CRL is written: a renewal (which checks the CRL and
+    // records under the same lock) cannot slip a new certificate in between.
+    let locked = ledger.locked()?;
     let now = SystemTime::now();
-    let records = ledger.unexpired_of(node.as_str(), now)?;
+    let records: Vec<IssuedRecord> = locked
+        .records()?
+        .into_iter()
+        .filter(|record| record.node == node.as_str() && !record.expired_at(now))
+        .collect();
     if records.is_empty() {
         return Err(PkiError::Ledger {
             path: ledger.path(),
