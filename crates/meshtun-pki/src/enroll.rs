@@ -1800,6 +1800,7 @@ impl Enrolled {
             });
         }
         files::write_files(dir, &targets, force)?;
+        crate::load::forget_reset_secret(&paths.key)?;
         Ok(paths)
     }
 }

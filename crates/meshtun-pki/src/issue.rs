@@ -74,7 +74,9 @@ impl Validity {
     /// ends there.
     pub fn lasting(start: OffsetDateTime, lifetime: std::time::Duration) -> Self {
         let lifetime = Duration::try_from(lifetime).unwrap_or(Duration::MAX);
-        let skew = CLOCK_SKEW.min(lifetime / 4);
+        // Whole seconds, as X.509 times are: a renewal, which recovers the
+        // lifetime from the dates, then gets exactly the same one.
+        let skew = Duration::seconds(CLOCK_SKEW.min(lifetime / 4).whole_seconds());
         let not_before = start.checked_sub(skew).unwrap_or(start);
         let not_after = start
             .checked_add(lifetime)
@@ -97,11 +99,12 @@ impl Validity {
             .unwrap_or(std::time::Duration::ZERO);
         let hour = std::time::Duration::from_secs(3600);
         // A lifetime of 4 h or more was set back a full hour (5 h of span);
-        // a shorter one by a quarter of itself.
+        // a shorter one L by floor(L/4) seconds, so the span S is
+        // L + floor(L/4) and L is the one whole number in [4S/5, 4S/5 + 4/5).
         if span >= 5 * hour {
             span - hour
         } else {
-            span * 4 / 5
+            std::time::Duration::from_secs((span.as_secs() * 4).div_ceil(5))
         }
     }
 
@@ -537,14 +540,16 @@ impl Issued {
     ) -> Result<(PathBuf, PathBuf), PkiError> {
         // A node name holds no '/' and does not start with '.', so it is a
         // plain file name inside `dir`.
-        write_pair(
+        let written = write_pair(
             dir,
             dir.join(format!("{node}.crt")),
             &self.cert_pem,
             dir.join(format!("{node}.key")),
             &self.key_pem,
             force,
-        )
+        )?;
+        crate::load::forget_reset_secret(&written.1)?;
+        Ok(written)
     }
 }
 
@@ -627,8 +632,10 @@ impl Renewed {
         match &self.key_pem {
             Some(key_pem) => {
                 let key_path = dir.join(format!("{}.key", self.node));
-                write_pair(dir, cert_path, &self.cert_pem, key_path, key_pem, true)
-                    .map(|(cert, key)| (cert, Some(key)))
+                let (cert, key) =
+                    write_pair(dir, cert_path, &self.cert_pem, key_path, key_pem, true)?;
+                crate::load::forget_reset_secret(&key)?;
+                Ok((cert, Some(key)))
             }
             None => {
                 let file = NewFile {
@@ -766,6 +773,20 @@ mod tests {
                     to_system(validity.not_after)
                 ),
                 lifetime
+            );
+        }
+    }
+
+    #[test]
+    fn every_lifetime_in_whole_seconds_comes_back_from_its_dates() {
+        let start = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        for seconds in (60..=600).chain([3599, 3600, 4 * 3600 - 1, 4 * 3600, 4 * 3600 + 1]) {
+            let lifetime = std::time::Duration::from_secs(seconds);
+            let validity = Validity::lasting(start, lifetime);
+            assert_eq!(
+                Validity::lifetime_of(validity.not_before.into(), validity.not_after.into()),
+                lifetime,
+                "{seconds} s"
             );
         }
     }

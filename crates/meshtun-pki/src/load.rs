@@ -439,12 +439,24 @@ fn pem_error(origin: &str, error: pem::Error) -> PkiError {
     }
 }
 
-/// An X.509 time as a `SystemTime`.
 /// `<key>.reset`: where a renewal keeps the stateless-reset secret.
 pub(crate) fn reset_secret_path(key: &Path) -> std::path::PathBuf {
     let mut name = key.as_os_str().to_owned();
     name.push(".reset");
     std::path::PathBuf::from(name)
+}
+
+/// Removes `<key>.reset` after a new key was written in place by hand (a
+/// join with --force, `pki renew --new-key`, `pki issue --force`): a
+/// secret derived from the replaced, perhaps compromised, key must not
+/// outlive it.
+pub(crate) fn forget_reset_secret(key: &Path) -> Result<(), PkiError> {
+    let path = reset_secret_path(key);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(PkiError::Write { path, source }),
+    }
 }
 
 fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
@@ -461,6 +473,7 @@ fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// An X.509 time as a `SystemTime`.
 pub(crate) fn system_time(time: ASN1Time, origin: &str) -> Result<SystemTime, PkiError> {
     let seconds = time.timestamp();
     let magnitude = Duration::from_secs(seconds.unsigned_abs());
