@@ -358,9 +358,12 @@ fn renew(sink: &mut Sink, path: String, table: &Table) -> Option<Renew> {
         "ca_fingerprint",
         "the CA's fingerprint as `meshtun pki serve` prints it, \"sha256:\" and 64 hex digits",
         |value| {
-            let text = string(value)?;
+            // The spellings `meshtun join --ca-fingerprint` takes: lower or
+            // upper case, with or without ':' between bytes.
+            let text = string(value)?.trim();
             let digits: String = text
                 .strip_prefix("sha256:")
+                .or_else(|| text.strip_prefix("SHA256:"))
                 .unwrap_or_default()
                 .chars()
                 .filter(|c| *c != ':')

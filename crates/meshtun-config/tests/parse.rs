@@ -597,6 +597,10 @@ fn tls_renew_names_the_server_and_pinned_ca_and_when() {
         "server = \"198.18.0.1:4434\", ca_fingerprint = \"{fingerprint}\", at = 0.5"
     )));
     assert_eq!(half.tls.renew.expect("renew").at_percent, 50);
+    let openssl_spelling = format!("SHA256:{}", ["AB"; 32].join(":"));
+    ok(&renewing(&format!(
+        "server = \"ca-host:4434\", ca_fingerprint = \"{openssl_spelling}\""
+    )));
     assert_eq!(ok(MINIMAL).tls.renew, None);
 
     one_error(

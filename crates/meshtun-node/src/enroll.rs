@@ -435,13 +435,22 @@ async fn exchange(
         Err(_) => Err(ConnectionFailure::Timeout),
     };
     if let (Err(failure), Ok(granted)) = (&delivered, &result) {
-        warn!(
-            %source,
-            node = %granted.node,
-            token_id = granted.token_id.as_deref(),
-            error = %failure,
-            "enrollment: issued a certificate but could not deliver it; the token is used up"
-        );
+        match &granted.token_id {
+            Some(token_id) => warn!(
+                %source,
+                node = %granted.node,
+                token_id,
+                error = %failure,
+                "enrollment: issued a certificate but could not deliver it; the token is used up"
+            ),
+            None => warn!(
+                %source,
+                node = %granted.node,
+                error = %failure,
+                "renewal: issued a certificate but could not deliver it; the node may ask again \
+                 with the same certificate for a while"
+            ),
+        }
     }
     delivered.map(|()| result)
 }

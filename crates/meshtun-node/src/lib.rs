@@ -213,7 +213,9 @@ const TRUST_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// ([`TrustBundle::chain_deadline`], parsed once per connection) is checked
 /// in full by [`still_trusted`]. Ends when the node closes.
 async fn sweep_expired(shared: Arc<Shared>) {
-    let mut deadlines: HashMap<usize, Option<SystemTime>> = HashMap::new();
+    // By stable id, with a handle on the connection: while the handle is
+    // held, no new connection can take the same id.
+    let mut deadlines: HashMap<usize, (Connection, Option<SystemTime>)> = HashMap::new();
     let mut ticks = tokio::time::interval(TRUST_SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -231,11 +233,15 @@ async fn sweep_expired(shared: Arc<Shared>) {
         for (name, connection, role) in shared.live_connections() {
             let id = connection.stable_id();
             seen.push(id);
-            let deadline = *deadlines.entry(id).or_insert_with(|| {
-                expose::peer_chain(&connection)
-                    .ok()
-                    .and_then(|chain| trust.chain_deadline(&chain))
-            });
+            let deadline = deadlines
+                .entry(id)
+                .or_insert_with(|| {
+                    let deadline = expose::peer_chain(&connection)
+                        .ok()
+                        .and_then(|chain| trust.chain_deadline(&chain));
+                    (connection.clone(), deadline)
+                })
+                .1;
             if deadline.is_some_and(|deadline| deadline <= now) {
                 debug!(peer = %name, remote = %connection.remote_address(), "the peer's certificates of a live connection are past their date: checking it");
                 let role = match &role {
@@ -253,7 +259,7 @@ async fn sweep_expired(shared: Arc<Shared>) {
                         .and_then(|chain| trust.chain_deadline(&chain))
                         .filter(|next| *next > now)
                         .unwrap_or(now + TRUST_SWEEP_INTERVAL);
-                    deadlines.insert(id, Some(next));
+                    deadlines.insert(id, (connection.clone(), Some(next)));
                 }
             }
         }
@@ -445,7 +451,7 @@ impl Shared {
     fn live_connections(&self) -> Vec<(NodeName, Connection, Option<NodeName>)> {
         let mut live = Vec::new();
         for (name, links) in &self.peers {
-            for (_, connection) in links.live_connections() {
+            for (_, connection) in links.connections_to_check() {
                 live.push((name.clone(), connection, Some(name.clone())));
             }
         }

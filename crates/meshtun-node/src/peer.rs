@@ -93,21 +93,25 @@ const RETIRE_POLL: Duration = Duration::from_millis(200);
 const REFRESH_LEAD: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(300));
 
 /// When to replace a connection made at `now` whose certificates (the
-/// peer's chain and this node's own) stop being valid at `deadline`, or
-/// `None` if it should not be: no deadline, or the same one as the
-/// connection it replaced (the peer has not renewed yet, so a new
-/// connection would carry the same certificates).
+/// peer's chain and this node's own) stop being valid at `deadline`:
+/// a tenth of the time left before it, within [`REFRESH_LEAD`]. If
+/// `previous`, the deadline of the connection it replaced for the same
+/// reason, is the same, the peer has not renewed yet: halfway to the
+/// deadline, or `None` once too little time is left.
 fn refresh_at(
     now: SystemTime,
     deadline: Option<SystemTime>,
     previous: Option<SystemTime>,
 ) -> Option<SystemTime> {
     let deadline = deadline?;
-    if previous == Some(deadline) {
-        return None;
-    }
     let left = deadline.duration_since(now).unwrap_or(Duration::ZERO);
     let (shortest, longest) = REFRESH_LEAD;
+    if previous == Some(deadline) {
+        // The same certificates as the connection it replaced: the peer
+        // has not renewed yet. Try again halfway to the deadline, while
+        // that leaves time.
+        return (left >= 2 * shortest).then(|| now + left / 2);
+    }
     Some(
         deadline
             .checked_sub((left / 10).clamp(shortest, longest))
@@ -148,6 +152,8 @@ pub(crate) struct PeerLinks {
     /// Bumped when this node's certificate changed: every dialer replaces
     /// its connection, so peers see the new certificate.
     renewed: watch::Sender<u64>,
+    /// Replaced connections still carrying streams, with their shard.
+    retired: Mutex<Vec<(usize, Connection)>>,
     /// The trust in force, to re-check a handshake that raced a reload.
     trust: TrustState,
     /// Why the last dial failed, until one succeeds.
@@ -176,6 +182,7 @@ impl PeerLinks {
             client: Mutex::new(tls.client),
             own_not_after: Mutex::new(tls.own_not_after),
             renewed: watch::Sender::new(0),
+            retired: Mutex::new(Vec::new()),
             trust,
             last_error: Mutex::new(None),
             stats,
@@ -255,6 +262,19 @@ impl PeerLinks {
             .last_error
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
+    }
+
+    /// Every connection to check against the trust in force: those up in
+    /// the slots and those replaced but still carrying streams.
+    pub(crate) fn connections_to_check(&self) -> Vec<(usize, Connection)> {
+        let mut all = self.live_connections();
+        all.extend(
+            self.retired()
+                .iter()
+                .filter(|(_, connection)| connection.close_reason().is_none())
+                .cloned(),
+        );
+        all
     }
 
     /// The connections that are up now, with the shard each lives on.
@@ -372,25 +392,33 @@ impl PeerLinks {
         let mut failures: u32 = 0;
         let mut was_up = false;
         let mut renewed = self.renewed.subscribe();
-        // The connection being replaced: it stays in the slot, carrying new
-        // streams, until its successor is up.
-        let mut replacing: Option<Link> = None;
-        let mut previous_deadline = None;
+        // The connection being replaced, with the time its certificates
+        // expire: it stays in the slot, carrying new streams, until its
+        // successor is up.
+        let mut replacing: Option<(Link, Option<SystemTime>)> = None;
+        // When a connection was replaced because its certificates were
+        // about to expire, their deadline: a successor with the same one
+        // got the same certificates (the peer has not renewed yet).
+        let mut same_as = None;
         loop {
+            if replacing
+                .as_ref()
+                .is_some_and(|(old, _)| old.connection.close_reason().is_some())
+            {
+                replacing = None;
+            }
             if replacing.is_none() {
                 self.set(shard, index, Slot::Dialing);
             }
+            // Seen before the client is read: a renewal from here on
+            // replaces the connection this dial makes.
+            renewed.borrow_and_update();
             let client = self.client();
             let attempt = self.dial_once(&endpoint, &client, timing.handshake_timeout);
             let result = tokio::select! {
                 result = attempt => result,
                 () = cancel.cancelled() => return,
             };
-            let replaced = replacing.take();
-            let was_replacement = replaced.is_some();
-            if let Some(old) = replaced {
-                tokio::spawn(self.clone().retire(old, previous_deadline));
-            }
             match result {
                 Ok(connection) => {
                     info!(
@@ -402,6 +430,7 @@ impl PeerLinks {
                     failures = 0;
                     delay = timing.reconnect_min;
                     // A replacement is not a reconnect: nothing was lost.
+                    let was_replacement = replacing.is_some();
                     if was_up && !was_replacement {
                         self.stats.reconnected();
                     }
@@ -409,26 +438,30 @@ impl PeerLinks {
                     self.set_last_error(None);
                     let link = Link::new(connection.clone());
                     self.set(shard, index, Slot::Up(link.clone()));
+                    if let Some((old, old_deadline)) = replacing.take() {
+                        tokio::spawn(self.clone().retire(shard, old, old_deadline));
+                    }
                     // The handshake may have used a trust bundle a reload
                     // replaced; if so the connection is closed right here.
                     let role = meshtun_pki::PeerRole::Acceptor(&self.name);
                     let _ = still_trusted(&connection, &self.trust, role, &self.stats);
                     let deadline = self.deadline(&connection);
-                    let refresh = refresh_at(SystemTime::now(), deadline, previous_deadline);
-                    previous_deadline = deadline;
-                    renewed.borrow_and_update();
+                    let refresh = refresh_at(SystemTime::now(), deadline, same_as);
                     tokio::select! {
                         reason = connection.closed() => {
                             info!(connection = index, %reason, "peer connection closed");
+                            same_as = None;
                         }
                         () = sleep_until_wall(refresh) => {
                             info!(connection = index, "replacing the connection: its certificates expire soon");
-                            replacing = Some(link);
+                            same_as = deadline;
+                            replacing = Some((link, deadline));
                             continue;
                         }
                         Ok(()) = renewed.changed() => {
                             info!(connection = index, "replacing the connection: this node's certificate was renewed");
-                            replacing = Some(link);
+                            same_as = None;
+                            replacing = Some((link, deadline));
                             continue;
                         }
                         // On shutdown the connection stays in its slot so that
@@ -438,7 +471,12 @@ impl PeerLinks {
                     self.set(shard, index, Slot::Down);
                 }
                 Err(error) => {
-                    self.set(shard, index, Slot::Down);
+                    // A failed replacement keeps the connection it was to
+                    // replace, which is still good, and tries again.
+                    match &replacing {
+                        Some((old, _)) => self.set(shard, index, Slot::Up(old.clone())),
+                        None => self.set(shard, index, Slot::Down),
+                    }
                     self.stats.handshake_failed(error.reason());
                     self.set_last_error(Some(error.to_string()));
                     failures += 1;
@@ -463,7 +501,22 @@ impl PeerLinks {
     /// Closes a replaced connection once no stream of this node uses it
     /// (after [`RETIRE_GRACE`]), or cuts it when its certificates expire
     /// at `deadline`, whichever comes first.
-    async fn retire(self: Arc<Self>, old: Link, deadline: Option<SystemTime>) {
+    async fn retire(self: Arc<Self>, shard: usize, old: Link, deadline: Option<SystemTime>) {
+        // Kept where a reload's trust sweep and the expiry sweep see it.
+        self.retired().push((shard, old.connection.clone()));
+        self.finish_retiring(&old, deadline).await;
+        let id = old.connection.stable_id();
+        self.retired()
+            .retain(|(_, connection)| connection.stable_id() != id);
+    }
+
+    fn retired(&self) -> std::sync::MutexGuard<'_, Vec<(usize, Connection)>> {
+        self.retired
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn finish_retiring(&self, old: &Link, deadline: Option<SystemTime>) {
         tokio::time::sleep(RETIRE_GRACE).await;
         loop {
             if old.connection.close_reason().is_some() {
@@ -636,9 +689,14 @@ mod tests {
             Some(in_seconds(8))
         );
         assert_eq!(refresh_at(now, Some(in_seconds(1)), None), Some(now));
-        // The same certificates as the connection it replaced: not again.
+        // The same certificates as the connection it replaced: again
+        // halfway, while that leaves time.
         assert_eq!(
             refresh_at(now, Some(in_seconds(120)), Some(in_seconds(120))),
+            Some(in_seconds(60))
+        );
+        assert_eq!(
+            refresh_at(now, Some(in_seconds(3)), Some(in_seconds(3))),
             None
         );
         assert_eq!(refresh_at(now, None, None), None);

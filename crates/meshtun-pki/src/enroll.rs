@@ -1819,6 +1819,14 @@ impl Enrolled {
             PathBuf::from(name)
         };
         let (cert_prev, key_prev) = (previous(cert), previous(key));
+        // One renewal at a time per key (the daemon and `meshtun renew`).
+        let mut lock_path = key.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let _lock = files::lock_exclusive(&lock_path).map_err(|source| PkiError::Write {
+            path: lock_path.clone(),
+            source,
+        })?;
         let old_key = files::read_private_text(key)?;
         let old_cert = files::read_text(cert)?;
         // The stateless-reset secret stays what it was: peers of a daemon

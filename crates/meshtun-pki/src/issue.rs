@@ -446,6 +446,13 @@ impl Authority {
         validity: Validity,
         public_key: &impl rcgen::PublicKeyData,
     ) -> Result<String, PkiError> {
+        // Never beyond the CA's own end: verification does not check the
+        // CA's dates, so a node certificate must not outlive them.
+        let mut validity = validity;
+        let ca = parse_certificate(&self.cert_der, "CA certificate")?;
+        let ca_end = OffsetDateTime::from_unix_timestamp(ca.validity().not_after.timestamp())
+            .unwrap_or_else(|_| latest_x509_time());
+        validity.not_after = validity.not_after.min(ca_end);
         validity.check()?;
         let mut params = base_params(validity, node.as_str().to_owned())?;
         params.subject_alt_names = names;
@@ -1005,8 +1012,22 @@ mod tests {
     }
 
     #[test]
+    fn a_node_certificate_never_outlives_its_ca() {
+        let ca = Authority::generate("prod", Validity::days_from_now(10)).unwrap();
+        let issued = ca
+            .issue(&node("node-1"), &[], &[], Validity::days_from_now(365))
+            .unwrap();
+        let credentials = NodeCredentials::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
+        let ca_end = crate::inspect_pem(&ca.cert_pem())
+            .unwrap()
+            .remove(0)
+            .not_after;
+        assert_eq!(credentials.not_after(), ca_end);
+    }
+
+    #[test]
     fn renew_keeps_identity_names_and_key_with_a_new_serial() {
-        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let ca = Authority::generate("prod", Validity::days_from_now(365)).unwrap();
         let name = node("node-1");
         let issued = ca
             .issue(

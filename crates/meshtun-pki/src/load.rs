@@ -45,41 +45,20 @@ impl TrustBundle {
         Self::from_pem_with_origin(ca_pem, "CA bundle")
     }
 
-    /// When a peer's `chain` stops verifying against this bundle for its
-    /// dates alone: one second after the earliest end of validity of its
-    /// certificates and of the bundle's CA certificates that could have
-    /// issued its last one (same subject as its issuer), as X.509 times are
-    /// whole seconds and a certificate is valid through its `notAfter`
-    /// second. `None` if the chain cannot be parsed (the handshake would not
-    /// have taken it). No signature is checked: this only says when to
-    /// check again.
+    /// When a peer's `chain` stops verifying for its dates alone: one
+    /// second after the earliest `notAfter` among its certificates (X.509
+    /// times are whole seconds, and a certificate is valid through its
+    /// `notAfter` second). The trust anchor's own dates are not counted:
+    /// certificate verification does not check them either, and meshtun
+    /// never issues a node certificate that outlives its CA. `None` if the
+    /// chain cannot be parsed (the handshake would not have taken it). No
+    /// signature is checked: this only says when to check again.
     pub fn chain_deadline(&self, chain: &[CertificateDer<'_>]) -> Option<SystemTime> {
         let mut deadline: Option<SystemTime> = None;
-        let mut earliest = |time: SystemTime| {
-            deadline = Some(deadline.map_or(time, |known| known.min(time)));
-        };
-        let mut issuer = None;
         for cert in chain {
             let parsed = parse_certificate(cert, "peer certificate").ok()?;
-            earliest(system_time(parsed.validity().not_after, "peer certificate").ok()?);
-            issuer = Some(parsed.issuer().as_raw().to_vec());
-        }
-        let issuer = issuer?;
-        let mut issuing = Vec::new();
-        for ca in &self.certs {
-            let Ok(parsed) = parse_certificate(ca, "CA certificate") else {
-                continue;
-            };
-            if parsed.subject().as_raw() == issuer.as_slice() {
-                if let Ok(not_after) = system_time(parsed.validity().not_after, "CA certificate") {
-                    issuing.push(not_after);
-                }
-            }
-        }
-        // With two CAs of the same name (a rotation), the chain verifies
-        // until the later of them expires.
-        if let Some(latest) = issuing.into_iter().max() {
-            earliest(latest);
+            let not_after = system_time(parsed.validity().not_after, "peer certificate").ok()?;
+            deadline = Some(deadline.map_or(not_after, |known| known.min(not_after)));
         }
         deadline.map(|deadline| deadline + Duration::from_secs(1))
     }

@@ -36,6 +36,7 @@ const RETRY_BOUNDS: (Duration, Duration) = (Duration::from_secs(5), Duration::fr
 pub(crate) struct Installed {
     /// `sha256:…` of the new certificate.
     pub(crate) fingerprint: String,
+    pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
 }
 
@@ -87,6 +88,7 @@ pub(crate) async fn renew_once(config: &Config) -> Result<Installed, String> {
         .map_err(|error| format!("cannot install the renewed certificate: {error}"))?;
     Ok(Installed {
         fingerprint: renewed.credentials().fingerprint(),
+        not_before: renewed.credentials().not_before(),
         not_after: renewed.credentials().not_after(),
     })
 }

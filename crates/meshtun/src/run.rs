@@ -204,6 +204,13 @@ fn reload(path: &Path, node: &Node) -> Option<Applied> {
 fn warn_expiry(node: &Node, warnings: &mut ExpiryWarnings) {
     let certificate = node.certificate();
     let words = expiry_in_words(certificate.expires_in_seconds);
+    // With self-renewal working, a near expiry is the plan, not news; the
+    // renewal's own failures are logged where they happen.
+    if let Some(renewal) = &certificate.renewal {
+        if renewal.last_error.is_none() && certificate.expires_in_seconds > 0 {
+            return;
+        }
+    }
     match warnings.due(&certificate.fingerprint, certificate.expires_in_seconds) {
         Some(0) => error!(
             certificate = %certificate.fingerprint,
@@ -325,11 +332,29 @@ impl Renewal {
                     not_after = %meshtun_pki::format_utc(installed.not_after),
                     "renewed the node certificate; reloading to use it"
                 );
+                // Planned from the new certificate now, so a reload that
+                // fails (a bad edit of the config, say) does not stop
+                // renewals; a reload that applies plans again.
+                self.validity = (installed.not_before, installed.not_after);
+                self.plan();
                 true
             }
             Err(problem) => {
                 self.failures += 1;
                 let (not_before, not_after) = self.validity;
+                let now = SystemTime::now();
+                if now >= not_after {
+                    error!(
+                        %problem,
+                        failures = self.failures,
+                        "certificate renewal failed and the certificate has expired: it can no \
+                         longer renew itself; join again with a new token (`meshtun pki token`, \
+                         then `meshtun join`)"
+                    );
+                    self.last_error = Some(problem);
+                    self.schedule(None);
+                    return false;
+                }
                 let retry = crate::renew::retry_after(not_before, not_after);
                 warn!(
                     %problem,
@@ -338,7 +363,7 @@ impl Renewal {
                     "certificate renewal failed; the current certificate stays in use"
                 );
                 self.last_error = Some(problem);
-                self.schedule(Some(SystemTime::now() + retry));
+                self.schedule(Some(now + retry));
                 false
             }
         }
@@ -424,8 +449,20 @@ impl Material {
         let tls = &config.tls;
         let trust = TrustBundle::load(&tls.ca, tls.crl.as_deref())
             .map_err(|problem| vec![format!("tls.ca: {problem}")])?;
-        let credentials = NodeCredentials::load(&tls.cert, &tls.key)
-            .map_err(|problem| vec![format!("tls.cert/tls.key: {problem}")])?;
+        let credentials = NodeCredentials::load(&tls.cert, &tls.key).map_err(|problem| {
+            let mut line = format!("tls.cert/tls.key: {problem}");
+            if matches!(problem, meshtun_pki::PkiError::KeyMismatch { .. }) {
+                let mut prev = tls.cert.as_os_str().to_owned();
+                prev.push(".prev");
+                if Path::new(&prev).exists() {
+                    line.push_str(
+                        " (if a renewal was cut short, the previous pair is beside them as \
+                         .prev: copy both back, or renew again)",
+                    );
+                }
+            }
+            vec![line]
+        })?;
         if credentials.identity() != &config.node {
             return Err(vec![format!(
                 "tls.cert: certificate identity is {:?} but node = {:?}; the certificate must name this node",
