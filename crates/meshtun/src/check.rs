@@ -135,6 +135,44 @@ fn check_tls(config: &Config, report: &mut Report, now: SystemTime) {
         }
     }
     expiry(&credentials, now, report);
+    if let Some(renew) = &tls.renew {
+        check_renewal(config, renew, report);
+    }
+}
+
+/// `[tls] renew`: says where and when, and that the daemon can write the
+/// files it will replace (as the user `check` runs as: run it as the
+/// service's user, as the systemd unit does).
+fn check_renewal(config: &Config, renew: &meshtun_config::Renew, report: &mut Report) {
+    report.facts.push(format!(
+        "tls.renew: renews from {} at {}% of the certificate's lifetime",
+        renew.server, renew.at_percent
+    ));
+    if renew
+        .ca_fingerprint
+        .parse::<meshtun_pki::CaFingerprint>()
+        .is_err()
+    {
+        report.errors.push(format!(
+            "tls.renew.ca_fingerprint: {:?} is not a CA fingerprint",
+            renew.ca_fingerprint
+        ));
+    }
+    for (key, path) in [("tls.cert", &config.tls.cert), ("tls.key", &config.tls.key)] {
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        if let Err(errno) = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) {
+            report.errors.push(format!(
+                "{key}: tls.renew replaces {} and its .prev copy, but {} is not writable for \
+                 this user ({errno}); under systemd keep the certificate and key in \
+                 /etc/meshtun/keys (see examples/systemd/README.md)",
+                path.display(),
+                dir.display()
+            ));
+        }
+    }
 }
 
 /// One line per CRL in `tls.crl`: whose it is, its number, how many it

@@ -502,6 +502,31 @@ fn check_says_how_long_the_certificate_has_left_in_hours_under_two_days() {
 }
 
 #[test]
+fn check_reports_the_renewal_settings() {
+    let setup = Setup::new("check-renew");
+    let config = setup.default_config();
+    let text = fs::read_to_string(&config).expect("config");
+    let fingerprint = format!("sha256:{}", "ab".repeat(32));
+    let renewing = text.replacen(
+        "[tls]\n",
+        &format!(
+            "[tls]\nrenew = {{ server = \"127.0.0.1:7443\", ca_fingerprint = \"{fingerprint}\", at = 0.5 }}\n"
+        ),
+        1,
+    );
+    assert_ne!(renewing, text, "the config has a [tls] line: {text}");
+    fs::write(&config, renewing).expect("write config");
+    let finished = meshtun_with(&["check", "-c", path_str(&config)]);
+    assert_eq!(finished.code(), 0, "{finished}");
+    assert!(
+        finished
+            .stdout
+            .contains("tls.renew: renews from 127.0.0.1:7443 at 50% of the certificate's lifetime"),
+        "{finished}"
+    );
+}
+
+#[test]
 fn check_reports_a_certificate_of_another_node() {
     let setup = Setup::new("check-identity");
     issue(setup.dir.path(), "node-2", setup.dir.path());

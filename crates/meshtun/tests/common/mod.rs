@@ -190,6 +190,19 @@ pub(crate) fn free_tcp_port(ip: &str) -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
+/// `count` distinct TCP ports on `ip` that were free a moment ago: all
+/// are held at once while they are chosen, so no two are the same (ports
+/// chosen one after another may repeat).
+pub(crate) fn free_tcp_ports(ip: &str, count: usize) -> Vec<SocketAddr> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind((ip, 0)).expect("bind TCP port 0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("local addr"))
+        .collect()
+}
+
 /// A loopback UDP port that was free a moment ago.
 pub(crate) fn free_udp_port(ip: &str) -> SocketAddr {
     let socket = UdpSocket::bind((ip, 0)).expect("bind UDP port 0");
