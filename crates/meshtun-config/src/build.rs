@@ -152,7 +152,11 @@ fn section<'a>(root: &TableReader<'a>, sink: &mut Sink, key: &str) -> Option<Opt
 }
 
 /// The entries of a `[[key]]` array of tables, each with its key path.
-fn entries<'a>(root: &TableReader<'a>, sink: &mut Sink, key: &str) -> Vec<(String, &'a Table)> {
+pub(crate) fn entries<'a>(
+    root: &TableReader<'a>,
+    sink: &mut Sink,
+    key: &str,
+) -> Vec<(String, &'a Table)> {
     match root.get(key) {
         None => Vec::new(),
         Some(Value::Array(items)) => items

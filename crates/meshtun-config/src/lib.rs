@@ -16,6 +16,7 @@
 //! one go; that is what lets one run report every problem.
 
 mod build;
+mod cluster;
 mod error;
 mod host_port;
 mod model;
@@ -25,6 +26,9 @@ mod units;
 
 use std::path::Path;
 
+pub use cluster::{
+    load_manifest, parse_manifest, Derived, Manifest, ManifestNode, ManifestService,
+};
 pub use error::{ConfigError, ConfigErrors};
 pub use host_port::{HostPort, HostPortError};
 pub use model::{
@@ -70,7 +74,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 }
 
 /// A TOML syntax error as one [`ConfigError`] giving line and column.
-fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
+pub(crate) fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
     let message = error.message().trim_end();
     let Some(span) = error.span() else {
         return ConfigError::new("", format!("TOML syntax error: {message}"));

@@ -249,7 +249,7 @@ fn interface(value: &Value) -> Result<String, String> {
 }
 
 /// `"N"`, `"N-M"` or an integer N, with 1 <= N <= M <= 65535.
-fn port_range(value: &Value) -> Result<RangeInclusive<u16>, String> {
+pub(crate) fn port_range(value: &Value) -> Result<RangeInclusive<u16>, String> {
     let parse = |text: &str| -> Result<u16, String> {
         text.trim()
             .parse::<u16>()
