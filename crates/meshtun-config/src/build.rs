@@ -95,6 +95,9 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
         crate::overlay::guard(sink, table, quic.as_ref().map(|quic| quic.listen.port()))
     });
     check_overlapping_listeners(sink, &listeners);
+    let cluster = root.optional(sink, "cluster", path).map(|path| {
+        path.map(|path| crate::ClusterSource { path, name: None })
+    });
     if let Some(overlay) = &overlay {
         check_overlay_addresses(
             sink,
@@ -105,7 +108,7 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
         );
     }
 
-    match (node, quic, tls, limits, admin, overlay, guard) {
+    match (node, quic, tls, limits, admin, overlay, guard, cluster) {
         (
             Some(node),
             Some(quic),
@@ -114,6 +117,7 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
             Some(admin),
             Some(overlay),
             Some(guard),
+            Some(cluster),
         ) if sink.errors.is_empty() => Ok(Config {
             node,
             quic,
@@ -125,6 +129,7 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
             admin,
             overlay,
             guard,
+            cluster,
         }),
         _ => {
             if sink.errors.is_empty() {
@@ -893,7 +898,7 @@ fn check_overlapping_listeners(sink: &mut Sink, listeners: &[(String, SocketAddr
 /// Whether two TCP listeners would fight over the same port: the same
 /// address, or one of them a wildcard that covers the other (`[::]` is
 /// dual-stack on Linux by default, so it covers IPv4 too).
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+pub(crate) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     let covers = |wide: IpAddr, narrow: IpAddr| {
         wide.is_unspecified() && (wide.is_ipv6() || narrow.is_ipv4())
     };

@@ -32,7 +32,9 @@ use toml::{Table, Value};
 use crate::build::{allow_list, entries, is_loopback};
 use crate::overlay::{ipv4, port_range};
 use crate::read::{host_port, node_name, service_name, socket_addr, string, Sink, TableReader};
-use crate::{Allow, ConfigError, ConfigErrors, Expose, Forward, HostPort, OverlayAllow, Peer};
+use crate::{
+    Allow, Config, ConfigError, ConfigErrors, Expose, Forward, HostPort, OverlayAllow, Peer,
+};
 
 const TOP_KEYS: &[&str] = &["cluster", "node", "service", "overlay_allow"];
 const NODE_KEYS: &[&str] = &["name", "addr", "overlay"];
@@ -146,6 +148,148 @@ impl Manifest {
             overlay_allow: self.overlay_allow.clone(),
         })
     }
+}
+
+/// Adds what `config`'s node gets from `manifest` (at `path`) to what the
+/// config writes by hand. Every clash is an error naming both places: a
+/// peer, expose or forward listen address in both, an overlay address or
+/// `allow` policy in both that differ.
+pub(crate) fn apply(config: &mut Config, manifest: &Manifest, path: &Path) -> Result<(), ConfigErrors> {
+    let sink = &mut Sink::default();
+    let from = |what: String| format!("{what} of the cluster manifest {}", path.display());
+    let Some(derived) = manifest.derive(&config.node) else {
+        return Err(ConfigError::new(
+            "cluster",
+            format!(
+                "node \"{}\" is not a [[node]] of the cluster manifest {}",
+                config.node,
+                path.display()
+            ),
+        )
+        .into());
+    };
+    for (index, peer) in config.peers.iter().enumerate() {
+        if manifest.node(&peer.name).is_some() {
+            sink.error(
+                format!("peer[{index}].name"),
+                format!(
+                    "\"{}\" is also a {}; write it in one place",
+                    peer.name,
+                    from("[[node]]".to_owned())
+                ),
+            );
+        }
+    }
+    for (index, expose) in config.exposes.iter().enumerate() {
+        if derived
+            .exposes
+            .iter()
+            .any(|derived| derived.service == expose.service)
+        {
+            sink.error(
+                format!("expose[{index}].service"),
+                format!(
+                    "\"{}\" is also a {} hosted by this node; write it in one place",
+                    expose.service,
+                    from("[[service]]".to_owned())
+                ),
+            );
+        }
+    }
+    let mut listeners: Vec<(String, SocketAddr)> = config
+        .forwards
+        .iter()
+        .enumerate()
+        .map(|(index, forward)| (format!("forward[{index}].listen"), forward.listen))
+        .collect();
+    listeners.extend(config.admin.as_ref().map(|admin| ("admin.listen".to_owned(), admin.listen)));
+    listeners.extend(
+        config
+            .overlay
+            .as_ref()
+            .map(|overlay| ("overlay.listen".to_owned(), overlay.listen)),
+    );
+    for forward in &derived.forwards {
+        if let Some((key, _)) = listeners
+            .iter()
+            .find(|(_, listen)| crate::build::overlaps(*listen, forward.listen))
+        {
+            sink.error(
+                key.clone(),
+                format!(
+                    "{} is also where this node forwards service \"{}\" of {}, as a {}",
+                    forward.listen,
+                    forward.service,
+                    forward.peer,
+                    from("[[service]]".to_owned())
+                ),
+            );
+        }
+    }
+    let mut overlay_allow = None;
+    match &config.overlay {
+        Some(overlay) => {
+            if let Some(address) = derived.overlay_address {
+                if address != overlay.address {
+                    sink.error(
+                        "overlay.address",
+                        format!(
+                            "{} but the {} gives this node {address}",
+                            overlay.address,
+                            from("[[node]]".to_owned())
+                        ),
+                    );
+                }
+            }
+            for peer in &derived.peers {
+                if let Some(address) = peer.overlay.filter(|address| !overlay.prefix.contains(*address)) {
+                    sink.error(
+                        "cluster",
+                        format!(
+                            "{}: node \"{}\"'s overlay address {address} is not inside overlay.prefix {}",
+                            path.display(),
+                            peer.name,
+                            overlay.prefix
+                        ),
+                    );
+                }
+            }
+            if !derived.overlay_allow.is_empty() {
+                if overlay.allow.is_empty() {
+                    overlay_allow = Some(derived.overlay_allow.clone());
+                } else {
+                    sink.error(
+                        "overlay.allow",
+                        format!(
+                            "the {} sets the overlay policy too; write it in one place",
+                            from("[[overlay_allow]]".to_owned())
+                        ),
+                    );
+                }
+            }
+        }
+        None => {}
+    }
+    if !sink.errors.is_empty() {
+        return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
+    }
+    let overlay_on = config.overlay.is_some();
+    config.peers.extend(derived.peers.into_iter().map(|mut peer| {
+        // Outside overlay mode a peer's overlay address means nothing.
+        if !overlay_on {
+            peer.overlay = None;
+        }
+        peer
+    }));
+    config.forwards.extend(derived.forwards);
+    config.exposes.extend(derived.exposes);
+    if let (Some(overlay), Some(rules)) = (&mut config.overlay, overlay_allow) {
+        overlay.allow = rules;
+    }
+    if let Some(cluster) = &mut config.cluster {
+        cluster.name = Some(manifest.cluster.clone());
+    }
+    Ok(())
 }
 
 /// Parses and validates a manifest's text.

@@ -32,8 +32,8 @@ pub use cluster::{
 pub use error::{ConfigError, ConfigErrors};
 pub use host_port::{HostPort, HostPortError};
 pub use model::{
-    Admin, Allow, Config, Expose, Forward, Guard, Limits, Overlay, OverlayAllow, OverlayPrefix,
-    Peer, Quic, Renew, Tls,
+    Admin, Allow, ClusterSource, Config, Expose, Forward, Guard, Limits, Overlay, OverlayAllow,
+    OverlayPrefix, Peer, Quic, Renew, Tls,
 };
 
 /// A complete, commented configuration of node-1 in a two-node cluster,
@@ -69,6 +69,27 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let mut config = parse(&text)?;
     if let Some(directory) = path.parent() {
         config.tls.resolve_relative_to(directory);
+        if let Some(cluster) = &mut config.cluster {
+            if cluster.path.is_relative() {
+                cluster.path = directory.join(&cluster.path);
+            }
+        }
+    }
+    if let Some(cluster) = config.cluster.clone() {
+        let manifest = load_manifest(&cluster.path).map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .iter()
+                    .map(|error| {
+                        ConfigError::new(
+                            "cluster",
+                            format!("{}: {error}", cluster.path.display()),
+                        )
+                    })
+                    .collect(),
+            )
+        })?;
+        cluster::apply(&mut config, &manifest, &cluster.path)?;
     }
     Ok(config)
 }

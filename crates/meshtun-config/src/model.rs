@@ -36,6 +36,20 @@ pub struct Config {
     /// The port guard for services that cannot bind loopback, if `[guard]`
     /// is present.
     pub guard: Option<Guard>,
+    /// The cluster manifest this node's peers, forwards and exposes also
+    /// come from (`cluster = "PATH"`), if any.
+    pub cluster: Option<ClusterSource>,
+}
+
+/// `cluster = "PATH"`: the manifest, and what [`load`](crate::load) took
+/// from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSource {
+    /// The manifest file, resolved against the config file's directory by
+    /// [`load`](crate::load).
+    pub path: PathBuf,
+    /// The manifest's cluster name, once [`load`](crate::load) read it.
+    pub name: Option<String>,
 }
 
 impl Config {

@@ -49,6 +49,7 @@ pub(crate) fn join(path: &str, key: &str) -> String {
 /// The keys of the top level of the file.
 pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "node", "quic", "tls", "peer", "forward", "expose", "limits", "admin", "overlay", "guard",
+    "cluster",
 ];
 
 /// One table being read, with its key path (`""` for the top level,

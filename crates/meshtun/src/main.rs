@@ -19,6 +19,7 @@ macro_rules! say {
 }
 
 mod check;
+mod cluster;
 mod demo;
 mod join;
 mod junk;
@@ -96,6 +97,9 @@ enum Command {
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=16384))]
         mib: u64,
     },
+    /// The cluster manifest: check it, or show what one node gets from it.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Certificate authority and node certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
         Command::Renew { config } => renew::renew_command(&config),
         Command::Demo { mib } => demo::demo(mib),
         Command::Pki(command) => pki::pki(command),
+        Command::Cluster(command) => cluster::cluster(command),
         Command::Join(args) => join::join(args),
         Command::Overlay(command) => overlay::overlay(command),
     }

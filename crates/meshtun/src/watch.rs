@@ -52,7 +52,8 @@ pub(crate) struct Watched {
 }
 
 impl Watched {
-    /// Watches `config_path` and the TLS files `config` names.
+    /// Watches `config_path`, the TLS files `config` names and its cluster
+    /// manifest.
     pub(crate) fn new(config_path: &Path, config: &Config) -> Self {
         let tls = &config.tls;
         let mut paths = vec![
@@ -62,6 +63,7 @@ impl Watched {
             tls.key.clone(),
         ];
         paths.extend(tls.crl.clone());
+        paths.extend(config.cluster.as_ref().map(|cluster| cluster.path.clone()));
         Self {
             files: paths
                 .into_iter()

@@ -1,0 +1,163 @@
+//! A node config that names a cluster manifest (`cluster = "PATH"`):
+//! `load` adds what the node gets from the manifest, and names both places
+//! of every clash.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use meshtun_config::{load, Config, ConfigErrors};
+
+const MANIFEST: &str = r#"
+cluster = "prod"
+[[node]]
+name = "node-0"
+addr = "198.18.0.1:4433"
+overlay = "100.127.0.1"
+[[node]]
+name = "node-1"
+addr = "198.18.0.2:4433"
+overlay = "100.127.0.2"
+[[node]]
+name = "node-2"
+addr = "198.18.0.3:4433"
+overlay = "100.127.0.3"
+[[service]]
+name = "torch-store"
+node = "node-0"
+target = "127.0.0.1:29500"
+listen = "127.0.0.1:29500"
+allow = ["*"]
+[[service]]
+name = "metrics"
+node = "node-1"
+target = "127.0.0.1:9100"
+listen = "127.0.0.1:19100"
+allow = ["node-0"]
+[[overlay_allow]]
+peers = ["*"]
+ports = "1024-65535"
+"#;
+
+/// A directory holding the manifest and a config for `node` with `extra`
+/// lines; removed on drop.
+struct Files(PathBuf);
+
+impl Files {
+    fn new(node: &str, extra: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "meshtun-config-cluster-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cluster.toml"), MANIFEST).unwrap();
+        let config = format!(
+            "node = \"{node}\"\ncluster = \"cluster.toml\"\n\
+             [quic]\nlisten = \"198.18.0.1:4433\"\n\
+             [tls]\nca = \"ca.crt\"\ncert = \"n.crt\"\nkey = \"n.key\"\n{extra}"
+        );
+        std::fs::write(dir.join("node.toml"), config).unwrap();
+        Self(dir)
+    }
+
+    fn load(&self) -> Result<Config, ConfigErrors> {
+        load(&self.0.join("node.toml"))
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn keys(errors: &ConfigErrors) -> Vec<String> {
+    errors.iter().map(|error| error.key.clone()).collect()
+}
+
+#[test]
+fn a_node_gets_its_peers_forwards_and_exposes_from_the_manifest() {
+    let files = Files::new(
+        "node-0",
+        "[[peer]]\nname = \"node-9\"\naddr = \"198.18.0.9:4433\"\n",
+    );
+    let config = files.load().unwrap_or_else(|errors| panic!("{errors}"));
+    let peers: Vec<&str> = config.peers.iter().map(|peer| peer.name.as_str()).collect();
+    // The hand-written peer first, then the manifest's.
+    assert_eq!(peers, ["node-9", "node-1", "node-2"]);
+    // Outside overlay mode, the manifest's overlay addresses are not used.
+    assert!(config.peers.iter().all(|peer| peer.overlay.is_none()));
+    let forwards: Vec<(&str, &str)> = config
+        .forwards
+        .iter()
+        .map(|forward| (forward.peer.as_str(), forward.service.as_str()))
+        .collect();
+    assert_eq!(forwards, [("node-1", "metrics")]);
+    let exposes: Vec<&str> = config.exposes.iter().map(|e| e.service.as_str()).collect();
+    assert_eq!(exposes, ["torch-store"]);
+    let cluster = config.cluster.expect("cluster");
+    assert_eq!(cluster.name.as_deref(), Some("prod"));
+    assert_eq!(cluster.path, files.0.join("cluster.toml"));
+}
+
+#[test]
+fn in_overlay_mode_the_manifest_gives_addresses_and_the_policy() {
+    let files = Files::new(
+        "node-2",
+        "[overlay]\naddress = \"100.127.0.3\"\nprefix = \"100.127.0.0/16\"\n",
+    );
+    let config = files.load().unwrap_or_else(|errors| panic!("{errors}"));
+    let overlay = config.overlay.as_ref().expect("overlay");
+    assert_eq!(overlay.allow.len(), 1, "the manifest's [[overlay_allow]]");
+    assert_eq!(
+        config.peer(&"node-0".parse().unwrap()).unwrap().overlay,
+        Some("100.127.0.1".parse().unwrap())
+    );
+}
+
+#[test]
+fn every_clash_names_both_places() {
+    let files = Files::new(
+        "node-0",
+        "[[peer]]\nname = \"node-1\"\naddr = \"198.18.0.2:4433\"\n\
+         [[forward]]\nlisten = \"127.0.0.1:19100\"\npeer = \"node-1\"\nservice = \"other\"\n\
+         [[expose]]\nservice = \"torch-store\"\ntarget = \"127.0.0.1:1\"\nallow = [\"*\"]\n\
+         [overlay]\naddress = \"100.127.0.9\"\nprefix = \"100.127.0.0/16\"\n\
+         allow = [{ peers = [\"*\"], ports = \"1-2\" }]\n",
+    );
+    let errors = files.load().expect_err("clashes");
+    assert_eq!(
+        keys(&errors),
+        [
+            "peer[0].name",
+            "expose[0].service",
+            "forward[0].listen",
+            "overlay.address",
+            "overlay.allow",
+        ],
+        "{errors}"
+    );
+    for error in errors.iter() {
+        assert!(error.message.contains("cluster.toml"), "{error}");
+    }
+}
+
+#[test]
+fn a_node_the_manifest_does_not_name_and_a_broken_manifest_are_refused() {
+    let files = Files::new("node-7", "");
+    let errors = files.load().expect_err("unknown node");
+    assert_eq!(keys(&errors), ["cluster"]);
+    assert!(errors.to_string().contains("node-7"), "{errors}");
+
+    let files = Files::new("node-0", "");
+    std::fs::write(files.0.join("cluster.toml"), "cluster = \"Prod\"\n").unwrap();
+    let errors = files.load().expect_err("broken manifest");
+    assert!(keys(&errors).iter().all(|key| key == "cluster"), "{errors}");
+    assert!(errors.to_string().contains("not a cluster name"), "{errors}");
+
+    std::fs::remove_file(files.0.join("cluster.toml")).unwrap();
+    let errors = files.load().expect_err("missing manifest");
+    assert!(errors.to_string().contains("cannot read cluster manifest"), "{errors}");
+}
