@@ -17,20 +17,37 @@ use meshtun_config::Config;
 
 /// How many configs the recipes hold at least: two-node (2), vllm-dp-2node
 /// (2), vllm-dp-4node (4), vllm-offline-spmd (2), vllm-mindspore (2),
-/// mindspore (3), torch-distributed (3). Guards against a walk that
-/// silently finds nothing.
-const MIN_CONFIGS: usize = 18;
+/// mindspore (3), torch-distributed (3), cluster (4 node configs; its
+/// manifest is checked apart). Guards against a walk that silently finds
+/// nothing.
+const MIN_CONFIGS: usize = 22;
+
+/// The file name of a cluster manifest among the recipes.
+const MANIFEST: &str = "cluster.toml";
 
 /// Recipes in overlay mode at least (every one that carries ports chosen
 /// at run time). Guards against the overlay checks finding nothing.
-const MIN_OVERLAY_RECIPES: usize = 6;
+const MIN_OVERLAY_RECIPES: usize = 7;
 
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
-/// Every `*.toml` under `dir`, recursively, in a stable order.
+/// Every node config (`*.toml` but the cluster manifests) under `dir`,
+/// recursively, in a stable order.
 fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    all_toml_files(dir)
+        .into_iter()
+        .filter(|path| !is_manifest(path))
+        .collect()
+}
+
+fn is_manifest(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| name == MANIFEST)
+}
+
+/// Every `*.toml` under `dir`, recursively, in a stable order.
+fn all_toml_files(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -63,9 +80,20 @@ fn every_example_config_parses_and_each_recipe_is_consistent() {
     let mut problems = Vec::new();
     // Recipe directory -> the configs in it, with their files.
     let mut recipes: BTreeMap<PathBuf, Vec<(PathBuf, Config)>> = BTreeMap::new();
+    for manifest in all_toml_files(&examples_dir())
+        .into_iter()
+        .filter(|path| is_manifest(path))
+    {
+        if let Err(errors) = meshtun_config::load_manifest(&manifest) {
+            for error in &errors {
+                problems.push(format!("{}: {error}", shown(&manifest)));
+            }
+        }
+    }
     for file in &files {
-        let text = std::fs::read_to_string(file).unwrap();
-        match meshtun_config::parse(&text) {
+        // `load`, not `parse`: a config naming a manifest gets its peers,
+        // forwards and exposes from it.
+        match meshtun_config::load(file) {
             Ok(config) => {
                 let dir = file.parent().unwrap().to_path_buf();
                 recipes.entry(dir).or_default().push((file.clone(), config));
@@ -308,9 +336,14 @@ fn meshtun_check_accepts_every_example_config() {
             ]);
             assert!(status.success(), "pki issue {node}: {text}");
         }
+        let manifest = file.with_file_name(MANIFEST);
         let local = text
             .replace("/etc/meshtun/ca.crt", ca.join("ca.crt").to_str().unwrap())
-            .replace("/etc/meshtun/", &format!("{}/", out.display()));
+            .replace("/etc/meshtun/", &format!("{}/", out.display()))
+            .replace(
+                &format!("cluster = \"{MANIFEST}\""),
+                &format!("cluster = \"{}\"", manifest.display()),
+            );
         let copy = dir.join(format!("{}.toml", shown(file).replace('/', "_")));
         std::fs::write(&copy, local).unwrap();
         let (status, text) = run(&["check", "-c", copy.to_str().unwrap()]);

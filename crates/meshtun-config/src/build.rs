@@ -95,9 +95,9 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
         crate::overlay::guard(sink, table, quic.as_ref().map(|quic| quic.listen.port()))
     });
     check_overlapping_listeners(sink, &listeners);
-    let cluster = root.optional(sink, "cluster", path).map(|path| {
-        path.map(|path| crate::ClusterSource { path, name: None })
-    });
+    let cluster = root
+        .optional(sink, "cluster", path)
+        .map(|path| path.map(|path| crate::ClusterSource { path, name: None }));
     if let Some(overlay) = &overlay {
         check_overlay_addresses(
             sink,

@@ -154,7 +154,11 @@ impl Manifest {
 /// config writes by hand. Every clash is an error naming both places: a
 /// peer, expose or forward listen address in both, an overlay address or
 /// `allow` policy in both that differ.
-pub(crate) fn apply(config: &mut Config, manifest: &Manifest, path: &Path) -> Result<(), ConfigErrors> {
+pub(crate) fn apply(
+    config: &mut Config,
+    manifest: &Manifest,
+    path: &Path,
+) -> Result<(), ConfigErrors> {
     let sink = &mut Sink::default();
     let from = |what: String| format!("{what} of the cluster manifest {}", path.display());
     let Some(derived) = manifest.derive(&config.node) else {
@@ -202,7 +206,12 @@ pub(crate) fn apply(config: &mut Config, manifest: &Manifest, path: &Path) -> Re
         .enumerate()
         .map(|(index, forward)| (format!("forward[{index}].listen"), forward.listen))
         .collect();
-    listeners.extend(config.admin.as_ref().map(|admin| ("admin.listen".to_owned(), admin.listen)));
+    listeners.extend(
+        config
+            .admin
+            .as_ref()
+            .map(|admin| ("admin.listen".to_owned(), admin.listen)),
+    );
     listeners.extend(
         config
             .overlay
@@ -242,7 +251,10 @@ pub(crate) fn apply(config: &mut Config, manifest: &Manifest, path: &Path) -> Re
                 }
             }
             for peer in &derived.peers {
-                if let Some(address) = peer.overlay.filter(|address| !overlay.prefix.contains(*address)) {
+                if let Some(address) = peer
+                    .overlay
+                    .filter(|address| !overlay.prefix.contains(*address))
+                {
                     sink.error(
                         "cluster",
                         format!(
@@ -274,13 +286,15 @@ pub(crate) fn apply(config: &mut Config, manifest: &Manifest, path: &Path) -> Re
         return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
     }
     let overlay_on = config.overlay.is_some();
-    config.peers.extend(derived.peers.into_iter().map(|mut peer| {
-        // Outside overlay mode a peer's overlay address means nothing.
-        if !overlay_on {
-            peer.overlay = None;
-        }
-        peer
-    }));
+    config
+        .peers
+        .extend(derived.peers.into_iter().map(|mut peer| {
+            // Outside overlay mode a peer's overlay address means nothing.
+            if !overlay_on {
+                peer.overlay = None;
+            }
+            peer
+        }));
     config.forwards.extend(derived.forwards);
     config.exposes.extend(derived.exposes);
     if let (Some(overlay), Some(rules)) = (&mut config.overlay, overlay_allow) {

@@ -81,10 +81,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                 errors
                     .iter()
                     .map(|error| {
-                        ConfigError::new(
-                            "cluster",
-                            format!("{}: {error}", cluster.path.display()),
-                        )
+                        ConfigError::new("cluster", format!("{}: {error}", cluster.path.display()))
                     })
                     .collect(),
             )

@@ -155,9 +155,15 @@ fn a_node_the_manifest_does_not_name_and_a_broken_manifest_are_refused() {
     std::fs::write(files.0.join("cluster.toml"), "cluster = \"Prod\"\n").unwrap();
     let errors = files.load().expect_err("broken manifest");
     assert!(keys(&errors).iter().all(|key| key == "cluster"), "{errors}");
-    assert!(errors.to_string().contains("not a cluster name"), "{errors}");
+    assert!(
+        errors.to_string().contains("not a cluster name"),
+        "{errors}"
+    );
 
     std::fs::remove_file(files.0.join("cluster.toml")).unwrap();
     let errors = files.load().expect_err("missing manifest");
-    assert!(errors.to_string().contains("cannot read cluster manifest"), "{errors}");
+    assert!(
+        errors.to_string().contains("cannot read cluster manifest"),
+        "{errors}"
+    );
 }

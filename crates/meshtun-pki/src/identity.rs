@@ -142,6 +142,24 @@ fn node_from_uri(uri: &str) -> Option<Result<NodeName, String>> {
     )
 }
 
+/// The cluster (trust domain) of a node certificate: the `<cluster>` of its
+/// URI SAN `spiffe://<cluster>/node/<name>`, if it has one.
+pub fn node_cluster_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let parsed = parse_certificate(cert, "certificate").ok()?;
+    let extension = parsed.subject_alternative_name().ok()??;
+    extension
+        .value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            GeneralName::URI(uri) => uri
+                .strip_prefix(SPIFFE_SCHEME)
+                .and_then(|rest| rest.split_once("/node/"))
+                .map(|(cluster, _)| cluster.to_owned()),
+            _ => None,
+        })
+}
+
 /// The cluster named by a CA certificate: its URI SAN `spiffe://<cluster>`,
 /// else a subject CN of the form `meshtun CA <cluster>`.
 pub(crate) fn cluster_of_parsed(cert: &X509Certificate<'_>) -> Option<String> {

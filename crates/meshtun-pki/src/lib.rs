@@ -45,7 +45,7 @@ pub use enroll::{
 };
 pub use error::PkiError;
 pub use files::key_file_mode_problem;
-pub use identity::{check_cluster, identity_of, node_uri, serial_and_fingerprint};
+pub use identity::{check_cluster, identity_of, node_cluster_of, node_uri, serial_and_fingerprint};
 pub use inspect::{
     inspect_crl_file, inspect_crl_pem, inspect_file, inspect_pem, is_crl_pem, CrlInspection,
     Inspection, RevokedInspection,

@@ -135,8 +135,31 @@ fn check_tls(config: &Config, report: &mut Report, now: SystemTime) {
         }
     }
     expiry(&credentials, now, report);
+    check_cluster_name(config, &credentials, report);
     if let Some(renew) = &tls.renew {
         check_renewal(config, renew, report);
+    }
+}
+
+/// The manifest's `cluster` must be the trust domain of this node's
+/// certificate (`spiffe://<cluster>/node/<name>`), if it names one.
+fn check_cluster_name(config: &Config, credentials: &NodeCredentials, report: &mut Report) {
+    let Some(manifest_cluster) = config.cluster.as_ref().and_then(|c| c.name.as_deref()) else {
+        return;
+    };
+    let Some(leaf) = credentials.chain().first() else {
+        return;
+    };
+    let certificate_cluster = meshtun_pki::node_cluster_of(leaf);
+    match certificate_cluster {
+        Some(cluster) if cluster != manifest_cluster => report.errors.push(format!(
+            "cluster: the manifest is for cluster {manifest_cluster:?}, but tls.cert is a \
+             certificate of cluster {cluster:?}"
+        )),
+        Some(_) => report.facts.push(format!(
+            "cluster: manifest of cluster {manifest_cluster:?}, as the certificate"
+        )),
+        None => {}
     }
 }
 

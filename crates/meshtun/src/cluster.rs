@@ -36,12 +36,16 @@ pub(crate) fn cluster(command: ClusterCommand) -> ExitCode {
             let Some(manifest_value) = load(&manifest) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
+            let count = |count: usize, what: &str| match count {
+                1 => format!("1 {what}"),
+                count => format!("{count} {what}s"),
+            };
             say!(
-                "{}: cluster {:?}, {} nodes, {} services: OK",
+                "{}: cluster {:?}, {}, {}: OK",
                 manifest.display(),
                 manifest_value.cluster,
-                manifest_value.nodes.len(),
-                manifest_value.services.len()
+                count(manifest_value.nodes.len(), "node"),
+                count(manifest_value.services.len(), "service")
             );
             ExitCode::SUCCESS
         }
@@ -116,7 +120,11 @@ fn render(manifest: &Manifest, path: &Path, node: &NodeName, derived: &Derived) 
         );
     }
     if let Some(address) = derived.overlay_address {
-        let _ = writeln!(out, "\n# [overlay] address = {}", quote(&address.to_string()));
+        let _ = writeln!(
+            out,
+            "\n# [overlay] address = {}",
+            quote(&address.to_string())
+        );
     }
     for rule in &derived.overlay_allow {
         let _ = writeln!(
