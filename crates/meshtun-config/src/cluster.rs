@@ -236,26 +236,25 @@ pub(crate) fn apply(
         }
     }
     let mut overlay_allow = None;
-    match &config.overlay {
-        Some(overlay) => {
-            if let Some(address) = derived.overlay_address {
-                if address != overlay.address {
-                    sink.error(
-                        "overlay.address",
-                        format!(
-                            "{} but the {} gives this node {address}",
-                            overlay.address,
-                            from("[[node]]".to_owned())
-                        ),
-                    );
-                }
+    if let Some(overlay) = &config.overlay {
+        if let Some(address) = derived.overlay_address {
+            if address != overlay.address {
+                sink.error(
+                    "overlay.address",
+                    format!(
+                        "{} but the {} gives this node {address}",
+                        overlay.address,
+                        from("[[node]]".to_owned())
+                    ),
+                );
             }
-            for peer in &derived.peers {
-                if let Some(address) = peer
-                    .overlay
-                    .filter(|address| !overlay.prefix.contains(*address))
-                {
-                    sink.error(
+        }
+        for peer in &derived.peers {
+            if let Some(address) = peer
+                .overlay
+                .filter(|address| !overlay.prefix.contains(*address))
+            {
+                sink.error(
                         "cluster",
                         format!(
                             "{}: node \"{}\"'s overlay address {address} is not inside overlay.prefix {}",
@@ -264,23 +263,21 @@ pub(crate) fn apply(
                             overlay.prefix
                         ),
                     );
-                }
-            }
-            if !derived.overlay_allow.is_empty() {
-                if overlay.allow.is_empty() {
-                    overlay_allow = Some(derived.overlay_allow.clone());
-                } else {
-                    sink.error(
-                        "overlay.allow",
-                        format!(
-                            "the {} sets the overlay policy too; write it in one place",
-                            from("[[overlay_allow]]".to_owned())
-                        ),
-                    );
-                }
             }
         }
-        None => {}
+        if !derived.overlay_allow.is_empty() {
+            if overlay.allow.is_empty() {
+                overlay_allow = Some(derived.overlay_allow.clone());
+            } else {
+                sink.error(
+                    "overlay.allow",
+                    format!(
+                        "the {} sets the overlay policy too; write it in one place",
+                        from("[[overlay_allow]]".to_owned())
+                    ),
+                );
+            }
+        }
     }
     if !sink.errors.is_empty() {
         return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
