@@ -78,7 +78,10 @@ pub(crate) fn config(table: &Table) -> Result<Config, ConfigErrors> {
     let quic = section(&root, sink, "quic").and_then(|table| quic(sink, table.unwrap_or(&empty)));
     let tls = section(&root, sink, "tls").and_then(|table| tls(sink, table));
     let peers = peers(&root, sink, node.as_ref());
-    let (forwards, mut listeners) = forwards(&root, sink, node.as_ref(), &peers);
+    // With a cluster manifest, a forward may name a node the manifest
+    // declares: `load` checks those once it has added the manifest's.
+    let with_cluster = root.get("cluster").is_some();
+    let (forwards, mut listeners) = forwards(&root, sink, node.as_ref(), &peers, with_cluster);
     let (exposes, expose_paths) = exposes(&root, sink);
     let limits =
         section(&root, sink, "limits").and_then(|table| limits(sink, table.unwrap_or(&empty)));
@@ -480,6 +483,7 @@ fn forwards(
     sink: &mut Sink,
     node: Option<&NodeName>,
     peers: &Peers,
+    with_cluster: bool,
 ) -> (Vec<Forward>, Vec<(String, SocketAddr)>) {
     let mut forwards = Vec::new();
     let mut listeners = Vec::new();
@@ -518,6 +522,10 @@ fn forwards(
             "the name of the declared [[peer]] that hosts the service",
             node_name,
         );
+        // Not written as a [[peer]] here: the manifest may declare it.
+        let deferred_to_manifest = |name: &NodeName| {
+            with_cluster && !peers.written.iter().any(|written| written == name.as_str())
+        };
         if let Some(name) = &peer {
             if Some(name) == node {
                 sink.error(
@@ -525,7 +533,9 @@ fn forwards(
                     format!("\"{name}\" is this node itself; a forward carries connections to another node"),
                 );
                 peer = None;
-            } else if !peers.valid.iter().any(|declared| &declared.name == name) {
+            } else if !peers.valid.iter().any(|declared| &declared.name == name)
+                && !deferred_to_manifest(name)
+            {
                 // A peer whose own entry is broken has been reported already.
                 if !peers.written.iter().any(|written| written == name.as_str()) {
                     // Name every peer written, even one whose entry is broken.
@@ -795,7 +805,7 @@ fn admin(sink: &mut Sink, table: Option<&Table>) -> Option<Option<Admin>> {
 /// The overlay addresses: each peer's is inside the prefix, unique and not
 /// this node's; peers have one only if `[overlay]` is on; and no expose
 /// target points at another node's overlay address, which would loop.
-fn check_overlay_addresses<'c>(
+pub(crate) fn check_overlay_addresses<'c>(
     sink: &mut Sink,
     overlay: Option<&crate::Overlay>,
     quic_listen: Option<SocketAddr>,

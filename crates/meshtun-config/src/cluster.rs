@@ -279,6 +279,65 @@ pub(crate) fn apply(
             }
         }
     }
+    // This node is dialled where the manifest says: its own quic.listen.
+    let own = manifest.node(&config.node);
+    if let Some(addr) = own.and_then(|own| own.addr.to_socket_addr_if_literal()) {
+        let listen = config.quic.listen;
+        if addr.port() != listen.port()
+            || (!listen.ip().is_unspecified() && addr.ip() != listen.ip())
+        {
+            sink.error(
+                "quic.listen",
+                format!(
+                    "{listen}, but the {} says peers dial this node at {addr}",
+                    from("[[node]]".to_owned())
+                ),
+            );
+        }
+    }
+    // A hand-written forward may name a node only the manifest declares.
+    for (index, forward) in config.forwards.iter().enumerate() {
+        let declared = config.peers.iter().any(|peer| peer.name == forward.peer)
+            || derived.peers.iter().any(|peer| peer.name == forward.peer);
+        if !declared {
+            sink.error(
+                format!("forward[{index}].peer"),
+                format!(
+                    "unknown peer \"{}\": neither a [[peer]] here nor a {}",
+                    forward.peer,
+                    from("[[node]]".to_owned())
+                ),
+            );
+        }
+    }
+    // A forward must not take a port this node's own services bind.
+    let own_targets: Vec<(String, SocketAddr)> = config
+        .exposes
+        .iter()
+        .chain(&derived.exposes)
+        .filter_map(|expose| {
+            let target = expose.target.to_socket_addr_if_literal()?;
+            is_loopback(target.ip()).then(|| (expose.service.to_string(), target))
+        })
+        .collect();
+    for forward in config.forwards.iter().chain(&derived.forwards) {
+        if let Some((service, target)) = own_targets
+            .iter()
+            .find(|(_, target)| crate::build::overlaps(*target, forward.listen))
+        {
+            sink.error(
+                "cluster",
+                format!(
+                    "{}: this node would forward service \"{}\" of {} on {}, where its own \
+                     service \"{service}\" is reached ({target}); give one of them another port",
+                    path.display(),
+                    forward.service,
+                    forward.peer,
+                    forward.listen
+                ),
+            );
+        }
+    }
     if !sink.errors.is_empty() {
         return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
     }
@@ -297,6 +356,38 @@ pub(crate) fn apply(
     if let (Some(overlay), Some(rules)) = (&mut config.overlay, overlay_allow) {
         overlay.allow = rules;
     }
+    // The overlay checks the node config had, now over what the manifest
+    // added too: underlay addresses outside the prefix, overlay addresses
+    // unique and not this node's, no expose target at another node's
+    // overlay address.
+    if config.overlay.is_some() {
+        let peer_paths: Vec<String> = config
+            .peers
+            .iter()
+            .map(|peer| format!("cluster ({}: node \"{}\")", path.display(), peer.name))
+            .collect();
+        let expose_paths: Vec<String> = config
+            .exposes
+            .iter()
+            .map(|expose| {
+                format!(
+                    "cluster ({}: service \"{}\")",
+                    path.display(),
+                    expose.service
+                )
+            })
+            .collect();
+        crate::build::check_overlay_addresses(
+            sink,
+            config.overlay.as_ref(),
+            Some(config.quic.listen),
+            config.peers.iter().zip(&peer_paths),
+            config.exposes.iter().zip(&expose_paths),
+        );
+        if !sink.errors.is_empty() {
+            return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
+        }
+    }
     if let Some(cluster) = &mut config.cluster {
         cluster.name = Some(manifest.cluster.clone());
     }
@@ -314,10 +405,7 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ConfigErrors> {
 /// Reads and validates the manifest at `path`.
 pub fn load_manifest(path: &Path) -> Result<Manifest, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|error| {
-        ConfigError::new(
-            "",
-            format!("cannot read cluster manifest {}: {error}", path.display()),
-        )
+        ConfigError::new("", format!("cannot read the cluster manifest: {error}"))
     })?;
     parse_manifest(&text)
 }
@@ -486,12 +574,17 @@ fn services(root: &TableReader<'_>, sink: &mut Sink, known: &[&NodeName]) -> Vec
                     "port 0: applications must know where to connect; choose a port",
                 );
                 valid = false;
-            } else if let Some(first) = listens.insert(*listen, path.clone()) {
+            } else if let Some((_, first)) = listens
+                .iter()
+                .find(|(other, _)| crate::build::overlaps(**other, *listen))
+            {
                 sink.error(
                     service.key("listen"),
                     format!("{listen} is already the listen address of {first}"),
                 );
                 valid = false;
+            } else {
+                listens.insert(*listen, path.clone());
             }
         }
         if let Some(Allow::Only(allowed)) = &allow {

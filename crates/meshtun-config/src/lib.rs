@@ -58,8 +58,31 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Reads the file, parses it, and resolves relative paths in `[tls]` against the config file's directory.
+/// Reads the file, parses it, resolves relative paths in `[tls]` and
+/// `cluster` against the config file's directory, and adds what the node
+/// gets from its cluster manifest, if it names one.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let mut config = load_local(path)?;
+    if let Some(cluster) = config.cluster.clone() {
+        let manifest = load_manifest(&cluster.path).map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .iter()
+                    .map(|error| {
+                        ConfigError::new("cluster", format!("{}: {error}", cluster.path.display()))
+                    })
+                    .collect(),
+            )
+        })?;
+        cluster::apply(&mut config, &manifest, &cluster.path)?;
+    }
+    Ok(config)
+}
+
+/// Like [`load`], without reading the cluster manifest: for what needs
+/// only the node's own settings (its admin address, its certificate), so
+/// that a broken manifest does not stop `meshtun status` or `renew`.
+pub fn load_local(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|error| {
         ConfigError::new(
             "",
@@ -74,19 +97,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                 cluster.path = directory.join(&cluster.path);
             }
         }
-    }
-    if let Some(cluster) = config.cluster.clone() {
-        let manifest = load_manifest(&cluster.path).map_err(|errors| {
-            ConfigErrors(
-                errors
-                    .iter()
-                    .map(|error| {
-                        ConfigError::new("cluster", format!("{}: {error}", cluster.path.display()))
-                    })
-                    .collect(),
-            )
-        })?;
-        cluster::apply(&mut config, &manifest, &cluster.path)?;
     }
     Ok(config)
 }

@@ -53,9 +53,15 @@ impl Files {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("cluster.toml"), MANIFEST).unwrap();
+        // Each node listens where the manifest says peers dial it.
+        let index: u8 = node
+            .strip_prefix("node-")
+            .and_then(|index| index.parse().ok())
+            .unwrap_or(9);
+        let listen = format!("198.18.0.{}:4433", index + 1);
         let config = format!(
             "node = \"{node}\"\ncluster = \"cluster.toml\"\n\
-             [quic]\nlisten = \"198.18.0.1:4433\"\n\
+             [quic]\nlisten = \"{listen}\"\n\
              [tls]\nca = \"ca.crt\"\ncert = \"n.crt\"\nkey = \"n.key\"\n{extra}"
         );
         std::fs::write(dir.join("node.toml"), config).unwrap();
@@ -145,6 +151,37 @@ fn every_clash_names_both_places() {
 }
 
 #[test]
+fn a_hand_written_forward_may_use_a_node_of_the_manifest_and_must_listen_where_the_manifest_says() {
+    let files = Files::new(
+        "node-2",
+        "[[forward]]\nlisten = \"127.0.0.1:7000\"\npeer = \"node-1\"\nservice = \"extra\"\n",
+    );
+    let config = files.load().unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(config
+        .forwards
+        .iter()
+        .any(|forward| forward.service.as_str() == "extra"));
+
+    let files = Files::new(
+        "node-2",
+        "[[forward]]\nlisten = \"127.0.0.1:7000\"\npeer = \"node-8\"\nservice = \"extra\"\n",
+    );
+    let errors = files.load().expect_err("unknown peer");
+    assert_eq!(keys(&errors), ["forward[0].peer"], "{errors}");
+
+    // node-1 listening where the manifest says node-0 is.
+    let files = Files::new("node-1", "");
+    let text = std::fs::read_to_string(files.0.join("node.toml")).unwrap();
+    std::fs::write(
+        files.0.join("node.toml"),
+        text.replace("198.18.0.2:4433", "198.18.0.1:4433"),
+    )
+    .unwrap();
+    let errors = files.load().expect_err("wrong listen");
+    assert_eq!(keys(&errors), ["quic.listen"], "{errors}");
+}
+
+#[test]
 fn a_node_the_manifest_does_not_name_and_a_broken_manifest_are_refused() {
     let files = Files::new("node-7", "");
     let errors = files.load().expect_err("unknown node");
@@ -163,7 +200,9 @@ fn a_node_the_manifest_does_not_name_and_a_broken_manifest_are_refused() {
     std::fs::remove_file(files.0.join("cluster.toml")).unwrap();
     let errors = files.load().expect_err("missing manifest");
     assert!(
-        errors.to_string().contains("cannot read cluster manifest"),
+        errors
+            .to_string()
+            .contains("cannot read the cluster manifest"),
         "{errors}"
     );
 }

@@ -159,7 +159,10 @@ fn check_cluster_name(config: &Config, credentials: &NodeCredentials, report: &m
         Some(_) => report.facts.push(format!(
             "cluster: manifest of cluster {manifest_cluster:?}, as the certificate"
         )),
-        None => {}
+        None => report.warnings.push(format!(
+            "cluster: tls.cert names no cluster (no URI SAN spiffe://<cluster>/node/<name>), so \
+             it cannot be checked against the manifest's {manifest_cluster:?}"
+        )),
     }
 }
 

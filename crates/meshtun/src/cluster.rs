@@ -98,7 +98,13 @@ fn render(manifest: &Manifest, path: &Path, node: &NodeName, derived: &Derived) 
         let _ = writeln!(out, "\n[[peer]]\nname = {}", quote(peer.name.as_str()));
         let _ = writeln!(out, "addr = {}", quote(&peer.addr.to_string()));
         if let Some(overlay) = peer.overlay {
-            let _ = writeln!(out, "overlay = {}", quote(&overlay.to_string()));
+            // Valid only with [overlay]: a comment, so the output pastes
+            // into any node config.
+            let _ = writeln!(
+                out,
+                "# overlay = {}    # in overlay mode",
+                quote(&overlay.to_string())
+            );
         }
     }
     for forward in &derived.forwards {

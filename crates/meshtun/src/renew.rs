@@ -134,7 +134,7 @@ fn getrandom_fill(bytes: &mut [u8]) -> Result<(), ()> {
 
 /// `meshtun renew -c FILE`.
 pub(crate) fn renew_command(path: &Path) -> ExitCode {
-    let config = match meshtun_config::load(path) {
+    let config = match meshtun_config::load_local(path) {
         Ok(config) => config,
         Err(errors) => {
             for problem in errors.iter() {

@@ -23,7 +23,7 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 pub(crate) fn status(config: Option<&Path>, admin: Option<SocketAddr>, json: bool) -> ExitCode {
     let addr = match (admin, config) {
         (Some(addr), _) => addr,
-        (None, Some(path)) => match meshtun_config::load(path) {
+        (None, Some(path)) => match meshtun_config::load_local(path) {
             Ok(config) => match config.admin {
                 Some(admin) => admin.listen,
                 None => {

@@ -283,17 +283,26 @@ fn toml_files(dir: &Path) -> Vec<PathBuf> {
 
 /// Makes a CA and a certificate for the config's node with the CLI, points
 /// the config's `/etc/meshtun/` paths at them, and runs `meshtun check`.
-fn check_example(label: &str, text: &str) -> Finished {
+fn check_example(label: &str, text: &str, beside: Option<&Path>) -> Finished {
     let config = meshtun_config::parse(text)
         .unwrap_or_else(|errors| panic!("{label} does not parse:\n{errors}"));
     let dir = TempDir::new("example");
-    init_ca("example", dir.path());
+    // The cluster of the example manifest (examples/cluster/cluster.toml).
+    init_ca("prod", dir.path());
     issue(dir.path(), config.node.as_str(), dir.path());
     assert!(
         text.contains("/etc/meshtun/"),
         "{label} names no /etc/meshtun/ file to rewrite"
     );
-    let rewritten = text.replace("/etc/meshtun/", &dir.prefix());
+    let mut rewritten = text.replace("/etc/meshtun/", &dir.prefix());
+    // A manifest named relative to the example stays where it is.
+    if let Some(beside) = beside {
+        let manifest = beside.join("cluster.toml");
+        rewritten = rewritten.replace(
+            "cluster = \"cluster.toml\"",
+            &format!("cluster = \"{}\"", path_str(&manifest)),
+        );
+    }
     let path = dir.join("node.toml");
     fs::write(&path, rewritten).expect("write config");
     meshtun_with(&["check", "-c", path_str(&path)])
@@ -308,10 +317,15 @@ fn check_accepts_every_example_config() {
         "no *.toml found under {}",
         examples.display()
     );
-    for file in &files {
+    // Cluster manifests are checked by `meshtun cluster check`
+    // (tests/cluster.rs), through the node configs that name them.
+    for file in files
+        .iter()
+        .filter(|file| file.file_name().is_some_and(|name| name != "cluster.toml"))
+    {
         let text = fs::read_to_string(file).expect("read example");
         let label = file.display().to_string();
-        let finished = check_example(&label, &text);
+        let finished = check_example(&label, &text, file.parent());
         assert_eq!(finished.code(), 0, "{label}: {finished}");
         assert!(finished.stdout.contains("OK"), "{label}: {finished}");
     }
@@ -319,7 +333,7 @@ fn check_accepts_every_example_config() {
 
 #[test]
 fn check_accepts_the_built_in_example() {
-    let finished = check_example("meshtun_config::EXAMPLE", meshtun_config::EXAMPLE);
+    let finished = check_example("meshtun_config::EXAMPLE", meshtun_config::EXAMPLE, None);
     assert_eq!(finished.code(), 0, "{finished}");
 }
 
