@@ -587,16 +587,8 @@ fn services(root: &TableReader<'_>, sink: &mut Sink, known: &[&NodeName]) -> Vec
                 listens.insert(*listen, path.clone());
             }
         }
-        if let Some(Allow::Only(allowed)) = &allow {
-            for (index, entry) in allowed.iter().enumerate() {
-                if !known.contains(&entry) {
-                    sink.error(
-                        format!("{}[{index}]", service.key("allow")),
-                        format!("\"{entry}\" is not a [[node]] of this manifest"),
-                    );
-                    valid = false;
-                }
-            }
+        if let Some(allow) = &allow {
+            valid &= all_known(sink, &service.key("allow"), allow, known);
         }
         if let (Some(name), Some(node), Some(target), Some(listen), Some(allow), true) =
             (name, node, target, listen, allow, valid)
@@ -611,6 +603,25 @@ fn services(root: &TableReader<'_>, sink: &mut Sink, known: &[&NodeName]) -> Vec
         }
     }
     services
+}
+
+/// Whether every node `allow` names is one of `known`; reports each other
+/// one at `key[index]`.
+fn all_known(sink: &mut Sink, key: &str, allow: &Allow, known: &[&NodeName]) -> bool {
+    let Allow::Only(allowed) = allow else {
+        return true;
+    };
+    let mut all = true;
+    for (index, entry) in allowed.iter().enumerate() {
+        if !known.contains(&entry) {
+            sink.error(
+                format!("{key}[{index}]"),
+                format!("\"{entry}\" is not a [[node]] of this manifest"),
+            );
+            all = false;
+        }
+    }
+    all
 }
 
 fn overlay_allow(
@@ -635,16 +646,8 @@ fn overlay_allow(
             port_range,
         );
         let mut valid = true;
-        if let Some(Allow::Only(allowed)) = &peers {
-            for (index, entry) in allowed.iter().enumerate() {
-                if !known.contains(&entry) {
-                    sink.error(
-                        format!("{}[{index}]", rule.key("peers")),
-                        format!("\"{entry}\" is not a [[node]] of this manifest"),
-                    );
-                    valid = false;
-                }
-            }
+        if let Some(peers) = &peers {
+            valid &= all_known(sink, &rule.key("peers"), peers, known);
         }
         if let (Some(peers), Some(ports), true) = (peers, ports, valid) {
             rules.push(OverlayAllow { peers, ports });

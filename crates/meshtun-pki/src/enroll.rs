@@ -1424,20 +1424,7 @@ pub fn enrollment_server_config(
 /// [`ENROLL_ALPN`], no client certificate, no resumption, no SNI, and the
 /// server accepted only as [`PinnedCaVerifier`] decides.
 pub fn enrollment_client_config(pinned: &CaFingerprint) -> Result<ClientConfig, PkiError> {
-    let provider = Arc::new(crypto_provider());
-    let verifier = Arc::new(PinnedCaVerifier {
-        pinned: *pinned,
-        provider: Arc::clone(&provider),
-    });
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
-    config.resumption = Resumption::disabled();
-    config.enable_sni = false;
-    Ok(config)
+    pinned_client_config(pinned, ENROLL_ALPN, None)
 }
 
 /// A renewing node's TLS configuration: as [`enrollment_client_config`],
@@ -1447,17 +1434,33 @@ pub fn renewal_client_config(
     pinned: &CaFingerprint,
     current: &NodeCredentials,
 ) -> Result<ClientConfig, PkiError> {
+    pinned_client_config(pinned, RENEW_ALPN, Some(current))
+}
+
+/// A client of `pki serve`: the server accepted only as
+/// [`PinnedCaVerifier`] decides, ALPN `alpn`, `client` as the client
+/// certificate if given, no resumption, no SNI.
+fn pinned_client_config(
+    pinned: &CaFingerprint,
+    alpn: &[u8],
+    client: Option<&NodeCredentials>,
+) -> Result<ClientConfig, PkiError> {
     let provider = Arc::new(crypto_provider());
     let verifier = Arc::new(PinnedCaVerifier {
         pinned: *pinned,
         provider: Arc::clone(&provider),
     });
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(current.chain.clone(), current.key.clone_key())?;
-    config.alpn_protocols = vec![RENEW_ALPN.to_vec()];
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client {
+        Some(current) => {
+            builder.with_client_auth_cert(current.chain.clone(), current.key.clone_key())?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_sni = false;
     Ok(config)
