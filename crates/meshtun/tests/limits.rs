@@ -24,11 +24,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, free_udp_port, http_get, status_of, ChildGuard, TempDir};
+use common::{echo_server, free_tcp_port, free_udp_port, http_get, status_of, ChildGuard, TempDir};
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// The descriptor limit (soft and hard) of the daemon under test.
 const FD_LIMIT: u32 = 256;
@@ -265,23 +265,6 @@ fn assert_limited(daemon: &Daemon) {
         "{}'s Max open files",
         daemon.name
     );
-}
-
-/// An echo server: every byte comes back; the client's FIN is mirrored.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                if tokio::io::copy(&mut read, &mut write).await.is_ok() {
-                    let _ = write.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// How one client's attempt ended.
