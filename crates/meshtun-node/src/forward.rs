@@ -8,14 +8,20 @@
 //! as the QUIC connection that carries it. Overlay mode's transparent
 //! listener (overlay.rs) carries its connections with the same
 //! [`forward_one`].
+//!
+//! A reload may add a forward (its listeners are bound and their loops
+//! spawned), remove one (its loops stop and the listeners close; the
+//! connections already accepted carry on) or send one to another peer or
+//! service ([`Target`], read for each new connection).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use meshtun_proto::{Preamble, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
 use crate::metrics::Direction;
@@ -32,6 +38,51 @@ const PEER_WAIT: Duration = Duration::from_millis(500);
 /// (it is at `quic.max_streams_per_peer`). Past that the client is reset.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where a forward sends its connections: a peer and a service there.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) peer: Arc<PeerLinks>,
+    pub(crate) service: ServiceName,
+    /// The stream preamble naming `service`, encoded once.
+    preamble: Bytes,
+}
+
+impl Route {
+    pub(crate) fn new(peer: Arc<PeerLinks>, service: ServiceName) -> Self {
+        let preamble = encode_preamble(&Preamble::service(service.clone()));
+        Self {
+            peer,
+            service,
+            preamble,
+        }
+    }
+}
+
+/// A forward's [`Route`], shared by its listeners on every shard; a reload
+/// replaces it whole, and each new connection reads the one in force.
+#[derive(Debug)]
+pub(crate) struct Target(RwLock<Arc<Route>>);
+
+impl Target {
+    pub(crate) fn new(route: Route) -> Self {
+        Self(RwLock::new(Arc::new(route)))
+    }
+
+    pub(crate) fn get(&self) -> Arc<Route> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set(&self, route: Route) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(route);
+    }
+}
+
 /// One `[[forward]]` on one shard: its bound listener (registered with that
 /// shard's runtime) and where it sends connections.
 #[derive(Debug)]
@@ -40,33 +91,36 @@ pub(crate) struct Forward {
     pub(crate) local: SocketAddr,
     /// The shard whose runtime the listener belongs to.
     pub(crate) shard: usize,
-    pub(crate) peer: Arc<PeerLinks>,
-    pub(crate) service: ServiceName,
+    pub(crate) target: Arc<Target>,
+    /// Fires when this forward stops accepting: the node stops, or a reload
+    /// removed the forward.
+    pub(crate) stop: CancellationToken,
 }
 
-/// Accepts local connections until the node stops accepting. Runs on the
-/// forward's shard, where each connection's task runs too.
+/// Accepts local connections until the forward stops. Runs on the
+/// forward's shard, where each connection's task runs too. The listener
+/// closes when the loop ends, which resets clients still in its queue.
 pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
-    let preamble = encode_preamble(&Preamble::service(forward.service.clone()));
     // The forward's port is fixed (configuration refuses port 0).
     let mut accepting = accept::Accepting::fixed_port(
         format!("forward {}", forward.local),
         forward.listener,
         accept::DEFAULT_MAX_PAUSE,
     );
-    while let Some((tcp, client)) = accepting.next(&shared.stop_accepting, Some(&shared)).await {
+    while let Some((tcp, client)) = accepting.next(&forward.stop, Some(&shared)).await {
+        let route = forward.target.get();
         let span = tracing::debug_span!(
             "forward",
             listen = %forward.local,
             shard = forward.shard,
-            peer = %forward.peer.name(),
-            service = %forward.service,
+            peer = %route.peer.name(),
+            service = %route.service,
             %client,
         );
         let task = forward_one(
             tcp,
-            forward.peer.clone(),
-            preamble.clone(),
+            route.peer.clone(),
+            route.preamble.clone(),
             forward.shard,
             shared.clone(),
         );

@@ -56,12 +56,12 @@ mod splice;
 mod status;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshtun_config::{Allow, Config, Expose, Limits, Overlay};
+use meshtun_config::{Allow, Config, Expose, Forward as ForwardConfig, Limits, Overlay, Peer};
 use meshtun_pki::{NodeCredentials, PeerRole, TrustBundle};
 use meshtun_proto::{ConnectionCode, NodeName};
 use quinn::{Connection, VarInt};
@@ -112,9 +112,10 @@ pub enum ReloadError {
     /// The new configuration changes settings that only a restart applies.
     #[error("{} changed; restart meshtun to apply (nothing was reloaded)", .0.join(", "))]
     NeedsRestart(Vec<&'static str>),
-    /// The new certificates could not be turned into TLS configs.
+    /// The new certificates could not be turned into TLS configs, or a new
+    /// forward's listener could not be bound.
     #[error(transparent)]
-    Pki(#[from] NodeError),
+    Node(#[from] NodeError),
 }
 
 /// How long shutdown waits for reset stream tasks to end before it closes
@@ -296,12 +297,23 @@ pub(crate) struct Shared {
     incoming: Mutex<BTreeMap<NodeName, Vec<(usize, Connection)>>>,
     /// The data-plane shards, in order; never empty.
     shards: Vec<shard::Shard>,
-    /// The peers this node dials.
-    peers: BTreeMap<NodeName, Arc<PeerLinks>>,
+    /// The peers this node dials; a reload may add and remove them.
+    peers: RwLock<PeerMap>,
     metrics: Metrics,
     /// What `/status` reports that is fixed between reloads.
     facts: Mutex<Facts>,
     started: Instant,
+}
+
+/// The peers a node dials.
+#[derive(Debug, Default)]
+struct PeerMap {
+    /// Those the configuration in force names.
+    configured: BTreeMap<NodeName, Arc<PeerLinks>>,
+    /// Those a reload removed, until nothing uses them any more: their
+    /// connections stay in the trust sweeps and `/status` while their
+    /// streams finish.
+    departing: Vec<Arc<PeerLinks>>,
 }
 
 /// Descriptive state for `/status`, replaced on reload.
@@ -320,6 +332,32 @@ struct Facts {
 }
 
 impl Shared {
+    /// The peers the configuration in force names.
+    pub(crate) fn peers(&self) -> BTreeMap<NodeName, Arc<PeerLinks>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .configured
+            .clone()
+    }
+
+    /// Every peer with connections of this node's dialling: those
+    /// configured and those a reload removed whose connections are still
+    /// in use (a removed peer is forgotten once nothing holds it).
+    fn all_peers(&self) -> Vec<Arc<PeerLinks>> {
+        let mut map = self
+            .peers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Only this list holds it: its dialers, forwards and streams are gone.
+        map.departing.retain(|links| Arc::strong_count(links) > 1);
+        map.configured
+            .values()
+            .chain(map.departing.iter())
+            .cloned()
+            .collect()
+    }
+
     /// The policy in force now.
     pub(crate) fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -398,8 +436,8 @@ impl Shared {
     fn refresh_live(&self, for_status: bool) -> (BTreeMap<NodeName, Live>, Vec<(usize, usize)>) {
         let mut live: BTreeMap<NodeName, Live> = BTreeMap::new();
         let mut per_shard = vec![(0, 0); self.shards.len()];
-        for (name, links) in &self.peers {
-            let entry = live.entry(name.clone()).or_default();
+        for links in self.all_peers() {
+            let entry = live.entry(links.name().clone()).or_default();
             for (shard, connection) in links.live_connections() {
                 entry.outgoing += 1;
                 entry.add(&connection, for_status);
@@ -450,7 +488,8 @@ impl Shared {
     /// dialled in. Copied out of the locks.
     fn live_connections(&self) -> Vec<(NodeName, Connection, Option<NodeName>)> {
         let mut live = Vec::new();
-        for (name, links) in &self.peers {
+        for links in self.all_peers() {
+            let name = links.name();
             for (_, connection) in links.connections_to_check() {
                 live.push((name.clone(), connection, Some(name.clone())));
             }
@@ -478,11 +517,12 @@ impl Shared {
     /// The `/status` document.
     pub(crate) fn status(&self) -> NodeStatus {
         let (live, per_shard) = self.refresh_live(true);
+        let configured = self.peers();
         let mut peers = Vec::new();
         for (name, stats) in self.metrics.peers() {
             let empty = Live::default();
             let peer_live = live.get(&name).unwrap_or(&empty);
-            let links = self.peers.get(&name);
+            let links = configured.get(&name);
             let counts = stats.counts();
             let named = |map: &BTreeMap<&'static str, u64>| {
                 map.iter()
@@ -703,12 +743,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.quic != new.quic {
         changed.push("[quic]");
     }
-    if old.peers != new.peers {
-        changed.push("[[peer]]");
-    }
-    if old.forwards != new.forwards {
-        changed.push("[[forward]]");
-    }
     if old.admin != new.admin {
         changed.push("[admin]");
     }
@@ -748,17 +782,179 @@ pub struct Node {
     /// The endpoints that accept (bound to `quic.listen`): a reload gives
     /// them the new server config.
     listeners: Vec<quinn::Endpoint>,
+    /// The endpoint each shard dials from, by shard index: a peer a reload
+    /// adds is dialled through them.
+    dialers: Vec<quinn::Endpoint>,
+    /// How dialers back off (from `[quic]`, which only a restart changes).
+    timing: DialTiming,
     /// The shard threads; stopped last on shutdown, or when the node drops.
     threads: shard::Threads,
     quic_addr: SocketAddr,
-    forward_addrs: Vec<SocketAddr>,
+    /// The forwards running, in config order.
+    forwards: Mutex<Vec<RunningForward>>,
     admin_addr: Option<SocketAddr>,
     overlay_addr: Option<SocketAddr>,
+    /// Overlay mode's routes by address, which a reload replaces.
+    routes: Option<Arc<overlay::Routes>>,
     /// The configuration in force, to tell what a reload changes.
     config: Mutex<Config>,
     /// The accept loops; one that ends before shutdown is a fault the
-    /// watchdog reports.
-    loops: Vec<(String, JoinHandle<()>)>,
+    /// watchdog reports (a forward a reload removed takes its loops along).
+    loops: Mutex<Vec<AcceptLoop>>,
+}
+
+/// A `[[forward]]` as it runs: one listener per shard, sharing a target
+/// and a stop.
+#[derive(Debug)]
+struct RunningForward {
+    config: ForwardConfig,
+    local: SocketAddr,
+    target: Arc<forward::Target>,
+    /// Stops its accept loops (a child of the node's `stop_accepting`).
+    stop: CancellationToken,
+}
+
+/// A task that accepts connections, named for the watchdog's report.
+#[derive(Debug)]
+struct AcceptLoop {
+    name: String,
+    handle: JoinHandle<()>,
+    /// The forward (its configured `listen`) it belongs to, if any.
+    forward: Option<SocketAddr>,
+}
+
+impl AcceptLoop {
+    fn new(name: String, handle: JoinHandle<()>) -> Self {
+        Self {
+            name,
+            handle,
+            forward: None,
+        }
+    }
+}
+
+/// Makes the dial state of `peer`, whose dialers stop with `stop`.
+fn peer_links(
+    peer: &Peer,
+    shards: usize,
+    connections: usize,
+    tls: peer::DialTls,
+    metrics: &Metrics,
+    trust: &TrustState,
+    stop: &CancellationToken,
+) -> Arc<PeerLinks> {
+    Arc::new(PeerLinks::new(
+        peer.name.clone(),
+        peer.addr.clone(),
+        shards,
+        connections,
+        tls,
+        metrics.peer(&peer.name),
+        trust.clone(),
+        stop.child_token(),
+    ))
+}
+
+/// Spawns `links`' dialers: `connections` on each shard, each dialling
+/// through its shard's endpoint in `dialers`.
+fn spawn_dialers(
+    shared: &Shared,
+    links: &Arc<PeerLinks>,
+    dialers: &[quinn::Endpoint],
+    timing: DialTiming,
+    connections: usize,
+) {
+    for (shard, dialer) in shared.shards.iter().zip(dialers) {
+        for index in 0..connections {
+            let span = tracing::info_span!("peer", peer = %links.name(), shard = shard.index);
+            let task = links
+                .clone()
+                .dial_loop(shard.index, index, dialer.clone(), timing);
+            shared.tasks.spawn_on(task.instrument(span), &shard.handle);
+        }
+    }
+}
+
+/// Spawns the accept loops of a forward bound to `local`, one per shard
+/// listener, and returns them.
+fn spawn_forward(
+    shared: &Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    running: &RunningForward,
+) -> Vec<AcceptLoop> {
+    let route = running.target.get();
+    info!(listen = %running.local, peer = %route.peer.name(), service = %route.service, "forwarding");
+    let mut loops = Vec::new();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let shard = shared.shard(index);
+        let task = forward::accept_loop(
+            forward::Forward {
+                listener,
+                local: running.local,
+                shard: shard.index,
+                target: running.target.clone(),
+                stop: running.stop.clone(),
+            },
+            shared.clone(),
+        );
+        loops.push(AcceptLoop {
+            name: format!(
+                "forward listener {} of shard {}",
+                running.local, shard.index
+            ),
+            handle: shared.tasks.spawn_on(task, &shard.handle),
+            forward: Some(running.config.listen),
+        });
+    }
+    loops
+}
+
+/// Overlay mode's routes: each configured peer with an overlay address.
+fn overlay_routes(
+    config: &Config,
+    peers: &BTreeMap<NodeName, Arc<PeerLinks>>,
+) -> HashMap<Ipv4Addr, Arc<PeerLinks>> {
+    // Config validation keeps peers' overlay addresses unique.
+    config
+        .peers
+        .iter()
+        .filter_map(|peer| Some((peer.overlay?, peers.get(&peer.name)?.clone())))
+        .collect()
+}
+
+/// The peers' overlay addresses, for `/status`.
+fn overlay_peers(config: &Config) -> BTreeMap<String, Ipv4Addr> {
+    config
+        .peers
+        .iter()
+        .filter_map(|peer| Some((peer.name.to_string(), peer.overlay?)))
+        .collect()
+}
+
+/// Where `forward` sends its connections, among `peers`.
+fn forward_route(
+    forward: &ForwardConfig,
+    peers: &BTreeMap<NodeName, Arc<PeerLinks>>,
+) -> Result<forward::Route, NodeError> {
+    // The config refers only to declared peers.
+    let links = peers.get(&forward.peer).ok_or_else(|| {
+        NodeError::Quic(format!(
+            "forward on {} names undeclared peer {}",
+            forward.listen, forward.peer
+        ))
+    })?;
+    Ok(forward::Route::new(links.clone(), forward.service.clone()))
+}
+
+fn forward_statuses(forwards: &[RunningForward]) -> Vec<ForwardStatus> {
+    forwards
+        .iter()
+        .map(|running| ForwardStatus {
+            listen: running.local,
+            peer: running.config.peer.to_string(),
+            service: running.config.service.to_string(),
+        })
+        .collect()
 }
 
 impl Node {
@@ -827,54 +1023,40 @@ impl Node {
         let metrics = Metrics::new();
         metrics.set_certificate_expiry(unix_seconds(credentials.not_after()));
         let trust_state: TrustState = Arc::new(RwLock::new(Arc::new(trust.clone())));
+        let stop_accepting = CancellationToken::new();
 
         let mut peers = BTreeMap::new();
         for peer in &config.peers {
             let client = endpoint::client_config(quic, &trust, &credentials, &peer.name)?;
-            let links = Arc::new(PeerLinks::new(
-                peer.name.clone(),
-                peer.addr.clone(),
+            let tls = peer::DialTls {
+                client,
+                own_not_after: credentials.not_after(),
+            };
+            let links = peer_links(
+                peer,
                 shard_count.get(),
                 quic.connections_per_peer.get(),
-                peer::DialTls {
-                    client,
-                    own_not_after: credentials.not_after(),
-                },
-                metrics.peer(&peer.name),
-                trust_state.clone(),
-            ));
+                tls,
+                &metrics,
+                &trust_state,
+                &stop_accepting,
+            );
             peers.insert(peer.name.clone(), links);
         }
 
         // Bind every listener before spawning anything, so a port conflict
         // fails the start instead of leaving a half-running node.
         let mut forwards = Vec::new();
-        let mut forward_addrs = Vec::new();
-        let mut forward_statuses = Vec::new();
         for forward in &config.forwards {
             let (listeners, local) = bind_tcp_group("forward listener", forward.listen, &handles)?;
-            // The config refers only to declared peers.
-            let Some(links) = peers.get(&forward.peer) else {
-                return Err(NodeError::Quic(format!(
-                    "forward on {} names undeclared peer {}",
-                    forward.listen, forward.peer
-                )));
+            let route = forward_route(forward, &peers)?;
+            let running = RunningForward {
+                config: forward.clone(),
+                local,
+                target: Arc::new(forward::Target::new(route)),
+                stop: stop_accepting.child_token(),
             };
-            forward_addrs.push(local);
-            forward_statuses.push(ForwardStatus {
-                listen: local,
-                peer: forward.peer.to_string(),
-                service: forward.service.to_string(),
-            });
-            for (shard, listener) in listeners.into_iter().enumerate() {
-                forwards.push(forward::Forward {
-                    listener,
-                    local,
-                    shard,
-                    peer: links.clone(),
-                    service: forward.service.clone(),
-                });
-            }
+            forwards.push((running, listeners));
         }
         let admin = match &config.admin {
             Some(admin) => Some(bind_tcp("admin endpoint (admin.listen)", admin.listen).await?),
@@ -884,13 +1066,7 @@ impl Node {
             Some(overlay) => {
                 let what = "overlay transparent listener (overlay.listen)";
                 let (listeners, local) = bind_tcp_group(what, overlay.listen, &handles)?;
-                // Config validation keeps peers' overlay addresses unique.
-                let by_address: HashMap<_, _> = config
-                    .peers
-                    .iter()
-                    .filter_map(|peer| Some((peer.overlay?, peers.get(&peer.name)?.clone())))
-                    .collect();
-                let routes = Arc::new(overlay::Routes::new(by_address));
+                let routes = Arc::new(overlay::Routes::new(overlay_routes(&config, &peers)));
                 Some(overlay::Transparent {
                     listeners,
                     local,
@@ -912,11 +1088,7 @@ impl Node {
                     managed: overlay.manage,
                     guard: overlay.guard,
                     bypass_dropped: None,
-                    peers: config
-                        .peers
-                        .iter()
-                        .filter_map(|peer| Some((peer.name.to_string(), peer.overlay?)))
-                        .collect(),
+                    peers: overlay_peers(&config),
                 });
         // Last before anything is spawned: the nftables rule redirects to
         // the bound listener (its real port, even when configured as 0).
@@ -956,19 +1128,22 @@ impl Node {
                 config.limits.buffer_memory,
                 metrics.buffer_bytes.clone(),
             ),
-            stop_accepting: CancellationToken::new(),
+            stop_accepting,
             abort_streams: CancellationToken::new(),
             closing: CancellationToken::new(),
             tasks: TaskTracker::new(),
             streams: TaskTracker::new(),
             incoming: Mutex::new(BTreeMap::new()),
             shards,
-            peers,
+            peers: RwLock::new(PeerMap {
+                configured: peers,
+                departing: Vec::new(),
+            }),
             metrics,
             facts: Mutex::new(Facts {
                 quic_listen: quic_addr,
                 certificate: certificate_status(&credentials),
-                forwards: forward_statuses,
+                forwards: Vec::new(),
                 exposes: expose_statuses(&config.exposes),
                 overlay: overlay_status,
                 guard: config.guard.as_ref().map(|guard| GuardStatus {
@@ -987,21 +1162,9 @@ impl Node {
             reconnect_min: quic.reconnect_min,
             reconnect_max: quic.reconnect_max,
         };
-        for (shard, dialer) in shared.shards.iter().zip(&dialers) {
-            for links in shared.peers.values() {
-                for index in 0..quic.connections_per_peer.get() {
-                    let span =
-                        tracing::info_span!("peer", peer = %links.name(), shard = shard.index);
-                    let task = links.clone().dial_loop(
-                        shard.index,
-                        index,
-                        dialer.clone(),
-                        timing,
-                        shared.stop_accepting.clone(),
-                    );
-                    shared.tasks.spawn_on(task.instrument(span), &shard.handle);
-                }
-            }
+        let connections = quic.connections_per_peer.get();
+        for links in shared.peers().values() {
+            spawn_dialers(&shared, links, &dialers, timing, connections);
         }
         for index in 0..shared.shards.len() {
             let shard = shared.clone();
@@ -1015,25 +1178,19 @@ impl Node {
         for (shard, listener) in shared.shards.iter().zip(&listeners) {
             let span = tracing::info_span!("shard", shard = shard.index);
             let accept = expose::accept_loop(listener.clone(), shard.index, shared.clone());
-            loops.push((
+            loops.push(AcceptLoop::new(
                 format!("QUIC accept loop of shard {}", shard.index),
                 shared
                     .tasks
                     .spawn_on(accept.instrument(span), &shard.handle),
             ));
         }
-        for forward in forwards {
-            let shard = shared.shard(forward.shard);
-            if shard.index == 0 {
-                info!(listen = %forward.local, peer = %forward.peer.name(), service = %forward.service, "forwarding");
-            }
-            let name = format!(
-                "forward listener {} of shard {}",
-                forward.local, shard.index
-            );
-            let task = forward::accept_loop(forward, shared.clone());
-            loops.push((name, shared.tasks.spawn_on(task, &shard.handle)));
+        let mut running_forwards = Vec::new();
+        for (running, listeners) in forwards {
+            loops.extend(spawn_forward(&shared, listeners, &running));
+            running_forwards.push(running);
         }
+        shared.facts().forwards = forward_statuses(&running_forwards);
         shared.tasks.spawn(sweep_expired(shared.clone()));
         if overlay::HostSetup::of(&config).is_some_and(|setup| setup.guards()) {
             let watch = overlay::watch_guard(shared.clone());
@@ -1044,6 +1201,9 @@ impl Node {
                 warn!(address = %overlay.address, prefix = %overlay.prefix, "overlay.guard = false: packets for the overlay prefix from off this node are not dropped, so anyone on the link who routes this node's overlay address at it reaches the services bound there in plain text");
             }
         }
+        let routes = transparent
+            .as_ref()
+            .map(|transparent| transparent.routes.clone());
         let overlay_addr = transparent.map(|transparent| {
             let local = transparent.local;
             info!(listen = %local, "overlay transparent listener");
@@ -1056,7 +1216,7 @@ impl Node {
                     transparent.routes.clone(),
                     shared.clone(),
                 );
-                loops.push((
+                loops.push(AcceptLoop::new(
                     format!("overlay transparent listener {local} of shard {index}"),
                     shared.tasks.spawn_on(task, &shard.handle),
                 ));
@@ -1066,25 +1226,31 @@ impl Node {
         let admin_addr = admin.map(|(listener, local)| {
             info!(listen = %local, "admin endpoint serving /metrics and /status");
             let task = admin::serve(listener, shared.clone());
-            loops.push((format!("admin endpoint {local}"), shared.tasks.spawn(task)));
+            loops.push(AcceptLoop::new(
+                format!("admin endpoint {local}"),
+                shared.tasks.spawn(task),
+            ));
             local
         });
-        info!(node = %config.node, quic = %quic_addr, shards = shard_count.get(), peers = shared.peers.len(), exposes = config.exposes.len(), "node started");
+        info!(node = %config.node, quic = %quic_addr, shards = shard_count.get(), peers = config.peers.len(), exposes = config.exposes.len(), "node started");
         let mut endpoints = listeners.clone();
         if shard_count.get() > 1 {
-            endpoints.extend(dialers);
+            endpoints.extend(dialers.iter().cloned());
         }
         Ok(Node {
             shared,
             endpoints,
             listeners,
+            dialers,
+            timing,
             threads,
             quic_addr,
-            forward_addrs,
+            forwards: Mutex::new(running_forwards),
             admin_addr,
             overlay_addr,
+            routes,
             config: Mutex::new(config),
-            loops,
+            loops: Mutex::new(loops),
         })
     }
 
@@ -1093,9 +1259,18 @@ impl Node {
         self.quic_addr
     }
 
-    /// The bound address of each `[[forward]]`, in config order.
-    pub fn forward_addrs(&self) -> &[SocketAddr] {
-        &self.forward_addrs
+    /// The bound address of each `[[forward]]` in force, in config order.
+    pub fn forward_addrs(&self) -> Vec<SocketAddr> {
+        self.running_forwards()
+            .iter()
+            .map(|running| running.local)
+            .collect()
+    }
+
+    fn running_forwards(&self) -> std::sync::MutexGuard<'_, Vec<RunningForward>> {
+        self.forwards
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The bound admin address, if `[admin]` is configured.
@@ -1112,7 +1287,7 @@ impl Node {
     /// Whether at least one QUIC connection to `peer` is up.
     pub fn is_connected(&self, peer: &NodeName) -> bool {
         self.shared
-            .peers
+            .peers()
             .get(peer)
             .is_some_and(|links| links.is_connected())
     }
@@ -1159,9 +1334,14 @@ impl Node {
         if self.shared.stop_accepting.is_cancelled() {
             return Ok(());
         }
-        if let Some((name, _)) = self.loops.iter().find(|(_, handle)| handle.is_finished()) {
-            return Err(format!("{name} has stopped"));
+        let loops = self
+            .loops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(stopped) = loops.iter().find(|accept| accept.handle.is_finished()) {
+            return Err(format!("{} has stopped", stopped.name));
         }
+        drop(loops);
         for shard in &self.shared.shards {
             if let Some(silent) = shard.stalled(self.shared.started) {
                 return Err(format!(
@@ -1226,10 +1406,12 @@ impl Node {
         // Build everything first, so a failure applies nothing.
         let server = endpoint::server_config(&config.quic, &trust, &credentials)?;
         let mut clients = Vec::new();
-        for (name, links) in &self.shared.peers {
-            let client = endpoint::client_config(&config.quic, &trust, &credentials, name)?;
-            clients.push((links, client));
+        for peer in &config.peers {
+            let client = endpoint::client_config(&config.quic, &trust, &credentials, &peer.name)?;
+            clients.push((peer, client));
         }
+        let mut forwards = self.running_forwards();
+        let added_forwards = self.bind_new_forwards(&forwards, &config)?;
         // The trust state first: a handshake completing from here on is
         // checked against it once tracked, and anything tracked before is
         // swept once the reload is counted (`reload`).
@@ -1245,12 +1427,10 @@ impl Node {
         // connections, so peers never hold one made with the old
         // certificate when it expires.
         let renewed = self.shared.facts().certificate.fingerprint != credentials.fingerprint();
-        for (links, client) in clients {
-            let tls = peer::DialTls {
-                client,
-                own_not_after: credentials.not_after(),
-            };
-            links.set_client(tls, renewed);
+        let peers = self.apply_peers(&config, clients, credentials.not_after(), renewed);
+        self.apply_forwards(&mut forwards, &config, &peers, added_forwards);
+        if let Some(routes) = &self.routes {
+            routes.replace(overlay_routes(&config, &peers));
         }
         *self
             .shared
@@ -1265,9 +1445,181 @@ impl Node {
             let mut facts = self.shared.facts();
             facts.certificate = certificate_status(&credentials);
             facts.exposes = expose_statuses(&config.exposes);
+            facts.forwards = forward_statuses(&forwards);
+            if let Some(overlay) = &mut facts.overlay {
+                overlay.peers = overlay_peers(&config);
+            }
         }
         *current = config;
         Ok(())
+    }
+
+    /// Checks that every forward in `config` names one of its peers, and
+    /// binds the listeners of those not running yet (a `listen` no running
+    /// forward has), before anything changes: a port in use fails the
+    /// whole reload.
+    fn bind_new_forwards(
+        &self,
+        running: &[RunningForward],
+        config: &Config,
+    ) -> Result<Vec<(ForwardConfig, Vec<TcpListener>, SocketAddr)>, NodeError> {
+        let handles: Vec<_> = self
+            .shared
+            .shards
+            .iter()
+            .map(|shard| shard.handle.clone())
+            .collect();
+        let mut bound = Vec::new();
+        for forward in &config.forwards {
+            if !config.peers.iter().any(|peer| peer.name == forward.peer) {
+                return Err(NodeError::Quic(format!(
+                    "forward on {} names undeclared peer {}",
+                    forward.listen, forward.peer
+                )));
+            }
+            if running
+                .iter()
+                .any(|running| running.config.listen == forward.listen)
+            {
+                continue;
+            }
+            let (listeners, local) = bind_tcp_group("forward listener", forward.listen, &handles)?;
+            bound.push((forward.clone(), listeners, local));
+        }
+        Ok(bound)
+    }
+
+    /// Brings the dialled peers in line with `config`: new TLS for all (a
+    /// new address replaces a peer's connections), dialers for a peer
+    /// added, and a removed peer's dialers stopped, its connections closing
+    /// once their streams end. Returns the peers now configured.
+    fn apply_peers(
+        &self,
+        config: &Config,
+        clients: Vec<(&Peer, quinn::ClientConfig)>,
+        own_not_after: SystemTime,
+        renewed: bool,
+    ) -> BTreeMap<NodeName, Arc<PeerLinks>> {
+        let connections = config.quic.connections_per_peer.get();
+        let mut added = Vec::new();
+        let mut map = self
+            .shared
+            .peers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (peer, client) in clients {
+            let tls = peer::DialTls {
+                client,
+                own_not_after,
+            };
+            match map.configured.get(&peer.name) {
+                Some(links) => {
+                    links.set_client(tls, renewed);
+                    if links.set_addr(&peer.addr) {
+                        info!(peer = %peer.name, addr = %peer.addr, "peer address changed: its connections are replaced, and the old ones close once their streams end");
+                    }
+                }
+                None => {
+                    let links = peer_links(
+                        peer,
+                        self.shared.shards.len(),
+                        connections,
+                        tls,
+                        &self.shared.metrics,
+                        &self.shared.trust,
+                        &self.shared.stop_accepting,
+                    );
+                    map.configured.insert(peer.name.clone(), links.clone());
+                    added.push(links);
+                }
+            }
+        }
+        let gone: Vec<NodeName> = map
+            .configured
+            .keys()
+            .filter(|name| !config.peers.iter().any(|peer| &peer.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(links) = map.configured.remove(&name) {
+                info!(peer = %name, "peer removed: no more dials; its connections close once their streams end");
+                links.remove();
+                map.departing.push(links);
+            }
+        }
+        let peers = map.configured.clone();
+        drop(map);
+        for links in added {
+            info!(peer = %links.name(), addr = %links.addr(), "peer added");
+            spawn_dialers(
+                &self.shared,
+                &links,
+                &self.dialers,
+                self.timing,
+                connections,
+            );
+        }
+        peers
+    }
+
+    /// Brings the running forwards in line with `config`: a removed one
+    /// stops accepting (its open connections carry on), one with a new
+    /// peer or service sends new connections there, and the `added` ones
+    /// (bound by [`Node::bind_new_forwards`]) start.
+    fn apply_forwards(
+        &self,
+        forwards: &mut Vec<RunningForward>,
+        config: &Config,
+        peers: &BTreeMap<NodeName, Arc<PeerLinks>>,
+        added: Vec<(ForwardConfig, Vec<TcpListener>, SocketAddr)>,
+    ) {
+        let mut loops = self
+            .loops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        forwards.retain_mut(|running| {
+            let listen = running.config.listen;
+            let Some(wanted) = config.forwards.iter().find(|f| f.listen == listen) else {
+                info!(listen = %running.local, peer = %running.config.peer, service = %running.config.service, "forward removed: its listener closes; connections already open carry on");
+                loops.retain(|accept| accept.forward != Some(listen));
+                running.stop.cancel();
+                return false;
+            };
+            if *wanted != running.config {
+                match forward_route(wanted, peers) {
+                    Ok(route) => {
+                        info!(listen = %running.local, peer = %wanted.peer, service = %wanted.service, "forward changed: new connections go to the new peer and service");
+                        running.target.set(route);
+                        running.config = wanted.clone();
+                    }
+                    // `bind_new_forwards` checked every forward's peer.
+                    Err(error) => warn!(%error, "forward left as it was"),
+                }
+            }
+            true
+        });
+        for (forward, listeners, local) in added {
+            match forward_route(&forward, peers) {
+                Ok(route) => {
+                    let running = RunningForward {
+                        config: forward,
+                        local,
+                        target: Arc::new(forward::Target::new(route)),
+                        stop: self.shared.stop_accepting.child_token(),
+                    };
+                    loops.extend(spawn_forward(&self.shared, listeners, &running));
+                    forwards.push(running);
+                }
+                Err(error) => warn!(%error, "forward not started"),
+            }
+        }
+        // In config order, as `forward_addrs` and `/status` list them.
+        forwards.sort_by_key(|running| {
+            config
+                .forwards
+                .iter()
+                .position(|forward| forward.listen == running.config.listen)
+        });
     }
 
     /// Closes every live connection whose peer certificate the trust in
@@ -1308,7 +1660,7 @@ impl Node {
     pub async fn wait_connected(&self, timeout: Duration) -> Vec<NodeName> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut missing = Vec::new();
-        for (name, links) in &self.shared.peers {
+        for (name, links) in &self.shared.peers() {
             if !links.wait_connected(deadline).await {
                 missing.push(name.clone());
             }

@@ -501,11 +501,12 @@ pub(crate) struct Transparent {
     pub(crate) routes: Arc<Routes>,
 }
 
-/// Which peer each overlay address belongs to; fixed for the node's life
-/// (peers are restart-only).
+/// Which peer each overlay address belongs to; a reload that adds, removes
+/// or readdresses peers replaces the map (connections already carried keep
+/// their peer).
 #[derive(Debug)]
 pub(crate) struct Routes {
-    peers: HashMap<Ipv4Addr, Arc<PeerLinks>>,
+    peers: std::sync::RwLock<HashMap<Ipv4Addr, Arc<PeerLinks>>>,
     /// When a connection to an unknown address was last logged at info.
     unknown: Mutex<HashMap<Ipv4Addr, Instant>>,
 }
@@ -513,9 +514,26 @@ pub(crate) struct Routes {
 impl Routes {
     pub(crate) fn new(peers: HashMap<Ipv4Addr, Arc<PeerLinks>>) -> Self {
         Self {
-            peers,
+            peers: std::sync::RwLock::new(peers),
             unknown: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Routes new connections by `peers` from now on.
+    pub(crate) fn replace(&self, peers: HashMap<Ipv4Addr, Arc<PeerLinks>>) {
+        *self
+            .peers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = peers;
+    }
+
+    /// The peer that owns `address`, if any.
+    fn peer(&self, address: Ipv4Addr) -> Option<Arc<PeerLinks>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&address)
+            .cloned()
     }
 
     /// Whether a connection to `address`, which no peer has, should be
@@ -576,7 +594,7 @@ async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shard: usize, sha
             return;
         }
     };
-    let Some(peer) = routes.peers.get(destination.ip()) else {
+    let Some(peer) = routes.peer(*destination.ip()) else {
         if routes.report_unknown(*destination.ip(), Instant::now()) {
             info!(%destination, "no peer has this overlay address; resetting connections to it (logged once a minute)");
         } else {
@@ -586,7 +604,7 @@ async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shard: usize, sha
     };
     let span = tracing::debug_span!("route", %destination, peer = %peer.name());
     let preamble = forward::encode_preamble(&Preamble::overlay_port(destination.port()));
-    forward::forward_one(tcp, peer.clone(), preamble, shard, shared)
+    forward::forward_one(tcp, peer, preamble, shard, shared)
         .instrument(span)
         .await;
 }

@@ -8,9 +8,15 @@
 //! its shard has none up does it borrow another shard's. It never waits for
 //! a handshake unless one is already under way, so a down peer turns into a
 //! prompt reset.
+//!
+//! A reload may change a peer's address (each dialer replaces its
+//! connection, and the old one closes once its streams end) or remove the
+//! peer (its dialers stop, and each connection closes with
+//! [`ConnectionCode::Removed`] once the streams this node carries on it
+//! end).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -127,6 +133,27 @@ pub(crate) struct DialTls {
     pub(crate) own_not_after: SystemTime,
 }
 
+/// Why every dialer of a peer replaces its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    /// Nothing yet: the value a peer starts with.
+    Nothing,
+    /// This node's certificate changed, so peers must see the new one.
+    Renewed,
+    /// A reload gave the peer a new address.
+    Moved,
+}
+
+impl Replace {
+    fn why(self) -> &'static str {
+        match self {
+            Replace::Nothing => "no reason",
+            Replace::Renewed => "this node's certificate was renewed",
+            Replace::Moved => "the peer's address changed",
+        }
+    }
+}
+
 /// Backoff and timing for a dialer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DialTiming {
@@ -140,7 +167,8 @@ pub(crate) struct DialTiming {
 #[derive(Debug)]
 pub(crate) struct PeerLinks {
     name: NodeName,
-    addr: HostPort,
+    /// Where to dial; a reload may change it.
+    addr: Mutex<HostPort>,
     /// The connection slots of each shard, by shard index.
     shards: Vec<watch::Sender<Vec<Slot>>>,
     next: AtomicUsize,
@@ -149,9 +177,14 @@ pub(crate) struct PeerLinks {
     /// When this node's own certificate expires (the peer cuts connections
     /// made with it then).
     own_not_after: Mutex<SystemTime>,
-    /// Bumped when this node's certificate changed: every dialer replaces
-    /// its connection, so peers see the new certificate.
-    renewed: watch::Sender<u64>,
+    /// Bumped (with the reason) when every dialer must replace its
+    /// connection: this node's certificate changed, so peers see the new
+    /// one, or the peer's address did.
+    replace: watch::Sender<(u64, Replace)>,
+    /// Fires when the dialers stop: the node shuts down, or a reload
+    /// removed the peer (then `removed` is set first).
+    stop: CancellationToken,
+    removed: AtomicBool,
     /// Replaced connections still carrying streams, with their shard.
     retired: Mutex<Vec<(usize, Connection)>>,
     /// The trust in force, to re-check a handshake that raced a reload.
@@ -162,7 +195,9 @@ pub(crate) struct PeerLinks {
 }
 
 impl PeerLinks {
-    /// `connections` slots on each of `shards` shards.
+    /// `connections` slots on each of `shards` shards. `stop` ends the
+    /// dialers (pass a child of the node's shutdown token).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         name: NodeName,
         addr: HostPort,
@@ -171,17 +206,20 @@ impl PeerLinks {
         tls: DialTls,
         stats: Arc<PeerStats>,
         trust: TrustState,
+        stop: CancellationToken,
     ) -> Self {
         Self {
             name,
-            addr,
+            addr: Mutex::new(addr),
             shards: (0..shards.max(1))
                 .map(|_| watch::Sender::new(vec![Slot::Dialing; connections]))
                 .collect(),
             next: AtomicUsize::new(0),
             client: Mutex::new(tls.client),
             own_not_after: Mutex::new(tls.own_not_after),
-            renewed: watch::Sender::new(0),
+            replace: watch::Sender::new((0, Replace::Nothing)),
+            stop,
+            removed: AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
             trust,
             last_error: Mutex::new(None),
@@ -193,8 +231,43 @@ impl PeerLinks {
         &self.name
     }
 
-    pub(crate) fn addr(&self) -> &HostPort {
-        &self.addr
+    pub(crate) fn addr(&self) -> HostPort {
+        self.addr
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Dials `addr` from now on. If it differs from the address in use,
+    /// every dialer replaces its connection (a dialer backing off dials at
+    /// once); the old connections close once their streams end. Returns
+    /// whether the address changed.
+    pub(crate) fn set_addr(&self, addr: &HostPort) -> bool {
+        {
+            let mut current = self
+                .addr
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if *current == *addr {
+                return false;
+            }
+            *current = addr.clone();
+        }
+        self.replace_all(Replace::Moved);
+        true
+    }
+
+    /// Stops dialing this peer for good: a reload removed it. Each dialer
+    /// ends, and its connection closes with [`ConnectionCode::Removed`]
+    /// once no stream of this node uses it.
+    pub(crate) fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+        self.stop.cancel();
+    }
+
+    fn replace_all(&self, why: Replace) {
+        self.replace
+            .send_modify(|(generation, reason)| (*generation, *reason) = (*generation + 1, why));
     }
 
     /// How many connections this node keeps to the peer, over all shards.
@@ -220,7 +293,7 @@ impl PeerLinks {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = tls.own_not_after;
         if renewed {
-            self.renewed.send_modify(|generation| *generation += 1);
+            self.replace_all(Replace::Renewed);
         }
     }
 
@@ -378,20 +451,20 @@ impl PeerLinks {
         }
     }
 
-    /// Keeps slot `index` of `shard` connected until `cancel` fires. Runs on
-    /// that shard, and dials through its `endpoint`.
+    /// Keeps slot `index` of `shard` connected until the peer's `stop`
+    /// fires. Runs on that shard, and dials through its `endpoint`.
     pub(crate) async fn dial_loop(
         self: Arc<Self>,
         shard: usize,
         index: usize,
         endpoint: Endpoint,
         timing: DialTiming,
-        cancel: CancellationToken,
     ) {
+        let cancel = self.stop.clone();
         let mut delay = timing.reconnect_min;
         let mut failures: u32 = 0;
         let mut was_up = false;
-        let mut renewed = self.renewed.subscribe();
+        let mut replace = self.replace.subscribe();
         // The connection being replaced, with the time its certificates
         // expire: it stays in the slot, carrying new streams, until its
         // successor is up.
@@ -410,14 +483,14 @@ impl PeerLinks {
             if replacing.is_none() {
                 self.set(shard, index, Slot::Dialing);
             }
-            // Seen before the client is read: a renewal from here on
-            // replaces the connection this dial makes.
-            renewed.borrow_and_update();
+            // Seen before the client and address are read: a renewal or
+            // move from here on replaces the connection this dial makes.
+            replace.borrow_and_update();
             let client = self.client();
             let attempt = self.dial_once(&endpoint, &client, timing.handshake_timeout);
             let result = tokio::select! {
                 result = attempt => result,
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => return self.stopped(shard, index, replacing).await,
             };
             match result {
                 Ok(connection) => {
@@ -458,15 +531,16 @@ impl PeerLinks {
                             replacing = Some((link, deadline));
                             continue;
                         }
-                        Ok(()) = renewed.changed() => {
-                            info!(connection = index, "replacing the connection: this node's certificate was renewed");
+                        Ok(()) = replace.changed() => {
+                            let why = replace.borrow_and_update().1.why();
+                            info!(connection = index, "replacing the connection: {why}");
                             same_as = None;
                             replacing = Some((link, deadline));
                             continue;
                         }
-                        // On shutdown the connection stays in its slot so that
-                        // draining streams keep it; the node closes the endpoint.
-                        () = cancel.cancelled() => return,
+                        () = cancel.cancelled() => {
+                            return self.stopped(shard, index, Some((link, deadline))).await;
+                        }
                     }
                     self.set(shard, index, Slot::Down);
                 }
@@ -492,9 +566,33 @@ impl PeerLinks {
             let pause = jitter(delay);
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
-                () = cancel.cancelled() => return,
+                // A new address is worth a dial at once.
+                Ok(()) = replace.changed() => {}
+                () = cancel.cancelled() => return self.stopped(shard, index, replacing).await,
             }
             delay = (delay * 2).min(timing.reconnect_max);
+        }
+    }
+
+    /// The end of a dialer, with the connection of its slot, if any. On
+    /// shutdown the connection stays in its slot, so that draining streams
+    /// keep it (the node closes the endpoint). A removed peer's connection
+    /// leaves the slot and closes once its streams are done.
+    async fn stopped(
+        &self,
+        shard: usize,
+        index: usize,
+        current: Option<(Link, Option<SystemTime>)>,
+    ) {
+        if !self.removed.load(Ordering::Acquire) {
+            return;
+        }
+        self.set(shard, index, Slot::Down);
+        if let Some((link, deadline)) = current {
+            if link.connection.close_reason().is_none() {
+                self.retire_as(shard, link, deadline, ConnectionCode::Removed)
+                    .await;
+            }
         }
     }
 
@@ -502,9 +600,21 @@ impl PeerLinks {
     /// (after [`RETIRE_GRACE`]), or cuts it when its certificates expire
     /// at `deadline`, whichever comes first.
     async fn retire(self: Arc<Self>, shard: usize, old: Link, deadline: Option<SystemTime>) {
+        self.retire_as(shard, old, deadline, ConnectionCode::Shutdown)
+            .await;
+    }
+
+    /// [`PeerLinks::retire`], closing with `code`.
+    async fn retire_as(
+        &self,
+        shard: usize,
+        old: Link,
+        deadline: Option<SystemTime>,
+        code: ConnectionCode,
+    ) {
         // Kept where a reload's trust sweep and the expiry sweep see it.
         self.retired().push((shard, old.connection.clone()));
-        self.finish_retiring(&old, deadline).await;
+        self.finish_retiring(&old, deadline, code).await;
         let id = old.connection.stable_id();
         self.retired()
             .retain(|(_, connection)| connection.stable_id() != id);
@@ -516,17 +626,28 @@ impl PeerLinks {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn finish_retiring(&self, old: &Link, deadline: Option<SystemTime>) {
+    async fn finish_retiring(
+        &self,
+        old: &Link,
+        deadline: Option<SystemTime>,
+        code: ConnectionCode,
+    ) {
         tokio::time::sleep(RETIRE_GRACE).await;
         loop {
             if old.connection.close_reason().is_some() {
                 return;
             }
             if old.streams.load(Ordering::Acquire) == 0 {
-                debug!("closing a replaced connection: its streams are done");
-                let code = ConnectionCode::Shutdown;
+                let reason: &[u8] = match code {
+                    ConnectionCode::Shutdown => b"replaced",
+                    other => other.reason(),
+                };
+                debug!(
+                    reason = %String::from_utf8_lossy(reason),
+                    "closing a connection that is no longer needed: its streams are done"
+                );
                 old.connection
-                    .close(VarInt::from_u32(code.to_u32()), b"replaced");
+                    .close(VarInt::from_u32(code.to_u32()), reason);
                 return;
             }
             if deadline.is_some_and(|deadline| deadline <= SystemTime::now()) {
@@ -570,10 +691,11 @@ impl PeerLinks {
 
     /// Resolves the peer's address on every dial, so DNS changes are seen.
     async fn resolve(&self) -> Result<SocketAddr, DialError> {
-        if let Some(addr) = self.addr.to_socket_addr_if_literal() {
+        let addr = self.addr();
+        if let Some(addr) = addr.to_socket_addr_if_literal() {
             return Ok(addr);
         }
-        let target = self.addr.to_string();
+        let target = addr.to_string();
         let mut addrs = tokio::net::lookup_host(target.clone())
             .instrument(tracing::debug_span!("resolve", peer_addr = %target))
             .await

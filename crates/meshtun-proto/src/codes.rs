@@ -88,6 +88,10 @@ pub enum ConnectionCode {
     Expired = 5,
     /// A newly loaded CRL revokes the peer's certificate.
     Revoked = 6,
+    /// A reload removed the peer from this node's configuration (a
+    /// `[[peer]]`, or a node of the cluster manifest). Sent by the node
+    /// that dialled, once its streams on the connection are done.
+    Removed = 7,
 }
 
 impl ConnectionCode {
@@ -106,6 +110,7 @@ impl ConnectionCode {
             ConnectionCode::ConnectionLimit => b"too many connections from this peer",
             ConnectionCode::Expired => b"certificate expired",
             ConnectionCode::Revoked => b"certificate revoked",
+            ConnectionCode::Removed => b"peer removed from the configuration",
         }
     }
 }

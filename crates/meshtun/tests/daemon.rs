@@ -861,13 +861,62 @@ async fn systemd_hears_ready_after_the_listeners_reload_brackets_and_stopping() 
         .await
         .expect("echo after a failed reload");
 
-    // A change that needs a restart is refused as a whole and says why.
+    // A forward moved to another port applies on reload: the new port
+    // forwards, the old one is closed.
+    let new_listen = free_tcp_port("127.0.0.1");
     let moved = good.replace(
         &format!("listen = \"{}\"", cluster.missing),
-        &format!("listen = \"{}\"", free_tcp_port("127.0.0.1")),
+        &format!("listen = \"{new_listen}\""),
     );
     assert_ne!(moved, good, "the test should move a forward");
-    fs::write(&config, moved).expect("move a forward");
+    fs::write(&config, &moved).expect("move a forward");
+    cluster.node_a.signal("HUP");
+    assert!(notify
+        .next(Duration::from_secs(5))
+        .await
+        .starts_with("RELOADING=1\n"));
+    assert!(notify
+        .next(Duration::from_secs(5))
+        .await
+        .starts_with("READY=1"));
+    let status = status_of(cluster.admin_a).await;
+    assert_eq!(status["reload"]["successes"], 2, "{status}");
+    let listens: Vec<String> = status["forwards"]
+        .as_array()
+        .expect("forwards in /status")
+        .iter()
+        .map(|forward| forward["listen"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(listens.contains(&new_listen.to_string()), "{listens:?}");
+    assert!(
+        !listens.contains(&cluster.missing.to_string()),
+        "{listens:?}"
+    );
+    // Accepted, then reset: node-b has no `missing` service.
+    match TcpStream::connect(new_listen).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(error) => panic!("moved forward {new_listen} not accepting: {error}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect(cluster.missing).await {
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the old listen address still accepts: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    echo_once(cluster.echo, Duration::from_secs(5))
+        .await
+        .expect("echo after moving another forward");
+
+    // A change that needs a restart is refused as a whole and says why.
+    let quic_changed = moved.replace("idle_timeout = \"3s\"", "idle_timeout = \"4s\"");
+    assert_ne!(quic_changed, moved, "the test should change [quic]");
+    fs::write(&config, quic_changed).expect("change [quic]");
     cluster.node_a.signal("HUP");
     assert!(notify
         .next(Duration::from_secs(5))
@@ -880,7 +929,7 @@ async fn systemd_hears_ready_after_the_listeners_reload_brackets_and_stopping() 
     let status = status_of(cluster.admin_a).await;
     assert_eq!(status["reload"]["failures"], 2, "{status}");
     let error = status["reload"]["last_error"].as_str().unwrap_or_default();
-    assert!(error.contains("[[forward]] changed; restart"), "{error:?}");
+    assert!(error.contains("[quic] changed; restart"), "{error:?}");
 
     // The watchdog pings keep coming while the node is healthy.
     let deadline = Instant::now() + Duration::from_secs(5);
