@@ -60,20 +60,22 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 
 /// Reads the file, parses it, resolves relative paths in `[tls]` and
 /// `cluster` against the config file's directory, and adds what the node
-/// gets from its cluster manifest, if it names one.
+/// gets from its cluster manifest, if it names one (including, when
+/// `[overlay]` leaves out `address`, the node's overlay address).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let mut config = load_local(path)?;
+    let mut table = read_table(path)?;
+    let manifest = cluster_path(&table, path).map(|cluster| read_manifest(&cluster));
+    if let Some(Ok(manifest)) = &manifest {
+        overlay_address_from(&mut table, manifest);
+    }
+    let mut config = build::config(&table)?;
+    locate(&mut config, path);
     if let Some(cluster) = config.cluster.clone() {
-        let manifest = load_manifest(&cluster.path).map_err(|errors| {
-            ConfigErrors(
-                errors
-                    .iter()
-                    .map(|error| {
-                        ConfigError::new("cluster", format!("{}: {error}", cluster.path.display()))
-                    })
-                    .collect(),
-            )
-        })?;
+        // `cluster_path` found the same key `build` read.
+        let manifest = match manifest {
+            Some(manifest) => manifest?,
+            None => read_manifest(&cluster.path)?,
+        };
         cluster::apply(&mut config, &manifest, &cluster.path)?;
     }
     Ok(config)
@@ -81,15 +83,46 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Like [`load`], without reading the cluster manifest: for what needs
 /// only the node's own settings (its admin address, its certificate), so
-/// that a broken manifest does not stop `meshtun status` or `renew`.
+/// that a broken manifest does not stop `meshtun status` or `renew`. An
+/// `[overlay]` that leaves its address to the manifest still gets it when
+/// the manifest can be read.
 pub fn load_local(path: &Path) -> Result<Config, ConfigErrors> {
+    let mut table = read_table(path)?;
+    if let Some(Ok(manifest)) = cluster_path(&table, path).map(|cluster| load_manifest(&cluster)) {
+        overlay_address_from(&mut table, &manifest);
+    }
+    let mut config = build::config(&table)?;
+    locate(&mut config, path);
+    Ok(config)
+}
+
+/// The manifest at `path`, its errors each under the key `cluster`.
+fn read_manifest(path: &Path) -> Result<Manifest, ConfigErrors> {
+    load_manifest(path).map_err(|errors| {
+        ConfigErrors(
+            errors
+                .iter()
+                .map(|error| ConfigError::new("cluster", format!("{}: {error}", path.display())))
+                .collect(),
+        )
+    })
+}
+
+/// The config file at `path` as a TOML table.
+fn read_table(path: &Path) -> Result<toml::Table, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|error| {
         ConfigError::new(
             "",
             format!("cannot read config file {}: {error}", path.display()),
         )
     })?;
-    let mut config = parse(&text)?;
+    text.parse::<toml::Table>()
+        .map_err(|error| syntax_error(&text, &error).into())
+}
+
+/// Resolves the relative paths of a config read from `path` against its
+/// directory.
+fn locate(config: &mut Config, path: &Path) {
     if let Some(directory) = path.parent() {
         config.tls.resolve_relative_to(directory);
         if let Some(cluster) = &mut config.cluster {
@@ -98,7 +131,37 @@ pub fn load_local(path: &Path) -> Result<Config, ConfigErrors> {
             }
         }
     }
-    Ok(config)
+}
+
+/// The manifest the top-level `cluster` key of the config at `path`
+/// names, resolved as [`locate`] does; `None` if the key is absent or not
+/// a string (building the config reports that).
+fn cluster_path(table: &toml::Table, path: &Path) -> Option<std::path::PathBuf> {
+    let cluster = Path::new(table.get("cluster")?.as_str()?);
+    Some(match path.parent() {
+        Some(directory) if cluster.is_relative() => directory.join(cluster),
+        _ => cluster.to_path_buf(),
+    })
+}
+
+/// With a cluster manifest, `[overlay]` may leave out `address`: it is the
+/// node's `overlay` in the manifest, written into `table` here, before the
+/// config is built. Without one there, building reports the key missing.
+fn overlay_address_from(table: &mut toml::Table, manifest: &Manifest) {
+    let own = table
+        .get("node")
+        .and_then(toml::Value::as_str)
+        .and_then(|node| node.parse().ok())
+        .and_then(|node| manifest.node(&node))
+        .and_then(|node| node.overlay);
+    let Some(address) = own else {
+        return;
+    };
+    if let Some(toml::Value::Table(overlay)) = table.get_mut("overlay") {
+        if !overlay.contains_key("address") {
+            overlay.insert("address".to_owned(), address.to_string().into());
+        }
+    }
 }
 
 /// A TOML syntax error as one [`ConfigError`] giving line and column.

@@ -48,7 +48,7 @@ pub(crate) fn overlay(sink: &mut Sink, table: Option<&Table>) -> Option<Option<O
     let address = reader.required(
         sink,
         "address",
-        "this node's overlay address, e.g. \"100.127.0.2\"",
+        "this node's overlay address, e.g. \"100.127.0.2\" (with a cluster manifest, leave it out to use the node's overlay there)",
         ipv4,
     );
     if let (Some(prefix), Some(address)) = (prefix, address) {

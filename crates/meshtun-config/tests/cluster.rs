@@ -124,6 +124,32 @@ fn in_overlay_mode_the_manifest_gives_addresses_and_the_policy() {
 }
 
 #[test]
+fn an_overlay_without_an_address_takes_the_nodes_from_the_manifest() {
+    let files = Files::new("node-1", "[overlay]\nprefix = \"100.127.0.0/16\"\n");
+    let config = files.load().unwrap_or_else(|errors| panic!("{errors}"));
+    let overlay = config.overlay.as_ref().expect("overlay");
+    assert_eq!(
+        overlay.address,
+        "100.127.0.2".parse::<std::net::Ipv4Addr>().unwrap()
+    );
+    // What `meshtun status` and `renew` read gets it too.
+    let local = meshtun_config::load_local(&files.0.join("node.toml"))
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    assert_eq!(local.overlay.expect("overlay").address, overlay.address);
+
+    // Without a manifest, the address is required, and the message says
+    // where else it may come from.
+    let errors = meshtun_config::parse(
+        "node = \"node-1\"\n[quic]\nlisten = \"198.18.0.2:4433\"\n\
+         [tls]\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n\
+         [overlay]\nprefix = \"100.127.0.0/16\"\n",
+    )
+    .expect_err("no address");
+    assert_eq!(keys(&errors), ["overlay.address"], "{errors}");
+    assert!(errors.to_string().contains("cluster manifest"), "{errors}");
+}
+
+#[test]
 fn every_clash_names_both_places() {
     let files = Files::new(
         "node-0",

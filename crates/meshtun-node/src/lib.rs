@@ -1826,6 +1826,20 @@ mod tests {
     }
 
     #[test]
+    fn peers_and_forwards_reload_quic_and_admin_need_a_restart() {
+        let old = meshtun_config::parse(meshtun_config::EXAMPLE).expect("the example is valid");
+        let mut new = old.clone();
+        new.peers.reverse();
+        new.peers.pop();
+        new.forwards.clear();
+        new.exposes.clear();
+        assert!(restart_only_changes(&old, &new).is_empty());
+        new.quic.idle_timeout *= 2;
+        new.admin = None;
+        assert_eq!(restart_only_changes(&old, &new), ["[quic]", "[admin]"]);
+    }
+
+    #[test]
     fn limits_reload_except_the_buffer_budget_and_threads() {
         let old = meshtun_config::parse(meshtun_config::EXAMPLE).expect("the example is valid");
         let mut new = old.clone();

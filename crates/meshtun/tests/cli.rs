@@ -284,12 +284,7 @@ fn toml_files(dir: &Path) -> Vec<PathBuf> {
 /// Makes a CA and a certificate for the config's node with the CLI, points
 /// the config's `/etc/meshtun/` paths at them, and runs `meshtun check`.
 fn check_example(label: &str, text: &str, beside: Option<&Path>) -> Finished {
-    let config = meshtun_config::parse(text)
-        .unwrap_or_else(|errors| panic!("{label} does not parse:\n{errors}"));
     let dir = TempDir::new("example");
-    // The cluster of the example manifest (examples/cluster/cluster.toml).
-    init_ca("prod", dir.path());
-    issue(dir.path(), config.node.as_str(), dir.path());
     assert!(
         text.contains("/etc/meshtun/"),
         "{label} names no /etc/meshtun/ file to rewrite"
@@ -305,6 +300,13 @@ fn check_example(label: &str, text: &str, beside: Option<&Path>) -> Finished {
     }
     let path = dir.join("node.toml");
     fs::write(&path, rewritten).expect("write config");
+    // What the node gets from a manifest (its overlay address, say) is
+    // read from there, as `meshtun check` will.
+    let config = meshtun_config::load_local(&path)
+        .unwrap_or_else(|errors| panic!("{label} does not parse:\n{errors}"));
+    // The cluster of the example manifest (examples/cluster/cluster.toml).
+    init_ca("prod", dir.path());
+    issue(dir.path(), config.node.as_str(), dir.path());
     meshtun_with(&["check", "-c", path_str(&path)])
 }
 
