@@ -1355,15 +1355,21 @@ impl Node {
     }
 
     /// Applies a new configuration and certificates without dropping any
-    /// connection or stream. New handshakes use the new certificates, trust
-    /// bundle and CRL; new streams see the new `[[expose]]` rules and
-    /// `[limits]`. Streams already open keep going under the rules they
-    /// were admitted by.
+    /// stream. New handshakes use the new certificates, trust bundle and
+    /// CRL; new streams see the new `[[expose]]` rules and `[limits]`.
+    /// Streams already open keep going under the rules they were admitted
+    /// by. Peers and forwards follow the new config: a peer added is
+    /// dialled, one removed stops being dialled and its connections close
+    /// ([`ConnectionCode::Removed`]) once their streams end, one with a new
+    /// address is re-dialled there; a forward added listens, one removed
+    /// stops accepting (its connections carry on), one with a new peer or
+    /// service sends new connections there.
     ///
-    /// Settings that need new sockets or dialers (`node`, `[quic]`,
-    /// `[[peer]]`, `[[forward]]`, `[admin]`, `[overlay]` except its
-    /// `allow`) are not reloadable: if any changed, nothing is applied and
-    /// the error names them.
+    /// Settings bound or set up once (`node`, `[quic]`, `[admin]`, the
+    /// buffer budget, threads and shards, `[overlay]` except its `allow`,
+    /// `[guard]`) are not reloadable: if any changed, nothing is applied
+    /// and the error names them. Nor is anything applied if a new
+    /// forward's port cannot be bound.
     pub fn reload(
         &self,
         config: Config,
