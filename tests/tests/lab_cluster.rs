@@ -1,9 +1,11 @@
 //! A cluster manifest that changes under running daemons: three namespace
 //! hosts driven by one `cluster.toml`. While a transfer between node-0 and
-//! node-1 runs, the manifest gains node-2 with a service and loses it
-//! again; each node reloads by itself (it watches the manifest), the
-//! forwards to node-2 come and go, and the transfer finishes with every
-//! byte checked.
+//! node-1 runs, the manifest gains node-2 with a service, loses it again
+//! and gains it back; each node reloads by itself (it watches the
+//! manifest), the forwards to node-2 come and go, a client of node-2's
+//! service that stays connected through the removal keeps working until it
+//! hangs up (only then is its connection closed, with code 7), and the
+//! transfer finishes with every byte checked.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -84,20 +86,38 @@ fn node_config(lab: &Lab, index: usize) -> String {
     )
 }
 
-/// Waits until `daemon` has logged a line that holds every one of `parts`.
-fn wait_logged(daemon: &Daemon, parts: &[&str]) {
-    let done = wait_until(SETTLE, || {
-        daemon
-            .log_since_start()
-            .lines()
-            .any(|line| parts.iter().all(|part| line.contains(part)))
-    });
+/// How many lines `daemon` has logged that hold every one of `parts`.
+fn count_logged(daemon: &Daemon, parts: &[&str]) -> usize {
+    daemon
+        .log_since_start()
+        .lines()
+        .filter(|line| parts.iter().all(|part| line.contains(part)))
+        .count()
+}
+
+/// Waits until `daemon` has logged `count` lines that hold every one of
+/// `parts`.
+fn wait_logged_times(daemon: &Daemon, parts: &[&str], count: usize) {
+    let done = wait_until(SETTLE, || count_logged(daemon, parts) >= count);
     assert!(
         done,
-        "{} did not log a line with {parts:?}:\n{}",
+        "{} did not log {count} lines with {parts:?}:\n{}",
         daemon.host(),
         daemon.log_since_start()
     );
+}
+
+/// Waits until `daemon` has logged a line that holds every one of `parts`.
+fn wait_logged(daemon: &Daemon, parts: &[&str]) {
+    wait_logged_times(daemon, parts, 1);
+}
+
+/// Sends `message` on `tcp` and checks that it comes back.
+fn echo_on(tcp: &mut TcpStream, message: &[u8]) {
+    tcp.write_all(message).unwrap();
+    let mut reply = vec![0u8; message.len()];
+    tcp.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, message);
 }
 
 /// One echo through `addr` from inside host `index`, retried until it
@@ -286,6 +306,13 @@ fn a_manifest_change_adds_and_removes_a_node_without_touching_a_running_transfer
     echo_through(&lab, 1, extra_listen);
     transfer.assert_flowing("after node-2 joined");
 
+    // A client of node-2's service that stays connected while node-2
+    // leaves the manifest.
+    let mut held = lab.host(0).connect(extra_listen).unwrap().unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    echo_on(&mut held, b"before the removal");
+
     // node-2 leaves the manifest: the others drop its forwards and stop
     // dialling it. (node-2's own reload fails: it is not in the manifest
     // any more, so it keeps running on what it had.)
@@ -299,11 +326,7 @@ fn a_manifest_change_adds_and_removes_a_node_without_touching_a_running_transfer
     }
     wait_refused(&lab, 0, extra_listen);
     wait_refused(&lab, 1, extra_listen);
-    // The connections node-0 and node-1 dialled to node-2 close with the
-    // "removed" code once their streams are done (none are left).
-    wait_logged(&node_2, &["peer removed from the configuration"]);
     transfer.assert_flowing("after node-2 left");
-
     // node-2, no longer in the manifest, refused the change and said why.
     wait_logged(
         &node_2,
@@ -313,6 +336,52 @@ fn a_manifest_change_adds_and_removes_a_node_without_touching_a_running_transfer
             "is not a [[node]] of the cluster manifest",
         ],
     );
+    // The connections dialled to node-2 close with the "removed" code
+    // once the streams on them are done: node-1's at once (it carries
+    // none), node-0's but the one that carries the held client.
+    let removed = |host: usize| {
+        let remote = format!("remote={}:", lab.host(host).addr);
+        count_logged(
+            &node_2,
+            &[&remote, "peer removed from the configuration (code 7)"],
+        )
+    };
+    let shards_0 = lab_support::shards_in_log(&node_0.log_since_start()).unwrap();
+    let shards_1 = lab_support::shards_in_log(&node_1.log_since_start()).unwrap();
+    assert!(
+        wait_until(SETTLE, || removed(1) == shards_1),
+        "node-1's connections to node-2:\n{}",
+        node_2.log_since_start()
+    );
+    assert!(
+        wait_until(SETTLE, || removed(0) == shards_0 - 1),
+        "node-0's idle connections to node-2:\n{}",
+        node_2.log_since_start()
+    );
+    // Well past the 2 s a connection no longer needed is left alone, the
+    // held client still works, and its connection is still there.
+    thread::sleep(Duration::from_secs(3));
+    echo_on(&mut held, b"after the removal");
+    assert_eq!(removed(0), shards_0 - 1, "{}", node_2.log_since_start());
+    held.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    drop(held);
+    assert!(
+        wait_until(SETTLE, || removed(0) == shards_0),
+        "node-0's last connection to node-2:\n{}",
+        node_2.log_since_start()
+    );
+
+    // node-2 comes back: dialled and forwarded again.
+    write_manifest(&lab, &manifest(&lab, true));
+    for node in [&node_0, &node_1] {
+        wait_logged_times(node, &["peer added", "peer=node-2"], 2);
+    }
+    echo_through(&lab, 0, extra_listen);
+    echo_through(&lab, 1, extra_listen);
+    transfer.assert_flowing("after node-2 came back");
 
     let carried = transfer.finish();
     assert!(

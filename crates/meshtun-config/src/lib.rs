@@ -64,11 +64,27 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 /// `[overlay]` leaves out `address`, the node's overlay address).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let mut table = read_table(path)?;
-    let manifest = cluster_path(&table, path).map(|cluster| read_manifest(&cluster));
-    if let Some(Ok(manifest)) = &manifest {
-        overlay_address_from(&mut table, manifest);
-    }
-    let mut config = build::config(&table)?;
+    let cluster = cluster_path(&table, path);
+    let manifest = cluster.as_deref().map(read_manifest);
+    let unfilled = match (&manifest, &cluster) {
+        (Some(Ok(manifest)), Some(cluster)) => overlay_address_from(&mut table, manifest, cluster),
+        _ => None,
+    };
+    let mut config = match build::config(&table) {
+        Ok(config) => config,
+        Err(mut errors) => {
+            // Say why the manifest gave no address, rather than only that
+            // the key is missing; and what is wrong with the manifest.
+            if let Some(unfilled) = unfilled {
+                errors.0.retain(|error| error.key != "overlay.address");
+                errors.0.push(unfilled);
+            }
+            if let Some(Err(manifest_errors)) = manifest {
+                errors.0.extend(manifest_errors.0);
+            }
+            return Err(errors);
+        }
+    };
     locate(&mut config, path);
     if let Some(cluster) = config.cluster.clone() {
         // `cluster_path` found the same key `build` read.
@@ -81,15 +97,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     Ok(config)
 }
 
-/// Like [`load`], without reading the cluster manifest: for what needs
+/// Like [`load`], without requiring the cluster manifest: for what needs
 /// only the node's own settings (its admin address, its certificate), so
 /// that a broken manifest does not stop `meshtun status` or `renew`. An
-/// `[overlay]` that leaves its address to the manifest still gets it when
-/// the manifest can be read.
+/// `[overlay]` that leaves its address to the manifest gets it when the
+/// manifest can be read; when it cannot, `overlay` is left out of the
+/// result (nothing that reads only the node's own settings uses it).
 pub fn load_local(path: &Path) -> Result<Config, ConfigErrors> {
     let mut table = read_table(path)?;
-    if let Some(Ok(manifest)) = cluster_path(&table, path).map(|cluster| load_manifest(&cluster)) {
-        overlay_address_from(&mut table, &manifest);
+    if let Some(cluster) = cluster_path(&table, path) {
+        let unfilled = match load_manifest(&cluster) {
+            Ok(manifest) => overlay_address_from(&mut table, &manifest, &cluster).is_some(),
+            Err(_) => overlay_lacks_address(&table),
+        };
+        if unfilled {
+            table.remove("overlay");
+        }
     }
     let mut config = build::config(&table)?;
     locate(&mut config, path);
@@ -144,24 +167,46 @@ fn cluster_path(table: &toml::Table, path: &Path) -> Option<std::path::PathBuf> 
     })
 }
 
+/// Whether the config has an `[overlay]` table without `address`.
+fn overlay_lacks_address(table: &toml::Table) -> bool {
+    matches!(table.get("overlay"), Some(toml::Value::Table(overlay)) if !overlay.contains_key("address"))
+}
+
 /// With a cluster manifest, `[overlay]` may leave out `address`: it is the
-/// node's `overlay` in the manifest, written into `table` here, before the
-/// config is built. Without one there, building reports the key missing.
-fn overlay_address_from(table: &mut toml::Table, manifest: &Manifest) {
-    let own = table
-        .get("node")
-        .and_then(toml::Value::as_str)
-        .and_then(|node| node.parse().ok())
-        .and_then(|node| manifest.node(&node))
-        .and_then(|node| node.overlay);
-    let Some(address) = own else {
-        return;
+/// node's `overlay` in the manifest (at `path`), written into `table`
+/// here, before the config is built. If the manifest has none for the
+/// node, returns the error that says so.
+fn overlay_address_from(
+    table: &mut toml::Table,
+    manifest: &Manifest,
+    path: &Path,
+) -> Option<ConfigError> {
+    if !overlay_lacks_address(table) {
+        return None;
+    }
+    let node = table.get("node").and_then(toml::Value::as_str)?.to_owned();
+    let Some(own) = node.parse().ok().and_then(|name| manifest.node(&name)) else {
+        return Some(ConfigError::new(
+            "overlay.address",
+            format!(
+                "missing, and node \"{node}\" is not a [[node]] of the cluster manifest {} to take it from",
+                path.display()
+            ),
+        ));
+    };
+    let Some(address) = own.overlay else {
+        return Some(ConfigError::new(
+            "overlay.address",
+            format!(
+                "missing, and node \"{node}\" has no overlay address in the cluster manifest {}; set one there or here",
+                path.display()
+            ),
+        ));
     };
     if let Some(toml::Value::Table(overlay)) = table.get_mut("overlay") {
-        if !overlay.contains_key("address") {
-            overlay.insert("address".to_owned(), address.to_string().into());
-        }
+        overlay.insert("address".to_owned(), address.to_string().into());
     }
+    None
 }
 
 /// A TOML syntax error as one [`ConfigError`] giving line and column.

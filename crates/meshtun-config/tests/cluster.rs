@@ -150,6 +150,36 @@ fn an_overlay_without_an_address_takes_the_nodes_from_the_manifest() {
 }
 
 #[test]
+fn an_overlay_address_the_manifest_cannot_give_is_an_error_that_says_why() {
+    // The node has no overlay address in the manifest.
+    let files = Files::new("node-1", "[overlay]\nprefix = \"100.127.0.0/16\"\n");
+    let manifest = MANIFEST.replace("overlay = \"100.127.0.2\"\n", "");
+    std::fs::write(files.0.join("cluster.toml"), manifest).unwrap();
+    let errors = files.load().expect_err("no address anywhere");
+    assert_eq!(keys(&errors), ["overlay.address"], "{errors}");
+    assert!(
+        errors
+            .to_string()
+            .contains("has no overlay address in the cluster manifest"),
+        "{errors}"
+    );
+
+    // The manifest cannot be read: its problem is named, and what only
+    // needs the node's own settings still loads, without the overlay.
+    std::fs::write(
+        files.0.join("cluster.toml"),
+        "cluster = \"prod\"\n[[node]]\n",
+    )
+    .unwrap();
+    let errors = files.load().expect_err("broken manifest");
+    assert!(keys(&errors).iter().any(|key| key == "cluster"), "{errors}");
+    let local = meshtun_config::load_local(&files.0.join("node.toml"))
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(local.overlay.is_none());
+    assert_eq!(local.node.as_str(), "node-1");
+}
+
+#[test]
 fn every_clash_names_both_places() {
     let files = Files::new(
         "node-0",

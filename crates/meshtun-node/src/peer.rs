@@ -490,6 +490,9 @@ impl PeerLinks {
             let attempt = self.dial_once(&endpoint, &client, timing.handshake_timeout);
             let result = tokio::select! {
                 result = attempt => result,
+                // A new address (or certificate) while a dial is under way,
+                // perhaps to a dead address: dial again with it at once.
+                Ok(()) = replace.changed() => continue,
                 () = cancel.cancelled() => return self.stopped(shard, index, replacing).await,
             };
             match result {
@@ -632,12 +635,26 @@ impl PeerLinks {
         deadline: Option<SystemTime>,
         code: ConnectionCode,
     ) {
-        tokio::time::sleep(RETIRE_GRACE).await;
+        // A connection closed meanwhile (the node shutting down, the peer
+        // going away) ends the wait at once.
+        let pause = |length| async move {
+            tokio::select! {
+                () = tokio::time::sleep(length) => {}
+                _ = old.connection.closed() => {}
+            }
+        };
+        pause(RETIRE_GRACE).await;
         loop {
             if old.connection.close_reason().is_some() {
                 return;
             }
             if old.streams.load(Ordering::Acquire) == 0 {
+                // Replaced, and then removed before its streams were done.
+                let code = if self.removed.load(Ordering::Acquire) {
+                    ConnectionCode::Removed
+                } else {
+                    code
+                };
                 let reason: &[u8] = match code {
                     ConnectionCode::Shutdown => b"replaced",
                     other => other.reason(),
@@ -656,7 +673,7 @@ impl PeerLinks {
                     return;
                 }
             }
-            tokio::time::sleep(RETIRE_POLL).await;
+            pause(RETIRE_POLL).await;
         }
     }
 

@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_checked, echo_server, free_tcp_port, free_udp_port, http_get, meshtun, peer_serials,
-    status_of, Daemon, TempDir,
+    echo_checked, echo_server, free_tcp_port, free_tcp_ports, free_udp_port, http_get, meshtun,
+    peer_serials, status_of, Daemon, TempDir,
 };
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
@@ -115,11 +115,10 @@ impl Cluster {
         let echo_target = echo_server().await;
         let source_target = source_server().await;
         let node_b_quic = free_udp_port("127.0.0.3");
-        let echo = free_tcp_port("127.0.0.1");
-        let source = free_tcp_port("127.0.0.1");
-        let missing = free_tcp_port("127.0.0.1");
-        let admin_a = free_tcp_port("127.0.0.1");
-        let admin_b = free_tcp_port("127.0.0.1");
+        // Chosen together, so no two are the same.
+        let ports = free_tcp_ports("127.0.0.1", 5);
+        let (echo, source, missing) = (ports[0], ports[1], ports[2]);
+        let (admin_a, admin_b) = (ports[3], ports[4]);
         let quic = "idle_timeout = \"3s\"\nkeep_alive = \"1s\"\nreconnect_max = \"1s\"\n";
         let limits = format!(
             "[limits]\ndrain_grace = \"{}ms\"\n",

@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{echo_server, free_tcp_port, free_udp_port, http_get, status_of, ChildGuard, TempDir};
+use common::{
+    echo_server, free_tcp_ports, free_udp_port, http_get, status_of, ChildGuard, TempDir,
+};
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -202,9 +204,9 @@ impl Cluster {
         }
         let echo_target = echo_server().await;
         let node_b_quic = free_udp_port("127.0.0.1");
-        let echo = free_tcp_port("127.0.0.1");
-        let admin_a = free_tcp_port("127.0.0.1");
-        let admin_b = free_tcp_port("127.0.0.1");
+        // Chosen together, so no two are the same.
+        let ports = free_tcp_ports("127.0.0.1", 3);
+        let (echo, admin_a, admin_b) = (ports[0], ports[1], ports[2]);
         let quic = "idle_timeout = \"3s\"\nkeep_alive = \"1s\"\nreconnect_max = \"1s\"\n";
         let node_b_config = format!(
             "node = \"node-b\"\n\

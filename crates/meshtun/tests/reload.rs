@@ -58,7 +58,9 @@ async fn round_trip(tcp: &mut TcpStream, seed: u8) {
         let mut back = vec![0u8; MIB_BYTES];
         read.read_exact(&mut back).await.map(|_| back)
     };
-    let (sent, back) = tokio::join!(sending, receiving);
+    let (sent, back) = tokio::time::timeout(SETTLE, async { tokio::join!(sending, receiving) })
+        .await
+        .expect("a MiB echoed in time");
     sent.expect("send a MiB");
     assert!(back.expect("read a MiB back") == block, "the echo differs");
 }
