@@ -12,15 +12,29 @@
 //! not fit into as few calls as fit (seven 8,952-byte packets and then
 //! three, say) and leaves every other transmit alone. Everything else goes
 //! straight to quinn's own socket.
+//!
+//! It also joins batches. quinn hands over at most 10 packets per
+//! transmit, and a connection's task at most 20 per wake-up; where the
+//! kernel passes a segmentation-offload batch along whole (loopback, veth,
+//! a bridge, a NIC with UDP segmentation offload, and GRO on the receiver),
+//! each `sendmsg` costs both ends about the same whatever its packet count,
+//! so 10 per call is a quarter of what fits in 64 KiB. A batch of full
+//! packets (every segment the same size) is therefore kept back, copied,
+//! and sent with the next ones to the same place in one call: when one
+//! arrives that ends with a short packet, when no more fit, when one for
+//! elsewhere arrives, or, at the latest, when the task that sent it has
+//! yielded (a task spawned at the first kept batch sends what is kept). A
+//! lone small packet is never kept, so a request-response exchange waits
+//! for nothing.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
-use quinn::udp::{RecvMeta, Transmit};
+use quinn::udp::{EcnCodepoint, RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
 /// The most UDP payload one `sendmsg` may carry: an IPv4 datagram's 65,535
@@ -30,35 +44,108 @@ pub(crate) const MAX_SEND_BYTES: usize = 65_535 - 20 - 8;
 
 /// Wraps quinn's socket; see the module docs.
 pub(crate) struct SplitBatches {
+    shared: Arc<Shared>,
+}
+
+/// What the socket and the task that sends a kept batch share.
+struct Shared {
     inner: Arc<dyn AsyncUdpSocket>,
+    kept: Mutex<Kept>,
+}
+
+/// Full packets kept back to go out with the next ones.
+#[derive(Default)]
+struct Kept {
+    contents: Vec<u8>,
+    destination: Option<SocketAddr>,
+    ecn: Option<EcnCodepoint>,
+    src_ip: Option<IpAddr>,
+    segment_size: usize,
+}
+
+impl Kept {
+    fn transmit(&self) -> Option<Transmit<'_>> {
+        Some(Transmit {
+            destination: self.destination?,
+            ecn: self.ecn,
+            contents: &self.contents,
+            segment_size: Some(self.segment_size),
+            src_ip: self.src_ip,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.contents.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.contents.clear();
+        self.destination = None;
+    }
+
+    /// Whether `transmit` may join what is kept: the same place, marking
+    /// and packet size, and room for it in one call.
+    fn joins(&self, transmit: &Transmit<'_>) -> bool {
+        self.destination == Some(transmit.destination)
+            && self.ecn == transmit.ecn
+            && self.src_ip == transmit.src_ip
+            && transmit.segment_size.unwrap_or(transmit.contents.len()) == self.segment_size
+            && transmit.contents.len()
+                <= self.segment_size
+                    * segments_per_send(self.segment_size)
+                        .saturating_sub(self.contents.len() / self.segment_size)
+    }
+}
+
+/// Whether `transmit` is a batch of full packets worth keeping back: at
+/// least two packets, all of one size, with room for more in one call.
+fn worth_keeping(transmit: &Transmit<'_>) -> bool {
+    match transmit.segment_size {
+        Some(size) if size > 0 => {
+            let len = transmit.contents.len();
+            len % size == 0 && len >= 2 * size && len + size <= segments_per_send(size) * size
+        }
+        _ => false,
+    }
 }
 
 impl SplitBatches {
     pub(crate) fn new(inner: Arc<dyn AsyncUdpSocket>) -> Self {
-        Self { inner }
+        Self {
+            shared: Arc::new(Shared {
+                inner,
+                kept: Mutex::new(Kept::default()),
+            }),
+        }
     }
 }
 
-impl fmt::Debug for SplitBatches {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter
-            .debug_struct("SplitBatches")
-            .field("inner", &self.inner)
-            .finish()
-    }
-}
-
-/// How many whole segments of `segment_size` bytes fit one `sendmsg`.
-fn segments_per_send(segment_size: usize) -> usize {
-    (MAX_SEND_BYTES / segment_size.max(1)).max(1)
-}
-
-impl AsyncUdpSocket for SplitBatches {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        self.inner.clone().create_io_poller()
+impl Shared {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+    /// Sends what is kept now. `WouldBlock` keeps it.
+    fn flush(&self, kept: &mut Kept) -> io::Result<()> {
+        let Some(transmit) = kept.transmit() else {
+            return Ok(());
+        };
+        let sent = self.inner.try_send(&transmit);
+        match sent {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Err(error),
+            other => {
+                // Sent, or refused for good: quinn's own socket logs such
+                // errors and drops the packets, which then count as lost.
+                kept.clear();
+                other
+            }
+        }
+    }
+
+    /// Sends `transmit` at once, in as few calls as fit.
+    fn send_now(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         let segment_size = match transmit.segment_size {
             Some(size) if transmit.contents.len() > MAX_SEND_BYTES => size,
             _ => return self.inner.try_send(transmit),
@@ -87,6 +174,101 @@ impl AsyncUdpSocket for SplitBatches {
         }
         Ok(())
     }
+}
+
+/// Sends what `shared` keeps once the task that kept it has yielded,
+/// waiting for the socket to take it.
+async fn send_kept(shared: Weak<Shared>) {
+    tokio::task::yield_now().await;
+    let mut poller = None;
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let result = {
+            let mut kept = shared.kept();
+            if kept.is_empty() {
+                return;
+            }
+            shared.flush(&mut kept)
+        };
+        match result {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                let poller = poller.get_or_insert_with(|| shared.inner.clone().create_io_poller());
+                drop(shared);
+                if std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "a kept batch could not be sent");
+                return;
+            }
+            Ok(()) => return,
+        }
+    }
+}
+
+impl fmt::Debug for SplitBatches {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("SplitBatches")
+            .field("inner", &self.shared.inner)
+            .finish()
+    }
+}
+
+/// How many whole segments of `segment_size` bytes fit one `sendmsg`.
+fn segments_per_send(segment_size: usize) -> usize {
+    (MAX_SEND_BYTES / segment_size.max(1)).max(1)
+}
+
+impl AsyncUdpSocket for SplitBatches {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.shared.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        let shared = &self.shared;
+        let mut kept = shared.kept();
+        if !kept.is_empty() {
+            if !kept.joins(transmit) {
+                // What is kept goes first; if the socket is full, this
+                // transmit waits with it (quinn offers it again).
+                shared.flush(&mut kept)?;
+            } else {
+                kept.contents.extend_from_slice(transmit.contents);
+                if worth_keeping(&Transmit {
+                    contents: &kept.contents,
+                    ..*transmit
+                }) {
+                    return Ok(());
+                }
+                // Full, or ended by a short packet: out now, or by the
+                // task already spawned if the socket is full.
+                return match shared.flush(&mut kept) {
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                    other => other,
+                };
+            }
+        }
+        if worth_keeping(transmit) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                kept.contents.extend_from_slice(transmit.contents);
+                kept.destination = Some(transmit.destination);
+                kept.ecn = transmit.ecn;
+                kept.src_ip = transmit.src_ip;
+                kept.segment_size = transmit.segment_size.unwrap_or(transmit.contents.len());
+                runtime.spawn(send_kept(Arc::downgrade(shared)));
+                return Ok(());
+            }
+        }
+        drop(kept);
+        shared.send_now(transmit)
+    }
 
     fn poll_recv(
         &self,
@@ -94,23 +276,23 @@ impl AsyncUdpSocket for SplitBatches {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        self.shared.inner.poll_recv(cx, bufs, meta)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+        self.shared.inner.local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        self.shared.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        self.shared.inner.max_receive_segments()
     }
 
     fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
+        self.shared.inner.may_fragment()
     }
 }
 
@@ -128,7 +310,7 @@ mod tests {
 
     impl AsyncUdpSocket for Recorder {
         fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-            unimplemented!("not polled in these tests")
+            Box::pin(AlwaysWritable)
         }
 
         fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
@@ -153,6 +335,142 @@ mod tests {
         fn local_addr(&self) -> io::Result<SocketAddr> {
             Ok(SocketAddr::from(([127, 0, 0, 1], 1)))
         }
+    }
+
+    /// A socket that always takes more.
+    #[derive(Debug)]
+    struct AlwaysWritable;
+
+    impl UdpPoller for AlwaysWritable {
+        fn poll_writable(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn to(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn send_to(
+        socket: &SplitBatches,
+        destination: SocketAddr,
+        len: usize,
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let contents = vec![0u8; len];
+        socket.try_send(&Transmit {
+            destination,
+            ecn: None,
+            contents: &contents,
+            segment_size: segment,
+            src_ip: None,
+        })
+    }
+
+    /// Runs `body` on a current-thread runtime, as a shard does.
+    fn on_a_shard(body: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(body);
+    }
+
+    /// Lets the task that sends kept batches run.
+    async fn let_it_run() {
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn full_batches_join_the_next_ones_and_a_short_packet_sends_them() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder::default());
+            let socket = SplitBatches::new(recorder.clone());
+            send_to(&socket, to(2), 10 * 1466, Some(1466)).unwrap();
+            send_to(&socket, to(2), 10 * 1466, Some(1466)).unwrap();
+            assert!(recorder.sent.lock().unwrap().is_empty(), "kept back");
+            send_to(&socket, to(2), 4 * 1466 + 100, Some(1466)).unwrap();
+            assert_eq!(
+                *recorder.sent.lock().unwrap(),
+                [(24 * 1466 + 100, Some(1466))]
+            );
+            let_it_run().await;
+            assert_eq!(recorder.sent.lock().unwrap().len(), 1, "nothing twice");
+        });
+    }
+
+    #[test]
+    fn a_kept_batch_goes_out_once_the_sender_yields() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder::default());
+            let socket = SplitBatches::new(recorder.clone());
+            send_to(&socket, to(2), 10 * 1466, Some(1466)).unwrap();
+            assert!(recorder.sent.lock().unwrap().is_empty());
+            let_it_run().await;
+            assert_eq!(*recorder.sent.lock().unwrap(), [(10 * 1466, Some(1466))]);
+        });
+    }
+
+    #[test]
+    fn a_send_elsewhere_or_one_that_does_not_fit_sends_the_kept_batch_first() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder::default());
+            let socket = SplitBatches::new(recorder.clone());
+            send_to(&socket, to(2), 10 * 1466, Some(1466)).unwrap();
+            send_to(&socket, to(3), 1200, None).unwrap();
+            // Four batches of ten fit one call of 64 KiB (44 packets); the
+            // fifth does not.
+            for _ in 0..5 {
+                send_to(&socket, to(2), 10 * 1466, Some(1466)).unwrap();
+            }
+            let_it_run().await;
+            let sent = recorder.sent.lock().unwrap().clone();
+            assert_eq!(
+                sent,
+                [
+                    (10 * 1466, Some(1466)),
+                    (1200, None),
+                    (40 * 1466, Some(1466)),
+                    (10 * 1466, Some(1466)),
+                ]
+            );
+            assert!(sent.iter().all(|(len, _)| *len <= MAX_SEND_BYTES));
+        });
+    }
+
+    #[test]
+    fn a_full_socket_keeps_the_batch_and_holds_back_what_comes_after_it() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder {
+                fail: vec![0],
+                ..Recorder::default()
+            });
+            let socket = SplitBatches::new(recorder.clone());
+            send_to(&socket, to(2), 10 * 1466, Some(1466)).unwrap();
+            // The kept batch cannot go: the packet for elsewhere is refused
+            // too, so quinn offers it again later, after the batch.
+            let error = send_to(&socket, to(3), 1200, None).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+            let_it_run().await;
+            send_to(&socket, to(3), 1200, None).unwrap();
+            assert_eq!(
+                *recorder.sent.lock().unwrap(),
+                [(0, None), (10 * 1466, Some(1466)), (1200, None)]
+            );
+        });
+    }
+
+    #[test]
+    fn small_packets_and_jumbo_batches_are_never_kept() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder::default());
+            let socket = SplitBatches::new(recorder.clone());
+            send_to(&socket, to(2), 64, None).unwrap();
+            send_to(&socket, to(2), 2 * 1466 + 10, Some(1466)).unwrap();
+            send_to(&socket, to(2), 10 * 8952, Some(8952)).unwrap();
+            assert_eq!(recorder.sent.lock().unwrap().len(), 4);
+        });
     }
 
     fn send(recorder: Arc<Recorder>, len: usize, segment: Option<usize>) -> io::Result<()> {
