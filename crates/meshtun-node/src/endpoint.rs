@@ -184,9 +184,10 @@ fn transport(quic: &Quic, accept_streams: bool) -> Result<TransportConfig, NodeE
         .time_threshold(REORDER_TIME_THRESHOLD);
     // Left at quinn's defaults, on purpose:
     // - Segmentation offload (GSO) on send and GRO on receive: quinn batches
-    //   up to 10 packets per `sendmsg` (split in two above 6,550-byte
-    //   packets, see gso.rs), and on the lab's veth links a `recvmmsg`
-    //   returns them as one 14,660-byte buffer (10 x 1466).
+    //   up to 10 packets per transmit, which the socket (gso.rs) joins
+    //   into calls of up to 64 KiB (or splits above 6,550-byte packets),
+    //   and on the lab's veth links a `recvmmsg` returns a call's packets
+    //   as one buffer.
     // - No ACK frequency extension: asking the peer to acknowledge every
     //   10th packet (within 2 ms) cost as much CPU per GiB as quinn's
     //   ACK-every-other-packet (7.0-7.9 against 6.5-7.9 s/GiB over both
