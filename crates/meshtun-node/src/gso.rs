@@ -23,9 +23,10 @@
 //! and sent with the next ones to the same place in one call: when one
 //! arrives that ends with a short packet, when no more fit, when one for
 //! elsewhere arrives, or, at the latest, when the task that sent it has
-//! yielded (a task spawned at the first kept batch sends what is kept). A
-//! lone small packet is never kept, so a request-response exchange waits
-//! for nothing.
+//! yielded (a task spawned at the first kept batch sends what is kept,
+//! once the shard's other ready tasks have had their turn). A lone packet
+//! is never kept, nor a batch that ends with a short one (the end of a
+//! burst), so a small request or answer waits for nothing.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -61,6 +62,8 @@ struct Kept {
     ecn: Option<EcnCodepoint>,
     src_ip: Option<IpAddr>,
     segment_size: usize,
+    /// The most bytes one call may carry at this segment size.
+    limit: usize,
 }
 
 impl Kept {
@@ -84,29 +87,23 @@ impl Kept {
     }
 
     /// Whether `transmit` may join what is kept: the same place, marking
-    /// and packet size, and room for it in one call.
+    /// and packet size, what is kept ends on a whole packet (a short one
+    /// ends a batch), and there is room for it in one call.
     fn joins(&self, transmit: &Transmit<'_>) -> bool {
         self.destination == Some(transmit.destination)
             && self.ecn == transmit.ecn
             && self.src_ip == transmit.src_ip
             && transmit.segment_size.unwrap_or(transmit.contents.len()) == self.segment_size
-            && transmit.contents.len()
-                <= self.segment_size
-                    * segments_per_send(self.segment_size)
-                        .saturating_sub(self.contents.len() / self.segment_size)
+            && self.contents.len() % self.segment_size == 0
+            && transmit.contents.len() <= self.limit.saturating_sub(self.contents.len())
     }
 }
 
-/// Whether `transmit` is a batch of full packets worth keeping back: at
-/// least two packets, all of one size, with room for more in one call.
-fn worth_keeping(transmit: &Transmit<'_>) -> bool {
-    match transmit.segment_size {
-        Some(size) if size > 0 => {
-            let len = transmit.contents.len();
-            len % size == 0 && len >= 2 * size && len + size <= segments_per_send(size) * size
-        }
-        _ => false,
-    }
+/// Whether `len` bytes of `size`-byte packets are worth keeping back (or
+/// keeping on with) when one call may carry `limit` bytes: at least two
+/// packets, all full, with room for more.
+fn worth_keeping(len: usize, size: usize, limit: usize) -> bool {
+    size > 0 && len % size == 0 && len >= 2 * size && len + size <= limit
 }
 
 impl SplitBatches {
@@ -127,19 +124,34 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Sends what is kept now. `WouldBlock` keeps it.
+    /// The most bytes one call may carry in `size`-byte packets: what
+    /// fits 64 KiB, within what the socket does with segmentation offload
+    /// now (it turns it off if the kernel refuses it), and the kernel's
+    /// 64 segments.
+    fn limit(&self, size: usize) -> usize {
+        segments_per_send(size)
+            .min(self.inner.max_transmit_segments())
+            .min(64)
+            * size
+    }
+
+    /// Sends what is kept now. `WouldBlock` keeps it; any other error
+    /// drops it (the packets count as lost, as quinn's own socket does
+    /// with such errors), since the transmits in it were taken long ago.
     fn flush(&self, kept: &mut Kept) -> io::Result<()> {
         let Some(transmit) = kept.transmit() else {
             return Ok(());
         };
-        let sent = self.inner.try_send(&transmit);
-        match sent {
+        match self.inner.try_send(&transmit) {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => Err(error),
-            other => {
-                // Sent, or refused for good: quinn's own socket logs such
-                // errors and drops the packets, which then count as lost.
+            Err(error) => {
+                tracing::debug!(%error, "a kept batch could not be sent");
                 kept.clear();
-                other
+                Ok(())
+            }
+            Ok(()) => {
+                kept.clear();
+                Ok(())
             }
         }
     }
@@ -203,11 +215,7 @@ async fn send_kept(shared: Weak<Shared>) {
                     return;
                 }
             }
-            Err(error) => {
-                tracing::debug!(%error, "a kept batch could not be sent");
-                return;
-            }
-            Ok(()) => return,
+            Err(_) | Ok(()) => return,
         }
     }
 }
@@ -241,29 +249,31 @@ impl AsyncUdpSocket for SplitBatches {
                 shared.flush(&mut kept)?;
             } else {
                 kept.contents.extend_from_slice(transmit.contents);
-                if worth_keeping(&Transmit {
-                    contents: &kept.contents,
-                    ..*transmit
-                }) {
+                if worth_keeping(kept.contents.len(), kept.segment_size, kept.limit) {
                     return Ok(());
                 }
                 // Full, or ended by a short packet: out now, or by the
-                // task already spawned if the socket is full.
+                // task already spawned if the socket is full (this
+                // transmit is taken either way).
                 return match shared.flush(&mut kept) {
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(()),
                     other => other,
                 };
             }
         }
-        if worth_keeping(transmit) {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                kept.contents.extend_from_slice(transmit.contents);
-                kept.destination = Some(transmit.destination);
-                kept.ecn = transmit.ecn;
-                kept.src_ip = transmit.src_ip;
-                kept.segment_size = transmit.segment_size.unwrap_or(transmit.contents.len());
-                runtime.spawn(send_kept(Arc::downgrade(shared)));
-                return Ok(());
+        if let Some(size) = transmit.segment_size {
+            let limit = shared.limit(size);
+            if worth_keeping(transmit.contents.len(), size, limit) {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    kept.contents.extend_from_slice(transmit.contents);
+                    kept.destination = Some(transmit.destination);
+                    kept.ecn = transmit.ecn;
+                    kept.src_ip = transmit.src_ip;
+                    kept.segment_size = size;
+                    kept.limit = limit;
+                    runtime.spawn(send_kept(Arc::downgrade(shared)));
+                    return Ok(());
+                }
             }
         }
         drop(kept);
@@ -305,7 +315,11 @@ mod tests {
     #[derive(Debug, Default)]
     struct Recorder {
         sent: Mutex<Vec<(usize, Option<usize>)>>,
+        /// Every byte sent, in order.
+        bytes: Mutex<Vec<u8>>,
         fail: Vec<usize>,
+        /// What `max_transmit_segments` says (0: 64, as with GSO on).
+        segments: usize,
     }
 
     impl AsyncUdpSocket for Recorder {
@@ -320,7 +334,19 @@ mod tests {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             sent.push((transmit.contents.len(), transmit.segment_size));
+            self.bytes
+                .lock()
+                .unwrap()
+                .extend_from_slice(transmit.contents);
             Ok(())
+        }
+
+        fn max_transmit_segments(&self) -> usize {
+            if self.segments == 0 {
+                64
+            } else {
+                self.segments
+            }
         }
 
         fn poll_recv(
@@ -357,10 +383,22 @@ mod tests {
         len: usize,
         segment: Option<usize>,
     ) -> io::Result<()> {
-        let contents = vec![0u8; len];
+        send_marked(socket, destination, len, segment, 0, None)
+    }
+
+    /// Sends `len` bytes of `mark`.
+    fn send_marked(
+        socket: &SplitBatches,
+        destination: SocketAddr,
+        len: usize,
+        segment: Option<usize>,
+        mark: u8,
+        ecn: Option<EcnCodepoint>,
+    ) -> io::Result<()> {
+        let contents = vec![mark; len];
         socket.try_send(&Transmit {
             destination,
-            ecn: None,
+            ecn,
             contents: &contents,
             segment_size: segment,
             src_ip: None,
@@ -458,6 +496,75 @@ mod tests {
                 *recorder.sent.lock().unwrap(),
                 [(0, None), (10 * 1466, Some(1466)), (1200, None)]
             );
+        });
+    }
+
+    #[test]
+    fn a_batch_never_joins_one_that_ended_with_a_short_packet() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder {
+                fail: vec![0],
+                ..Recorder::default()
+            });
+            let socket = SplitBatches::new(recorder.clone());
+            send_marked(&socket, to(2), 10 * 1466, Some(1466), 1, None).unwrap();
+            // Ends with a short packet; the socket is full, so it is kept
+            // (and taken).
+            send_marked(&socket, to(2), 4 * 1466 + 100, Some(1466), 2, None).unwrap();
+            // Must not be appended after the short packet.
+            send_marked(&socket, to(2), 10 * 1466, Some(1466), 3, None).unwrap();
+            let_it_run().await;
+            assert_eq!(
+                *recorder.sent.lock().unwrap(),
+                [
+                    (0, None),
+                    (14 * 1466 + 100, Some(1466)),
+                    (10 * 1466, Some(1466))
+                ]
+            );
+            let bytes = recorder.bytes.lock().unwrap().clone();
+            let mut expected = vec![1u8; 10 * 1466];
+            expected.extend(vec![2u8; 4 * 1466 + 100]);
+            expected.extend(vec![3u8; 10 * 1466]);
+            assert!(bytes == expected, "bytes out of order");
+        });
+    }
+
+    #[test]
+    fn only_batches_to_the_same_place_with_the_same_marking_join() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder::default());
+            let socket = SplitBatches::new(recorder.clone());
+            let ect = Some(EcnCodepoint::Ect0);
+            send_marked(&socket, to(2), 10 * 1466, Some(1466), 1, None).unwrap();
+            send_marked(&socket, to(3), 10 * 1466, Some(1466), 2, None).unwrap();
+            send_marked(&socket, to(3), 10 * 1466, Some(1466), 3, ect).unwrap();
+            send_marked(&socket, to(3), 10 * 1466, Some(1466), 4, ect).unwrap();
+            let_it_run().await;
+            assert_eq!(
+                *recorder.sent.lock().unwrap(),
+                [
+                    (10 * 1466, Some(1466)),
+                    (10 * 1466, Some(1466)),
+                    (20 * 1466, Some(1466))
+                ]
+            );
+            let bytes = recorder.bytes.lock().unwrap().clone();
+            let expected: Vec<u8> = (1..=4u8).flat_map(|mark| vec![mark; 10 * 1466]).collect();
+            assert!(bytes == expected, "bytes out of order");
+        });
+    }
+
+    #[test]
+    fn nothing_is_kept_when_the_socket_sends_one_packet_a_call() {
+        on_a_shard(async {
+            let recorder = Arc::new(Recorder {
+                segments: 1,
+                ..Recorder::default()
+            });
+            let socket = SplitBatches::new(recorder.clone());
+            send_to(&socket, to(2), 10 * 1466, Some(1466)).unwrap();
+            assert_eq!(recorder.sent.lock().unwrap().len(), 1, "sent at once");
         });
     }
 
