@@ -783,6 +783,16 @@ impl NotifySocket {
     }
 }
 
+/// Sends SIGHUP to `daemon` and waits for systemd's RELOADING=1 and
+/// READY=1 around the reload, whatever its outcome.
+async fn reload_bracketed(daemon: &mut Daemon, notify: &mut NotifySocket) {
+    daemon.signal("HUP");
+    let reloading = notify.next(Duration::from_secs(5)).await;
+    assert!(reloading.starts_with("RELOADING=1\n"), "{reloading:?}");
+    let ready = notify.next(Duration::from_secs(5)).await;
+    assert!(ready.starts_with("READY=1"), "after RELOADING: {ready:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_hears_ready_after_the_listeners_reload_brackets_and_stopping() {
     let mut notify = NotifySocket::bind();
@@ -840,15 +850,7 @@ async fn systemd_hears_ready_after_the_listeners_reload_brackets_and_stopping() 
     let config = cluster.dir.join("node-a.toml");
     let good = fs::read_to_string(&config).expect("read config");
     fs::write(&config, format!("{good}\nbogus_key = 1\n")).expect("break config");
-    cluster.node_a.signal("HUP");
-    assert!(notify
-        .next(Duration::from_secs(5))
-        .await
-        .starts_with("RELOADING=1\n"));
-    assert!(notify
-        .next(Duration::from_secs(5))
-        .await
-        .starts_with("READY=1"));
+    reload_bracketed(&mut cluster.node_a, &mut notify).await;
     let status = status_of(cluster.admin_a).await;
     assert_eq!(status["reload"]["failures"], 1, "{status}");
     let error = status["reload"]["last_error"].as_str().unwrap_or_default();
@@ -869,15 +871,7 @@ async fn systemd_hears_ready_after_the_listeners_reload_brackets_and_stopping() 
     );
     assert_ne!(moved, good, "the test should move a forward");
     fs::write(&config, &moved).expect("move a forward");
-    cluster.node_a.signal("HUP");
-    assert!(notify
-        .next(Duration::from_secs(5))
-        .await
-        .starts_with("RELOADING=1\n"));
-    assert!(notify
-        .next(Duration::from_secs(5))
-        .await
-        .starts_with("READY=1"));
+    reload_bracketed(&mut cluster.node_a, &mut notify).await;
     let status = status_of(cluster.admin_a).await;
     assert_eq!(status["reload"]["successes"], 2, "{status}");
     let listens: Vec<String> = status["forwards"]
@@ -916,15 +910,7 @@ async fn systemd_hears_ready_after_the_listeners_reload_brackets_and_stopping() 
     let quic_changed = moved.replace("idle_timeout = \"3s\"", "idle_timeout = \"4s\"");
     assert_ne!(quic_changed, moved, "the test should change [quic]");
     fs::write(&config, quic_changed).expect("change [quic]");
-    cluster.node_a.signal("HUP");
-    assert!(notify
-        .next(Duration::from_secs(5))
-        .await
-        .starts_with("RELOADING=1\n"));
-    assert!(notify
-        .next(Duration::from_secs(5))
-        .await
-        .starts_with("READY=1"));
+    reload_bracketed(&mut cluster.node_a, &mut notify).await;
     let status = status_of(cluster.admin_a).await;
     assert_eq!(status["reload"]["failures"], 2, "{status}");
     let error = status["reload"]["last_error"].as_str().unwrap_or_default();

@@ -12,26 +12,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_server, free_tcp_ports, free_udp_port, init_ca, issue, status_of, Daemon, TempDir,
-    MIB_BYTES,
+    echo_server, free_tcp_ports, free_udp_port, init_ca, issue, peer_status, status_of, Daemon,
+    TempDir, MIB_BYTES,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How long the daemons may take to start, connect and reload.
 const SETTLE: Duration = Duration::from_secs(15);
-
-/// `node`'s view of `peer` in its `/status` (`Null` if it has none).
-async fn peer_status(admin: SocketAddr, peer: &str) -> serde_json::Value {
-    let status = status_of(admin).await;
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|entry| entry["name"] == peer)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
-}
 
 /// Polls `check` every 50 ms until it holds or [`SETTLE`] passes.
 async fn eventually<F, Fut>(what: &str, mut check: F)

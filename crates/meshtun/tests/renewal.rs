@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{
     echo_checked, echo_server, free_tcp_ports, free_udp_port, meshtun, meshtun_with, peer_serials,
-    status_of, ChildGuard, Daemon, TempDir, MIB_BYTES,
+    peer_status, status_of, ChildGuard, Daemon, TempDir, MIB_BYTES,
 };
 use meshtun_pki::{Authority, Issuance, IssuedRecord, Ledger, RevocationList, Validity, CRL_FILE};
 use meshtun_proto::NodeName;
@@ -210,18 +210,6 @@ impl Pair {
         }
         pair
     }
-}
-
-/// `/status` `peers[name]` of the node behind `admin`.
-async fn peer_status(admin: SocketAddr, peer: &str) -> serde_json::Value {
-    let status = status_of(admin).await;
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|entry| entry["name"] == peer)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -478,6 +478,18 @@ pub(crate) async fn echo_checked(
     received
 }
 
+/// `/status` `peers[name]` of the node behind `admin` (`Null` if none).
+pub(crate) async fn peer_status(admin: SocketAddr, peer: &str) -> serde_json::Value {
+    let status = status_of(admin).await;
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|entry| entry["name"] == peer)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// The serials of the certificates `peer` presents to the node behind `admin`.
 pub(crate) async fn peer_serials(admin: SocketAddr, peer: &str) -> Vec<String> {
     let status = status_of(admin).await;
