@@ -8,14 +8,17 @@
 //! and handed to quinn without a copy, and stream chunks are written to the
 //! socket with one vectored write.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use meshtun_proto::{Status, StatusCode, StreamCode, MAX_STATUS_LEN};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -286,21 +289,27 @@ pub(crate) async fn splice(
     stats: &PeerStats,
     context: Context<'_>,
 ) -> Result<Totals, (Failure, Totals)> {
-    let (mut tcp_read, mut tcp_write) = tcp.split();
     let mut totals = Totals::default();
-    let up = tcp_to_stream(
-        &mut tcp_read,
-        send,
-        Moved::new(&mut totals.uplink, &stats.sent),
-        context,
-    );
-    let down = stream_to_tcp(
-        recv,
-        &mut tcp_write,
-        downlink,
-        Moved::new(&mut totals.downlink, &stats.received),
-    );
-    let result = join_both(up, down, context.cancel).await;
+    let result = {
+        let (mut tcp_read, mut tcp_write) = tcp.split();
+        let up = tcp_to_stream(
+            &mut tcp_read,
+            send,
+            Moved::new(&mut totals.uplink, &stats.sent),
+            context,
+        );
+        let down = stream_to_tcp(
+            recv,
+            &mut tcp_write,
+            downlink,
+            Moved::new(&mut totals.downlink, &stats.received),
+        );
+        // Pinned here and lent to `join_both`: an async fn keeps the futures
+        // it is given by value twice in its own state, and this state is what
+        // every idle connection costs.
+        tokio::pin!(up, down);
+        join_both(up.as_mut(), down.as_mut(), context.cancel).await
+    };
     match result {
         Ok(()) => {
             // Both FINs went through: the socket may now close gracefully.
@@ -312,28 +321,27 @@ pub(crate) async fn splice(
 }
 
 async fn join_both(
-    up: impl std::future::Future<Output = Result<(), Failure>>,
-    down: impl std::future::Future<Output = Result<(), Failure>>,
+    mut up: Pin<&mut impl Future<Output = Result<(), Failure>>>,
+    mut down: Pin<&mut impl Future<Output = Result<(), Failure>>>,
     cancel: &CancellationToken,
 ) -> Result<(), Failure> {
-    tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
-            result = &mut up, if !up_done => match result {
+            result = up.as_mut(), if !up_done => match result {
                 Ok(()) => up_done = true,
                 Err(Failure::StreamStopped(code)) if !down_done && is_refusal(code) => {
                     // The acceptor writes its status before it stops our
                     // sending half, but the stop may be seen first: give
                     // the status a moment to arrive so the log says why.
-                    return Err(match tokio::time::timeout(STATUS_GRACE, &mut down).await {
+                    return Err(match tokio::time::timeout(STATUS_GRACE, down.as_mut()).await {
                         Ok(Err(failure @ Failure::Refused(_))) => failure,
                         _ => Failure::StreamStopped(code),
                     });
                 }
                 Err(failure) => return Err(failure),
             },
-            result = &mut down, if !down_done => { result?; down_done = true; }
+            result = down.as_mut(), if !down_done => { result?; down_done = true; }
             () = cancel.cancelled() => return Err(Failure::Shutdown),
         }
     }
@@ -390,7 +398,7 @@ async fn tcp_to_stream(
             // buffer never outgrows what the budget counts for it.
             buffer.reserve(READ_CHUNK.saturating_sub(buffer.len()));
         }
-        let read = match tcp.try_read_buf(buffer) {
+        let read = match read_now(tcp, buffer).await {
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 // Drained: what is pending is small (see below), so it is
@@ -431,12 +439,33 @@ async fn tcp_to_stream(
             continue;
         }
         let chunk = buffer.split().freeze();
+        // quinn's write does not spend tokio's cooperative budget, but the
+        // read does: once it is spent the read reports nothing to read, the
+        // pending bytes go out, and the wait for the socket yields, so a
+        // fast client cannot keep the shard from the connection's tasks.
         send.stream.write_chunk(chunk).await?;
-        // Neither the non-blocking read nor quinn's write spends tokio's
-        // cooperative budget: yield now and then, so a fast client cannot
-        // keep its worker thread from the connection's own tasks.
-        tokio::task::consume_budget().await;
     }
+}
+
+/// Reads what `tcp` holds now into `buffer`'s spare capacity, or fails with
+/// `WouldBlock` if it holds nothing, without waiting.
+///
+/// `try_read_buf` would do, but it tells tokio the socket is drained only
+/// when a read fails with `WouldBlock`: every message of a client that
+/// sends small ones would cost a second `read` that fails. tokio's own read
+/// path also takes a read that came back short as proof that the socket is
+/// drained, so the read after it finds tokio's readiness cleared and
+/// returns at once, with no system call.
+async fn read_now(tcp: &mut ReadHalf<'_>, buffer: &mut BytesMut) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+
+    let read = tcp.read_buf(buffer);
+    tokio::pin!(read);
+    std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+        Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+        ready @ Poll::Ready(_) => ready,
+    })
+    .await
 }
 
 /// What is pending in `buffer`, copied into a chunk of its own size, so
@@ -476,21 +505,37 @@ async fn stream_to_tcp(
         moved.add(first.len());
         tcp.write_all(&first).await.map_err(Failure::TcpWrite)?;
     }
-    let mut chunks: [Bytes; MAX_CHUNKS] = Default::default();
     loop {
-        match recv.read_chunks(&mut chunks).await? {
-            Some(count) => {
-                let chunks = &mut chunks[..count];
-                moved.add(chunks.iter().map(Bytes::len).sum());
-                write_all_chunks(tcp, chunks)
-                    .await
-                    .map_err(Failure::TcpWrite)?;
-            }
-            None => {
-                tcp.shutdown().await.map_err(Failure::TcpWrite)?;
-                return Ok(());
-            }
-        }
+        // The wait for data holds no room for a batch, so an idle connection
+        // costs only this future's small state; the batch is taken once the
+        // first chunk is in.
+        let Some(first) = recv.read_chunk(usize::MAX, true).await? else {
+            tcp.shutdown().await.map_err(Failure::TcpWrite)?;
+            return Ok(());
+        };
+        let mut chunks = vec![Bytes::new(); MAX_CHUNKS];
+        chunks[0] = first.bytes;
+        let count = 1 + more_chunks(recv, &mut chunks[1..])?;
+        let chunks = &mut chunks[..count];
+        moved.add(chunks.iter().map(Bytes::len).sum());
+        write_all_chunks(tcp, chunks)
+            .await
+            .map_err(Failure::TcpWrite)?;
+    }
+}
+
+/// Fills `chunks` with what the stream has received already, without
+/// waiting; returns how many. An end of stream or a reset is left for the
+/// next read to report.
+fn more_chunks(recv: &mut RecvStream, chunks: &mut [Bytes]) -> Result<usize, Failure> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let read = recv.read_chunks(chunks);
+    let read = std::pin::pin!(read);
+    match read.poll(&mut cx) {
+        Poll::Ready(Ok(Some(count))) => Ok(count),
+        Poll::Ready(Ok(None)) | Poll::Pending => Ok(0),
+        Poll::Ready(Err(error)) => Err(error.into()),
     }
 }
 
@@ -501,15 +546,17 @@ async fn write_all_chunks(tcp: &mut WriteHalf<'_>, mut chunks: &mut [Bytes]) -> 
             chunks = &mut chunks[1..];
             continue;
         }
-        let mut written = {
-            // On the stack: this runs for every batch of received chunks.
+        let mut written = std::future::poll_fn(|cx| {
+            // Built on the stack at each try, so that the slices are not
+            // part of the connection's future while it waits.
             let mut slices = [IoSlice::new(&[]); MAX_CHUNKS];
             let count = chunks.len().min(MAX_CHUNKS);
             for (slice, chunk) in slices.iter_mut().zip(chunks.iter()) {
                 *slice = IoSlice::new(chunk);
             }
-            tcp.write_vectored(&slices[..count]).await?
-        };
+            Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
