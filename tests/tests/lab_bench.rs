@@ -1,4 +1,4 @@
-//! `meshtun-lab bench --quick` end to end: direct TCP and meshtun in two
+//! `meshtun-bench --quick` end to end: direct TCP and meshtun in two
 //! namespace hosts, every measurement at both MTUs, the JSON and the PNG.
 //! No performance assertion: one run's figures are noise; only the ratios
 //! within a full run mean anything.
@@ -11,7 +11,7 @@ mod lab_support;
 use std::process::Command;
 
 use lab_support::require_tool;
-use meshtun_lab::bench::{self, Options, MEASUREMENTS};
+use meshtun_bench::{Options, MEASUREMENTS};
 use meshtun_lab::require_netns;
 
 #[test]
@@ -26,7 +26,7 @@ fn a_quick_bench_measures_everything_for_direct_tcp_and_meshtun() {
     let out = std::env::temp_dir().join(format!("meshtun-lab-bench-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let options = Options::quick(out.clone());
-    let report = bench::run(&options).unwrap();
+    let report = meshtun_bench::run(&options).unwrap();
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 
     let json: serde_json::Value =

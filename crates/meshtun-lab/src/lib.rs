@@ -16,7 +16,6 @@
 //! only ever goes to loopback or to the lab's own namespaces. It talks to
 //! meshtun only through the `meshtun` binary, never through its crates.
 
-pub mod bench;
 pub mod capture;
 pub mod impair;
 pub mod pcap;

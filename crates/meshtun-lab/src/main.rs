@@ -4,8 +4,6 @@
 //! meshtun-lab up [HOST..]        hosts (default node-a node-b node-c) with PKI and configs
 //! meshtun-lab exec HOST CMD..    run a command inside a host
 //! meshtun-lab down               remove the lab, its namespaces and processes
-//! meshtun-lab bench [OPTIONS]    meshtun against direct TCP, socat, stunnel,
-//!                                ssh -L and spiped (see `meshtun_lab::bench`)
 //! ```
 //! `up` writes a config per host (every host peers with every other,
 //! exposes `echo` -> 127.0.0.1:7000 to all, and forwards 127.0.0.1:71NN to
@@ -33,14 +31,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("exec") if args.len() >= 3 => exec(&args[1], &args[2..]),
-        Some("bench") => meshtun_lab::bench::main(&args[1..]),
-        // The echo service of `bench`, run by it inside a lab host.
-        Some("bench-echo") => meshtun_lab::bench::echo_main(&args[1..]),
-        Some("bench-chart") => meshtun_lab::bench::chart_main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: meshtun-lab up [HOST..] | exec HOST CMD.. | down\n       {}",
-                meshtun_lab::bench::USAGE
+                "usage: meshtun-lab up [HOST..] | exec HOST CMD.. | down\n\
+                 (the side-by-side benchmark is `meshtun-bench`)"
             );
             ExitCode::from(64)
         }

@@ -1,4 +1,4 @@
-//! `meshtun-lab bench`: meshtun against other ways of carrying a TCP
+//! `meshtun-bench`: meshtun against other ways of carrying a TCP
 //! connection from one host to another, in one run.
 //!
 //! Two lab hosts, A and B. On B: an iperf3 server and an echo service. Each
@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub use contenders::Kind;
 use contenders::{Running, ECHO_PORT, IPERF_PORT};
 
-use crate::Lab;
+use meshtun_lab::{Host, Lab};
 
 /// What one bench run does.
 #[derive(Debug, Clone)]
@@ -68,8 +68,8 @@ pub struct Options {
     pub install: bool,
     /// Set by `--quick` (recorded in the report).
     pub quick: bool,
-    /// A program whose `bench-echo ADDR` subcommand serves the echo service
-    /// (the `meshtun-lab` binary); `None` serves it from this process.
+    /// A program whose `echo ADDR` subcommand serves the echo service
+    /// (the `meshtun-bench` binary); `None` serves it from this process.
     pub echo_helper: Option<PathBuf>,
 }
 
@@ -111,110 +111,7 @@ impl Options {
             ..Options::full(out)
         }
     }
-
-    /// Parses `bench` arguments (everything after `bench`).
-    pub fn parse(args: &[String]) -> Result<Options, String> {
-        let quick = args.iter().any(|arg| arg == "--quick");
-        let mut options = if quick {
-            Options::quick(PathBuf::from("bench-out"))
-        } else {
-            Options::full(PathBuf::from("bench-out"))
-        };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let mut value = |name: &str| {
-                args.next()
-                    .cloned()
-                    .ok_or_else(|| format!("{name} needs a value"))
-            };
-            fn number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, String> {
-                text.parse()
-                    .map_err(|_| format!("{name}: not a number: {text:?}"))
-            }
-            match arg.as_str() {
-                "--quick" => {}
-                "--out" => options.out = PathBuf::from(value("--out")?),
-                "--contenders" => {
-                    options.contenders = value("--contenders")?
-                        .split(',')
-                        .map(|name| {
-                            Kind::from_name(name.trim()).ok_or_else(|| {
-                                format!(
-                                    "unknown contender {name:?} (known: {})",
-                                    Kind::ALL.map(Kind::name).join(", ")
-                                )
-                            })
-                        })
-                        .collect::<Result<_, _>>()?;
-                    if !options.contenders.contains(&Kind::Meshtun) {
-                        options.contenders.push(Kind::Meshtun);
-                    }
-                    options.contenders.sort();
-                    options.contenders.dedup();
-                }
-                "--mtu" => {
-                    options.mtus = value("--mtu")?
-                        .split(',')
-                        .map(|mtu| number::<u32>("--mtu", mtu.trim()))
-                        .collect::<Result<_, _>>()?;
-                    if options.mtus.iter().any(|mtu| !(1280..=65535).contains(mtu)) {
-                        return Err("--mtu: each MTU must be in 1280..=65535".into());
-                    }
-                }
-                "--repetitions" => {
-                    options.repetitions = number("--repetitions", &value("--repetitions")?)?;
-                }
-                "--throughput-seconds" => {
-                    options.throughput_seconds =
-                        number("--throughput-seconds", &value("--throughput-seconds")?)?;
-                }
-                "--latency-ms" => {
-                    options.latency_time =
-                        Duration::from_millis(number("--latency-ms", &value("--latency-ms")?)?);
-                }
-                "--connect-ms" => {
-                    options.connect_time =
-                        Duration::from_millis(number("--connect-ms", &value("--connect-ms")?)?);
-                }
-                "--connect-workers" => {
-                    options.connect_workers =
-                        number("--connect-workers", &value("--connect-workers")?)?;
-                }
-                "--idle-connections" => {
-                    options.idle_connections =
-                        number("--idle-connections", &value("--idle-connections")?)?;
-                }
-                "--idle-open-seconds" => {
-                    options.idle_open_time = Duration::from_secs(number(
-                        "--idle-open-seconds",
-                        &value("--idle-open-seconds")?,
-                    )?);
-                }
-                "--no-install" => options.install = false,
-                other => return Err(format!("unknown bench option {other:?}\n{USAGE}")),
-            }
-        }
-        if !(1..=20).contains(&options.repetitions)
-            || !(1..=60).contains(&options.throughput_seconds)
-            || options.latency_time > Duration::from_secs(60)
-            || options.connect_time > Duration::from_secs(60)
-            || !(1..=64).contains(&options.connect_workers)
-            || !(1..=50_000).contains(&options.idle_connections)
-            || !(Duration::from_secs(1)..=Duration::from_secs(600))
-                .contains(&options.idle_open_time)
-        {
-            return Err(format!("an option is out of range\n{USAGE}"));
-        }
-        Ok(options)
-    }
 }
-
-/// The `bench` options, for usage messages.
-pub const USAGE: &str = "\
-meshtun-lab bench [--out DIR] [--quick] [--contenders direct,meshtun,stunnel,ssh,spiped,socat]
-                  [--mtu 1500,9000] [--repetitions N] [--throughput-seconds S]
-                  [--latency-ms MS] [--connect-ms MS] [--connect-workers N]
-                  [--idle-connections N] [--idle-open-seconds S] [--no-install]";
 
 /// One measurement: its id in the JSON, its label in the table and chart.
 #[derive(Debug, Clone, Copy)]
@@ -541,7 +438,7 @@ fn package_version(kind: Kind, meshtun: &Path) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn sysctl(host: &crate::Host, setting: &str) {
+fn sysctl(host: &Host, setting: &str) {
     let _ = host
         .command("sysctl")
         .args(["-q", "-w", setting])
@@ -638,13 +535,13 @@ fn measure_all(
     let _echo_helper = match &options.echo_helper {
         Some(program) => {
             let mut command = b.command(program);
-            command.arg("bench-echo").arg(echo_addr.to_string());
+            command.arg("echo").arg(echo_addr.to_string());
             let helper = ChildGuard(
                 command
                     .stdin(Stdio::piped())
                     .stdout(Stdio::null())
                     .spawn()
-                    .map_err(|error| format!("{} bench-echo: {error}", program.display()))?,
+                    .map_err(|error| format!("{} echo: {error}", program.display()))?,
             );
             let deadline = Instant::now() + Duration::from_secs(10);
             let direct = SocketAddr::from((b.addr, ECHO_PORT));
@@ -855,7 +752,7 @@ fn latency_samples(report: &mut Report, mtu: u32, kind: Kind, prefix: &str, samp
 }
 
 fn loaded_memory(
-    a: &crate::Host,
+    a: &Host,
     contender: &mut Running,
     options: &Options,
     mtu: u32,
@@ -1089,7 +986,7 @@ fn json(
         }));
     }
     json!({
-        "tool": "meshtun-lab bench",
+        "tool": "meshtun-bench",
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "started_unix": started_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "wall_seconds": report.wall.as_secs_f64(),
@@ -1121,105 +1018,67 @@ fn json(
     })
 }
 
-/// `meshtun-lab bench-chart DIR`: draws `DIR/bench.png` again from
-/// `DIR/bench.json` (after a change to the chart, without a new run).
-pub fn chart_main(args: &[String]) -> std::process::ExitCode {
-    let redraw = || -> Result<(), String> {
-        let dir = PathBuf::from(args.first().ok_or("bench-chart needs a directory")?);
-        let path = dir.join("bench.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|error| format!("{}: {error}", path.display()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?;
-        let mut options = Options::full(dir.clone());
-        let settings = &json["settings"];
-        options.mtus = settings["mtus"]
-            .as_array()
-            .map(|mtus| {
-                mtus.iter()
-                    .filter_map(|mtu| mtu.as_u64().and_then(|mtu| u32::try_from(mtu).ok()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        options.idle_connections = settings["idle_connections"]
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .unwrap_or(0);
-        let mut report = Report::default();
-        for contender in json["contenders"].as_array().into_iter().flatten() {
-            let kind = contender["name"].as_str().and_then(Kind::from_name);
-            if let (Some(kind), Some(true)) = (kind, contender["ran"].as_bool()) {
-                report.ran.push((kind, String::new()));
-            }
-        }
-        for result in json["results"].as_array().into_iter().flatten() {
-            let kind = result["contender"].as_str().and_then(Kind::from_name);
-            let id = MEASUREMENTS
-                .iter()
-                .find(|m| result["measurement"].as_str() == Some(m.id))
-                .map(|m| m.id);
-            let mtu = result["mtu"]
-                .as_u64()
-                .and_then(|mtu| u32::try_from(mtu).ok());
-            if let (Some(kind), Some(id), Some(mtu)) = (kind, id, mtu) {
-                report.figure(mtu, kind, id).value = result["value"].as_f64();
-            }
-        }
-        chart::draw(&dir.join("bench.png"), &report, &options).map(drop)
-    };
-    exit_code("bench-chart", redraw())
-}
-
-/// 0, or 1 after printing `error` prefixed with `what`.
-fn exit_code<T>(what: &str, outcome: Result<T, String>) -> std::process::ExitCode {
-    match outcome {
-        Ok(_) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("{what}: {error}");
-            std::process::ExitCode::from(1)
+/// Draws `dir/bench.png` again from `dir/bench.json` (after a change to
+/// the chart, without a new run).
+pub fn redraw_chart(dir: &Path) -> Result<(), String> {
+    let path = dir.join("bench.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?;
+    let mut options = Options::full(dir.to_path_buf());
+    let settings = &json["settings"];
+    options.mtus = settings["mtus"]
+        .as_array()
+        .map(|mtus| {
+            mtus.iter()
+                .filter_map(|mtu| mtu.as_u64().and_then(|mtu| u32::try_from(mtu).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    options.idle_connections = settings["idle_connections"]
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
+    let mut report = Report::default();
+    for contender in json["contenders"].as_array().into_iter().flatten() {
+        let kind = contender["name"].as_str().and_then(Kind::from_name);
+        if let (Some(kind), Some(true)) = (kind, contender["ran"].as_bool()) {
+            report.ran.push((kind, String::new()));
         }
     }
-}
-
-/// `meshtun-lab bench-echo ADDR`: the echo service, until stdin closes
-/// (the bench that started it went away).
-pub fn echo_main(args: &[String]) -> std::process::ExitCode {
-    let serve = || -> Result<(), String> {
-        let addr: SocketAddr = args
-            .first()
-            .ok_or("bench-echo needs an address")?
-            .parse()
-            .map_err(|error| format!("bench-echo address: {error}"))?;
-        raise_fd_limit()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|error| format!("tokio runtime: {error}"))?;
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|error| format!("listening on {addr}: {error}"))?;
-        measure::start_echo(&runtime, listener)?;
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(
-            &mut std::io::Read::take(std::io::stdin(), 1 << 20),
-            &mut sink,
-        );
-        Ok(())
-    };
-    exit_code("bench-echo", serve())
-}
-
-/// `meshtun-lab bench ARGS`: parses, runs, prints; the process exit code.
-pub fn main(args: &[String]) -> std::process::ExitCode {
-    let options = match Options::parse(args) {
-        Ok(options) => Options {
-            echo_helper: std::env::current_exe().ok(),
-            ..options
-        },
-        Err(error) => {
-            eprintln!("error: {error}");
-            return std::process::ExitCode::from(64);
+    for result in json["results"].as_array().into_iter().flatten() {
+        let kind = result["contender"].as_str().and_then(Kind::from_name);
+        let id = MEASUREMENTS
+            .iter()
+            .find(|m| result["measurement"].as_str() == Some(m.id))
+            .map(|m| m.id);
+        let mtu = result["mtu"]
+            .as_u64()
+            .and_then(|mtu| u32::try_from(mtu).ok());
+        if let (Some(kind), Some(id), Some(mtu)) = (kind, id, mtu) {
+            report.figure(mtu, kind, id).value = result["value"].as_f64();
         }
-    };
-    exit_code("error", run(&options))
+    }
+    chart::draw(&dir.join("bench.png"), &report, &options).map(drop)
+}
+
+/// The echo service on `addr`, until stdin closes (the bench that started
+/// it went away).
+pub fn serve_echo(addr: SocketAddr) -> Result<(), String> {
+    raise_fd_limit()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| format!("tokio runtime: {error}"))?;
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|error| format!("listening on {addr}: {error}"))?;
+    measure::start_echo(&runtime, listener)?;
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::io::stdin(), 1 << 20),
+        &mut sink,
+    );
+    Ok(())
 }

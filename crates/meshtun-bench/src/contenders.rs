@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::measure;
-use crate::{Daemon, Host, Lab};
+use crate::measure;
+use meshtun_lab::{Daemon, Host, Lab};
 
 /// The iperf3 server's port on host B (it listens on every address there).
 pub(crate) const IPERF_PORT: u16 = 5201;
@@ -413,16 +413,7 @@ pub(crate) fn start(lab: &Lab, kind: Kind, dir: &Path) -> Result<Running, String
 fn ssh_keygen(path: &Path) -> Result<(), String> {
     let _ = fs::remove_file(path);
     let output = Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "meshtun-lab-bench",
-            "-f",
-        ])
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "meshtun-bench", "-f"])
         .arg(path)
         .stdin(Stdio::null())
         .output()

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::{Kind, Options, Report};
+use crate::{Kind, Options, Report};
 
 /// TrueType fonts tried, in order (Debian's fonts-dejavu-core first).
 const FONTS: [&str; 4] = [
@@ -89,7 +89,7 @@ pub(crate) fn draw(
     let (top, body) = root.split_vertically(60);
     if text {
         top.draw_text(
-            "meshtun-lab bench: A's loopback → forwarder on A → link → forwarder on B → B's loopback",
+            "meshtun-bench: A's loopback → forwarder on A → link → forwarder on B → B's loopback",
             &("sans-serif", 24).into_font().color(&BLACK),
             (20, 18),
         )
@@ -124,7 +124,7 @@ fn speed_panel(
     };
     let series: Vec<Kind> = kinds.iter().copied().filter(|kind| *kind != base).collect();
     let relative = |kind: Kind, id: &str| -> Option<f64> {
-        let higher_is_better = super::MEASUREMENTS
+        let higher_is_better = crate::MEASUREMENTS
             .iter()
             .find(|m| m.id == id)
             .is_some_and(|m| m.higher_is_better);

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::Host;
+use meshtun_lab::Host;
 
 /// The most samples one ping-pong run keeps (a bound on memory and time).
 const MAX_SAMPLES: usize = 2_000_000;
