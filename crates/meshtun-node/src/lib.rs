@@ -59,7 +59,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshtun_config::{Allow, Config, Expose, Forward as ForwardConfig, Limits, Overlay, Peer};
 use meshtun_pki::{NodeCredentials, PeerRole, TrustBundle};
@@ -690,19 +690,12 @@ impl Drop for IncomingGuard {
     }
 }
 
-fn unix_seconds(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(since) => i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        Err(before) => -i64::try_from(before.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
 fn unix_now() -> i64 {
-    unix_seconds(SystemTime::now())
+    meshtun_pki::unix_seconds(SystemTime::now())
 }
 
 fn certificate_status(credentials: &NodeCredentials) -> CertificateStatus {
-    let not_after_unix = unix_seconds(credentials.not_after());
+    let not_after_unix = meshtun_pki::unix_seconds(credentials.not_after());
     let serial = credentials
         .chain()
         .first()
@@ -1021,7 +1014,7 @@ impl Node {
             });
         }
         let metrics = Metrics::new();
-        metrics.set_certificate_expiry(unix_seconds(credentials.not_after()));
+        metrics.set_certificate_expiry(meshtun_pki::unix_seconds(credentials.not_after()));
         let trust_state: TrustState = Arc::new(RwLock::new(Arc::new(trust.clone())));
         let stop_accepting = CancellationToken::new();
 
@@ -1446,7 +1439,7 @@ impl Node {
             Arc::new(Policy::from_config(&config));
         self.shared
             .metrics
-            .set_certificate_expiry(unix_seconds(credentials.not_after()));
+            .set_certificate_expiry(meshtun_pki::unix_seconds(credentials.not_after()));
         {
             let mut facts = self.shared.facts();
             facts.certificate = certificate_status(&credentials);

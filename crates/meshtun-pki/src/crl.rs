@@ -662,12 +662,10 @@ fn key_identifier_method(authority: &Authority) -> Result<KeyIdMethod, PkiError>
 
 /// An X.509 time as a `SystemTime`, for CRL dates.
 fn system_time(time: ASN1Time, origin: &str) -> Result<SystemTime, PkiError> {
-    OffsetDateTime::from_unix_timestamp(time.timestamp())
-        .map(SystemTime::from)
-        .map_err(|_| PkiError::Crl {
-            origin: origin.to_string(),
-            detail: format!("date {time} is outside the range this system can represent"),
-        })
+    crate::x509::system_time(time).ok_or_else(|| PkiError::Crl {
+        origin: origin.to_string(),
+        detail: format!("date {time} is outside the range this system can represent"),
+    })
 }
 
 #[cfg(test)]

@@ -70,7 +70,10 @@ use crate::identity::node_uri;
 use crate::issue::{Authority, Validity, CA_CERT_FILE};
 use crate::ledger::{Issuance, IssuedRecord, Ledger};
 use crate::load::{first_certificate, NodeCredentials, TrustBundle};
-use crate::tls::crypto_provider;
+use crate::x509::{
+    crypto_provider, fingerprint, format_unix, hex, system_time, unhex,
+    unix_seconds_unsigned as unix_seconds, TLS13_ONLY,
+};
 use crate::PkiError;
 
 /// The file in a CA directory that records join tokens (hashes only), 0600.
@@ -113,9 +116,6 @@ const TOKENS_FILE_VERSION: u32 = 1;
 /// for clock skew.
 const SERVER_CERT_LIFETIME: time::Duration = time::Duration::days(1);
 const SERVER_CERT_SKEW: time::Duration = time::Duration::hours(1);
-
-/// The only TLS version enrollment speaks.
-static VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 // ------------------------------------------------------------------ errors
 
@@ -563,9 +563,10 @@ impl TokenBook {
             return Err(unknown());
         }
         if record.used {
-            let when = record
-                .used_at
-                .map_or_else(|| "earlier".to_owned(), |at| format!("at {}", rfc3339(at)));
+            let when = record.used_at.map_or_else(
+                || "earlier".to_owned(),
+                |at| format!("at {}", format_unix(at)),
+            );
             let by = record
                 .used_by
                 .as_deref()
@@ -584,7 +585,7 @@ impl TokenBook {
                 RefusalCode::TokenExpired,
                 format!(
                     "join token {id} expired at {}; ask the CA operator for a new one",
-                    rfc3339(record.expires_at)
+                    format_unix(record.expires_at)
                 ),
             )
             .with_token(&id));
@@ -1066,7 +1067,7 @@ impl Enroller {
         certificate_pem: String,
     ) -> Granted {
         let fingerprint = first_certificate(&certificate_pem, "issued certificate")
-            .map(|der| crate::load::fingerprint(&der))
+            .map(|der| fingerprint(&der))
             .unwrap_or_default();
         Granted {
             node,
@@ -1144,9 +1145,7 @@ impl CurrentCertificate {
             }
         }
         let validity = parsed.validity();
-        let time = |at: x509_parser::time::ASN1Time| {
-            UNIX_EPOCH + Duration::from_secs(u64::try_from(at.timestamp()).unwrap_or(0))
-        };
+        let time = |at| system_time(at).unwrap_or(UNIX_EPOCH);
         Ok(Self {
             serial,
             lifetime: Validity::lifetime_of(time(validity.not_before), time(validity.not_after)),
@@ -1411,7 +1410,7 @@ pub fn enrollment_server_config(
             .allow_unauthenticated()
             .build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)?
+        .with_protocol_versions(TLS13_ONLY)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![ENROLL_ALPN.to_vec(), RENEW_ALPN.to_vec()];
@@ -1451,7 +1450,7 @@ fn pinned_client_config(
         provider: Arc::clone(&provider),
     });
     let builder = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)?
+        .with_protocol_versions(TLS13_ONLY)?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match client {
@@ -1837,11 +1836,7 @@ impl Enrolled {
         let reset = crate::load::reset_secret_path(key);
         if !reset.exists() {
             let current = NodeCredentials::load(cert, key)?;
-            let secret: String = current
-                .stateless_reset_secret()
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect();
+            let secret = hex(&current.stateless_reset_secret());
             let dir = match reset.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => parent,
                 _ => Path::new("."),
@@ -1884,51 +1879,6 @@ impl fmt::Debug for Enrolled {
 }
 
 // ------------------------------------------------------------------ helpers
-
-/// `time` as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn format_utc(time: SystemTime) -> String {
-    rfc3339(unix_seconds(time))
-}
-
-fn rfc3339(unix: u64) -> String {
-    let Ok(time) = OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(i64::MAX))
-    else {
-        return format!("@{unix}");
-    };
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        time.year(),
-        u8::from(time.month()),
-        time.day(),
-        time.hour(),
-        time.minute(),
-        time.second()
-    )
-}
-
-fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// Exactly `N` bytes from `2N` hex digits (either case).
-fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let digits = text.as_bytes();
-    if digits.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
-        let high = char::from(pair[0]).to_digit(16)?;
-        let low = char::from(pair[1]).to_digit(16)?;
-        *byte = u8::try_from(high * 16 + low).ok()?;
-    }
-    Some(out)
-}
 
 #[cfg(test)]
 mod tests {
@@ -2732,7 +2682,7 @@ mod tests {
         let authority = Authority::generate("prod", Validity::days_from_now(1)).unwrap();
         let fingerprint = CaFingerprint::of_authority(&authority);
         let text = fingerprint.to_string();
-        assert_eq!(text, crate::load::fingerprint(authority.cert_der()));
+        assert_eq!(text, crate::x509::fingerprint(authority.cert_der()));
         assert_eq!(text.parse::<CaFingerprint>().unwrap(), fingerprint);
         let openssl: String = text["sha256:".len()..]
             .to_uppercase()
@@ -2813,7 +2763,7 @@ mod tests {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let forged = params.signed_by(&key, &forged_issuer).unwrap();
         let forged_server = ServerConfig::builder_with_provider(Arc::new(crypto_provider()))
-            .with_protocol_versions(VERSIONS)
+            .with_protocol_versions(TLS13_ONLY)
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(

@@ -57,7 +57,7 @@ pub fn serial_and_fingerprint(cert: &CertificateDer<'_>) -> Result<(String, Stri
     let parsed = parse_certificate(cert, "certificate")?;
     Ok((
         parsed.raw_serial_as_string(),
-        crate::load::fingerprint(cert),
+        crate::x509::fingerprint(cert),
     ))
 }
 

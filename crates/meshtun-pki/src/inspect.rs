@@ -4,17 +4,17 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use meshtun_proto::NodeName;
 use rustls_pki_types::CertificateDer;
-use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
 use crate::crl::{crls_from_bytes, parse_crl, Reason, CRL_PEM_BEGIN};
 use crate::files;
 use crate::identity::{identity_of_parsed, parse_certificate};
-use crate::load::{certificates_from_pem, fingerprint, system_time};
+use crate::load::{certificates_from_pem, system_time};
+use crate::x509::{fingerprint, format_utc};
 use crate::PkiError;
 
 const SECONDS_PER_DAY: u64 = 24 * 60 * 60;
@@ -142,9 +142,9 @@ impl Inspection {
             self.serial,
             if self.is_ca { "yes" } else { "no" },
             self.fingerprint,
-            rfc3339(self.not_before),
+            format_utc(self.not_before),
             not_yet_valid(self.not_before, now),
-            rfc3339(self.not_after),
+            format_utc(self.not_after),
             remaining(self.not_after, now),
         )
     }
@@ -240,7 +240,7 @@ impl CrlInspection {
     pub fn describe(&self, now: SystemTime) -> String {
         let next_update = match self.next_update {
             None => "(none)".to_string(),
-            Some(next) => format!("{} ({})", rfc3339(next), self.next_update_state(now)),
+            Some(next) => format!("{} ({})", format_utc(next), self.next_update_state(now)),
         };
         let mut text = format!(
             "CRL issuer:  {}\n\
@@ -250,7 +250,7 @@ impl CrlInspection {
              revoked:     {}\n",
             self.issuer,
             self.number.as_deref().unwrap_or("(none)"),
-            rfc3339(self.this_update),
+            format_utc(self.this_update),
             match self.revoked.len() {
                 0 => "none".to_string(),
                 1 => "1 certificate".to_string(),
@@ -261,7 +261,7 @@ impl CrlInspection {
             text.push_str(&format!(
                 "  {} since {}{}\n",
                 entry.serial,
-                rfc3339(entry.revoked_at),
+                format_utc(entry.revoked_at),
                 entry
                     .reason
                     .as_ref()
@@ -314,33 +314,13 @@ fn not_yet_valid(not_before: SystemTime, now: SystemTime) -> String {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ`, in UTC.
-fn rfc3339(at: SystemTime) -> String {
-    let seconds = match at.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_secs()).ok(),
-        Err(before) => i64::try_from(before.duration().as_secs())
-            .ok()
-            .map(|seconds| -seconds),
-    };
-    match seconds.and_then(|seconds| OffsetDateTime::from_unix_timestamp(seconds).ok()) {
-        Some(utc) => format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            utc.year(),
-            u8::from(utc.month()),
-            utc.day(),
-            utc.hour(),
-            utc.minute(),
-            utc.second()
-        ),
-        None => format!("{at:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::files::tests::TempDir;
     use crate::{Authority, Validity};
+    use std::time::UNIX_EPOCH;
+    use time::OffsetDateTime;
 
     #[test]
     fn inspects_every_certificate_in_a_file() {
@@ -475,9 +455,9 @@ mod tests {
 
     #[test]
     fn formats_times_before_the_epoch() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         assert_eq!(
-            rfc3339(UNIX_EPOCH - Duration::from_secs(SECONDS_PER_DAY)),
+            format_utc(UNIX_EPOCH - Duration::from_secs(SECONDS_PER_DAY)),
             "1969-12-31T00:00:00Z"
         );
     }

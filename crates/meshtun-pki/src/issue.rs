@@ -698,11 +698,7 @@ fn key_pair_of(
 /// `ca-` and the first 12 hex digits of the SHA-256 of `key`'s public key.
 fn ca_unit(key: &KeyPair) -> String {
     let digest = Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(key));
-    let mut unit = String::from("ca-");
-    for byte in &digest[..6] {
-        unit.push_str(&format!("{byte:02x}"));
-    }
-    unit
+    format!("ca-{}", crate::x509::hex(&digest[..6]))
 }
 
 /// A positive serial number with 126 random bits; the first octet is never

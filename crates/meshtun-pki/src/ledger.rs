@@ -28,6 +28,7 @@ use crate::files::{self, NewFile, KEY_MODE};
 use crate::identity::{identity_of_parsed, parse_certificate};
 use crate::inspect::describe_name;
 use crate::load::first_certificate;
+use crate::x509::{hex, unix_seconds_unsigned as unix_seconds};
 use crate::PkiError;
 
 /// The ledger's file in a CA directory.
@@ -324,15 +325,6 @@ fn at_unix(seconds: u64) -> SystemTime {
         .checked_add(Duration::from_secs(seconds))
         .or_else(|| UNIX_EPOCH.checked_add(Duration::from_secs(i64::MAX as u64 / 2)))
         .unwrap_or(UNIX_EPOCH)
-}
-
-fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -33,15 +33,16 @@ mod issue;
 mod ledger;
 mod load;
 mod tls;
+mod x509;
 
 pub use crl::{Reason, RevocationList, RevocationTarget, Revoked, Serial, CRL_FILE};
 pub use enroll::{
-    decode_response, encode_frame, enrollment_client_config, enrollment_server_config, format_utc,
-    frame_len, renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollError,
-    EnrollRequest, EnrollResponse, Enrolled, Enroller, FingerprintFormatError, Grant, Granted,
-    JoinFiles, JoinKey, JoinToken, NewToken, PinnedCaVerifier, Refusal, RefusalCode, RenewRequest,
-    TokenFormatError, TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, MIN_LIFETIME, PROTOCOL_VERSION,
-    RENEWED_RETRY_WINDOW, RENEW_ALPN, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
+    decode_response, encode_frame, enrollment_client_config, enrollment_server_config, frame_len,
+    renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollError, EnrollRequest,
+    EnrollResponse, Enrolled, Enroller, FingerprintFormatError, Grant, Granted, JoinFiles, JoinKey,
+    JoinToken, NewToken, PinnedCaVerifier, Refusal, RefusalCode, RenewRequest, TokenFormatError,
+    TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, MIN_LIFETIME, PROTOCOL_VERSION, RENEWED_RETRY_WINDOW,
+    RENEW_ALPN, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
 };
 pub use error::PkiError;
 pub use files::key_file_mode_problem;
@@ -57,3 +58,4 @@ pub use ledger::{
 };
 pub use load::{NodeCredentials, TrustBundle};
 pub use tls::{client_config, server_config, PeerMismatch, PeerRole};
+pub use x509::{format_utc, unix_seconds};

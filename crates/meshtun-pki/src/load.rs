@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use meshtun_proto::NodeName;
 use rustls::RootCertStore;
@@ -15,7 +15,7 @@ use x509_parser::time::ASN1Time;
 
 use crate::files;
 use crate::identity::{identity_of_parsed, parse_certificate};
-use crate::tls::crypto_provider;
+use crate::x509::{crypto_provider, fingerprint};
 use crate::PkiError;
 
 /// Label hashed with the private key to derive the QUIC stateless-reset key;
@@ -357,17 +357,6 @@ impl fmt::Debug for NodeCredentials {
     }
 }
 
-/// `sha256:<lowercase hex>` of `der`.
-pub(crate) fn fingerprint(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
-    let mut text = String::with_capacity(7 + 64);
-    text.push_str("sha256:");
-    for byte in digest {
-        text.push_str(&format!("{byte:02x}"));
-    }
-    text
-}
-
 /// Every certificate in `pem`, in order; an error if there is none.
 pub(crate) fn certificates_from_pem(
     pem: &str,
@@ -452,16 +441,9 @@ fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// An X.509 time as a `SystemTime`.
+/// An X.509 time as a `SystemTime`, or an error naming `origin`.
 pub(crate) fn system_time(time: ASN1Time, origin: &str) -> Result<SystemTime, PkiError> {
-    let seconds = time.timestamp();
-    let magnitude = Duration::from_secs(seconds.unsigned_abs());
-    let converted = if seconds >= 0 {
-        UNIX_EPOCH.checked_add(magnitude)
-    } else {
-        UNIX_EPOCH.checked_sub(magnitude)
-    };
-    converted.ok_or_else(|| PkiError::Certificate {
+    crate::x509::system_time(time).ok_or_else(|| PkiError::Certificate {
         origin: origin.to_string(),
         detail: format!("validity date {time} is outside the range this system can represent"),
     })
@@ -473,6 +455,7 @@ mod tests {
     use crate::files::tests::TempDir;
     use crate::{Authority, Validity};
     use std::os::unix::fs::PermissionsExt;
+    use std::time::UNIX_EPOCH;
 
     fn node(name: &str) -> NodeName {
         NodeName::new(name).unwrap()

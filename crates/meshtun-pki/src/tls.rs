@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use meshtun_proto::{NodeName, ALPN};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
-use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
@@ -26,29 +26,8 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::identity::identity_of;
 use crate::load::{NodeCredentials, TrustBundle};
+use crate::x509::{crypto_provider, TLS13_ONLY};
 use crate::PkiError;
-
-/// The only protocol version meshtun speaks.
-static VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
-
-/// The aws-lc-rs provider with meshtun's choices: key exchange
-/// X25519MLKEM768, then X25519, then secp256r1; cipher suites AES-128-GCM
-/// (QUIC's initial suite, and the fastest with AES instructions), then
-/// AES-256-GCM, then ChaCha20-Poly1305.
-pub(crate) fn crypto_provider() -> CryptoProvider {
-    let mut provider = aws_lc_rs::default_provider();
-    provider.kx_groups = vec![
-        aws_lc_rs::kx_group::X25519MLKEM768,
-        aws_lc_rs::kx_group::X25519,
-        aws_lc_rs::kx_group::SECP256R1,
-    ];
-    provider.cipher_suites = vec![
-        aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-    ];
-    provider
-}
 
 /// The server side: presents `node`'s certificate and requires a client
 /// certificate that chains to `trust` (and passes its CRLs).
@@ -62,7 +41,7 @@ pub fn server_config(
     let provider = Arc::new(crypto_provider());
     let verifier = client_verifier(trust, &provider)?;
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)?
+        .with_protocol_versions(TLS13_ONLY)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(node.chain.clone(), node.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -84,7 +63,7 @@ pub fn client_config(
     let provider = Arc::new(crypto_provider());
     let verifier = Arc::new(PeerVerifier::new(trust, &provider, expected_peer.clone())?);
     let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)?
+        .with_protocol_versions(TLS13_ONLY)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(node.chain.clone(), node.key.clone_key())?;
@@ -550,7 +529,7 @@ mod tests {
         let provider = Arc::new(crypto_provider());
         let verifier = Arc::new(PeerVerifier::new(&trust, &provider, node("node-b")).unwrap());
         let mut client = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(VERSIONS)
+            .with_protocol_versions(TLS13_ONLY)
             .unwrap()
             .dangerous()
             .with_custom_certificate_verifier(verifier)

@@ -379,20 +379,13 @@ impl Renewal {
             server: settings.server.to_string(),
             at_percent: settings.at_percent,
             in_progress: self.running,
-            next_attempt_unix: self.next_wall.map(unix_seconds),
-            last_attempt_unix: self.last_attempt.map(unix_seconds),
+            next_attempt_unix: self.next_wall.map(meshtun_pki::unix_seconds),
+            last_attempt_unix: self.last_attempt.map(meshtun_pki::unix_seconds),
             last_error: self.last_error.clone(),
             successes: self.successes,
             failures: self.failures,
         }));
     }
-}
-
-fn unix_seconds(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| {
-            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
-        })
 }
 
 /// One line for systemd's STATUS= (`systemctl status` shows it), which
