@@ -4,20 +4,22 @@
 //! checked only between values that were themselves valid, so one mistake is
 //! reported once, not again by everything that refers to it.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use meshtun_proto::{NodeName, ServiceName};
 use toml::{Table, Value};
 
+use crate::overlay::check_overlay_addresses;
 use crate::read::{
-    boolean, duration_in, found, host_port, integer_in, node_name, path, service_name, size_in,
-    socket_addr, string, Sink, TableReader, TOP_LEVEL_KEYS,
+    allow_list, boolean, duration_in, entries, found, host_port, integer_in, is_loopback,
+    node_name, overlaps, path, service_name, size_in, socket_addr, string, Sink, TableReader,
+    TOP_LEVEL_KEYS,
 };
 use crate::units::{format_duration, format_size, GIB, KIB, MIB};
-use crate::{Admin, Allow, Config, ConfigErrors, Expose, Forward, Limits, Peer, Quic, Renew, Tls};
+use crate::{Admin, Config, ConfigErrors, Expose, Forward, Limits, Peer, Quic, Renew, Tls};
 
 const QUIC_KEYS: &[&str] = &[
     "listen",
@@ -155,48 +157,6 @@ fn section<'a>(root: &TableReader<'a>, sink: &mut Sink, key: &str) -> Option<Opt
                 format!("expected a table [{key}], {}", found(other)),
             );
             None
-        }
-    }
-}
-
-/// The entries of a `[[key]]` array of tables, each with its key path.
-pub(crate) fn entries<'a>(
-    root: &TableReader<'a>,
-    sink: &mut Sink,
-    key: &str,
-) -> Vec<(String, &'a Table)> {
-    match root.get(key) {
-        None => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .filter_map(|(index, item)| {
-                let path = format!("{key}[{index}]");
-                match item {
-                    Value::Table(table) => Some((path, table)),
-                    other => {
-                        sink.error(
-                            path,
-                            format!("expected a table [[{key}]], {}", found(other)),
-                        );
-                        None
-                    }
-                }
-            })
-            .collect(),
-        Some(Value::Table(_)) => {
-            sink.error(
-                root.key(key),
-                format!("expected an array of tables: write [[{key}]] (double brackets), once per {key}"),
-            );
-            Vec::new()
-        }
-        Some(other) => {
-            sink.error(
-                root.key(key),
-                format!("expected an array of tables [[{key}]], {}", found(other)),
-            );
-            Vec::new()
         }
     }
 }
@@ -621,86 +581,6 @@ fn exposes(root: &TableReader<'_>, sink: &mut Sink) -> (Vec<Expose>, Vec<String>
     (exposes, paths)
 }
 
-const DEFAULT_DENY: &str =
-    "default deny: an empty allow list lets nobody in; list node names or \"*\"";
-
-/// A list of who may reach something (`allow` of an expose, `peers` of an
-/// overlay rule): `["*"]`, or node names, never empty.
-pub(crate) fn allow_list(expose: &TableReader<'_>, sink: &mut Sink, field: &str) -> Option<Allow> {
-    let key = expose.key(field);
-    let items = match expose.get(field) {
-        None => {
-            sink.error(key, format!("missing: {DEFAULT_DENY}"));
-            return None;
-        }
-        Some(Value::Array(items)) => items,
-        Some(other) => {
-            sink.error(
-                key,
-                format!(
-                    "expected a list of node names such as [\"node-0\", \"node-2\"] or [\"*\"], {}",
-                    found(other)
-                ),
-            );
-            return None;
-        }
-    };
-    if items.is_empty() {
-        sink.error(key, DEFAULT_DENY);
-        return None;
-    }
-    let mut valid = true;
-    let mut star = false;
-    let mut named = false;
-    let mut names: BTreeSet<NodeName> = BTreeSet::new();
-    let mut first_seen: HashMap<&str, usize> = HashMap::new();
-    for (index, item) in items.iter().enumerate() {
-        let item_key = format!("{key}[{index}]");
-        let Value::String(text) = item else {
-            sink.error(
-                item_key,
-                format!("expected a node name or \"*\", {}", found(item)),
-            );
-            valid = false;
-            continue;
-        };
-        if let Some(first) = first_seen.insert(text.as_str(), index) {
-            sink.error(
-                item_key,
-                format!("duplicate \"{text}\", already listed as allow[{first}]"),
-            );
-            valid = false;
-            continue;
-        }
-        if text == "*" {
-            star = true;
-            continue;
-        }
-        named = true;
-        match NodeName::new(text) {
-            Ok(name) => {
-                names.insert(name);
-            }
-            Err(error) => {
-                sink.error(item_key, format!("invalid node name {text:?}: {error}"));
-                valid = false;
-            }
-        }
-    }
-    if star && named {
-        sink.error(
-            key,
-            "\"*\" already admits every identity the cluster CA vouches for; do not mix it with node names: write [\"*\"] alone or list the names",
-        );
-        return None;
-    }
-    match (valid, star) {
-        (false, _) => None,
-        (true, true) => Some(Allow::Any),
-        (true, false) => Some(Allow::Only(names)),
-    }
-}
-
 fn limits(sink: &mut Sink, table: &Table) -> Option<Limits> {
     let limits = TableReader::new(sink, "limits".to_string(), table, LIMITS_KEYS, "[limits]");
     let preamble_timeout = limits.or_default(sink, "preamble_timeout", seconds(5), |value| {
@@ -802,89 +682,6 @@ fn admin(sink: &mut Sink, table: Option<&Table>) -> Option<Option<Admin>> {
     Some(Some(Admin { listen }))
 }
 
-/// The overlay addresses: each peer's is inside the prefix, unique and not
-/// this node's; peers have one only if `[overlay]` is on; and no expose
-/// target points at another node's overlay address, which would loop.
-pub(crate) fn check_overlay_addresses<'c>(
-    sink: &mut Sink,
-    overlay: Option<&crate::Overlay>,
-    quic_listen: Option<SocketAddr>,
-    peers: impl Iterator<Item = (&'c Peer, &'c String)>,
-    exposes: impl Iterator<Item = (&'c Expose, &'c String)>,
-) {
-    // The prefix is routed into the overlay interface and guarded: an
-    // underlay address inside it would be cut off.
-    let underlay = |addr: Option<SocketAddr>| match addr.map(|addr| addr.ip()) {
-        Some(IpAddr::V4(ip)) => overlay.filter(|overlay| overlay.prefix.contains(ip)),
-        _ => None,
-    };
-    if let Some(overlay) = underlay(quic_listen) {
-        sink.error(
-            "quic.listen",
-            format!(
-                "{} is inside overlay.prefix {}; the prefix must not cover the network the nodes talk QUIC on",
-                quic_listen.map(|addr| addr.to_string()).unwrap_or_default(),
-                overlay.prefix
-            ),
-        );
-    }
-    let mut seen: HashMap<std::net::Ipv4Addr, &str> = HashMap::new();
-    for (peer, path) in peers {
-        if let Some(overlay) = underlay(peer.addr.to_socket_addr_if_literal()) {
-            sink.error(
-                format!("{path}.addr"),
-                format!(
-                    "{} is inside overlay.prefix {}; the prefix must not cover the network the nodes talk QUIC on",
-                    peer.addr, overlay.prefix
-                ),
-            );
-        }
-        let Some(address) = peer.overlay else {
-            continue;
-        };
-        let key = format!("{path}.overlay");
-        let Some(overlay) = overlay else {
-            sink.error(
-                key,
-                "a peer overlay address needs an [overlay] section for this node",
-            );
-            continue;
-        };
-        if !overlay.prefix.contains(address) {
-            sink.error(
-                key,
-                format!("{address} is not inside overlay.prefix {}", overlay.prefix),
-            );
-        } else if address == overlay.address {
-            sink.error(key, format!("{address} is this node's own overlay.address"));
-        } else if let Some(first) = seen.insert(address, path) {
-            sink.error(
-                key,
-                format!("{address} is already {first}'s overlay address"),
-            );
-        }
-    }
-    if let Some(overlay) = overlay {
-        for (expose, path) in exposes {
-            if let Some(target) = expose.target.to_socket_addr_if_literal() {
-                if let IpAddr::V4(ip) = target.ip() {
-                    if overlay.prefix.contains(ip) && ip != overlay.address {
-                        sink.error(
-                            format!("{path}.target"),
-                            format!("{target} is another node's overlay address; meshtun's own connections must not be redirected into the overlay"),
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Loopback, counting IPv4-mapped IPv6 loopback addresses too.
-pub(crate) fn is_loopback(ip: IpAddr) -> bool {
-    ip.to_canonical().is_loopback()
-}
-
 /// Reports each TCP listener that would collide with an earlier one.
 fn check_overlapping_listeners(sink: &mut Sink, listeners: &[(String, SocketAddr)]) {
     for (index, (key, address)) in listeners.iter().enumerate() {
@@ -903,19 +700,6 @@ fn check_overlapping_listeners(sink: &mut Sink, listeners: &[(String, SocketAddr
             sink.error(key.clone(), message);
         }
     }
-}
-
-/// Whether two TCP listeners would fight over the same port: the same
-/// address, or one of them a wildcard that covers the other (`[::]` is
-/// dual-stack on Linux by default, so it covers IPv4 too).
-pub(crate) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    let covers = |wide: IpAddr, narrow: IpAddr| {
-        wide.is_unspecified() && (wide.is_ipv6() || narrow.is_ipv4())
-    };
-    let (a_ip, b_ip) = (a.ip().to_canonical(), b.ip().to_canonical());
-    a.port() == b.port()
-        && a.port() != 0
-        && (a_ip == b_ip || covers(a_ip, b_ip) || covers(b_ip, a_ip))
 }
 
 #[cfg(test)]

@@ -29,9 +29,11 @@ use std::path::Path;
 use meshtun_proto::{NodeName, ServiceName};
 use toml::{Table, Value};
 
-use crate::build::{allow_list, entries, is_loopback};
-use crate::overlay::{ipv4, port_range};
-use crate::read::{host_port, node_name, service_name, socket_addr, string, Sink, TableReader};
+use crate::overlay::{check_overlay_addresses, ipv4, port_range};
+use crate::read::{
+    allow_list, entries, host_port, is_loopback, node_name, overlaps, service_name, socket_addr,
+    string, Sink, TableReader,
+};
 use crate::{
     Allow, Config, ConfigError, ConfigErrors, Expose, Forward, HostPort, OverlayAllow, Peer,
 };
@@ -221,7 +223,7 @@ pub(crate) fn apply(
     for forward in &derived.forwards {
         if let Some((key, _)) = listeners
             .iter()
-            .find(|(_, listen)| crate::build::overlaps(*listen, forward.listen))
+            .find(|(_, listen)| overlaps(*listen, forward.listen))
         {
             sink.error(
                 key.clone(),
@@ -323,7 +325,7 @@ pub(crate) fn apply(
     for forward in config.forwards.iter().chain(&derived.forwards) {
         if let Some((service, target)) = own_targets
             .iter()
-            .find(|(_, target)| crate::build::overlaps(*target, forward.listen))
+            .find(|(_, target)| overlaps(*target, forward.listen))
         {
             sink.error(
                 "cluster",
@@ -377,7 +379,7 @@ pub(crate) fn apply(
                 )
             })
             .collect();
-        crate::build::check_overlay_addresses(
+        check_overlay_addresses(
             sink,
             config.overlay.as_ref(),
             Some(config.quic.listen),
@@ -574,9 +576,8 @@ fn services(root: &TableReader<'_>, sink: &mut Sink, known: &[&NodeName]) -> Vec
                     "port 0: applications must know where to connect; choose a port",
                 );
                 valid = false;
-            } else if let Some((_, first)) = listens
-                .iter()
-                .find(|(other, _)| crate::build::overlaps(**other, *listen))
+            } else if let Some((_, first)) =
+                listens.iter().find(|(other, _)| overlaps(**other, *listen))
             {
                 sink.error(
                     service.key("listen"),

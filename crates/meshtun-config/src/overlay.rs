@@ -1,14 +1,17 @@
 //! `[overlay]` and the overlay addresses of `[[peer]]`s: overlay mode
-//! (README, "Overlay mode"). Kept apart from `build.rs`, which calls in here.
+//! (README, "Overlay mode"). Kept apart from `build.rs`, which calls in here;
+//! like every section module it stands on `read.rs` alone.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 
 use toml::{Table, Value};
 
-use crate::build::{allow_list, is_loopback};
-use crate::read::{boolean, found, socket_addr, string, Sink, TableReader};
-use crate::{Guard, Overlay, OverlayAllow, OverlayPrefix};
+use crate::read::{
+    allow_list, boolean, found, is_loopback, socket_addr, string, Sink, TableReader,
+};
+use crate::{Expose, Guard, Overlay, OverlayAllow, OverlayPrefix, Peer};
 
 pub(crate) const OVERLAY_KEYS: &[&str] = &[
     "address",
@@ -280,6 +283,84 @@ pub(crate) fn port_range(value: &Value) -> Result<RangeInclusive<u16>, String> {
             "expected a port or a range such as \"1024-65535\", {}",
             found(other)
         )),
+    }
+}
+
+/// The overlay addresses: each peer's is inside the prefix, unique and not
+/// this node's; peers have one only if `[overlay]` is on; and no expose
+/// target points at another node's overlay address, which would loop.
+pub(crate) fn check_overlay_addresses<'c>(
+    sink: &mut Sink,
+    overlay: Option<&crate::Overlay>,
+    quic_listen: Option<SocketAddr>,
+    peers: impl Iterator<Item = (&'c Peer, &'c String)>,
+    exposes: impl Iterator<Item = (&'c Expose, &'c String)>,
+) {
+    // The prefix is routed into the overlay interface and guarded: an
+    // underlay address inside it would be cut off.
+    let underlay = |addr: Option<SocketAddr>| match addr.map(|addr| addr.ip()) {
+        Some(IpAddr::V4(ip)) => overlay.filter(|overlay| overlay.prefix.contains(ip)),
+        _ => None,
+    };
+    if let Some(overlay) = underlay(quic_listen) {
+        sink.error(
+            "quic.listen",
+            format!(
+                "{} is inside overlay.prefix {}; the prefix must not cover the network the nodes talk QUIC on",
+                quic_listen.map(|addr| addr.to_string()).unwrap_or_default(),
+                overlay.prefix
+            ),
+        );
+    }
+    let mut seen: HashMap<std::net::Ipv4Addr, &str> = HashMap::new();
+    for (peer, path) in peers {
+        if let Some(overlay) = underlay(peer.addr.to_socket_addr_if_literal()) {
+            sink.error(
+                format!("{path}.addr"),
+                format!(
+                    "{} is inside overlay.prefix {}; the prefix must not cover the network the nodes talk QUIC on",
+                    peer.addr, overlay.prefix
+                ),
+            );
+        }
+        let Some(address) = peer.overlay else {
+            continue;
+        };
+        let key = format!("{path}.overlay");
+        let Some(overlay) = overlay else {
+            sink.error(
+                key,
+                "a peer overlay address needs an [overlay] section for this node",
+            );
+            continue;
+        };
+        if !overlay.prefix.contains(address) {
+            sink.error(
+                key,
+                format!("{address} is not inside overlay.prefix {}", overlay.prefix),
+            );
+        } else if address == overlay.address {
+            sink.error(key, format!("{address} is this node's own overlay.address"));
+        } else if let Some(first) = seen.insert(address, path) {
+            sink.error(
+                key,
+                format!("{address} is already {first}'s overlay address"),
+            );
+        }
+    }
+    if let Some(overlay) = overlay {
+        for (expose, path) in exposes {
+            if let Some(target) = expose.target.to_socket_addr_if_literal() {
+                if let IpAddr::V4(ip) = target.ip() {
+                    if overlay.prefix.contains(ip) && ip != overlay.address {
+                        sink.error(
+                            format!("{path}.target"),
+                            format!("{target} is another node's overlay address; meshtun's own connections must not be redirected into the overlay"),
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //! walked here: each table reports its unknown keys, and each key is converted
 //! on its own, with its key path, whatever happened to its neighbours.
 
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use meshtun_proto::{NodeName, ServiceName};
 use toml::{Table, Value};
 
 use crate::units::{format_duration, format_size, parse_duration, parse_size};
-use crate::{ConfigError, HostPort};
+use crate::{Allow, ConfigError, HostPort};
 
 /// The errors found so far.
 #[derive(Debug, Default)]
@@ -316,6 +317,146 @@ pub(crate) fn size_in(value: &Value, range: RangeInclusive<u64>) -> Result<u64, 
         ));
     }
     Ok(size)
+}
+
+/// The entries of a `[[key]]` array of tables, each with its key path.
+pub(crate) fn entries<'a>(
+    root: &TableReader<'a>,
+    sink: &mut Sink,
+    key: &str,
+) -> Vec<(String, &'a Table)> {
+    match root.get(key) {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(index, item)| {
+                let path = format!("{key}[{index}]");
+                match item {
+                    Value::Table(table) => Some((path, table)),
+                    other => {
+                        sink.error(
+                            path,
+                            format!("expected a table [[{key}]], {}", found(other)),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect(),
+        Some(Value::Table(_)) => {
+            sink.error(
+                root.key(key),
+                format!("expected an array of tables: write [[{key}]] (double brackets), once per {key}"),
+            );
+            Vec::new()
+        }
+        Some(other) => {
+            sink.error(
+                root.key(key),
+                format!("expected an array of tables [[{key}]], {}", found(other)),
+            );
+            Vec::new()
+        }
+    }
+}
+
+const DEFAULT_DENY: &str =
+    "default deny: an empty allow list lets nobody in; list node names or \"*\"";
+
+/// A list of who may reach something (`allow` of an expose, `peers` of an
+/// overlay rule): `["*"]`, or node names, never empty.
+pub(crate) fn allow_list(expose: &TableReader<'_>, sink: &mut Sink, field: &str) -> Option<Allow> {
+    let key = expose.key(field);
+    let items = match expose.get(field) {
+        None => {
+            sink.error(key, format!("missing: {DEFAULT_DENY}"));
+            return None;
+        }
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            sink.error(
+                key,
+                format!(
+                    "expected a list of node names such as [\"node-0\", \"node-2\"] or [\"*\"], {}",
+                    found(other)
+                ),
+            );
+            return None;
+        }
+    };
+    if items.is_empty() {
+        sink.error(key, DEFAULT_DENY);
+        return None;
+    }
+    let mut valid = true;
+    let mut star = false;
+    let mut named = false;
+    let mut names: BTreeSet<NodeName> = BTreeSet::new();
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    for (index, item) in items.iter().enumerate() {
+        let item_key = format!("{key}[{index}]");
+        let Value::String(text) = item else {
+            sink.error(
+                item_key,
+                format!("expected a node name or \"*\", {}", found(item)),
+            );
+            valid = false;
+            continue;
+        };
+        if let Some(first) = first_seen.insert(text.as_str(), index) {
+            sink.error(
+                item_key,
+                format!("duplicate \"{text}\", already listed as allow[{first}]"),
+            );
+            valid = false;
+            continue;
+        }
+        if text == "*" {
+            star = true;
+            continue;
+        }
+        named = true;
+        match NodeName::new(text) {
+            Ok(name) => {
+                names.insert(name);
+            }
+            Err(error) => {
+                sink.error(item_key, format!("invalid node name {text:?}: {error}"));
+                valid = false;
+            }
+        }
+    }
+    if star && named {
+        sink.error(
+            key,
+            "\"*\" already admits every identity the cluster CA vouches for; do not mix it with node names: write [\"*\"] alone or list the names",
+        );
+        return None;
+    }
+    match (valid, star) {
+        (false, _) => None,
+        (true, true) => Some(Allow::Any),
+        (true, false) => Some(Allow::Only(names)),
+    }
+}
+
+/// Loopback, counting IPv4-mapped IPv6 loopback addresses too.
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// Whether two TCP listeners would fight over the same port: the same
+/// address, or one of them a wildcard that covers the other (`[::]` is
+/// dual-stack on Linux by default, so it covers IPv4 too).
+pub(crate) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: IpAddr, narrow: IpAddr| {
+        wide.is_unspecified() && (wide.is_ipv6() || narrow.is_ipv4())
+    };
+    let (a_ip, b_ip) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port()
+        && a.port() != 0
+        && (a_ip == b_ip || covers(a_ip, b_ip) || covers(b_ip, a_ip))
 }
 
 #[cfg(test)]

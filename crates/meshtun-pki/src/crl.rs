@@ -30,149 +30,24 @@ use rcgen::{
     CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use rustls_pki_types::CertificateRevocationListDer;
 use time::{Duration, OffsetDateTime};
-use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::num_bigint::BigUint;
 use x509_parser::revocation_list::CertificateRevocationList;
 use x509_parser::time::ASN1Time;
 
 use crate::files::{self, NewFile, CERT_MODE};
-use crate::identity::{identity_of_parsed, parse_certificate};
-use crate::issue::latest_x509_time;
+use crate::identity::{identity_of_parsed, parse_certificate, Serial, MAX_NUMBER_LEN};
 use crate::load::first_certificate;
+use crate::x509::latest_x509_time;
 use crate::{Authority, PkiError};
 
 /// File name of the CRL inside a CA directory.
 pub const CRL_FILE: &str = "crl.pem";
 
-/// Longest serial number and CRL number accepted, in octets of magnitude
-/// (RFC 5280 §4.1.2.2 and §5.2.3: at most 20 octets).
-const MAX_NUMBER_LEN: usize = 20;
-
 /// The PEM label of a CRL.
 pub(crate) const CRL_PEM_BEGIN: &str = "-----BEGIN X509 CRL-----";
-
-// ---------------------------------------------------------------- serial
-
-/// A certificate serial number as a certificate and a CRL entry carry it: a
-/// non-negative integer in its minimal DER encoding (big-endian, with a
-/// leading zero octet only where the first octet has its high bit set).
-/// webpki matches CRL entries to certificates by exactly these bytes.
-///
-/// Parsed from hex: `4a1b2c…`, `4a:1b:2c…` (as `meshtun pki inspect`
-/// prints it) or `0x4a1b2c…`. Displayed like `meshtun pki inspect`:
-/// colon-separated lowercase hex.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Serial(Vec<u8>);
-
-impl Serial {
-    /// The serial number of the certificate `der`.
-    pub fn of_certificate(der: &CertificateDer<'_>) -> Result<Self, PkiError> {
-        let parsed = parse_certificate(der, "certificate")?;
-        Self::of_parsed(&parsed, "certificate")
-    }
-
-    pub(crate) fn of_parsed(cert: &X509Certificate<'_>, origin: &str) -> Result<Self, PkiError> {
-        Self::from_der_integer(cert.raw_serial()).map_err(|detail| PkiError::Certificate {
-            origin: origin.to_string(),
-            detail: format!("unusable serial number: {detail}"),
-        })
-    }
-
-    /// From the content octets of a DER INTEGER; refuses a negative one.
-    fn from_der_integer(bytes: &[u8]) -> Result<Self, String> {
-        match bytes.first() {
-            None => Err("it is empty".to_string()),
-            Some(first) if first & 0x80 != 0 => Err("it is negative".to_string()),
-            Some(_) => Ok(Self::from_magnitude(bytes)),
-        }
-    }
-
-    /// From big-endian magnitude octets (leading zeros allowed).
-    fn from_magnitude(bytes: &[u8]) -> Self {
-        let magnitude = match bytes.iter().position(|byte| *byte != 0) {
-            Some(start) => &bytes[start..],
-            None => &[0u8][..],
-        };
-        let mut der = Vec::with_capacity(magnitude.len() + 1);
-        if magnitude.first().is_some_and(|first| first & 0x80 != 0) {
-            der.push(0);
-        }
-        der.extend_from_slice(magnitude);
-        Self(der)
-    }
-
-    /// The content octets of its DER INTEGER.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl FromStr for Serial {
-    type Err = PkiError;
-
-    fn from_str(text: &str) -> Result<Self, PkiError> {
-        let reject = |detail: String| PkiError::Serial {
-            input: text.to_string(),
-            detail,
-        };
-        let trimmed = text.trim();
-        let body = trimmed
-            .strip_prefix("0x")
-            .or_else(|| trimmed.strip_prefix("0X"))
-            .unwrap_or(trimmed);
-        let digits: Vec<u8> = body.bytes().filter(|byte| *byte != b':').collect();
-        if digits.is_empty() {
-            return Err(reject("it holds no hex digits".to_string()));
-        }
-        if let Some(bad) = body.chars().find(|c| *c != ':' && !c.is_ascii_hexdigit()) {
-            return Err(reject(format!("{bad:?} is not a hex digit")));
-        }
-        let value = |digit: u8| match digit {
-            b'0'..=b'9' => digit - b'0',
-            b'a'..=b'f' => digit - b'a' + 10,
-            _ => digit - b'A' + 10,
-        };
-        // An odd count of digits has an implied leading zero.
-        let mut bytes = Vec::with_capacity(digits.len() / 2 + 1);
-        let mut rest = &digits[..];
-        if digits.len() % 2 == 1 {
-            bytes.push(value(digits[0]));
-            rest = &digits[1..];
-        }
-        for pair in rest.chunks(2) {
-            bytes.push((value(pair[0]) << 4) | value(pair[1]));
-        }
-        let serial = Self::from_magnitude(&bytes);
-        let magnitude_len = serial.0.iter().skip_while(|byte| **byte == 0).count();
-        if magnitude_len > MAX_NUMBER_LEN {
-            return Err(reject(format!(
-                "it is {magnitude_len} octets long; a serial number has at most {MAX_NUMBER_LEN}"
-            )));
-        }
-        Ok(serial)
-    }
-}
-
-impl fmt::Display for Serial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (index, byte) in self.0.iter().enumerate() {
-            if index > 0 {
-                f.write_str(":")?;
-            }
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Serial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Serial({self})")
-    }
-}
 
 // ---------------------------------------------------------------- reason
 

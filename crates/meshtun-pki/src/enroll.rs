@@ -64,9 +64,10 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
-use crate::crl::{RevocationList, Serial};
+use crate::crl::RevocationList;
 use crate::files::{self, NewFile, CERT_MODE, KEY_MODE};
 use crate::identity::node_uri;
+use crate::identity::Serial;
 use crate::issue::{Authority, Validity, CA_CERT_FILE};
 use crate::ledger::{Issuance, IssuedRecord, Ledger};
 use crate::load::{first_certificate, NodeCredentials, TrustBundle};
@@ -1136,7 +1137,7 @@ impl CurrentCertificate {
         if let Ok(Some(extension)) = parsed.subject_alternative_name() {
             for name in &extension.value.general_names {
                 match name {
-                    GeneralName::IPAddress(bytes) => ips.extend(ip_from_bytes(bytes)),
+                    GeneralName::IPAddress(bytes) => ips.extend(crate::identity::ip_from(bytes)),
                     GeneralName::DNSName(name) if *name != node.as_str() => {
                         dns.push((*name).to_owned());
                     }
@@ -1226,24 +1227,17 @@ impl ParsedCsr {
                     names.push(match name {
                         GeneralName::DNSName(dns) => RequestedName::Dns((*dns).to_owned()),
                         GeneralName::URI(uri) => RequestedName::Uri((*uri).to_owned()),
-                        GeneralName::IPAddress(bytes) => match ip_from_bytes(bytes) {
+                        GeneralName::IPAddress(bytes) => match crate::identity::ip_from(bytes) {
                             Some(ip) => RequestedName::Ip(ip),
                             None => RequestedName::Other(format!("IP:{bytes:02x?}")),
                         },
-                        other => RequestedName::Other(crate::inspect::describe_name(other)),
+                        other => RequestedName::Other(crate::identity::describe_name(other)),
                     });
                 }
             }
         }
         Ok(Self { public_key, names })
     }
-}
-
-fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
-    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
-        return Some(IpAddr::from(v4));
-    }
-    <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from)
 }
 
 /// Checks that `csr` asks for nothing the grant does not allow, then signs
@@ -2187,7 +2181,7 @@ mod tests {
             .value
             .general_names
             .iter()
-            .map(crate::inspect::describe_name)
+            .map(crate::identity::describe_name)
             .collect()
     }
 

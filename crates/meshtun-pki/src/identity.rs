@@ -1,10 +1,15 @@
-//! Node identity (docs/design.md, "Identity"): the node name a certificate stands for.
+//! Node identity (docs/design.md, "Identity"): the node name a certificate
+//! stands for; also the serial number and the SANs as meshtun shows them.
 //!
 //! The identity is taken from the URI SAN `spiffe://<cluster>/node/<name>`
 //! when the certificate has one, else from its first DNS SAN, and it must be a
 //! valid [`NodeName`]. A URI SAN of that shape whose name is invalid is an
 //! error, never a reason to fall back to the DNS SAN: a certificate must not
 //! mean one thing to meshtun and another to a reader.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
 
 use meshtun_proto::NodeName;
 use rustls_pki_types::CertificateDer;
@@ -211,6 +216,151 @@ pub fn check_cluster(name: &str) -> Result<(), PkiError> {
         )));
     }
     Ok(())
+}
+
+/// Longest serial number and CRL number accepted, in octets of magnitude
+/// (RFC 5280 §4.1.2.2 and §5.2.3: at most 20 octets).
+pub(crate) const MAX_NUMBER_LEN: usize = 20;
+
+/// A certificate serial number as a certificate and a CRL entry carry it: a
+/// non-negative integer in its minimal DER encoding (big-endian, with a
+/// leading zero octet only where the first octet has its high bit set).
+/// webpki matches CRL entries to certificates by exactly these bytes.
+///
+/// Parsed from hex: `4a1b2c…`, `4a:1b:2c…` (as `meshtun pki inspect`
+/// prints it) or `0x4a1b2c…`. Displayed like `meshtun pki inspect`:
+/// colon-separated lowercase hex.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(Vec<u8>);
+
+impl Serial {
+    /// The serial number of the certificate `der`.
+    pub fn of_certificate(der: &CertificateDer<'_>) -> Result<Self, PkiError> {
+        let parsed = parse_certificate(der, "certificate")?;
+        Self::of_parsed(&parsed, "certificate")
+    }
+
+    pub(crate) fn of_parsed(cert: &X509Certificate<'_>, origin: &str) -> Result<Self, PkiError> {
+        Self::from_der_integer(cert.raw_serial()).map_err(|detail| PkiError::Certificate {
+            origin: origin.to_string(),
+            detail: format!("unusable serial number: {detail}"),
+        })
+    }
+
+    /// From the content octets of a DER INTEGER; refuses a negative one.
+    pub(crate) fn from_der_integer(bytes: &[u8]) -> Result<Self, String> {
+        match bytes.first() {
+            None => Err("it is empty".to_string()),
+            Some(first) if first & 0x80 != 0 => Err("it is negative".to_string()),
+            Some(_) => Ok(Self::from_magnitude(bytes)),
+        }
+    }
+
+    /// From big-endian magnitude octets (leading zeros allowed).
+    pub(crate) fn from_magnitude(bytes: &[u8]) -> Self {
+        let magnitude = match bytes.iter().position(|byte| *byte != 0) {
+            Some(start) => &bytes[start..],
+            None => &[0u8][..],
+        };
+        let mut der = Vec::with_capacity(magnitude.len() + 1);
+        if magnitude.first().is_some_and(|first| first & 0x80 != 0) {
+            der.push(0);
+        }
+        der.extend_from_slice(magnitude);
+        Self(der)
+    }
+
+    /// The content octets of its DER INTEGER.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl FromStr for Serial {
+    type Err = PkiError;
+
+    fn from_str(text: &str) -> Result<Self, PkiError> {
+        let reject = |detail: String| PkiError::Serial {
+            input: text.to_string(),
+            detail,
+        };
+        let trimmed = text.trim();
+        let body = trimmed
+            .strip_prefix("0x")
+            .or_else(|| trimmed.strip_prefix("0X"))
+            .unwrap_or(trimmed);
+        let digits: Vec<u8> = body.bytes().filter(|byte| *byte != b':').collect();
+        if digits.is_empty() {
+            return Err(reject("it holds no hex digits".to_string()));
+        }
+        if let Some(bad) = body.chars().find(|c| *c != ':' && !c.is_ascii_hexdigit()) {
+            return Err(reject(format!("{bad:?} is not a hex digit")));
+        }
+        let value = |digit: u8| match digit {
+            b'0'..=b'9' => digit - b'0',
+            b'a'..=b'f' => digit - b'a' + 10,
+            _ => digit - b'A' + 10,
+        };
+        // An odd count of digits has an implied leading zero.
+        let mut bytes = Vec::with_capacity(digits.len() / 2 + 1);
+        let mut rest = &digits[..];
+        if digits.len() % 2 == 1 {
+            bytes.push(value(digits[0]));
+            rest = &digits[1..];
+        }
+        for pair in rest.chunks(2) {
+            bytes.push((value(pair[0]) << 4) | value(pair[1]));
+        }
+        let serial = Self::from_magnitude(&bytes);
+        let magnitude_len = serial.0.iter().skip_while(|byte| **byte == 0).count();
+        if magnitude_len > MAX_NUMBER_LEN {
+            return Err(reject(format!(
+                "it is {magnitude_len} octets long; a serial number has at most {MAX_NUMBER_LEN}"
+            )));
+        }
+        Ok(serial)
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, byte) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Serial({self})")
+    }
+}
+
+/// A SAN as `pki inspect` and error messages show it: `URI:…`, `DNS:…`,
+/// `IP:…`.
+pub(crate) fn describe_name(name: &GeneralName<'_>) -> String {
+    match name {
+        GeneralName::URI(uri) => format!("URI:{uri}"),
+        GeneralName::DNSName(dns) => format!("DNS:{dns}"),
+        GeneralName::RFC822Name(mail) => format!("email:{mail}"),
+        GeneralName::IPAddress(bytes) => match ip_from(bytes) {
+            Some(ip) => format!("IP:{ip}"),
+            None => format!("IP:<{} malformed bytes>", bytes.len()),
+        },
+        other => format!("other:{other}"),
+    }
+}
+
+/// The address in an iPAddress SAN's 4 or 16 octets.
+pub(crate) fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Some(IpAddr::from(v4));
+    }
+    <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from)
 }
 
 #[cfg(test)]

@@ -2,17 +2,15 @@
 //! FILE` and `meshtun check`.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use meshtun_proto::NodeName;
 use rustls_pki_types::CertificateDer;
-use x509_parser::extensions::GeneralName;
 
 use crate::crl::{crls_from_bytes, parse_crl, Reason, CRL_PEM_BEGIN};
 use crate::files;
-use crate::identity::{identity_of_parsed, parse_certificate};
+use crate::identity::{describe_name, identity_of_parsed, parse_certificate};
 use crate::load::{certificates_from_pem, system_time};
 use crate::x509::{fingerprint, format_utc};
 use crate::PkiError;
@@ -92,26 +90,6 @@ fn inspect_der(der: &CertificateDer<'_>, origin: &str) -> Result<Inspection, Pki
         not_after: system_time(validity.not_after, origin)?,
         is_ca: parsed.is_ca(),
     })
-}
-
-pub(crate) fn describe_name(name: &GeneralName<'_>) -> String {
-    match name {
-        GeneralName::URI(uri) => format!("URI:{uri}"),
-        GeneralName::DNSName(dns) => format!("DNS:{dns}"),
-        GeneralName::RFC822Name(mail) => format!("email:{mail}"),
-        GeneralName::IPAddress(bytes) => match ip_from(bytes) {
-            Some(ip) => format!("IP:{ip}"),
-            None => format!("IP:<{} malformed bytes>", bytes.len()),
-        },
-        other => format!("other:{other}"),
-    }
-}
-
-pub(crate) fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
-    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
-        return Some(IpAddr::from(v4));
-    }
-    <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from)
 }
 
 impl Inspection {

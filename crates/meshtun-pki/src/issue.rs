@@ -16,13 +16,13 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
-use crate::crl::Serial;
 use crate::files::{self, NewFile, CERT_MODE, KEY_MODE};
 use crate::identity::{
-    check_cluster, cluster_of_parsed, cluster_uri, identity_of_parsed, node_uri, parse_certificate,
+    check_cluster, cluster_of_parsed, cluster_uri, describe_name, identity_of_parsed, ip_from,
+    node_uri, parse_certificate, Serial,
 };
-use crate::inspect::{describe_name, ip_from};
 use crate::load::{first_certificate, private_key_from_pem};
+use crate::x509::latest_x509_time;
 use crate::PkiError;
 
 /// File name of the CA certificate inside a CA directory.
@@ -117,13 +117,6 @@ impl Validity {
         }
         Ok(())
     }
-}
-
-/// 9999-12-31T23:59:59Z, the latest time X.509 can express.
-pub(crate) fn latest_x509_time() -> OffsetDateTime {
-    // The constant is in range for every `time` configuration; the fallback
-    // only keeps this function total.
-    OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// A cluster certificate authority held in memory: its certificate and key.
@@ -863,7 +856,7 @@ mod tests {
             .value
             .general_names
             .iter()
-            .map(crate::inspect::describe_name)
+            .map(describe_name)
             .collect();
         assert_eq!(
             sans,

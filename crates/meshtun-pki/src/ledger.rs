@@ -23,10 +23,10 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::crl::Serial;
 use crate::files::{self, NewFile, KEY_MODE};
+use crate::identity::describe_name;
+use crate::identity::Serial;
 use crate::identity::{identity_of_parsed, parse_certificate};
-use crate::inspect::describe_name;
 use crate::load::first_certificate;
 use crate::x509::{hex, unix_seconds_unsigned as unix_seconds};
 use crate::PkiError;

@@ -35,7 +35,7 @@ mod load;
 mod tls;
 mod x509;
 
-pub use crl::{Reason, RevocationList, RevocationTarget, Revoked, Serial, CRL_FILE};
+pub use crl::{Reason, RevocationList, RevocationTarget, Revoked, CRL_FILE};
 pub use enroll::{
     decode_response, encode_frame, enrollment_client_config, enrollment_server_config, frame_len,
     renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollError, EnrollRequest,
@@ -46,7 +46,9 @@ pub use enroll::{
 };
 pub use error::PkiError;
 pub use files::key_file_mode_problem;
-pub use identity::{check_cluster, identity_of, node_cluster_of, node_uri, serial_and_fingerprint};
+pub use identity::{
+    check_cluster, identity_of, node_cluster_of, node_uri, serial_and_fingerprint, Serial,
+};
 pub use inspect::{
     inspect_crl_file, inspect_crl_pem, inspect_file, inspect_pem, is_crl_pem, CrlInspection,
     Inspection, RevokedInspection,

@@ -117,6 +117,13 @@ fn utc(unix: i64) -> Option<String> {
     ))
 }
 
+/// 9999-12-31T23:59:59Z, the latest time X.509 can express.
+pub(crate) fn latest_x509_time() -> OffsetDateTime {
+    // The constant is in range for every `time` configuration; the fallback
+    // only keeps this function total.
+    OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
