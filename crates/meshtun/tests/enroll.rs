@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    free_tcp_port, free_udp_port, init_ca, issue, meshtun, meshtun_with, mode_of, run, ChildGuard,
-    Finished, TempDir, EXIT_CONFIG,
+    echo_server, free_tcp_port, free_udp_port, init_ca, issue, meshtun, meshtun_with, mode_of, run,
+    ChildGuard, Finished, TempDir, EXIT_CONFIG,
 };
 use meshtun_pki::{CaFingerprint, JoinKey, JoinToken};
 use meshtun_proto::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
@@ -355,20 +355,6 @@ fn daemon(config: &Path, log: &Path) -> ChildGuard {
             .spawn()
             .unwrap(),
     )
-}
-
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
 }
 
 async fn echo_through(addr: SocketAddr) -> std::io::Result<()> {

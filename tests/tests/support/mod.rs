@@ -1,18 +1,15 @@
 //! Shared helpers for the loopback integration tests: an in-memory PKI,
-//! node configs with OS-chosen ports, in-process nodes, and small TCP
-//! services (echo, sink) with helpers to observe resets.
-#![allow(dead_code, unreachable_pub)] // each test file uses a different subset
+//! node configs with OS-chosen ports and in-process nodes; the small TCP
+//! services and probes come from `meshtun-test-support`.
+#![allow(dead_code, unreachable_pub, unused_imports)] // each test file uses a different subset
 
-use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use meshtun_config::Config;
 use meshtun_node::Node;
 use meshtun_pki::{Authority, NodeCredentials, TrustBundle, Validity};
 use meshtun_proto::NodeName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+pub use meshtun_test_support::{block, closed_port, dead_udp_port, echo_server, ending, Ending};
 
 /// A throwaway cluster CA, kept in memory.
 pub struct Pki {
@@ -133,85 +130,4 @@ pub fn init_logging() {
             .with_test_writer()
             .try_init();
     }
-}
-
-/// An echo server: every byte comes back; the client's FIN is mirrored.
-pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                if tokio::io::copy(&mut read, &mut write).await.is_ok() {
-                    let _ = write.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// A TCP port with nothing listening on it.
-pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("addr")
-}
-
-/// A UDP port with nothing listening on it (a peer that is down).
-pub fn dead_udp_port() -> SocketAddr {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    socket.local_addr().expect("addr")
-}
-
-/// How a connection through a forward ended, from the client's side.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Ending {
-    Reset,
-    CleanEof,
-    Hang,
-}
-
-/// Connects, sends a few bytes, and reports how the connection ended and
-/// after how long, waiting at most `within`.
-pub async fn ending(addr: SocketAddr, within: Duration) -> (Ending, Duration) {
-    let started = Instant::now();
-    let attempt = async {
-        let mut tcp = match TcpStream::connect(addr).await {
-            Ok(tcp) => tcp,
-            // On loopback the reset can land before connect() returns.
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => return Ending::Reset,
-            Err(error) => panic!("connect to {addr}: {error}"),
-        };
-        let _ = tcp.write_all(b"hello").await;
-        let mut buffer = [0u8; 64];
-        loop {
-            match tcp.read(&mut buffer).await {
-                Ok(0) => return Ending::CleanEof,
-                Ok(_) => continue,
-                Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
-                    return Ending::Reset
-                }
-                Err(error) => panic!("unexpected error from {addr}: {error}"),
-            }
-        }
-    };
-    match tokio::time::timeout(within, attempt).await {
-        Ok(ending) => (ending, started.elapsed()),
-        Err(_) => (Ending::Hang, started.elapsed()),
-    }
-}
-
-/// Deterministic, incompressible bytes: block `index` of `len` bytes.
-pub fn block(index: u64, len: usize) -> Vec<u8> {
-    let mut state = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }

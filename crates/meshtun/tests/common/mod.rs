@@ -2,7 +2,7 @@
 //! unique temporary directories, commands with a time bound, child processes
 //! that are killed when a test fails, and OS-chosen loopback ports.
 // Each test file uses a different subset of these helpers.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::fs::{self, OpenOptions};
 use std::io::Read;
@@ -415,24 +415,7 @@ impl Drop for Daemon {
 /// One mebibyte.
 pub(crate) const MIB_BYTES: usize = 1024 * 1024;
 
-/// An echo server: every byte comes back; the client's FIN is mirrored.
-pub(crate) async fn echo_server() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                if tokio::io::copy(&mut read, &mut write).await.is_ok() {
-                    let _ = write.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
-}
+pub(crate) use meshtun_test_support::echo_server;
 
 /// Echoes `total` bytes through `addr` (a repeating 1 MiB pattern), checking
 /// every byte that comes back; `progress` is called with the bytes received
