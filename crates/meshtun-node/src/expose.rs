@@ -17,6 +17,7 @@ use rustls::AlertDescription;
 use tokio::net::TcpStream;
 use tracing::{debug, info, Instrument};
 
+use crate::identity::peer_identity;
 use crate::metrics::{handshake_reason, Direction, OpenStream, Pending};
 use crate::splice::{self, Downlink, Outbound};
 use crate::{Handshaking, Policy, Shared};
@@ -322,27 +323,6 @@ async fn send_welcome(connection: &Connection) -> Result<(), quinn::WriteError> 
     // above would have reported.
     let _ = stream.finish();
     Ok(())
-}
-
-fn peer_identity(connection: &Connection) -> Result<NodeName, String> {
-    let chain = peer_chain(connection)?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| "empty certificate chain".to_owned())?;
-    meshtun_pki::identity_of(leaf).map_err(|error| error.to_string())
-}
-
-/// The certificate chain the peer presented in the handshake.
-pub(crate) fn peer_chain(
-    connection: &Connection,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    let identity = connection
-        .peer_identity()
-        .ok_or_else(|| "no peer certificate".to_owned())?;
-    identity
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map(|chain| *chain)
-        .map_err(|_| "unexpected peer identity type".to_owned())
 }
 
 /// Why a stream is refused, as the status the opener will see.

@@ -48,6 +48,7 @@ pub mod enroll;
 mod expose;
 mod forward;
 mod gso;
+mod identity;
 mod metrics;
 pub mod overlay;
 mod peer;
@@ -100,6 +101,23 @@ pub enum NodeError {
     /// A QUIC setting is unusable.
     #[error("QUIC configuration: {0}")]
     Quic(String),
+    /// A forward names a peer the configuration does not declare (the
+    /// config crate refuses this; a `Config` built by hand may not).
+    #[error("forward on {listen} names undeclared peer {peer}")]
+    UndeclaredPeer {
+        /// The forward's listen address.
+        listen: SocketAddr,
+        /// The peer it names.
+        peer: NodeName,
+    },
+    /// A shard's thread or runtime could not be started.
+    #[error("cannot start shard {index}'s thread: {source}")]
+    Shard {
+        /// Which shard.
+        index: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The overlay interface or nftables table could not be set up
     /// (`overlay.manage = true`).
     #[error("overlay set-up: {0}")]
@@ -168,7 +186,7 @@ pub(crate) fn still_trusted(
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
-    let verdict = match expose::peer_chain(connection) {
+    let verdict = match identity::peer_chain(connection) {
         Ok(chain) => trust
             .verify_peer_chain(&chain, role, SystemTime::now())
             .map(|_| ())
@@ -182,7 +200,7 @@ pub(crate) fn still_trusted(
                 };
                 (code, error.to_string())
             }),
-        Err(reason) => Err((ConnectionCode::Untrusted, reason)),
+        Err(error) => Err((ConnectionCode::Untrusted, error.to_string())),
     };
     match verdict {
         Ok(()) => true,
@@ -237,7 +255,7 @@ async fn sweep_expired(shared: Arc<Shared>) {
             let deadline = deadlines
                 .entry(id)
                 .or_insert_with(|| {
-                    let deadline = expose::peer_chain(&connection)
+                    let deadline = identity::peer_chain(&connection)
                         .ok()
                         .and_then(|chain| trust.chain_deadline(&chain));
                     (connection.clone(), deadline)
@@ -255,7 +273,7 @@ async fn sweep_expired(shared: Arc<Shared>) {
                     // a moment behind the certificate's): look again at
                     // the next deadline the bundle in force gives, or at
                     // the next sweep.
-                    let next = expose::peer_chain(&connection)
+                    let next = identity::peer_chain(&connection)
                         .ok()
                         .and_then(|chain| trust.chain_deadline(&chain))
                         .filter(|next| *next > now)
@@ -643,7 +661,7 @@ impl Live {
         }
         let mtu = connection.stats().path.current_mtu;
         self.path_mtu = Some(self.path_mtu.map_or(mtu, |best| best.max(mtu)));
-        if let Some(leaf) = expose::peer_chain(connection)
+        if let Some(leaf) = identity::peer_chain(connection)
             .ok()
             .and_then(|chain| chain.first().cloned())
         {
@@ -930,12 +948,12 @@ fn forward_route(
     peers: &BTreeMap<NodeName, Arc<PeerLinks>>,
 ) -> Result<forward::Route, NodeError> {
     // The config refers only to declared peers.
-    let links = peers.get(&forward.peer).ok_or_else(|| {
-        NodeError::Quic(format!(
-            "forward on {} names undeclared peer {}",
-            forward.listen, forward.peer
-        ))
-    })?;
+    let links = peers
+        .get(&forward.peer)
+        .ok_or_else(|| NodeError::UndeclaredPeer {
+            listen: forward.listen,
+            peer: forward.peer.clone(),
+        })?;
     Ok(forward::Route::new(links.clone(), forward.service.clone()))
 }
 
@@ -1471,10 +1489,10 @@ impl Node {
         let mut bound = Vec::new();
         for forward in &config.forwards {
             if !config.peers.iter().any(|peer| peer.name == forward.peer) {
-                return Err(NodeError::Quic(format!(
-                    "forward on {} names undeclared peer {}",
-                    forward.listen, forward.peer
-                )));
+                return Err(NodeError::UndeclaredPeer {
+                    listen: forward.listen,
+                    peer: forward.peer.clone(),
+                });
             }
             if running
                 .iter()

@@ -310,7 +310,7 @@ impl PeerLinks {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
-        let peer = crate::expose::peer_chain(connection)
+        let peer = crate::identity::peer_chain(connection)
             .ok()
             .and_then(|chain| trust.chain_deadline(&chain));
         Some(peer.map_or(own, |peer| peer.min(own)))

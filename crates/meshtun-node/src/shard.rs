@@ -146,9 +146,7 @@ impl Threads {
         };
         let mut handles = Vec::new();
         for index in 0..count.get() {
-            let failed = |error: std::io::Error| {
-                NodeError::Quic(format!("cannot start shard {index}'s thread: {error}"))
-            };
+            let failed = |source: std::io::Error| NodeError::Shard { index, source };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

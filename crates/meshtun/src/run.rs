@@ -98,7 +98,7 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
                     }
                 }
                 signal = signals.next() => {
-                    if signal != "SIGHUP" {
+                    if signal != Stop::Hangup {
                         break signal;
                     }
                     info!(config = %path.display(), "SIGHUP: reloading configuration and certificates");
@@ -142,14 +142,14 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
         };
         notifier.stopping();
         info!(
-            signal,
+            signal = signal.name(),
             ?grace,
             "stopping: draining open streams (signal again to stop at once)"
         );
         tokio::select! {
             () = node.shutdown(grace) => ExitCode::SUCCESS,
             signal = signals.next_stop() => {
-                warn!(signal, "second signal: exiting without finishing the drain");
+                warn!(signal = signal.name(), "second signal: exiting without finishing the drain");
                 ExitCode::from(EXIT_RUNTIME)
             }
         }
@@ -489,6 +489,28 @@ impl Material {
     }
 }
 
+/// A signal `run` acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: drain, then exit.
+    Terminate,
+    /// SIGINT: as SIGTERM.
+    Interrupt,
+    /// SIGHUP: reload.
+    Hangup,
+}
+
+impl Stop {
+    /// The signal's name, as logs and `kill -l` write it.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Terminate => "SIGTERM",
+            Self::Interrupt => "SIGINT",
+            Self::Hangup => "SIGHUP",
+        }
+    }
+}
+
 /// SIGTERM, SIGINT and SIGHUP, installed once.
 struct Signals {
     terminate: Signal,
@@ -506,20 +528,20 @@ impl Signals {
     }
 
     /// Resolves on the next SIGTERM, SIGINT or SIGHUP, naming which.
-    async fn next(&mut self) -> &'static str {
+    async fn next(&mut self) -> Stop {
         tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.hangup.recv() => "SIGHUP",
+            _ = self.terminate.recv() => Stop::Terminate,
+            _ = self.interrupt.recv() => Stop::Interrupt,
+            _ = self.hangup.recv() => Stop::Hangup,
         }
     }
 
     /// Resolves on the next SIGTERM or SIGINT; SIGHUP is ignored while
     /// draining.
-    async fn next_stop(&mut self) -> &'static str {
+    async fn next_stop(&mut self) -> Stop {
         tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => Stop::Terminate,
+            _ = self.interrupt.recv() => Stop::Interrupt,
         }
     }
 }
