@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::metrics::Throttle;
+use crate::throttle::Throttle;
 use crate::Shared;
 
 /// The first pause after a failed accept.

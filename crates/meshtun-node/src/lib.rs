@@ -55,6 +55,7 @@ mod peer;
 mod shard;
 mod splice;
 mod status;
+mod throttle;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};

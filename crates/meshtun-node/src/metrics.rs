@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meshtun_proto::NodeName;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -20,6 +20,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::throttle::Throttle;
 
 /// Which side opened a connection or a stream, seen from this node.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
@@ -553,48 +555,6 @@ const LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// times.
 const HANDSHAKE_LOG_PERIOD: Duration = LIMIT_LOG_PERIOD;
 
-/// Lets one log line per kind and period through; counts the rest.
-#[derive(Debug)]
-pub(crate) struct Throttle<K> {
-    period: Duration,
-    /// When each kind was last let through, and how many were held back since.
-    last: Mutex<BTreeMap<K, (Instant, u64)>>,
-}
-
-impl<K: Ord> Throttle<K> {
-    pub(crate) fn new(period: Duration) -> Self {
-        Self {
-            period,
-            last: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    /// `Some(n)` if an event of `kind` should be logged at info now, `n`
-    /// being how many like it were held back since the last one; `None`
-    /// if it should go to debug.
-    pub(crate) fn admit(&self, kind: K) -> Option<u64> {
-        let now = Instant::now();
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match last.get_mut(&kind) {
-            Some((at, quiet)) if now.duration_since(*at) < self.period => {
-                *quiet += 1;
-                None
-            }
-            Some((at, quiet)) => {
-                *at = now;
-                Some(std::mem::take(quiet))
-            }
-            None => {
-                last.insert(kind, (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
 impl fmt::Debug for PeerStats {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter
@@ -892,19 +852,6 @@ mod tests {
             ),
             "{text}"
         );
-    }
-
-    #[test]
-    fn a_throttle_reports_how_many_it_held_back() {
-        let throttle = Throttle::new(Duration::ZERO);
-        assert_eq!(throttle.admit("a"), Some(0));
-        // A zero period lets every one through, each reporting none held.
-        assert_eq!(throttle.admit("a"), Some(0));
-        let slow = Throttle::new(Duration::from_secs(3600));
-        assert_eq!(slow.admit(1), Some(0));
-        assert_eq!(slow.admit(1), None);
-        assert_eq!(slow.admit(1), None);
-        assert_eq!(slow.admit(2), Some(0));
     }
 
     #[test]

@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshtun_config::{Config, Guard, Overlay, Peer};
@@ -54,6 +54,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::forward;
 use crate::peer::PeerLinks;
 use crate::splice;
+use crate::throttle::Throttle;
 use crate::{accept, Shared};
 
 /// The nftables table meshtun owns; nothing else in it is kept.
@@ -508,14 +509,14 @@ pub(crate) struct Transparent {
 pub(crate) struct Routes {
     peers: std::sync::RwLock<HashMap<Ipv4Addr, Arc<PeerLinks>>>,
     /// When a connection to an unknown address was last logged at info.
-    unknown: Mutex<HashMap<Ipv4Addr, Instant>>,
+    unknown: Throttle<Ipv4Addr>,
 }
 
 impl Routes {
     pub(crate) fn new(peers: HashMap<Ipv4Addr, Arc<PeerLinks>>) -> Self {
         Self {
             peers: std::sync::RwLock::new(peers),
-            unknown: Mutex::new(HashMap::new()),
+            unknown: Throttle::bounded(UNKNOWN_LOG_INTERVAL, UNKNOWN_REMEMBERED),
         }
     }
 
@@ -539,22 +540,7 @@ impl Routes {
     /// Whether a connection to `address`, which no peer has, should be
     /// logged at info now (at most once per [`UNKNOWN_LOG_INTERVAL`]).
     fn report_unknown(&self, address: Ipv4Addr, now: Instant) -> bool {
-        let mut unknown = self
-            .unknown
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if unknown.len() >= UNKNOWN_REMEMBERED {
-            unknown.retain(|_, last| now.duration_since(*last) < UNKNOWN_LOG_INTERVAL);
-        }
-        match unknown.get(&address) {
-            Some(last) if now.duration_since(*last) < UNKNOWN_LOG_INTERVAL => false,
-            _ => {
-                if unknown.len() < UNKNOWN_REMEMBERED {
-                    unknown.insert(address, now);
-                }
-                true
-            }
-        }
+        self.unknown.admit_at(address, now).is_some()
     }
 }
 
