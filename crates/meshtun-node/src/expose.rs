@@ -18,7 +18,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, Instrument};
 
 use crate::identity::peer_identity;
-use crate::metrics::{handshake_reason, Direction, OpenStream, Pending};
+use crate::metrics::{
+    handshake_reason, Direction, HandshakeReason, OpenStream, Pending, RefusalReason,
+};
 use crate::splice::{self, Downlink, Outbound};
 use crate::{Handshaking, Policy, Shared};
 
@@ -97,18 +99,18 @@ async fn serve_connection(
             let verdict = shared.metrics.incoming_handshake_failed(reason);
             log_limit!(
                 verdict,
-                reason,
+                reason = reason.as_str(),
                 "handshake failed: {}",
                 HandshakeFailure(&error)
             );
             return;
         }
         Err(_) => {
-            let reason = "timeout";
+            let reason = HandshakeReason::Timeout;
             let verdict = shared.metrics.incoming_handshake_failed(reason);
             log_limit!(
                 verdict,
-                reason,
+                reason = reason.as_str(),
                 timeout = ?shared.handshake_timeout,
                 "handshake failed: not complete within quic.handshake_timeout"
             );
@@ -118,11 +120,11 @@ async fn serve_connection(
     let identity = match peer_identity(&connection) {
         Ok(identity) => identity,
         Err(detail) => {
-            let reason = "no_identity";
+            let reason = HandshakeReason::NoIdentity;
             let verdict = shared.metrics.incoming_handshake_failed(reason);
             log_limit!(
                 verdict,
-                reason,
+                reason = reason.as_str(),
                 %detail,
                 "handshake failed: closing a connection without a usable identity"
             );
@@ -186,7 +188,7 @@ async fn serve_connection(
                 let verdict = stats.refused(Direction::incoming, reason);
                 log_limit!(
                     verdict,
-                    reason,
+                    reason = reason.as_str(),
                     code = code.to_u32(),
                     "stream reset at a limit"
                 );
@@ -337,11 +339,11 @@ fn over_limit(
     pending_before: u32,
     policy: &Policy,
     shared: &Shared,
-) -> Option<(&'static str, StreamCode)> {
+) -> Option<(RefusalReason, StreamCode)> {
     if stream.open_before() >= i64::from(shared.max_streams_per_peer) {
-        Some(("stream_limit", StreamCode::StreamLimit))
+        Some((RefusalReason::StreamLimit, StreamCode::StreamLimit))
     } else if pending_before >= policy.limits.pending_streams_per_peer {
-        Some(("pending_limit", StreamCode::PendingLimit))
+        Some((RefusalReason::PendingLimit, StreamCode::PendingLimit))
     } else {
         None
     }
@@ -393,12 +395,16 @@ async fn answer_stream(
         Ok(read) => read,
         Err(failure) => {
             let (reason, code) = match failure {
-                PreambleFailure::Timeout(_) => ("preamble_timeout", StreamCode::PreambleTimeout),
-                PreambleFailure::Invalid(_) => ("bad_preamble", StreamCode::BadPreamble),
+                PreambleFailure::Timeout(_) => {
+                    (RefusalReason::PreambleTimeout, StreamCode::PreambleTimeout)
+                }
+                PreambleFailure::Invalid(_) => {
+                    (RefusalReason::BadPreamble, StreamCode::BadPreamble)
+                }
             };
             let status = refuse(StatusCode::BadPreamble, failure.to_string());
             let verdict = stats.refused(Direction::incoming, reason);
-            log_refusal!(verdict, reason, detail = %status.detail, "bad stream preamble");
+            log_refusal!(verdict, reason = reason.as_str(), detail = %status.detail, "bad stream preamble");
             answer_refusal(&mut send, &mut recv, &status, code).await;
             return;
         }
@@ -406,7 +412,7 @@ async fn answer_stream(
     let target = match authorize(&shared.node, policy, &preamble, &identity) {
         Ok(target) => target,
         Err(status) => {
-            let verdict = stats.refused(Direction::incoming, status.code.as_str());
+            let verdict = stats.refused(Direction::incoming, status.code.into());
             log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "stream refused");
             answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
             return;
@@ -414,7 +420,7 @@ async fn answer_stream(
     };
     if shared.stop_accepting.is_cancelled() {
         let status = refuse(StatusCode::Unavailable, "node is shutting down".to_owned());
-        let verdict = stats.refused(Direction::incoming, status.code.as_str());
+        let verdict = stats.refused(Direction::incoming, status.code.into());
         log_refusal!(verdict, "stream refused: node is draining");
         answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
         return;
@@ -430,7 +436,7 @@ async fn answer_stream(
         let mut tcp = match connect(&target.addr, forbidden, limits.connect_timeout).await {
             Ok(tcp) => tcp,
             Err(status) => {
-                let verdict = stats.refused(Direction::incoming, status.code.as_str());
+                let verdict = stats.refused(Direction::incoming, status.code.into());
                 log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "target unavailable");
                 answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
                 return;
@@ -696,7 +702,7 @@ mod tests {
             words(&ours),
             "this node refused the peer's certificate (UnknownIssuer)"
         );
-        assert_eq!(handshake_reason(&ours), "tls");
+        assert_eq!(handshake_reason(&ours), HandshakeReason::Tls);
         assert_eq!(
             words(&raised(AlertDescription::CertificateRequired, "")),
             "this node refused the peer's certificate (CertificateRequired)"
@@ -716,7 +722,7 @@ mod tests {
             "the peer refused this node's certificate with alert UnknownCA \
              (the peer says \"invalid peer certificate: UnknownIssuer\")"
         );
-        assert_eq!(handshake_reason(&theirs), "tls");
+        assert_eq!(handshake_reason(&theirs), HandshakeReason::Tls);
         assert_eq!(
             words(&received(AlertDescription::BadCertificate, "")),
             "the peer refused this node's certificate with alert BadCertificate"

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
-use crate::metrics::Direction;
+use crate::metrics::{Direction, RefusalReason};
 use crate::peer::PeerLinks;
 use crate::splice::{self, Downlink, Outbound};
 use crate::{accept, Shared};
@@ -167,7 +167,7 @@ async fn carry(
     let stream = peer.stats().stream(Direction::outgoing);
     let stats = stream.stats();
     let Some(link) = peer.connection(shard, PEER_WAIT).await else {
-        let verdict = stats.refused(Direction::outgoing, "not_connected");
+        let verdict = stats.refused(Direction::outgoing, RefusalReason::NotConnected);
         log_refusal!(verdict, "peer not connected; resetting local connection");
         return;
     };
@@ -178,12 +178,12 @@ async fn carry(
     let (send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, connection.open_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(error)) => {
-            let verdict = stats.refused(Direction::outgoing, "not_connected");
+            let verdict = stats.refused(Direction::outgoing, RefusalReason::NotConnected);
             log_refusal!(verdict, %error, "cannot open stream; resetting local connection");
             return;
         }
         Err(_) => {
-            let verdict = stats.refused(Direction::outgoing, "no_stream_credit");
+            let verdict = stats.refused(Direction::outgoing, RefusalReason::NoStreamCredit);
             log_refusal!(verdict, timeout = ?OPEN_TIMEOUT, "peer granted no stream in time; resetting local connection");
             return;
         }
@@ -207,12 +207,12 @@ async fn carry(
         {
             Ok(totals) => debug!(sent = totals.uplink, received = totals.downlink, "closed"),
             Err((splice::Failure::Refused(status), _)) => {
-                let verdict = stats.refused(Direction::outgoing, status.code.as_str());
+                let verdict = stats.refused(Direction::outgoing, status.code.into());
                 log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "stream refused by the peer; local connection reset");
             }
             Err((failure, totals)) => match failure.limit() {
                 Some(limit) => {
-                    let verdict = stats.refused(Direction::outgoing, limit.as_str());
+                    let verdict = stats.refused(Direction::outgoing, RefusalReason::from(limit));
                     log_refusal!(verdict, %failure, "stream reset at the peer's limit; local connection reset");
                 }
                 None => debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset"),

@@ -73,7 +73,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{CutReason, Direction, Metrics};
 use crate::peer::{DialTiming, PeerLinks};
 
 pub use crate::overlay::OverlayError;
@@ -207,13 +207,13 @@ pub(crate) fn still_trusted(
         Ok(()) => true,
         Err((code, reason)) => {
             let label = match code {
-                ConnectionCode::Expired => "expired",
-                ConnectionCode::Revoked => "revoked",
-                _ => "untrusted",
+                ConnectionCode::Expired => CutReason::Expired,
+                ConnectionCode::Revoked => CutReason::Revoked,
+                _ => CutReason::Untrusted,
             };
             warn!(
                 remote = %connection.remote_address(),
-                cut = label,
+                cut = label.as_str(),
                 %reason,
                 "closing connection: the peer's certificate is no longer trusted"
             );

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshtun_proto::NodeName;
+use meshtun_proto::{NodeName, StatusCode, StreamCode};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -57,9 +57,125 @@ struct CutLabels {
     reason: &'static str,
 }
 
-/// Why a live connection was cut because its peer's certificate lost
-/// trust, as label values.
-pub(crate) const CUT_REASONS: &[&str] = &["expired", "revoked", "untrusted"];
+/// A closed set of label values: the enum, its one list (`ALL`), and each
+/// value's label. `/metrics` and `/status` both read `ALL`, so a reason
+/// counted is a reason shown.
+macro_rules! label_values {
+    ($(#[$meta:meta])* $name:ident { $($(#[$variant_meta:meta])* $variant:ident => $label:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord)]
+        pub(crate) enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in the order `/status` lists them.
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The label value.
+            pub(crate) fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+    };
+}
+
+label_values! {
+    /// Why a live connection was cut because its peer's certificate lost
+    /// trust.
+    CutReason {
+        /// The certificate is past its notAfter.
+        Expired => "expired",
+        /// A CRL lists it.
+        Revoked => "revoked",
+        /// Anything else: no longer chains to the trust bundle.
+        Untrusted => "untrusted",
+    }
+}
+
+label_values! {
+    /// Why a stream never reached its target. The acceptor's status codes
+    /// first, then the opener's own failures before any status.
+    RefusalReason {
+        /// No such service on the acceptor.
+        UnknownService => "unknown_service",
+        /// The policy does not let this peer in.
+        Forbidden => "forbidden",
+        /// The target refused the TCP connection.
+        Refused => "refused",
+        /// The target could not be reached.
+        Unreachable => "unreachable",
+        /// The preamble was malformed.
+        BadPreamble => "bad_preamble",
+        /// The acceptor is draining.
+        Unavailable => "unavailable",
+        /// Any other status code.
+        Other => "other",
+        /// No connection to the peer.
+        NotConnected => "not_connected",
+        /// The peer granted no stream in time.
+        NoStreamCredit => "no_stream_credit",
+        /// The preamble did not arrive in time.
+        PreambleTimeout => "preamble_timeout",
+        /// The per-peer stream limit.
+        StreamLimit => "stream_limit",
+        /// The per-peer limit of streams waiting for their target.
+        PendingLimit => "pending_limit",
+    }
+}
+
+impl From<StatusCode> for RefusalReason {
+    fn from(code: StatusCode) -> Self {
+        match code {
+            StatusCode::UnknownService => Self::UnknownService,
+            StatusCode::Forbidden => Self::Forbidden,
+            StatusCode::Refused => Self::Refused,
+            StatusCode::Unreachable => Self::Unreachable,
+            StatusCode::BadPreamble => Self::BadPreamble,
+            StatusCode::Unavailable => Self::Unavailable,
+            // An `ok` never refuses a stream; were one counted, it shows as
+            // `other` rather than not at all.
+            StatusCode::Ok | StatusCode::Other(_) => Self::Other,
+        }
+    }
+}
+
+impl From<StreamCode> for RefusalReason {
+    /// The per-peer limit an acceptor reset a stream at (see
+    /// `splice::Failure::limit`).
+    fn from(code: StreamCode) -> Self {
+        match code {
+            StreamCode::PendingLimit => Self::PendingLimit,
+            _ => Self::StreamLimit,
+        }
+    }
+}
+
+label_values! {
+    /// Why a QUIC handshake failed.
+    HandshakeReason {
+        /// Not complete within `quic.handshake_timeout`.
+        Timeout => "timeout",
+        /// A TLS alert: certificate refused, wrong CA, bad ALPN.
+        Tls => "tls",
+        /// Closed by the other side.
+        Rejected => "rejected",
+        /// The peer's certificate names no usable node.
+        NoIdentity => "no_identity",
+        /// The acceptor's welcome never came or was garbled.
+        NoWelcome => "no_welcome",
+        /// The peer's address did not resolve.
+        Resolve => "resolve",
+        /// This side closed it, or could not start it.
+        Local => "local",
+        /// A stateless reset.
+        Reset => "reset",
+        /// Anything else.
+        Other => "other",
+    }
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
@@ -112,7 +228,7 @@ pub(crate) struct Metrics {
     limit_hits: Family<LimitLabels, Counter>,
     limit_log: Throttle<&'static str>,
     /// Which failed incoming handshakes are logged at warn, by reason.
-    handshake_log: Throttle<&'static str>,
+    handshake_log: Throttle<HandshakeReason>,
     retries: Counter,
     /// Packets the overlay guard dropped, as nftables counted them. A
     /// family without labels, so it has no sample until the daemon could
@@ -131,23 +247,6 @@ impl fmt::Debug for Metrics {
     }
 }
 
-/// Refusal reasons a stream can end with, as label values. The acceptor's
-/// status codes first, then the opener's own failures before any status.
-pub(crate) const REFUSAL_REASONS: &[&str] = &[
-    "unknown_service",
-    "forbidden",
-    "refused",
-    "unreachable",
-    "bad_preamble",
-    "unavailable",
-    "other",
-    "not_connected",
-    "no_stream_credit",
-    "preamble_timeout",
-    "stream_limit",
-    "pending_limit",
-];
-
 /// The node-wide limits counted in `meshtun_limit_hits_total`, by config
 /// key (`open_files` is the process's descriptor limit).
 pub(crate) const NODE_LIMITS: &[&str] = &[
@@ -155,19 +254,6 @@ pub(crate) const NODE_LIMITS: &[&str] = &[
     "connections_per_peer",
     "buffer_memory",
     "open_files",
-];
-
-/// Handshake failure reasons, as label values.
-pub(crate) const HANDSHAKE_REASONS: &[&str] = &[
-    "timeout",
-    "tls",
-    "rejected",
-    "no_identity",
-    "no_welcome",
-    "resolve",
-    "local",
-    "reset",
-    "other",
 ];
 
 impl Metrics {
@@ -385,12 +471,12 @@ impl Metrics {
     /// line per reason every [`HANDSHAKE_LOG_PERIOD`], node-wide. Anyone
     /// who can reach the QUIC port can make handshakes fail as fast as it
     /// can send; every failure is counted, few are logged.
-    pub(crate) fn incoming_handshake_failed(&self, reason: &'static str) -> Option<u64> {
+    pub(crate) fn incoming_handshake_failed(&self, reason: HandshakeReason) -> Option<u64> {
         self.handshakes_failed
             .get_or_create(&ReasonLabels {
                 peer: String::new(),
                 direction: Direction::incoming,
-                reason,
+                reason: reason.as_str(),
             })
             .inc();
         self.handshake_log.admit(reason)
@@ -402,7 +488,8 @@ impl Metrics {
             &self.handshakes_failed,
             "",
             Direction::incoming,
-            HANDSHAKE_REASONS,
+            HandshakeReason::ALL,
+            HandshakeReason::as_str,
         )
     }
 
@@ -497,11 +584,12 @@ impl Metrics {
     }
 }
 
-fn count_reasons(
+fn count_reasons<R: Copy>(
     family: &Family<ReasonLabels, Counter>,
     peer: &str,
     direction: Direction,
-    reasons: &[&'static str],
+    reasons: &[R],
+    label: fn(R) -> &'static str,
 ) -> BTreeMap<&'static str, u64> {
     reasons
         .iter()
@@ -509,10 +597,10 @@ fn count_reasons(
             let labels = ReasonLabels {
                 peer: peer.to_owned(),
                 direction,
-                reason,
+                reason: label(reason),
             };
             let count = family.get(&labels).map_or(0, |counter| counter.get());
-            (count > 0).then_some((reason, count))
+            (count > 0).then_some((label(reason), count))
         })
         .collect()
 }
@@ -539,7 +627,7 @@ pub(crate) struct PeerStats {
 }
 
 /// A kind of refusal: who refused, and why.
-type RefusalKind = (Direction, &'static str);
+type RefusalKind = (Direction, RefusalReason);
 
 /// At most one info line per kind of refusal and peer in this period; the
 /// rest go to debug, and every one is counted in the metrics.
@@ -605,23 +693,23 @@ impl PeerStats {
     /// logged at info, `n` being how many like it went to debug since the
     /// last info line; `None` means log it at debug. A peer or a client
     /// retrying a forbidden service cannot flood the log this way.
-    pub(crate) fn refused(&self, direction: Direction, reason: &'static str) -> Option<u64> {
+    pub(crate) fn refused(&self, direction: Direction, reason: RefusalReason) -> Option<u64> {
         self.refused
             .get_or_create(&ReasonLabels {
                 peer: self.name.clone(),
                 direction,
-                reason,
+                reason: reason.as_str(),
             })
             .inc();
         self.refusal_log.admit((direction, reason))
     }
 
-    pub(crate) fn handshake_failed(&self, reason: &'static str) {
+    pub(crate) fn handshake_failed(&self, reason: HandshakeReason) {
         self.handshakes_failed
             .get_or_create(&ReasonLabels {
                 peer: self.name.clone(),
                 direction: Direction::outgoing,
-                reason,
+                reason: reason.as_str(),
             })
             .inc();
     }
@@ -639,8 +727,15 @@ impl PeerStats {
     }
 
     pub(crate) fn counts(&self) -> PeerCounts {
-        let refused =
-            |direction| count_reasons(&self.refused, &self.name, direction, REFUSAL_REASONS);
+        let refused = |direction| {
+            count_reasons(
+                &self.refused,
+                &self.name,
+                direction,
+                RefusalReason::ALL,
+                RefusalReason::as_str,
+            )
+        };
         PeerCounts {
             sent: self.sent.get(),
             received: self.received.get(),
@@ -652,29 +747,30 @@ impl PeerStats {
                 &self.handshakes_failed,
                 &self.name,
                 Direction::outgoing,
-                HANDSHAKE_REASONS,
+                HandshakeReason::ALL,
+                HandshakeReason::as_str,
             ),
-            cut: CUT_REASONS
+            cut: CutReason::ALL
                 .iter()
                 .filter_map(|reason| {
                     let labels = CutLabels {
                         peer: self.name.clone(),
-                        reason,
+                        reason: reason.as_str(),
                     };
                     let count = self.cut.get(&labels).map_or(0, |counter| counter.get());
-                    (count > 0).then_some((*reason, count))
+                    (count > 0).then_some((reason.as_str(), count))
                 })
                 .collect(),
         }
     }
 
     /// Counts a live connection cut because the peer's certificate lost
-    /// trust; `reason` is one of [`CUT_REASONS`].
-    pub(crate) fn connection_cut(&self, reason: &'static str) {
+    /// trust.
+    pub(crate) fn connection_cut(&self, reason: CutReason) {
         self.cut
             .get_or_create(&CutLabels {
                 peer: self.name.clone(),
-                reason,
+                reason: reason.as_str(),
             })
             .inc();
     }
@@ -723,17 +819,23 @@ impl Drop for OpenStream {
 }
 
 /// The label value for a QUIC connection error during a handshake.
-pub(crate) fn handshake_reason(error: &quinn::ConnectionError) -> &'static str {
+pub(crate) fn handshake_reason(error: &quinn::ConnectionError) -> HandshakeReason {
     use quinn::ConnectionError;
     let is_crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
     match error {
-        ConnectionError::TimedOut => "timeout",
-        ConnectionError::TransportError(error) if is_crypto(error.code) => "tls",
-        ConnectionError::ConnectionClosed(close) if is_crypto(close.error_code) => "tls",
-        ConnectionError::ConnectionClosed(_) | ConnectionError::ApplicationClosed(_) => "rejected",
-        ConnectionError::Reset => "reset",
-        ConnectionError::LocallyClosed | ConnectionError::CidsExhausted => "local",
-        ConnectionError::VersionMismatch | ConnectionError::TransportError(_) => "other",
+        ConnectionError::TimedOut => HandshakeReason::Timeout,
+        ConnectionError::TransportError(error) if is_crypto(error.code) => HandshakeReason::Tls,
+        ConnectionError::ConnectionClosed(close) if is_crypto(close.error_code) => {
+            HandshakeReason::Tls
+        }
+        ConnectionError::ConnectionClosed(_) | ConnectionError::ApplicationClosed(_) => {
+            HandshakeReason::Rejected
+        }
+        ConnectionError::Reset => HandshakeReason::Reset,
+        ConnectionError::LocallyClosed | ConnectionError::CidsExhausted => HandshakeReason::Local,
+        ConnectionError::VersionMismatch | ConnectionError::TransportError(_) => {
+            HandshakeReason::Other
+        }
     }
 }
 
@@ -801,13 +903,25 @@ mod tests {
     fn repeated_refusals_are_logged_once_per_period_and_all_counted() {
         let metrics = Metrics::new();
         let stats = metrics.peer(&name("node-1"));
-        assert_eq!(stats.refused(Direction::incoming, "forbidden"), Some(0));
+        assert_eq!(
+            stats.refused(Direction::incoming, RefusalReason::Forbidden),
+            Some(0)
+        );
         for _ in 0..100 {
-            assert_eq!(stats.refused(Direction::incoming, "forbidden"), None);
+            assert_eq!(
+                stats.refused(Direction::incoming, RefusalReason::Forbidden),
+                None
+            );
         }
         // Another reason or direction has its own budget.
-        assert_eq!(stats.refused(Direction::outgoing, "forbidden"), Some(0));
-        assert_eq!(stats.refused(Direction::incoming, "refused"), Some(0));
+        assert_eq!(
+            stats.refused(Direction::outgoing, RefusalReason::Forbidden),
+            Some(0)
+        );
+        assert_eq!(
+            stats.refused(Direction::incoming, RefusalReason::Refused),
+            Some(0)
+        );
         let counts = stats.counts();
         assert_eq!(
             counts.refused[Direction::incoming as usize].get("forbidden"),
@@ -836,12 +950,22 @@ mod tests {
     fn failed_incoming_handshakes_are_all_counted_and_logged_once_per_reason_and_period() {
         let metrics = Metrics::new();
         let admitted = (0..2000)
-            .filter(|_| metrics.incoming_handshake_failed("tls").is_some())
+            .filter(|_| {
+                metrics
+                    .incoming_handshake_failed(HandshakeReason::Tls)
+                    .is_some()
+            })
             .count();
         assert_eq!(admitted, 1, "one warn line for 2000 failures of one reason");
         // Another reason has its own budget, and its own count.
-        assert_eq!(metrics.incoming_handshake_failed("timeout"), Some(0));
-        assert_eq!(metrics.incoming_handshake_failed("timeout"), None);
+        assert_eq!(
+            metrics.incoming_handshake_failed(HandshakeReason::Timeout),
+            Some(0)
+        );
+        assert_eq!(
+            metrics.incoming_handshake_failed(HandshakeReason::Timeout),
+            None
+        );
         let counted = metrics.incoming_handshakes_failed();
         assert_eq!(counted.get("tls"), Some(&2000));
         assert_eq!(counted.get("timeout"), Some(&2));
@@ -851,6 +975,63 @@ mod tests {
                 "meshtun_peer_handshakes_failed_total{peer=\"\",direction=\"incoming\",reason=\"tls\"} 2000"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn every_reason_counted_is_a_reason_shown_under_its_old_label() {
+        let labels = |all: &[&str]| all.join(",");
+        assert_eq!(
+            labels(
+                &RefusalReason::ALL
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+            ),
+            "unknown_service,forbidden,refused,unreachable,bad_preamble,unavailable,other,\
+             not_connected,no_stream_credit,preamble_timeout,stream_limit,pending_limit"
+        );
+        assert_eq!(
+            labels(
+                &HandshakeReason::ALL
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+            ),
+            "timeout,tls,rejected,no_identity,no_welcome,resolve,local,reset,other"
+        );
+        assert_eq!(
+            labels(
+                &CutReason::ALL
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+            ),
+            "expired,revoked,untrusted"
+        );
+        let metrics = Metrics::new();
+        let stats = metrics.peer(&name("node-1"));
+        for &reason in RefusalReason::ALL {
+            stats.refused(Direction::incoming, reason);
+        }
+        for &reason in HandshakeReason::ALL {
+            stats.handshake_failed(reason);
+            metrics.incoming_handshake_failed(reason);
+        }
+        for &reason in CutReason::ALL {
+            stats.connection_cut(reason);
+        }
+        // An `ok` status refusing a stream cannot happen; were one counted,
+        // it would show as `other`, not vanish.
+        stats.refused(Direction::outgoing, StatusCode::Ok.into());
+        let counts = stats.counts();
+        assert_eq!(counts.refused[1].len(), RefusalReason::ALL.len());
+        assert_eq!(counts.refused[0].get("other"), Some(&1));
+        assert_eq!(counts.handshakes_failed.len(), HandshakeReason::ALL.len());
+        assert_eq!(counts.cut.len(), CutReason::ALL.len());
+        assert_eq!(
+            metrics.incoming_handshakes_failed().len(),
+            HandshakeReason::ALL.len()
         );
     }
 
@@ -874,7 +1055,7 @@ mod tests {
     fn encoding_names_every_family_with_its_labels() {
         let metrics = Metrics::new();
         let stats = metrics.peer(&name("node-1"));
-        stats.refused(Direction::incoming, "forbidden");
+        stats.refused(Direction::incoming, RefusalReason::Forbidden);
         stats.received.inc_by(42);
         metrics.reload("success");
         let text = metrics.encode().unwrap();

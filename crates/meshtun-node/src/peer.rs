@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::metrics::{handshake_reason, PeerStats};
+use crate::metrics::{handshake_reason, HandshakeReason, PeerStats};
 use crate::{still_trusted, TrustState};
 
 /// The TLS server name sent by dialers. Identity is checked against the
@@ -792,14 +792,14 @@ enum DialError {
 
 impl DialError {
     /// The metric label for this failure.
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> HandshakeReason {
         match self {
-            DialError::Resolve(..) => "resolve",
-            DialError::Connect(_) => "local",
+            DialError::Resolve(..) => HandshakeReason::Resolve,
+            DialError::Connect(_) => HandshakeReason::Local,
             DialError::Handshake(_, error) => handshake_reason(error),
             DialError::Welcome(_, WelcomeError::Closed(error)) => handshake_reason(error),
-            DialError::Welcome(_, WelcomeError::Garbled(_)) => "no_welcome",
-            DialError::Timeout(..) => "timeout",
+            DialError::Welcome(_, WelcomeError::Garbled(_)) => HandshakeReason::NoWelcome,
+            DialError::Timeout(..) => HandshakeReason::Timeout,
         }
     }
 }
