@@ -193,7 +193,24 @@ impl NodeCredentials {
     /// the key, so that it outlives the key (see
     /// [`NodeCredentials::stateless_reset_secret`]).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, PkiError> {
-        let pair = files::read_pair(cert, key)?;
+        Self::load_with(files::read_pair(cert, key)?, key)
+    }
+
+    /// As [`load`](Self::load), but a key file its group or others may read
+    /// is read all the same: for `meshtun check`, which reports that problem
+    /// itself ([`key_file_mode_problem`](crate::key_file_mode_problem)) and
+    /// goes on to check the rest.
+    pub fn load_ignoring_key_mode(cert: &Path, key: &Path) -> Result<Self, PkiError> {
+        let pair = files::PemPair {
+            cert_pem: files::read_text(cert)?,
+            key_pem: files::read_text(key)?,
+            cert_origin: cert.display().to_string(),
+            key_origin: key.display().to_string(),
+        };
+        Self::load_with(pair, key)
+    }
+
+    fn load_with(pair: files::PemPair, key: &Path) -> Result<Self, PkiError> {
         let mut credentials = Self::from_pem_with_origin(
             &pair.cert_pem,
             &pair.key_pem,

@@ -23,6 +23,7 @@ mod cluster;
 mod demo;
 mod join;
 mod junk;
+mod material;
 mod notify;
 mod overlay;
 mod pki;

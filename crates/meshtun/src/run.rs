@@ -6,12 +6,13 @@ use std::time::{Duration, SystemTime};
 
 use meshtun_config::Config;
 use meshtun_node::Node;
-use meshtun_pki::{NodeCredentials, TrustBundle};
+use meshtun_pki::NodeCredentials;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
+use crate::material::{self, Material};
 use crate::notify::Notifier;
-use crate::watch::{expiry_in_words, seconds_until, ExpiryWarnings, Watched, POLL_INTERVAL};
+use crate::watch::{expiry_in_words, ExpiryWarnings, Watched, POLL_INTERVAL};
 use crate::{init_logging, runtime_with, LogFormat, EXIT_CONFIG, EXIT_RUNTIME};
 
 /// How often dropped junk datagrams are summarized in the log.
@@ -26,11 +27,11 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
         config,
         credentials,
         trust,
-    } = match Material::load(path) {
+    } = match material::load(path) {
         Ok(material) => material,
         Err(problems) => {
             for problem in problems {
-                error!("{problem}");
+                error!(config = %path.display(), "{problem}");
             }
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -169,7 +170,7 @@ struct Applied {
 /// failure keeps everything as it was and is logged once, with every
 /// problem.
 fn reload(path: &Path, node: &Node) -> Option<Applied> {
-    let material = match Material::load(path) {
+    let material = match material::load(path) {
         Ok(material) => material,
         Err(problems) => {
             let joined = problems.join("; ");
@@ -419,73 +420,6 @@ async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
             ticks.tick().await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// A configuration with its certificates, loaded and checked together.
-struct Material {
-    config: Config,
-    credentials: NodeCredentials,
-    trust: TrustBundle,
-}
-
-impl Material {
-    /// Loads `path` and the files it names. Each problem is one line that
-    /// names the file or key at fault.
-    fn load(path: &Path) -> Result<Self, Vec<String>> {
-        let config = meshtun_config::load(path).map_err(|errors| {
-            errors
-                .iter()
-                .map(|problem| format!("{}: {problem}", path.display()))
-                .collect::<Vec<_>>()
-        })?;
-        let tls = &config.tls;
-        let trust = TrustBundle::load(&tls.ca, tls.crl.as_deref())
-            .map_err(|problem| vec![format!("tls.ca: {problem}")])?;
-        let credentials = NodeCredentials::load(&tls.cert, &tls.key).map_err(|problem| {
-            let mut line = format!("tls.cert/tls.key: {problem}");
-            if matches!(problem, meshtun_pki::PkiError::KeyMismatch { .. }) {
-                let mut prev = tls.cert.as_os_str().to_owned();
-                prev.push(".prev");
-                if Path::new(&prev).exists() {
-                    line.push_str(
-                        " (if a renewal was cut short, the previous pair is beside them as \
-                         .prev: copy both back, or renew again)",
-                    );
-                }
-            }
-            vec![line]
-        })?;
-        if credentials.identity() != &config.node {
-            return Err(vec![format!(
-                "tls.cert: certificate identity is {:?} but node = {:?}; the certificate must name this node",
-                credentials.identity().as_str(),
-                config.node.as_str()
-            )]);
-        }
-        let expires_in = seconds_until(credentials.not_after(), SystemTime::now());
-        if expires_in <= 0 {
-            return Err(vec![format!(
-                "tls.cert: certificate {} {}; renew it with `meshtun pki renew`",
-                tls.cert.display(),
-                expiry_in_words(expires_in)
-            )]);
-        }
-        // What `meshtun check` insists on, so that a reload from changed
-        // files cannot install a CA bundle or CRL that cuts this node off
-        // (a new CA copied over the old one instead of beside it, say).
-        if let Err(problem) = trust.verify_node(&credentials, SystemTime::now()) {
-            return Err(vec![crate::check::untrusted_node(
-                &config,
-                &credentials,
-                &problem,
-            )]);
-        }
-        Ok(Self {
-            config,
-            credentials,
-            trust,
-        })
     }
 }
 

@@ -80,7 +80,7 @@ fn cluster_show_prints_what_a_node_gets() {
 }
 
 #[test]
-fn check_refuses_a_manifest_of_another_cluster_than_the_certificate() {
+fn check_and_run_refuse_a_manifest_of_another_cluster_than_the_certificate() {
     let dir = TempDir::new("cluster-name");
     init_ca("dev", dir.path());
     issue(dir.path(), "node-0", dir.path());
@@ -107,6 +107,15 @@ fn check_refuses_a_manifest_of_another_cluster_than_the_certificate() {
             .stdout
             .contains("the manifest is for cluster \"prod\", but tls.cert is a certificate of cluster \"dev\""),
         "{refused}"
+    );
+    // `run` shares check's checks: it refuses to start on the same error.
+    let not_started = meshtun_with(&["run", "-c", path_str(&config)]);
+    assert_eq!(not_started.code(), EXIT_CONFIG, "{not_started}");
+    assert!(
+        not_started
+            .stderr
+            .contains("the manifest is for cluster \"prod\", but tls.cert is a certificate of cluster \"dev\""),
+        "{not_started}"
     );
     // The same manifest for cluster "dev": accepted, node-1 a peer.
     fs::write(
