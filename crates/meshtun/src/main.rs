@@ -18,19 +18,13 @@ macro_rules! say {
     }};
 }
 
-mod check;
-mod cluster;
-mod demo;
-mod join;
+mod cmd;
 mod junk;
 mod material;
 mod notify;
-mod overlay;
-mod pki;
-mod renew;
-mod run;
-mod status;
 mod watch;
+
+use cmd::{check, cluster, demo, join, overlay, pki, renew, run, status};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

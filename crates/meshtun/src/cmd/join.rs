@@ -50,7 +50,7 @@ pub(crate) struct JoinArgs {
     /// Ask for a certificate valid this long (a number and s, m, h or d,
     /// from 1m): less than the token grants, never more [default: what the
     /// token grants].
-    #[arg(long, value_name = "DURATION", value_parser = crate::pki::parse_lifetime)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::cmd::pki::parse_lifetime)]
     valid_for: Option<std::time::Duration>,
     /// Seconds to wait for the whole exchange with the server.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -276,8 +276,8 @@ impl Renewal {
             return;
         };
         let (not_before, not_after) = self.validity;
-        let due = crate::renew::due_at(settings, not_before, not_after)
-            .checked_sub(crate::renew::jitter(not_before, not_after))
+        let due = crate::cmd::renew::due_at(settings, not_before, not_after)
+            .checked_sub(crate::cmd::renew::jitter(not_before, not_after))
             .unwrap_or(not_before);
         info!(
             at = %meshtun_pki::format_utc(due),
@@ -303,14 +303,17 @@ impl Renewal {
     }
 
     /// Starts an attempt in its own task; its result is sent to `done`.
-    fn start(&mut self, done: tokio::sync::mpsc::Sender<Result<crate::renew::Installed, String>>) {
+    fn start(
+        &mut self,
+        done: tokio::sync::mpsc::Sender<Result<crate::cmd::renew::Installed, String>>,
+    ) {
         self.schedule(None);
         self.running = true;
         self.last_attempt = Some(SystemTime::now());
         let config = self.config.clone();
         info!("renewing the node certificate");
         tokio::spawn(async move {
-            let attempt = tokio::spawn(async move { crate::renew::renew_once(&config).await });
+            let attempt = tokio::spawn(async move { crate::cmd::renew::renew_once(&config).await });
             let result = attempt
                 .await
                 .unwrap_or_else(|error| Err(format!("the renewal task failed: {error}")));
@@ -322,7 +325,7 @@ impl Renewal {
     /// Records an attempt's result; true if new files were installed (the
     /// caller reloads, which plans the next renewal). A failure is retried
     /// after a twentieth of the lifetime.
-    fn finish(&mut self, result: Result<crate::renew::Installed, String>) -> bool {
+    fn finish(&mut self, result: Result<crate::cmd::renew::Installed, String>) -> bool {
         self.running = false;
         match result {
             Ok(installed) => {
@@ -356,7 +359,7 @@ impl Renewal {
                     self.schedule(None);
                     return false;
                 }
-                let retry = crate::renew::retry_after(not_before, not_after);
+                let retry = crate::cmd::renew::retry_after(not_before, not_after);
                 warn!(
                     %problem,
                     retry_in = ?retry,
