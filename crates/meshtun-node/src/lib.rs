@@ -969,6 +969,293 @@ fn forward_statuses(forwards: &[RunningForward]) -> Vec<ForwardStatus> {
         .collect()
 }
 
+/// One QUIC listener per shard, made inside its shard's runtime (quinn
+/// registers the socket with the reactor and spawns its driver there), and
+/// the endpoint each shard dials from: its listener when there is one
+/// shard, as a node without shards would; a socket of its own otherwise.
+fn shard_endpoints(
+    quic: &meshtun_config::Quic,
+    credentials: &NodeCredentials,
+    server: quinn::ServerConfig,
+    listen_sockets: Vec<std::net::UdpSocket>,
+    handles: &[tokio::runtime::Handle],
+) -> Result<(Vec<quinn::Endpoint>, Vec<quinn::Endpoint>), NodeError> {
+    let new_endpoint = |handle: &tokio::runtime::Handle,
+                        socket: std::net::UdpSocket,
+                        server: Option<quinn::ServerConfig>| {
+        let _entered = handle.enter();
+        let bind_error = |source| NodeError::Bind {
+            what: "QUIC endpoint (quic.listen)",
+            addr: quic.listen,
+            source,
+        };
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let socket = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
+        quinn::Endpoint::new_with_abstract_socket(
+            endpoint::endpoint_config(credentials),
+            server,
+            Arc::new(gso::SplitBatches::new(socket)),
+            runtime,
+        )
+        .map_err(bind_error)
+    };
+    let mut listeners = Vec::new();
+    let mut dialers = Vec::new();
+    for (handle, socket) in handles.iter().zip(listen_sockets) {
+        let listener = new_endpoint(handle, socket, Some(server.clone()))?;
+        let dialer = if handles.len() == 1 {
+            listener.clone()
+        } else {
+            new_endpoint(handle, endpoint::bind_dial(quic)?, None)?
+        };
+        listeners.push(listener);
+        dialers.push(dialer);
+    }
+    Ok((listeners, dialers))
+}
+
+/// Each shard's state: its runtime, the address it dials from, its streams.
+fn shard_states(
+    quic: &meshtun_config::Quic,
+    handles: &[tokio::runtime::Handle],
+    dialers: &[quinn::Endpoint],
+) -> Result<Vec<shard::Shard>, NodeError> {
+    let mut shards = Vec::new();
+    for (index, (handle, dialer)) in handles.iter().zip(dialers).enumerate() {
+        shards.push(shard::Shard {
+            index,
+            handle: handle.clone(),
+            dial_addr: endpoint::local_addr(dialer, quic.listen)?,
+            streams: shard::ShardStreams::default(),
+            beat: std::sync::atomic::AtomicU64::new(0),
+        });
+    }
+    Ok(shards)
+}
+
+/// The links to every configured peer, with the TLS each dials with.
+fn configured_peers(
+    config: &Config,
+    trust: &TrustBundle,
+    credentials: &NodeCredentials,
+    shards: usize,
+    metrics: &Metrics,
+    trust_state: &TrustState,
+    stop_accepting: &CancellationToken,
+) -> Result<BTreeMap<NodeName, Arc<PeerLinks>>, NodeError> {
+    let quic = &config.quic;
+    let mut peers = BTreeMap::new();
+    for peer in &config.peers {
+        let client = endpoint::client_config(quic, trust, credentials, &peer.name)?;
+        let tls = peer::DialTls {
+            client,
+            own_not_after: credentials.not_after(),
+        };
+        let links = peer_links(
+            peer,
+            shards,
+            quic.connections_per_peer.get(),
+            tls,
+            metrics,
+            trust_state,
+            stop_accepting,
+        );
+        peers.insert(peer.name.clone(), links);
+    }
+    Ok(peers)
+}
+
+/// Every `[[forward]]`'s listeners, one per shard, bound and not yet
+/// accepting.
+fn bind_forwards(
+    config: &Config,
+    handles: &[tokio::runtime::Handle],
+    peers: &BTreeMap<NodeName, Arc<PeerLinks>>,
+    stop_accepting: &CancellationToken,
+) -> Result<Vec<(RunningForward, Vec<TcpListener>)>, NodeError> {
+    let mut forwards = Vec::new();
+    for forward in &config.forwards {
+        let (listeners, local) = bind_tcp_group("forward listener", forward.listen, handles)?;
+        let route = forward_route(forward, peers)?;
+        let running = RunningForward {
+            config: forward.clone(),
+            local,
+            target: Arc::new(forward::Target::new(route)),
+            stop: stop_accepting.child_token(),
+        };
+        forwards.push((running, listeners));
+    }
+    Ok(forwards)
+}
+
+/// The overlay's transparent listeners, one per shard, and its routes.
+fn bind_transparent(
+    config: &Config,
+    handles: &[tokio::runtime::Handle],
+    peers: &BTreeMap<NodeName, Arc<PeerLinks>>,
+) -> Result<Option<overlay::Transparent>, NodeError> {
+    let Some(overlay) = &config.overlay else {
+        return Ok(None);
+    };
+    let what = "overlay transparent listener (overlay.listen)";
+    let (listeners, local) = bind_tcp_group(what, overlay.listen, handles)?;
+    let routes = Arc::new(overlay::Routes::new(overlay_routes(config, peers)));
+    Ok(Some(overlay::Transparent {
+        listeners,
+        local,
+        routes,
+    }))
+}
+
+/// The overlay's part of `/status`.
+fn overlay_status(
+    config: &Config,
+    transparent: Option<&overlay::Transparent>,
+) -> Option<OverlayStatus> {
+    config
+        .overlay
+        .as_ref()
+        .zip(transparent)
+        .map(|(overlay, transparent)| OverlayStatus {
+            address: overlay.address,
+            prefix: overlay.prefix.to_string(),
+            listen: transparent.local,
+            interface: overlay.interface.clone(),
+            managed: overlay.manage,
+            guard: overlay.guard,
+            bypass_dropped: None,
+            peers: overlay_peers(config),
+        })
+}
+
+/// With `overlay.manage`, the interface and the nftables table (with
+/// `[guard]`, which shares it); a failure undoes what was made.
+async fn set_up_host(
+    config: &Config,
+    transparent: Option<&overlay::Transparent>,
+) -> Result<(), NodeError> {
+    let Some((overlay, transparent)) = config
+        .overlay
+        .as_ref()
+        .filter(|overlay| overlay.manage)
+        .zip(transparent)
+    else {
+        return Ok(());
+    };
+    let applied = overlay::HostSetup {
+        overlay: Some(Overlay {
+            listen: transparent.local,
+            ..overlay.clone()
+        }),
+        guard: config.guard.clone(),
+    };
+    if let Err(error) = overlay::setup_up_blocking(applied.clone(), config.peers.clone()).await {
+        // Leave nothing half made behind.
+        if let Err(undo) = overlay::setup_down_blocking(applied).await {
+            warn!(%undo, "could not undo a partial overlay set-up");
+        }
+        return Err(error.into());
+    }
+    Ok(())
+}
+
+/// Each shard's dialers, heartbeat and QUIC accept loop; the accept loops.
+fn spawn_shards(
+    shared: &Arc<Shared>,
+    listeners: &[quinn::Endpoint],
+    dialers: &[quinn::Endpoint],
+    timing: DialTiming,
+    quic: &meshtun_config::Quic,
+) -> Vec<AcceptLoop> {
+    let connections = quic.connections_per_peer.get();
+    for links in shared.peers().values() {
+        spawn_dialers(shared, links, dialers, timing, connections);
+    }
+    for index in 0..shared.shards.len() {
+        let shard = shared.clone();
+        let closing = shared.closing.clone();
+        let beat = async move {
+            shard.shard(index).heartbeat(shard.started, closing).await;
+        };
+        shared.tasks.spawn_on(beat, &shared.shard(index).handle);
+    }
+    let mut loops = Vec::new();
+    for (shard, listener) in shared.shards.iter().zip(listeners) {
+        let span = tracing::info_span!("shard", shard = shard.index);
+        let accept = expose::accept_loop(listener.clone(), shard.index, shared.clone());
+        loops.push(AcceptLoop::new(
+            format!("QUIC accept loop of shard {}", shard.index),
+            shared
+                .tasks
+                .spawn_on(accept.instrument(span), &shard.handle),
+        ));
+    }
+    loops
+}
+
+/// The overlay's accept loop on each shard; its listen address.
+fn spawn_transparent(
+    shared: &Arc<Shared>,
+    transparent: overlay::Transparent,
+    loops: &mut Vec<AcceptLoop>,
+) -> SocketAddr {
+    let local = transparent.local;
+    info!(listen = %local, "overlay transparent listener");
+    for (index, listener) in transparent.listeners.into_iter().enumerate() {
+        let shard = shared.shard(index);
+        let task = overlay::accept_loop(
+            listener,
+            local,
+            index,
+            transparent.routes.clone(),
+            shared.clone(),
+        );
+        loops.push(AcceptLoop::new(
+            format!("overlay transparent listener {local} of shard {index}"),
+            shared.tasks.spawn_on(task, &shard.handle),
+        ));
+    }
+    local
+}
+
+/// What `/status` says of the node before anything has run.
+fn initial_facts(
+    config: &Config,
+    credentials: &NodeCredentials,
+    quic_listen: SocketAddr,
+    overlay: Option<OverlayStatus>,
+) -> Facts {
+    Facts {
+        quic_listen,
+        certificate: certificate_status(credentials),
+        forwards: Vec::new(),
+        exposes: expose_statuses(&config.exposes),
+        overlay,
+        guard: config.guard.as_ref().map(|guard| GuardStatus {
+            ports: overlay::port_list(&guard.ports),
+            bypass_dropped: None,
+        }),
+        last_reload_unix: None,
+        last_reload_error: None,
+        renewal: None,
+    }
+}
+
+/// The sweep of expired and revoked peers, and the guard's watch; a warning
+/// when the overlay runs unguarded.
+fn spawn_watchers(shared: &Arc<Shared>, config: &Config) {
+    shared.tasks.spawn(sweep_expired(shared.clone()));
+    if overlay::HostSetup::of(config).is_some_and(|setup| setup.guards()) {
+        let watch = overlay::watch_guard(shared.clone());
+        shared.tasks.spawn(watch);
+    }
+    if let Some(overlay) = &config.overlay {
+        if !overlay.guard {
+            warn!(address = %overlay.address, prefix = %overlay.prefix, "overlay.guard = false: packets for the overlay prefix from off this node are not dropped, so anyone on the link who routes this node's overlay address at it reaches the services bound there in plain text");
+        }
+    }
+}
+
 impl Node {
     /// Binds the QUIC endpoint, every forward listener and the admin
     /// endpoint, then starts the dialers and accept loops. When this returns
@@ -986,148 +1273,37 @@ impl Node {
         let shard_count = config.limits.shard_count(shard::available_cpus());
         let (threads, handles) = shard::Threads::start(shard_count)?;
         let listen_sockets = endpoint::bind_listen_group(quic, shard_count.get())?;
-        // Each endpoint is made inside its shard's runtime: quinn registers
-        // the socket with the reactor and spawns its driver there.
-        let new_endpoint = |handle: &tokio::runtime::Handle,
-                            socket: std::net::UdpSocket,
-                            server: Option<quinn::ServerConfig>| {
-            let _entered = handle.enter();
-            let bind_error = |source| NodeError::Bind {
-                what: "QUIC endpoint (quic.listen)",
-                addr: quic.listen,
-                source,
-            };
-            let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-            let socket = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
-            quinn::Endpoint::new_with_abstract_socket(
-                endpoint::endpoint_config(&credentials),
-                server,
-                Arc::new(gso::SplitBatches::new(socket)),
-                runtime,
-            )
-            .map_err(bind_error)
-        };
-        let mut listeners = Vec::new();
-        let mut dialers = Vec::new();
-        for (handle, socket) in handles.iter().zip(listen_sockets) {
-            let listener = new_endpoint(handle, socket, Some(server.clone()))?;
-            // One shard dials from its listening socket, as a node without
-            // shards would; several dial from sockets of their own.
-            let dialer = if shard_count.get() == 1 {
-                listener.clone()
-            } else {
-                new_endpoint(handle, endpoint::bind_dial(quic)?, None)?
-            };
-            listeners.push(listener);
-            dialers.push(dialer);
-        }
+        let (listeners, dialers) =
+            shard_endpoints(quic, &credentials, server, listen_sockets, &handles)?;
         let quic_addr = endpoint::local_addr(&listeners[0], quic.listen)?;
-        let mut shards = Vec::new();
-        for (index, (handle, dialer)) in handles.iter().zip(&dialers).enumerate() {
-            shards.push(shard::Shard {
-                index,
-                handle: handle.clone(),
-                dial_addr: endpoint::local_addr(dialer, quic.listen)?,
-                streams: shard::ShardStreams::default(),
-                beat: std::sync::atomic::AtomicU64::new(0),
-            });
-        }
+        let shards = shard_states(quic, &handles, &dialers)?;
         let metrics = Metrics::new();
         metrics.set_certificate_expiry(meshtun_pki::unix_seconds(credentials.not_after()));
         let trust_state: TrustState = Arc::new(RwLock::new(Arc::new(trust.clone())));
         let stop_accepting = CancellationToken::new();
 
-        let mut peers = BTreeMap::new();
-        for peer in &config.peers {
-            let client = endpoint::client_config(quic, &trust, &credentials, &peer.name)?;
-            let tls = peer::DialTls {
-                client,
-                own_not_after: credentials.not_after(),
-            };
-            let links = peer_links(
-                peer,
-                shard_count.get(),
-                quic.connections_per_peer.get(),
-                tls,
-                &metrics,
-                &trust_state,
-                &stop_accepting,
-            );
-            peers.insert(peer.name.clone(), links);
-        }
+        let peers = configured_peers(
+            &config,
+            &trust,
+            &credentials,
+            shard_count.get(),
+            &metrics,
+            &trust_state,
+            &stop_accepting,
+        )?;
 
         // Bind every listener before spawning anything, so a port conflict
         // fails the start instead of leaving a half-running node.
-        let mut forwards = Vec::new();
-        for forward in &config.forwards {
-            let (listeners, local) = bind_tcp_group("forward listener", forward.listen, &handles)?;
-            let route = forward_route(forward, &peers)?;
-            let running = RunningForward {
-                config: forward.clone(),
-                local,
-                target: Arc::new(forward::Target::new(route)),
-                stop: stop_accepting.child_token(),
-            };
-            forwards.push((running, listeners));
-        }
+        let forwards = bind_forwards(&config, &handles, &peers, &stop_accepting)?;
         let admin = match &config.admin {
             Some(admin) => Some(bind_tcp("admin endpoint (admin.listen)", admin.listen).await?),
             None => None,
         };
-        let transparent = match &config.overlay {
-            Some(overlay) => {
-                let what = "overlay transparent listener (overlay.listen)";
-                let (listeners, local) = bind_tcp_group(what, overlay.listen, &handles)?;
-                let routes = Arc::new(overlay::Routes::new(overlay_routes(&config, &peers)));
-                Some(overlay::Transparent {
-                    listeners,
-                    local,
-                    routes,
-                })
-            }
-            None => None,
-        };
-        let overlay_status =
-            config
-                .overlay
-                .as_ref()
-                .zip(transparent.as_ref())
-                .map(|(overlay, transparent)| OverlayStatus {
-                    address: overlay.address,
-                    prefix: overlay.prefix.to_string(),
-                    listen: transparent.local,
-                    interface: overlay.interface.clone(),
-                    managed: overlay.manage,
-                    guard: overlay.guard,
-                    bypass_dropped: None,
-                    peers: overlay_peers(&config),
-                });
+        let transparent = bind_transparent(&config, &handles, &peers)?;
+        let overlay_status = overlay_status(&config, transparent.as_ref());
         // Last before anything is spawned: the nftables rule redirects to
         // the bound listener (its real port, even when configured as 0).
-        if let Some((overlay, transparent)) = config
-            .overlay
-            .as_ref()
-            .filter(|overlay| overlay.manage)
-            .zip(transparent.as_ref())
-        {
-            // `[guard]` shares the table, so it is loaded with the overlay.
-            let applied = overlay::HostSetup {
-                overlay: Some(Overlay {
-                    listen: transparent.local,
-                    ..overlay.clone()
-                }),
-                guard: config.guard.clone(),
-            };
-            if let Err(error) =
-                overlay::setup_up_blocking(applied.clone(), config.peers.clone()).await
-            {
-                // Leave nothing half made behind.
-                if let Err(undo) = overlay::setup_down_blocking(applied).await {
-                    warn!(%undo, "could not undo a partial overlay set-up");
-                }
-                return Err(error.into());
-            }
-        }
+        set_up_host(&config, transparent.as_ref()).await?;
 
         let shared = Arc::new(Shared {
             node: config.node.clone(),
@@ -1152,20 +1328,12 @@ impl Node {
                 departing: Vec::new(),
             }),
             metrics,
-            facts: Mutex::new(Facts {
-                quic_listen: quic_addr,
-                certificate: certificate_status(&credentials),
-                forwards: Vec::new(),
-                exposes: expose_statuses(&config.exposes),
-                overlay: overlay_status,
-                guard: config.guard.as_ref().map(|guard| GuardStatus {
-                    ports: overlay::port_list(&guard.ports),
-                    bypass_dropped: None,
-                }),
-                last_reload_unix: None,
-                last_reload_error: None,
-                renewal: None,
-            }),
+            facts: Mutex::new(initial_facts(
+                &config,
+                &credentials,
+                quic_addr,
+                overlay_status,
+            )),
             started: Instant::now(),
         });
 
@@ -1174,74 +1342,24 @@ impl Node {
             reconnect_min: quic.reconnect_min,
             reconnect_max: quic.reconnect_max,
         };
-        let connections = quic.connections_per_peer.get();
-        for links in shared.peers().values() {
-            spawn_dialers(&shared, links, &dialers, timing, connections);
-        }
-        for index in 0..shared.shards.len() {
-            let shard = shared.clone();
-            let closing = shared.closing.clone();
-            let beat = async move {
-                shard.shard(index).heartbeat(shard.started, closing).await;
-            };
-            shared.tasks.spawn_on(beat, &shared.shard(index).handle);
-        }
-        let mut loops = Vec::new();
-        for (shard, listener) in shared.shards.iter().zip(&listeners) {
-            let span = tracing::info_span!("shard", shard = shard.index);
-            let accept = expose::accept_loop(listener.clone(), shard.index, shared.clone());
-            loops.push(AcceptLoop::new(
-                format!("QUIC accept loop of shard {}", shard.index),
-                shared
-                    .tasks
-                    .spawn_on(accept.instrument(span), &shard.handle),
-            ));
-        }
+        let mut loops = spawn_shards(&shared, &listeners, &dialers, timing, quic);
         let mut running_forwards = Vec::new();
         for (running, listeners) in forwards {
             loops.extend(spawn_forward(&shared, listeners, &running));
             running_forwards.push(running);
         }
         shared.facts().forwards = forward_statuses(&running_forwards);
-        shared.tasks.spawn(sweep_expired(shared.clone()));
-        if overlay::HostSetup::of(&config).is_some_and(|setup| setup.guards()) {
-            let watch = overlay::watch_guard(shared.clone());
-            shared.tasks.spawn(watch);
-        }
-        if let Some(overlay) = &config.overlay {
-            if !overlay.guard {
-                warn!(address = %overlay.address, prefix = %overlay.prefix, "overlay.guard = false: packets for the overlay prefix from off this node are not dropped, so anyone on the link who routes this node's overlay address at it reaches the services bound there in plain text");
-            }
-        }
+        spawn_watchers(&shared, &config);
         let routes = transparent
             .as_ref()
             .map(|transparent| transparent.routes.clone());
-        let overlay_addr = transparent.map(|transparent| {
-            let local = transparent.local;
-            info!(listen = %local, "overlay transparent listener");
-            for (index, listener) in transparent.listeners.into_iter().enumerate() {
-                let shard = shared.shard(index);
-                let task = overlay::accept_loop(
-                    listener,
-                    local,
-                    index,
-                    transparent.routes.clone(),
-                    shared.clone(),
-                );
-                loops.push(AcceptLoop::new(
-                    format!("overlay transparent listener {local} of shard {index}"),
-                    shared.tasks.spawn_on(task, &shard.handle),
-                ));
-            }
-            local
-        });
+        let overlay_addr =
+            transparent.map(|transparent| spawn_transparent(&shared, transparent, &mut loops));
         let admin_addr = admin.map(|(listener, local)| {
             info!(listen = %local, "admin endpoint serving /metrics and /status");
             let task = admin::serve(listener, shared.clone());
-            loops.push(AcceptLoop::new(
-                format!("admin endpoint {local}"),
-                shared.tasks.spawn(task),
-            ));
+            let name = format!("admin endpoint {local}");
+            loops.push(AcceptLoop::new(name, shared.tasks.spawn(task)));
             local
         });
         info!(node = %config.node, quic = %quic_addr, shards = shard_count.get(), peers = config.peers.len(), exposes = config.exposes.len(), "node started");
