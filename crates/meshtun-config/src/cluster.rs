@@ -162,7 +162,6 @@ pub(crate) fn apply(
     path: &Path,
 ) -> Result<(), ConfigErrors> {
     let sink = &mut Sink::default();
-    let from = |what: String| format!("{what} of the cluster manifest {}", path.display());
     let Some(derived) = manifest.derive(&config.node) else {
         return Err(ConfigError::new(
             "cluster",
@@ -174,6 +173,39 @@ pub(crate) fn apply(
         )
         .into());
     };
+    check_written_twice(config, manifest, &derived, path, sink);
+    check_listeners(config, &derived, path, sink);
+    let overlay_allow = check_overlay(config, &derived, path, sink);
+    check_own_node(config, manifest, &derived, path, sink);
+    if !sink.errors.is_empty() {
+        return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
+    }
+    merge(config, derived, overlay_allow);
+    if config.overlay.is_some() {
+        recheck_overlay(config, path, sink);
+        if !sink.errors.is_empty() {
+            return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
+        }
+    }
+    if let Some(cluster) = &mut config.cluster {
+        cluster.name = Some(manifest.cluster.clone());
+    }
+    Ok(())
+}
+
+/// `what` of the cluster manifest at `path`, for messages.
+fn from(what: &str, path: &Path) -> String {
+    format!("{what} of the cluster manifest {}", path.display())
+}
+
+/// A peer or a service written both by hand and in the manifest.
+fn check_written_twice(
+    config: &Config,
+    manifest: &Manifest,
+    derived: &Derived,
+    path: &Path,
+    sink: &mut Sink,
+) {
     for (index, peer) in config.peers.iter().enumerate() {
         if manifest.node(&peer.name).is_some() {
             sink.error(
@@ -181,7 +213,7 @@ pub(crate) fn apply(
                 format!(
                     "\"{}\" is also a {}; write it in one place",
                     peer.name,
-                    from("[[node]]".to_owned())
+                    from("[[node]]", path)
                 ),
             );
         }
@@ -197,11 +229,15 @@ pub(crate) fn apply(
                 format!(
                     "\"{}\" is also a {} hosted by this node; write it in one place",
                     expose.service,
-                    from("[[service]]".to_owned())
+                    from("[[service]]", path)
                 ),
             );
         }
     }
+}
+
+/// A forward the manifest adds on a port a hand-written listener takes.
+fn check_listeners(config: &Config, derived: &Derived, path: &Path, sink: &mut Sink) {
     let mut listeners: Vec<(String, SocketAddr)> = config
         .forwards
         .iter()
@@ -232,11 +268,21 @@ pub(crate) fn apply(
                     forward.listen,
                     forward.service,
                     forward.peer,
-                    from("[[service]]".to_owned())
+                    from("[[service]]", path)
                 ),
             );
         }
     }
+}
+
+/// The manifest's overlay address and policy against `[overlay]`; the
+/// policy to take from the manifest, if the config leaves it out.
+fn check_overlay(
+    config: &Config,
+    derived: &Derived,
+    path: &Path,
+    sink: &mut Sink,
+) -> Option<Vec<OverlayAllow>> {
     let mut overlay_allow = None;
     if let Some(overlay) = &config.overlay {
         if let Some(address) = derived.overlay_address {
@@ -246,7 +292,7 @@ pub(crate) fn apply(
                     format!(
                         "{} but the {} gives this node {address}",
                         overlay.address,
-                        from("[[node]]".to_owned())
+                        from("[[node]]", path)
                     ),
                 );
             }
@@ -275,12 +321,24 @@ pub(crate) fn apply(
                     "overlay.allow",
                     format!(
                         "the {} sets the overlay policy too; write it in one place",
-                        from("[[overlay_allow]]".to_owned())
+                        from("[[overlay_allow]]", path)
                     ),
                 );
             }
         }
     }
+    overlay_allow
+}
+
+/// This node's own address, the peers its forwards name, and the ports its
+/// own services are reached at.
+fn check_own_node(
+    config: &Config,
+    manifest: &Manifest,
+    derived: &Derived,
+    path: &Path,
+    sink: &mut Sink,
+) {
     // This node is dialled where the manifest says: its own quic.listen.
     let own = manifest.node(&config.node);
     if let Some(addr) = own.and_then(|own| own.addr.to_socket_addr_if_literal()) {
@@ -292,7 +350,7 @@ pub(crate) fn apply(
                 "quic.listen",
                 format!(
                     "{listen}, but the {} says peers dial this node at {addr}",
-                    from("[[node]]".to_owned())
+                    from("[[node]]", path)
                 ),
             );
         }
@@ -307,7 +365,7 @@ pub(crate) fn apply(
                 format!(
                     "unknown peer \"{}\": neither a [[peer]] here nor a {}",
                     forward.peer,
-                    from("[[node]]".to_owned())
+                    from("[[node]]", path)
                 ),
             );
         }
@@ -340,9 +398,10 @@ pub(crate) fn apply(
             );
         }
     }
-    if !sink.errors.is_empty() {
-        return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
-    }
+}
+
+/// What the manifest adds, added.
+fn merge(config: &mut Config, derived: Derived, overlay_allow: Option<Vec<OverlayAllow>>) {
     let overlay_on = config.overlay.is_some();
     config
         .peers
@@ -358,42 +417,36 @@ pub(crate) fn apply(
     if let (Some(overlay), Some(rules)) = (&mut config.overlay, overlay_allow) {
         overlay.allow = rules;
     }
-    // The overlay checks the node config had, now over what the manifest
-    // added too: underlay addresses outside the prefix, overlay addresses
-    // unique and not this node's, no expose target at another node's
-    // overlay address.
-    if config.overlay.is_some() {
-        let peer_paths: Vec<String> = config
-            .peers
-            .iter()
-            .map(|peer| format!("cluster ({}: node \"{}\")", path.display(), peer.name))
-            .collect();
-        let expose_paths: Vec<String> = config
-            .exposes
-            .iter()
-            .map(|expose| {
-                format!(
-                    "cluster ({}: service \"{}\")",
-                    path.display(),
-                    expose.service
-                )
-            })
-            .collect();
-        check_overlay_addresses(
-            sink,
-            config.overlay.as_ref(),
-            Some(config.quic.listen),
-            config.peers.iter().zip(&peer_paths),
-            config.exposes.iter().zip(&expose_paths),
-        );
-        if !sink.errors.is_empty() {
-            return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
-        }
-    }
-    if let Some(cluster) = &mut config.cluster {
-        cluster.name = Some(manifest.cluster.clone());
-    }
-    Ok(())
+}
+
+/// The overlay checks the node config had, now over what the manifest
+/// added too.
+fn recheck_overlay(config: &Config, path: &Path, sink: &mut Sink) {
+    // Underlay addresses outside the prefix, overlay addresses unique and
+    // not this node's, no expose target at another node's overlay address.
+    let peer_paths: Vec<String> = config
+        .peers
+        .iter()
+        .map(|peer| format!("cluster ({}: node \"{}\")", path.display(), peer.name))
+        .collect();
+    let expose_paths: Vec<String> = config
+        .exposes
+        .iter()
+        .map(|expose| {
+            format!(
+                "cluster ({}: service \"{}\")",
+                path.display(),
+                expose.service
+            )
+        })
+        .collect();
+    check_overlay_addresses(
+        sink,
+        config.overlay.as_ref(),
+        Some(config.quic.listen),
+        config.peers.iter().zip(&peer_paths),
+        config.exposes.iter().zip(&expose_paths),
+    );
 }
 
 /// Parses and validates a manifest's text.
