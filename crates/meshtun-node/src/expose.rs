@@ -79,11 +79,27 @@ async fn serve_connection(
     shard: usize,
     shared: Arc<Shared>,
 ) {
+    let Some((connection, identity)) = handshake(incoming, handshaking, &shared).await else {
+        return;
+    };
+    let span = tracing::info_span!("peer", peer = %identity);
+    serve_peer(connection, identity, shard, shared)
+        .instrument(span)
+        .await;
+}
+
+/// The handshake, under `quic.handshake_timeout`, and the identity of the
+/// peer; `None` (counted and logged) when either fails.
+async fn handshake(
+    incoming: Incoming,
+    handshaking: Handshaking,
+    shared: &Shared,
+) -> Option<(Connection, NodeName)> {
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(error) => {
             debug!(%error, "incoming connection failed");
-            return;
+            return None;
         }
     };
     let handshake = tokio::time::timeout(shared.handshake_timeout, connecting).await;
@@ -103,7 +119,7 @@ async fn serve_connection(
                 "handshake failed: {}",
                 HandshakeFailure(&error)
             );
-            return;
+            return None;
         }
         Err(_) => {
             let reason = HandshakeReason::Timeout;
@@ -114,7 +130,7 @@ async fn serve_connection(
                 timeout = ?shared.handshake_timeout,
                 "handshake failed: not complete within quic.handshake_timeout"
             );
-            return;
+            return None;
         }
     };
     let identity = match peer_identity(&connection) {
@@ -130,86 +146,87 @@ async fn serve_connection(
             );
             let code = ConnectionCode::NoIdentity;
             connection.close(VarInt::from_u32(code.to_u32()), code.reason());
+            return None;
+        }
+    };
+    Some((connection, identity))
+}
+
+/// A peer's connection, handshake done: within its limit, still trusted,
+/// welcomed; then each stream it opens, refused at a limit or served.
+async fn serve_peer(connection: Connection, identity: NodeName, shard: usize, shared: Arc<Shared>) {
+    let limit = shared.policy().limits.connections_per_peer;
+    let _tracked = match shared.track_incoming(&identity, shard, &connection, limit) {
+        Ok(tracked) => tracked,
+        Err(open) => {
+            let verdict = shared.metrics.limit_hit("connections_per_peer");
+            log_limit!(
+                verdict,
+                open,
+                "closing a connection: the peer is at limits.connections_per_peer"
+            );
+            let code = ConnectionCode::ConnectionLimit;
+            connection.close(VarInt::from_u32(code.to_u32()), code.reason());
             return;
         }
     };
-    let span = tracing::info_span!("peer", peer = %identity);
-    async {
-        let limit = shared.policy().limits.connections_per_peer;
-        let _tracked = match shared.track_incoming(&identity, shard, &connection, limit) {
-            Ok(tracked) => tracked,
-            Err(open) => {
-                let verdict = shared.metrics.limit_hit("connections_per_peer");
-                log_limit!(
-                    verdict,
-                    open,
-                    "closing a connection: the peer is at limits.connections_per_peer"
-                );
-                let code = ConnectionCode::ConnectionLimit;
-                connection.close(VarInt::from_u32(code.to_u32()), code.reason());
+    // The handshake may have used a trust bundle a reload replaced.
+    let stats = shared.metrics.peer(&identity);
+    if !crate::still_trusted(
+        &connection,
+        &shared.trust,
+        meshtun_pki::PeerRole::Dialer,
+        &stats,
+    ) {
+        return;
+    }
+    // Only now, with the identity checked, may the peer open streams
+    // (see `endpoint::transport`).
+    connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.max_streams_per_peer));
+    if let Err(error) = send_welcome(&connection).await {
+        info!(%error, "peer left before the welcome");
+        return;
+    }
+    let stats = shared.metrics.peer(&identity);
+    info!("peer connected (incoming)");
+    loop {
+        let (send, recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(error) => {
+                info!(reason = %error, "incoming peer connection closed");
                 return;
             }
         };
-        // The handshake may have used a trust bundle a reload replaced.
-        let stats = shared.metrics.peer(&identity);
-        if !crate::still_trusted(
-            &connection,
-            &shared.trust,
-            meshtun_pki::PeerRole::Dialer,
-            &stats,
-        ) {
-            return;
-        }
-        // Only now, with the identity checked, may the peer open streams
-        // (see `endpoint::transport`).
-        connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.max_streams_per_peer));
-        if let Err(error) = send_welcome(&connection).await {
-            info!(%error, "peer left before the welcome");
-            return;
-        }
-        let stats = shared.metrics.peer(&identity);
-        info!("peer connected (incoming)");
-        loop {
-            let (send, recv) = match connection.accept_bi().await {
-                Ok(streams) => streams,
-                Err(error) => {
-                    info!(reason = %error, "incoming peer connection closed");
-                    return;
-                }
-            };
-            let stream = stats.stream(Direction::incoming);
-            let (pending, pending_before) = stats.pending();
-            // One policy for the whole stream, even if a reload lands meanwhile.
-            let policy = shared.policy();
-            // Over a limit, the stream is refused here, without a task: a
-            // peer that opens streams as fast as it can costs no memory
-            // beyond quinn's own stream state.
-            if let Some((reason, code)) = over_limit(&stream, pending_before, &policy, &shared) {
-                let verdict = stats.refused(Direction::incoming, reason);
-                log_limit!(
-                    verdict,
-                    reason = reason.as_str(),
-                    code = code.to_u32(),
-                    "stream reset at a limit"
-                );
-                refuse_at_limit(send, recv, code);
-                continue;
-            }
-            let span = tracing::debug_span!("stream", id = %send.id());
-            let task = serve_stream(
-                (send, recv),
-                identity.clone(),
-                stream,
-                pending,
-                policy,
-                shard,
-                shared.clone(),
+        let stream = stats.stream(Direction::incoming);
+        let (pending, pending_before) = stats.pending();
+        // One policy for the whole stream, even if a reload lands meanwhile.
+        let policy = shared.policy();
+        // Over a limit, the stream is refused here, without a task: a
+        // peer that opens streams as fast as it can costs no memory
+        // beyond quinn's own stream state.
+        if let Some((reason, code)) = over_limit(&stream, pending_before, &policy, &shared) {
+            let verdict = stats.refused(Direction::incoming, reason);
+            log_limit!(
+                verdict,
+                reason = reason.as_str(),
+                code = code.to_u32(),
+                "stream reset at a limit"
             );
-            shared.streams.spawn(task.instrument(span));
+            refuse_at_limit(send, recv, code);
+            continue;
         }
+        let span = tracing::debug_span!("stream", id = %send.id());
+        let task = serve_stream(
+            (send, recv),
+            identity.clone(),
+            stream,
+            pending,
+            policy,
+            shard,
+            shared.clone(),
+        );
+        shared.streams.spawn(task.instrument(span));
     }
-    .instrument(span)
-    .await;
 }
 
 /// TLS alerts that say a certificate was refused (RFC 8446, section 6.2).
