@@ -23,11 +23,7 @@ const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
     let junk = init_logging("info", format);
     // Everything is parsed and loaded before any port is bound.
-    let Material {
-        config,
-        credentials,
-        trust,
-    } = match material::load(path) {
+    let material = match material::load(path) {
         Ok(material) => material,
         Err(problems) => {
             for problem in problems {
@@ -37,38 +33,87 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
         }
     };
     // The one setting read before the runtime exists: its thread count.
-    let runtime = match runtime_with(config.limits.worker_threads) {
+    let runtime = match runtime_with(material.config.limits.worker_threads) {
         Ok(runtime) => runtime,
         Err(problem) => {
             error!("cannot start the async runtime: {problem}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    runtime.block_on(serve(path, material, junk))
+}
+
+/// Starts the node, keeps it (reloads, renewals, expiry warnings, the
+/// systemd watchdog) until SIGTERM or SIGINT, then drains it.
+async fn serve(path: &Path, material: Material, junk: crate::junk::JunkCounter) -> ExitCode {
+    let Material {
+        config,
+        credentials,
+        trust,
+    } = material;
     let notifier = Notifier::from_env();
-    let mut watched = Watched::new(path, &config);
-    let mut renewal = Renewal::new(config.clone(), &credentials);
-    runtime.block_on(async move {
-        let mut grace = config.limits.drain_grace;
-        // Signal handlers go in before any port is bound, so a signal that
-        // arrives during start-up still gets an orderly stop.
-        let mut signals = match Signals::install() {
-            Ok(signals) => signals,
-            Err(problem) => {
-                error!("cannot listen for signals: {problem}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        };
-        let node = match Node::start(config, credentials, trust).await {
-            Ok(node) => node,
-            Err(problem) => {
-                error!("{problem}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        };
-        // `start` returned, so the endpoint and every listener accept.
-        notifier.ready(&summary(&node));
-        // Ends with the runtime when `run` returns.
-        tokio::spawn(crate::junk::report(junk, JUNK_REPORT_INTERVAL));
+    let mut supervisor = Supervisor {
+        watched: Watched::new(path, &config),
+        renewal: Renewal::new(config.clone(), &credentials),
+        grace: config.limits.drain_grace,
+    };
+    // Signal handlers go in before any port is bound, so a signal that
+    // arrives during start-up still gets an orderly stop.
+    let mut signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(problem) => {
+            error!("cannot listen for signals: {problem}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let node = match Node::start(config, credentials, trust).await {
+        Ok(node) => node,
+        Err(problem) => {
+            error!("{problem}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    // `start` returned, so the endpoint and every listener accept.
+    notifier.ready(&summary(&node));
+    // Ends with the runtime when `run` returns.
+    tokio::spawn(crate::junk::report(junk, JUNK_REPORT_INTERVAL));
+    let signal = supervisor
+        .until_stopped(path, &node, &notifier, &mut signals)
+        .await;
+    notifier.stopping();
+    let grace = supervisor.grace;
+    info!(
+        signal = signal.name(),
+        ?grace,
+        "stopping: draining open streams (signal again to stop at once)"
+    );
+    tokio::select! {
+        () = node.shutdown(grace) => ExitCode::SUCCESS,
+        signal = signals.next_stop() => {
+            warn!(signal = signal.name(), "second signal: exiting without finishing the drain");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// What the run loop keeps between events.
+struct Supervisor {
+    watched: Watched,
+    renewal: Renewal,
+    grace: Duration,
+}
+
+impl Supervisor {
+    /// Reloads on SIGHUP or changed files, renews when due, warns of
+    /// expiry and pings the watchdog, until SIGTERM or SIGINT, which it
+    /// returns.
+    async fn until_stopped(
+        &mut self,
+        path: &Path,
+        node: &Node,
+        notifier: &Notifier,
+        signals: &mut Signals,
+    ) -> Stop {
         // Pings at half the interval systemd allows, from this task: if the
         // runtime wedges or an accept loop dies, the pings stop.
         let mut watchdog = notifier.watchdog().map(|limit| {
@@ -81,19 +126,19 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
         polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry_checks = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
         let mut expiry = ExpiryWarnings::default();
-        renewal.publish(&node);
+        self.renewal.publish(node);
         let (renewed_tx, mut renewed_rx) = tokio::sync::mpsc::channel(1);
-        let signal = loop {
-            let renewal_due = renewal.due();
+        loop {
+            let renewal_due = self.renewal.due();
             tokio::select! {
                 () = sleep_until(renewal_due) => {
-                    renewal.start(renewed_tx.clone());
-                    renewal.publish(&node);
+                    self.renewal.start(renewed_tx.clone());
+                    self.renewal.publish(node);
                     continue;
                 }
                 Some(finished) = renewed_rx.recv() => {
-                    let renewed = renewal.finish(finished);
-                    renewal.publish(&node);
+                    let renewed = self.renewal.finish(finished);
+                    self.renewal.publish(node);
                     if !renewed {
                         continue;
                     }
@@ -105,12 +150,12 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
                     info!(config = %path.display(), "SIGHUP: reloading configuration and certificates");
                 }
                 _ = polls.tick() => {
-                    let Some(files) = watched.poll() else { continue };
+                    let Some(files) = self.watched.poll() else { continue };
                     let files: Vec<_> = files.iter().map(|file| file.display().to_string()).collect();
                     info!(files = %files.join(", "), "configuration or certificate files changed: reloading");
                 }
                 _ = expiry_checks.tick() => {
-                    warn_expiry(&node, &mut expiry);
+                    warn_expiry(node, &mut expiry);
                     continue;
                 }
                 _ = tick(&mut watchdog) => {
@@ -131,30 +176,17 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> ExitCode {
             }
             // A SIGHUP or changed files: reload, bracketed for systemd.
             notifier.reloading();
-            let before = watched.snapshot();
-            if let Some(applied) = reload(path, &node) {
-                grace = applied.grace;
-                watched = applied.watched.seen_as(&before);
-                renewal.replan(applied.config, &applied.credentials);
-                renewal.publish(&node);
+            let before = self.watched.snapshot();
+            if let Some(applied) = reload(path, node) {
+                self.grace = applied.grace;
+                self.watched = applied.watched.seen_as(&before);
+                self.renewal.replan(applied.config, &applied.credentials);
+                self.renewal.publish(node);
             }
-            notifier.ready(&summary(&node));
-            warn_expiry(&node, &mut expiry);
-        };
-        notifier.stopping();
-        info!(
-            signal = signal.name(),
-            ?grace,
-            "stopping: draining open streams (signal again to stop at once)"
-        );
-        tokio::select! {
-            () = node.shutdown(grace) => ExitCode::SUCCESS,
-            signal = signals.next_stop() => {
-                warn!(signal = signal.name(), "second signal: exiting without finishing the drain");
-                ExitCode::from(EXIT_RUNTIME)
-            }
+            notifier.ready(&summary(node));
+            warn_expiry(node, &mut expiry);
         }
-    })
+    }
 }
 
 /// What a reload applied, for the run loop.
