@@ -451,6 +451,31 @@ impl PeerLinks {
         }
     }
 
+    /// A dial of slot `index` of `shard` failed for the `failures`-th time
+    /// in a row: counted, and logged once per outage, then every tenth
+    /// attempt, so a dead peer does not flood the log. A failed replacement
+    /// keeps the connection it was to replace (`still`), which is still good.
+    fn dial_failed(
+        &self,
+        shard: usize,
+        index: usize,
+        still: Option<&Link>,
+        error: &DialError,
+        failures: u32,
+    ) {
+        match still {
+            Some(old) => self.set(shard, index, Slot::Up(old.clone())),
+            None => self.set(shard, index, Slot::Down),
+        }
+        self.stats.handshake_failed(error.reason());
+        self.set_last_error(Some(error.to_string()));
+        if failures == 1 || failures % 10 == 0 {
+            warn!(connection = index, attempts = failures, %error, "cannot connect to peer");
+        } else {
+            debug!(connection = index, attempts = failures, %error, "cannot connect to peer");
+        }
+    }
+
     /// Keeps slot `index` of `shard` connected until the peer's `stop`
     /// fires. Runs on that shard, and dials through its `endpoint`.
     pub(crate) async fn dial_loop(
@@ -548,22 +573,9 @@ impl PeerLinks {
                     self.set(shard, index, Slot::Down);
                 }
                 Err(error) => {
-                    // A failed replacement keeps the connection it was to
-                    // replace, which is still good, and tries again.
-                    match &replacing {
-                        Some((old, _)) => self.set(shard, index, Slot::Up(old.clone())),
-                        None => self.set(shard, index, Slot::Down),
-                    }
-                    self.stats.handshake_failed(error.reason());
-                    self.set_last_error(Some(error.to_string()));
                     failures += 1;
-                    // One warning per outage, then a reminder every tenth
-                    // attempt: a dead peer must not flood the log.
-                    if failures == 1 || failures % 10 == 0 {
-                        warn!(connection = index, attempts = failures, %error, "cannot connect to peer");
-                    } else {
-                        debug!(connection = index, attempts = failures, %error, "cannot connect to peer");
-                    }
+                    let still = replacing.as_ref().map(|(old, _)| old);
+                    self.dial_failed(shard, index, still, &error, failures);
                 }
             }
             let pause = jitter(delay);
