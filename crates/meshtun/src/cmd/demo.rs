@@ -197,8 +197,28 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
         ),
     );
 
+    check_transfer(&mut checks, forwards[0], mib).await;
+
+    check_bulk(&mut checks, forwards[4], services.sink, mib).await;
+
+    check_latency(&mut checks, forwards[0], echo_addr).await;
+
+    check_refusals(&mut checks, &forwards).await;
+
+    check_rogue(&mut checks, node_b.quic_addr(), &services, &trust).await?;
+
+    node_a.shutdown(Duration::from_secs(1)).await;
+    node_b.shutdown(Duration::from_secs(1)).await;
+    if checks.all_passed {
+        say!("\nall checks passed");
+    }
+    Ok(checks.all_passed)
+}
+
+/// `mib` MiB each way at once through the tunnel, hashed on both sides.
+async fn check_transfer(checks: &mut Checks, forward: SocketAddr, mib: u64) {
     let started = Instant::now();
-    let transfer = tokio::time::timeout(STEP_TIMEOUT, push_through(forwards[0], mib)).await;
+    let transfer = tokio::time::timeout(STEP_TIMEOUT, push_through(forward, mib)).await;
     let elapsed = started.elapsed();
     match transfer {
         Ok(Ok(true)) => checks.report(
@@ -215,12 +235,12 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
             format!("transfer did not finish within {STEP_TIMEOUT:?}"),
         ),
     }
+}
 
+/// At least 256 MiB one way into a sink, through the tunnel and direct.
+async fn check_bulk(checks: &mut Checks, forward: SocketAddr, sink: SocketAddr, mib: u64) {
     let bulk_mib = mib.max(256);
-    match (
-        bulk(forwards[4], bulk_mib).await,
-        bulk(services.sink, bulk_mib).await,
-    ) {
+    match (bulk(forward, bulk_mib).await, bulk(sink, bulk_mib).await) {
         (Ok(tunnel), Ok(direct)) => {
             checks.report(
                 true,
@@ -235,8 +255,11 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
             checks.report(false, format!("bulk transfer failed: {problem}"))
         }
     }
+}
 
-    match (ping(forwards[0]).await, ping(echo_addr).await) {
+/// 64 B ping-pongs through the tunnel and direct.
+async fn check_latency(checks: &mut Checks, forward: SocketAddr, echo: SocketAddr) {
+    match (ping(forward).await, ping(echo).await) {
         (Ok(tunnel), Ok(direct)) => {
             checks.report(
                 true,
@@ -251,7 +274,10 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
             checks.report(false, format!("latency probe failed: {problem}"))
         }
     }
+}
 
+/// The refused streams: each local client is reset.
+async fn check_refusals(checks: &mut Checks, forwards: &[SocketAddr]) {
     for (addr, what) in [
         (forwards[1], "unknown service"),
         (
@@ -268,13 +294,20 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
             Err(problem) => checks.report(false, format!("{what}: {problem}")),
         }
     }
+}
 
-    // A node whose certificate comes from another CA: node-b must refuse it.
+/// A node whose certificate comes from another CA: node-b must refuse it.
+async fn check_rogue(
+    checks: &mut Checks,
+    node_b: SocketAddr,
+    services: &Services,
+    trust: &TrustBundle,
+) -> Result<(), DemoError> {
     let rogue_authority = Authority::generate("rogue", Validity::days_from_now(1))?;
     let rogue_node = NodeName::new("node-a")?;
     let rogue = rogue_authority.issue(&rogue_node, &[], &[], Validity::days_from_now(1))?;
     let rogue_credentials = NodeCredentials::from_pem(&rogue.cert_pem, &rogue.key_pem)?;
-    let (mut rogue_config, _) = node_configs(node_b.quic_addr(), &services)?;
+    let (mut rogue_config, _) = node_configs(node_b, services)?;
     rogue_config.forwards.truncate(1);
     let rogue = Node::start(rogue_config, rogue_credentials, trust.clone()).await?;
     let rogue_missing = rogue.wait_connected(Duration::from_secs(2)).await;
@@ -288,13 +321,7 @@ async fn run_demo(mib: u64) -> Result<bool, DemoError> {
         (false, Err(problem)) => checks.report(false, format!("rogue node's client: {problem}")),
     }
     rogue.shutdown(Duration::from_millis(100)).await;
-
-    node_a.shutdown(Duration::from_secs(1)).await;
-    node_b.shutdown(Duration::from_secs(1)).await;
-    if checks.all_passed {
-        say!("\nall checks passed");
-    }
-    Ok(checks.all_passed)
+    Ok(())
 }
 
 /// Echoes every byte back, then mirrors the client's half-close.
