@@ -256,9 +256,21 @@ pub(crate) const NODE_LIMITS: &[&str] = &[
     "open_files",
 ];
 
-impl Metrics {
-    pub(crate) fn new() -> Self {
-        let mut registry = Registry::with_prefix("meshtun");
+/// The per-peer metric families, registered first.
+struct PeerFamilies {
+    connections: Family<PeerDirectionLabels, Gauge>,
+    rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    sent: Family<PeerLabels, Counter>,
+    received: Family<PeerLabels, Counter>,
+    streams: Family<PeerDirectionLabels, Counter>,
+    streams_open: Family<PeerDirectionLabels, Gauge>,
+    refused: Family<ReasonLabels, Counter>,
+    handshakes_failed: Family<ReasonLabels, Counter>,
+    reconnects: Family<PeerLabels, Counter>,
+}
+
+impl PeerFamilies {
+    fn register(registry: &mut Registry) -> Self {
         let connections = Family::default();
         registry.register(
             "peer_connections",
@@ -316,6 +328,34 @@ impl Metrics {
             "Times a dialled connection to the peer came back after it was lost",
             Family::clone(&reconnects),
         );
+        Self {
+            connections,
+            rtt,
+            sent,
+            received,
+            streams,
+            streams_open,
+            refused,
+            handshakes_failed,
+            reconnects,
+        }
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshtun");
+        let PeerFamilies {
+            connections,
+            rtt,
+            sent,
+            received,
+            streams,
+            streams_open,
+            refused,
+            handshakes_failed,
+            reconnects,
+        } = PeerFamilies::register(&mut registry);
         let certificate_expiry = Gauge::default();
         registry.register_with_unit(
             "certificate_expiry_timestamp",
