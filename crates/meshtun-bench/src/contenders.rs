@@ -271,143 +271,183 @@ pub(crate) fn start(lab: &Lab, kind: Kind, dir: &Path) -> Result<Running, String
             running.iperf = SocketAddr::from((b.addr, IPERF_PORT));
             running.echo = SocketAddr::from((b.addr, ECHO_PORT));
         }
-        Kind::Meshtun | Kind::MeshtunOneShard => {
-            // Both variants run side by side: the second on the next UDP
-            // port, with files of its own.
-            let (limits, port_offset, stem) = if kind == Kind::MeshtunOneShard {
-                ("\n[limits]\nshards = 1\n", 1, "-1shard")
-            } else {
-                ("", 0, "")
-            };
-            let quic = |host: &Host| {
-                SocketAddr::new(host.quic_addr().ip(), host.quic_addr().port() + port_offset)
-            };
-            let mut b_config = lab
-                .config(1)
-                .expose("iperf", loopback(IPERF_PORT), &[&a.name])
-                .expose("echo", loopback(ECHO_PORT), &[&a.name]);
-            b_config.extra.push_str(limits);
-            b_config.quic_listen = quic(b);
-            running.daemons.push(
-                lab.start_as(1, &b_config, &format!("{}{stem}", b.name))
-                    .map_err(|error| error.to_string())?,
-            );
-            let mut a_config = lab
-                .config(0)
-                .peer_at(&b.name, quic(b))
-                .forward(loopback(a_iperf), &b.name, "iperf")
-                .forward(loopback(a_echo), &b.name, "echo");
-            a_config.extra.push_str(limits);
-            a_config.quic_listen = quic(a);
-            running.daemons.push(
-                lab.start_as(0, &a_config, &format!("{}{stem}", a.name))
-                    .map_err(|error| error.to_string())?,
-            );
-        }
-        Kind::Socat => {
-            for (a_port, b_port, target) in services {
-                let mut command = b.command("socat");
-                command.arg(format!(
-                    "TCP4-LISTEN:{b_port},bind={},reuseaddr,fork,backlog=4096,nodelay",
-                    b.addr
-                ));
-                command.arg(format!("TCP4:127.0.0.1:{target},nodelay"));
-                running
-                    .procs
-                    .push(Proc::spawn(&format!("socat-b-{b_port}"), command, dir)?);
-                let mut command = a.command("socat");
-                command.arg(format!(
-                    "TCP4-LISTEN:{a_port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay"
-                ));
-                command.arg(format!("TCP4:{}:{b_port},nodelay", b.addr));
-                running
-                    .procs
-                    .push(Proc::spawn(&format!("socat-a-{a_port}"), command, dir)?);
-            }
-        }
-        Kind::Spiped => {
-            let key = dir.join("spiped.key");
-            let mut bytes = [0u8; 32];
-            fs::File::open("/dev/urandom")
-                .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))
-                .and_then(|()| fs::write(&key, bytes))
-                .map_err(|error| format!("making the spiped key: {error}"))?;
-            for (a_port, b_port, target) in services {
-                let mut command = b.command("spiped");
-                command
-                    .args(["-d", "-F", "-R", "-n", "0"])
-                    .args(["-s", &format!("[{}]:{b_port}", b.addr)])
-                    .args(["-t", &format!("[127.0.0.1]:{target}")])
-                    .arg("-k")
-                    .arg(&key);
-                running
-                    .procs
-                    .push(Proc::spawn(&format!("spiped-b-{b_port}"), command, dir)?);
-                let mut command = a.command("spiped");
-                command
-                    .args(["-e", "-F", "-R", "-n", "0"])
-                    .args(["-s", &format!("[127.0.0.1]:{a_port}")])
-                    .args(["-t", &format!("[{}]:{b_port}", b.addr)])
-                    .arg("-k")
-                    .arg(&key);
-                running
-                    .procs
-                    .push(Proc::spawn(&format!("spiped-a-{a_port}"), command, dir)?);
-            }
-        }
-        Kind::Stunnel => {
-            // The lab's own PKI (made with `meshtun pki`): a CA and one
-            // certificate per node, each used as client and as server.
-            let ca = lab.dir.join("ca").join("ca.crt");
-            let cert = |host: &Host| lab.dir.join("certs").join(format!("{}.crt", host.name));
-            let key = |host: &Host| lab.dir.join("certs").join(format!("{}.key", host.name));
-            let common = |text: &mut String, host: &Host, log: &str| {
-                let _ = writeln!(
-                    text,
-                    "foreground = yes\npid =\nsyslog = no\ndebug = 3\noutput = {}",
-                    dir.join(log).display()
-                );
-                let _ = writeln!(
-                    text,
-                    "cert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\n\
-                     sslVersionMin = TLSv1.3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1",
-                    cert(host).display(),
-                    key(host).display(),
-                    ca.display()
-                );
-            };
-            let mut b_conf = String::new();
-            common(&mut b_conf, b, "stunnel-b.out");
-            let mut a_conf = String::new();
-            common(&mut a_conf, a, "stunnel-a.out");
-            for (name, (a_port, b_port, target)) in ["iperf", "echo"].into_iter().zip(services) {
-                let _ = writeln!(
-                    b_conf,
-                    "[{name}]\naccept = {}:{b_port}\nconnect = 127.0.0.1:{target}\nrequireCert = yes",
-                    b.addr
-                );
-                let _ = writeln!(
-                    a_conf,
-                    "[{name}]\nclient = yes\naccept = 127.0.0.1:{a_port}\nconnect = {}:{b_port}\ncheckIP = {}",
-                    b.addr, b.addr
-                );
-            }
-            let (b_path, a_path) = (dir.join("stunnel-b.conf"), dir.join("stunnel-a.conf"));
-            fs::write(&b_path, b_conf).map_err(|error| format!("stunnel config: {error}"))?;
-            fs::write(&a_path, a_conf).map_err(|error| format!("stunnel config: {error}"))?;
-            let mut command = b.command("stunnel4");
-            command.arg(&b_path);
-            running.procs.push(Proc::spawn("stunnel-b", command, dir)?);
-            let mut command = a.command("stunnel4");
-            command.arg(&a_path);
-            running.procs.push(Proc::spawn("stunnel-a", command, dir)?);
-        }
+        Kind::Meshtun | Kind::MeshtunOneShard => start_meshtun(&mut running, lab, kind)?,
+        Kind::Socat => start_socat(&mut running, a, b, dir, &services)?,
+        Kind::Spiped => start_spiped(&mut running, a, b, dir, &services)?,
+        Kind::Stunnel => start_stunnel(&mut running, lab, dir, &services)?,
         Kind::Ssh => {
             start_ssh(&mut running, a, b, dir, &services)?;
         }
     }
     wait_ready(a, &mut running)?;
     Ok(running)
+}
+
+/// One `meshtun run` per host; the one-shard variant on the next UDP port
+/// with files of its own, so both run side by side.
+fn start_meshtun(running: &mut Running, lab: &Lab, kind: Kind) -> Result<(), String> {
+    let (a, b) = (lab.host(0), lab.host(1));
+    let (a_iperf, a_echo, _, _) = ports(kind);
+    // Both variants run side by side: the second on the next UDP
+    // port, with files of its own.
+    let (limits, port_offset, stem) = if kind == Kind::MeshtunOneShard {
+        ("\n[limits]\nshards = 1\n", 1, "-1shard")
+    } else {
+        ("", 0, "")
+    };
+    let quic =
+        |host: &Host| SocketAddr::new(host.quic_addr().ip(), host.quic_addr().port() + port_offset);
+    let mut b_config = lab
+        .config(1)
+        .expose("iperf", loopback(IPERF_PORT), &[&a.name])
+        .expose("echo", loopback(ECHO_PORT), &[&a.name]);
+    b_config.extra.push_str(limits);
+    b_config.quic_listen = quic(b);
+    running.daemons.push(
+        lab.start_as(1, &b_config, &format!("{}{stem}", b.name))
+            .map_err(|error| error.to_string())?,
+    );
+    let mut a_config = lab
+        .config(0)
+        .peer_at(&b.name, quic(b))
+        .forward(loopback(a_iperf), &b.name, "iperf")
+        .forward(loopback(a_echo), &b.name, "echo");
+    a_config.extra.push_str(limits);
+    a_config.quic_listen = quic(a);
+    running.daemons.push(
+        lab.start_as(0, &a_config, &format!("{}{stem}", a.name))
+            .map_err(|error| error.to_string())?,
+    );
+    Ok(())
+}
+
+/// socat on each host, a plain two-hop relay.
+fn start_socat(
+    running: &mut Running,
+    a: &Host,
+    b: &Host,
+    dir: &Path,
+    services: &[(u16, u16, u16)],
+) -> Result<(), String> {
+    for &(a_port, b_port, target) in services {
+        let mut command = b.command("socat");
+        command.arg(format!(
+            "TCP4-LISTEN:{b_port},bind={},reuseaddr,fork,backlog=4096,nodelay",
+            b.addr
+        ));
+        command.arg(format!("TCP4:127.0.0.1:{target},nodelay"));
+        running
+            .procs
+            .push(Proc::spawn(&format!("socat-b-{b_port}"), command, dir)?);
+        let mut command = a.command("socat");
+        command.arg(format!(
+            "TCP4-LISTEN:{a_port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay"
+        ));
+        command.arg(format!("TCP4:{}:{b_port},nodelay", b.addr));
+        running
+            .procs
+            .push(Proc::spawn(&format!("socat-a-{a_port}"), command, dir)?);
+    }
+    Ok(())
+}
+
+/// spiped, encrypting on A and decrypting on B, with a fresh key.
+fn start_spiped(
+    running: &mut Running,
+    a: &Host,
+    b: &Host,
+    dir: &Path,
+    services: &[(u16, u16, u16)],
+) -> Result<(), String> {
+    let key = dir.join("spiped.key");
+    let mut bytes = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))
+        .and_then(|()| fs::write(&key, bytes))
+        .map_err(|error| format!("making the spiped key: {error}"))?;
+    for &(a_port, b_port, target) in services {
+        let mut command = b.command("spiped");
+        command
+            .args(["-d", "-F", "-R", "-n", "0"])
+            .args(["-s", &format!("[{}]:{b_port}", b.addr)])
+            .args(["-t", &format!("[127.0.0.1]:{target}")])
+            .arg("-k")
+            .arg(&key);
+        running
+            .procs
+            .push(Proc::spawn(&format!("spiped-b-{b_port}"), command, dir)?);
+        let mut command = a.command("spiped");
+        command
+            .args(["-e", "-F", "-R", "-n", "0"])
+            .args(["-s", &format!("[127.0.0.1]:{a_port}")])
+            .args(["-t", &format!("[{}]:{b_port}", b.addr)])
+            .arg("-k")
+            .arg(&key);
+        running
+            .procs
+            .push(Proc::spawn(&format!("spiped-a-{a_port}"), command, dir)?);
+    }
+    Ok(())
+}
+
+/// stunnel4 on each host with mutual TLS 1.3, using the lab's own PKI (made
+/// with `meshtun pki`): a CA and one certificate per node, each used as
+/// client and as server.
+fn start_stunnel(
+    running: &mut Running,
+    lab: &Lab,
+    dir: &Path,
+    services: &[(u16, u16, u16)],
+) -> Result<(), String> {
+    let (a, b) = (lab.host(0), lab.host(1));
+    // The lab's own PKI (made with `meshtun pki`): a CA and one
+    // certificate per node, each used as client and as server.
+    let ca = lab.dir.join("ca").join("ca.crt");
+    let cert = |host: &Host| lab.dir.join("certs").join(format!("{}.crt", host.name));
+    let key = |host: &Host| lab.dir.join("certs").join(format!("{}.key", host.name));
+    let common = |text: &mut String, host: &Host, log: &str| {
+        let _ = writeln!(
+            text,
+            "foreground = yes\npid =\nsyslog = no\ndebug = 3\noutput = {}",
+            dir.join(log).display()
+        );
+        let _ = writeln!(
+            text,
+            "cert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\n\
+             sslVersionMin = TLSv1.3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1",
+            cert(host).display(),
+            key(host).display(),
+            ca.display()
+        );
+    };
+    let mut b_conf = String::new();
+    common(&mut b_conf, b, "stunnel-b.out");
+    let mut a_conf = String::new();
+    common(&mut a_conf, a, "stunnel-a.out");
+    for (name, (a_port, b_port, target)) in
+        ["iperf", "echo"].into_iter().zip(services.iter().copied())
+    {
+        let _ = writeln!(
+            b_conf,
+            "[{name}]\naccept = {}:{b_port}\nconnect = 127.0.0.1:{target}\nrequireCert = yes",
+            b.addr
+        );
+        let _ = writeln!(
+            a_conf,
+            "[{name}]\nclient = yes\naccept = 127.0.0.1:{a_port}\nconnect = {}:{b_port}\ncheckIP = {}",
+            b.addr, b.addr
+        );
+    }
+    let (b_path, a_path) = (dir.join("stunnel-b.conf"), dir.join("stunnel-a.conf"));
+    fs::write(&b_path, b_conf).map_err(|error| format!("stunnel config: {error}"))?;
+    fs::write(&a_path, a_conf).map_err(|error| format!("stunnel config: {error}"))?;
+    let mut command = b.command("stunnel4");
+    command.arg(&b_path);
+    running.procs.push(Proc::spawn("stunnel-b", command, dir)?);
+    let mut command = a.command("stunnel4");
+    command.arg(&a_path);
+    running.procs.push(Proc::spawn("stunnel-a", command, dir)?);
+    Ok(())
 }
 
 fn ssh_keygen(path: &Path) -> Result<(), String> {

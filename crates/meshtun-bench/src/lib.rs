@@ -528,11 +528,26 @@ fn measure_all(
     }
     let dir = lab.dir.join("bench");
     std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+    let _echo_helper = start_echo_service(&a, &b, runtime, options)?;
+    let _iperf_server = start_iperf_server(&b, &dir)?;
+    for &mtu in &options.mtus {
+        measure_mtu(lab, &a, &dir, options, kinds, mtu, report)?;
+    }
+    finish_figures(report, options);
+    Ok(())
+}
+
+/// The echo service on host B. It holds one descriptor per idle
+/// connection, as the client does: in a process of its own when there is
+/// one to run, so that each side fits in the open-file limit.
+fn start_echo_service(
+    a: &Host,
+    b: &Host,
+    runtime: &tokio::runtime::Runtime,
+    options: &Options,
+) -> Result<Option<ChildGuard>, String> {
     let echo_addr = SocketAddr::from(([0, 0, 0, 0], ECHO_PORT));
-    // The echo service holds one descriptor per idle connection, as the
-    // client does: in a process of its own when there is one to run, so
-    // that each side fits in the open-file limit.
-    let _echo_helper = match &options.echo_helper {
+    Ok(match &options.echo_helper {
         Some(program) => {
             let mut command = b.command(program);
             command.arg("echo").arg(echo_addr.to_string());
@@ -545,7 +560,7 @@ fn measure_all(
             );
             let deadline = Instant::now() + Duration::from_secs(10);
             let direct = SocketAddr::from((b.addr, ECHO_PORT));
-            while let Err(error) = measure::round_trip(&a, direct) {
+            while let Err(error) = measure::round_trip(a, direct) {
                 if Instant::now() > deadline {
                     return Err(format!("the echo helper did not answer: {error}"));
                 }
@@ -558,7 +573,11 @@ fn measure_all(
             measure::start_echo(runtime, echo)?;
             None
         }
-    };
+    })
+}
+
+/// The iperf3 server on host B.
+fn start_iperf_server(b: &Host, dir: &Path) -> Result<ChildGuard, String> {
     let mut iperf_server = b.command("iperf3");
     iperf_server.args(["-s", "-p", &IPERF_PORT.to_string()]);
     let iperf_log = std::fs::File::create(dir.join("iperf3-server.log"))
@@ -575,139 +594,159 @@ fn measure_all(
     if let Ok(Some(status)) = iperf_server.0.try_wait() {
         return Err(format!("the iperf3 server exited: {status}"));
     }
+    Ok(iperf_server)
+}
 
-    for &mtu in &options.mtus {
-        stopped()?;
-        lab.set_mtu(mtu).map_err(|error| error.to_string())?;
-        println!("\n== MTU {mtu} ==");
-        let mut running: Vec<Running> = Vec::new();
-        for &kind in kinds {
-            match contenders::start(lab, kind, &dir) {
-                Ok(contender) => running.push(contender),
-                Err(error) => {
-                    eprintln!("  {} did not start at MTU {mtu}: {error}", kind.name());
-                    report
-                        .incidents
-                        .push(format!("MTU {mtu}: {} did not start: {error}", kind.name()));
-                    for measurement in MEASUREMENTS {
-                        report.figure(mtu, kind, measurement.id).error =
-                            Some(format!("did not start: {error}"));
-                    }
-                }
-            }
-        }
-        // Idle memory: started, one round trip done (by the readiness check).
-        std::thread::sleep(Duration::from_secs(1));
-        for contender in running.iter().filter(|c| c.kind != Kind::Direct) {
-            let memory = measure::memory(&contender.roots());
-            report.sample(
-                mtu,
-                contender.kind,
-                "rss_idle",
-                Ok(memory.rss_kib as f64 / 1024.0),
-            );
-            report.sample(
-                mtu,
-                contender.kind,
-                "pss_idle",
-                Ok(memory.pss_kib as f64 / 1024.0),
-            );
-        }
-        for repetition in 0..options.repetitions {
-            println!("repetition {}/{}", repetition + 1, options.repetitions);
-            let n = running.len().max(1);
-            let order: Vec<usize> = (0..running.len())
-                .map(|i| (i + repetition as usize) % n)
-                .collect();
-            for (streams, reverse, id) in [
-                (1, false, "throughput_1_up"),
-                (1, true, "throughput_1_down"),
-                (8, false, "throughput_8_up"),
-                (8, true, "throughput_8_down"),
-            ] {
-                for &index in &order {
-                    stopped()?;
-                    let contender = &running[index];
-                    let cpu_before = measure::cpu_seconds(&contender.roots());
-                    let result = measure::iperf3(
-                        &a,
-                        contender.iperf,
-                        streams,
-                        options.throughput_seconds,
-                        reverse,
-                    );
-                    let cpu = measure::cpu_seconds(&contender.roots()) - cpu_before;
-                    if streams == 1 && contender.kind != Kind::Direct {
-                        // The forwarders' own CPU time per GiB carried: what
-                        // a gigabyte costs them, however busy the machine.
-                        let cpu_id = if reverse { "cpu_1_down" } else { "cpu_1_up" };
-                        let per_gib = match &result {
-                            Ok(transfer) if transfer.bytes > 0 => {
-                                Ok(cpu / (transfer.bytes as f64 / f64::from(1u32 << 30)))
-                            }
-                            Ok(_) => Err("iperf3 carried no bytes".to_owned()),
-                            Err(error) => Err(error.clone()),
-                        };
-                        report.sample(mtu, contender.kind, cpu_id, per_gib);
-                    }
-                    report.sample(mtu, contender.kind, id, result.map(|t| t.gbit_per_second));
-                }
-            }
-            for (size, prefix) in [(64usize, "latency_64"), (16 * 1024, "latency_16k")] {
-                for &index in &order {
-                    stopped()?;
-                    let contender = &running[index];
-                    match measure::ping_pong(&a, contender.echo, size, options.latency_time) {
-                        Ok(samples) => {
-                            latency_samples(report, mtu, contender.kind, prefix, samples)
-                        }
-                        Err(error) => report.sample(
-                            mtu,
-                            contender.kind,
-                            latency_id(prefix, "p50"),
-                            Err(error),
-                        ),
-                    }
-                }
-            }
-            for &index in &order {
-                stopped()?;
-                let contender = &running[index];
-                let result = measure::connect_rate(
-                    &a,
-                    contender.echo,
-                    options.connect_workers,
-                    options.connect_time,
-                )
-                .map(|rate| {
-                    if rate.failed > 0 {
-                        let note = format!("{} failed attempts", rate.failed);
-                        report.figure(mtu, contender.kind, "connect_rate").note = Some(note);
-                    }
-                    rate.completed as f64 / rate.elapsed.as_secs_f64().max(1e-9)
-                });
-                report.sample(mtu, contender.kind, "connect_rate", result);
-            }
-        }
-        for contender in running.iter_mut() {
-            stopped()?;
-            if contender.kind == Kind::Direct {
-                continue;
-            }
-            loaded_memory(&a, contender, options, mtu, report);
-        }
-        for contender in running.iter_mut() {
-            if let Some(why) = contender.died() {
+/// One pass at link MTU `mtu`: every contender started, idle memory, the
+/// repetitions, loaded memory, and what went wrong.
+fn measure_mtu(
+    lab: &Lab,
+    a: &Host,
+    dir: &Path,
+    options: &Options,
+    kinds: &[Kind],
+    mtu: u32,
+    report: &mut Report,
+) -> Result<(), String> {
+    stopped()?;
+    lab.set_mtu(mtu).map_err(|error| error.to_string())?;
+    println!("\n== MTU {mtu} ==");
+    let mut running: Vec<Running> = Vec::new();
+    for &kind in kinds {
+        match contenders::start(lab, kind, dir) {
+            Ok(contender) => running.push(contender),
+            Err(error) => {
+                eprintln!("  {} did not start at MTU {mtu}: {error}", kind.name());
                 report
                     .incidents
-                    .push(format!("MTU {mtu}: {} died: {why}", contender.kind.name()));
-            }
-            for warning in contender.warnings() {
-                report.incidents.push(format!("MTU {mtu}: {warning}"));
+                    .push(format!("MTU {mtu}: {} did not start: {error}", kind.name()));
+                for measurement in MEASUREMENTS {
+                    report.figure(mtu, kind, measurement.id).error =
+                        Some(format!("did not start: {error}"));
+                }
             }
         }
     }
-    finish_figures(report, options);
+    // Idle memory: started, one round trip done (by the readiness check).
+    std::thread::sleep(Duration::from_secs(1));
+    for contender in running.iter().filter(|c| c.kind != Kind::Direct) {
+        let memory = measure::memory(&contender.roots());
+        report.sample(
+            mtu,
+            contender.kind,
+            "rss_idle",
+            Ok(memory.rss_kib as f64 / 1024.0),
+        );
+        report.sample(
+            mtu,
+            contender.kind,
+            "pss_idle",
+            Ok(memory.pss_kib as f64 / 1024.0),
+        );
+    }
+    for repetition in 0..options.repetitions {
+        measure_repetition(a, &running, options, mtu, repetition, report)?;
+    }
+    for contender in running.iter_mut() {
+        stopped()?;
+        if contender.kind == Kind::Direct {
+            continue;
+        }
+        loaded_memory(a, contender, options, mtu, report);
+    }
+    for contender in running.iter_mut() {
+        if let Some(why) = contender.died() {
+            report
+                .incidents
+                .push(format!("MTU {mtu}: {} died: {why}", contender.kind.name()));
+        }
+        for warning in contender.warnings() {
+            report.incidents.push(format!("MTU {mtu}: {warning}"));
+        }
+    }
+    Ok(())
+}
+
+/// One repetition of the throughput, latency and connection-rate figures,
+/// each taken for every contender in turn, in an order that rotates with
+/// `repetition`.
+fn measure_repetition(
+    a: &Host,
+    running: &[Running],
+    options: &Options,
+    mtu: u32,
+    repetition: u32,
+    report: &mut Report,
+) -> Result<(), String> {
+    println!("repetition {}/{}", repetition + 1, options.repetitions);
+    let n = running.len().max(1);
+    let order: Vec<usize> = (0..running.len())
+        .map(|i| (i + repetition as usize) % n)
+        .collect();
+    for (streams, reverse, id) in [
+        (1, false, "throughput_1_up"),
+        (1, true, "throughput_1_down"),
+        (8, false, "throughput_8_up"),
+        (8, true, "throughput_8_down"),
+    ] {
+        for &index in &order {
+            stopped()?;
+            let contender = &running[index];
+            let cpu_before = measure::cpu_seconds(&contender.roots());
+            let result = measure::iperf3(
+                a,
+                contender.iperf,
+                streams,
+                options.throughput_seconds,
+                reverse,
+            );
+            let cpu = measure::cpu_seconds(&contender.roots()) - cpu_before;
+            if streams == 1 && contender.kind != Kind::Direct {
+                // The forwarders' own CPU time per GiB carried: what
+                // a gigabyte costs them, however busy the machine.
+                let cpu_id = if reverse { "cpu_1_down" } else { "cpu_1_up" };
+                let per_gib = match &result {
+                    Ok(transfer) if transfer.bytes > 0 => {
+                        Ok(cpu / (transfer.bytes as f64 / f64::from(1u32 << 30)))
+                    }
+                    Ok(_) => Err("iperf3 carried no bytes".to_owned()),
+                    Err(error) => Err(error.clone()),
+                };
+                report.sample(mtu, contender.kind, cpu_id, per_gib);
+            }
+            report.sample(mtu, contender.kind, id, result.map(|t| t.gbit_per_second));
+        }
+    }
+    for (size, prefix) in [(64usize, "latency_64"), (16 * 1024, "latency_16k")] {
+        for &index in &order {
+            stopped()?;
+            let contender = &running[index];
+            match measure::ping_pong(a, contender.echo, size, options.latency_time) {
+                Ok(samples) => latency_samples(report, mtu, contender.kind, prefix, samples),
+                Err(error) => {
+                    report.sample(mtu, contender.kind, latency_id(prefix, "p50"), Err(error))
+                }
+            }
+        }
+    }
+    for &index in &order {
+        stopped()?;
+        let contender = &running[index];
+        let result = measure::connect_rate(
+            a,
+            contender.echo,
+            options.connect_workers,
+            options.connect_time,
+        )
+        .map(|rate| {
+            if rate.failed > 0 {
+                let note = format!("{} failed attempts", rate.failed);
+                report.figure(mtu, contender.kind, "connect_rate").note = Some(note);
+            }
+            rate.completed as f64 / rate.elapsed.as_secs_f64().max(1e-9)
+        });
+        report.sample(mtu, contender.kind, "connect_rate", result);
+    }
     Ok(())
 }
 
