@@ -209,15 +209,8 @@ impl prometheus_client::encoding::EncodeLabelSet for NoLabels {
 /// Every metric the node exports.
 pub(crate) struct Metrics {
     registry: Registry,
-    connections: Family<PeerDirectionLabels, Gauge>,
-    rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
-    sent: Family<PeerLabels, Counter>,
-    received: Family<PeerLabels, Counter>,
-    streams: Family<PeerDirectionLabels, Counter>,
-    streams_open: Family<PeerDirectionLabels, Gauge>,
-    refused: Family<ReasonLabels, Counter>,
-    handshakes_failed: Family<ReasonLabels, Counter>,
-    reconnects: Family<PeerLabels, Counter>,
+    /// The per-peer families; each peer's handles come from these.
+    peer: PeerFamilies,
     certificate_expiry: Gauge,
     reloads: Family<ResultLabels, Counter>,
     renewals: Family<ResultLabels, Counter>,
@@ -345,17 +338,7 @@ impl PeerFamilies {
 impl Metrics {
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("meshtun");
-        let PeerFamilies {
-            connections,
-            rtt,
-            sent,
-            received,
-            streams,
-            streams_open,
-            refused,
-            handshakes_failed,
-            reconnects,
-        } = PeerFamilies::register(&mut registry);
+        let peer = PeerFamilies::register(&mut registry);
         let certificate_expiry = Gauge::default();
         registry.register_with_unit(
             "certificate_expiry_timestamp",
@@ -422,15 +405,7 @@ impl Metrics {
         );
         Self {
             registry,
-            connections,
-            rtt,
-            sent,
-            received,
-            streams,
-            streams_open,
-            refused,
-            handshakes_failed,
-            reconnects,
+            peer,
             certificate_expiry,
             reloads,
             renewals,
@@ -482,24 +457,24 @@ impl Metrics {
         let incoming = by_direction(Direction::incoming);
         PeerStats {
             name: peer.to_string(),
-            sent: self.sent.get_or_create_owned(&labels),
-            received: self.received.get_or_create_owned(&labels),
+            sent: self.peer.sent.get_or_create_owned(&labels),
+            received: self.peer.received.get_or_create_owned(&labels),
             streams: [
-                self.streams.get_or_create_owned(&outgoing),
-                self.streams.get_or_create_owned(&incoming),
+                self.peer.streams.get_or_create_owned(&outgoing),
+                self.peer.streams.get_or_create_owned(&incoming),
             ],
             open: [
-                self.streams_open.get_or_create_owned(&outgoing),
-                self.streams_open.get_or_create_owned(&incoming),
+                self.peer.streams_open.get_or_create_owned(&outgoing),
+                self.peer.streams_open.get_or_create_owned(&incoming),
             ],
             connections: [
-                self.connections.get_or_create_owned(&outgoing),
-                self.connections.get_or_create_owned(&incoming),
+                self.peer.connections.get_or_create_owned(&outgoing),
+                self.peer.connections.get_or_create_owned(&incoming),
             ],
-            rtt: self.rtt.get_or_create_owned(&labels),
-            reconnects: self.reconnects.get_or_create_owned(&labels),
-            refused: self.refused.clone(),
-            handshakes_failed: self.handshakes_failed.clone(),
+            rtt: self.peer.rtt.get_or_create_owned(&labels),
+            reconnects: self.peer.reconnects.get_or_create_owned(&labels),
+            refused: self.peer.refused.clone(),
+            handshakes_failed: self.peer.handshakes_failed.clone(),
             cut: self.cut.clone(),
             refusal_log: Throttle::new(REFUSAL_LOG_PERIOD),
             pending: AtomicU32::new(0),
@@ -512,7 +487,8 @@ impl Metrics {
     /// who can reach the QUIC port can make handshakes fail as fast as it
     /// can send; every failure is counted, few are logged.
     pub(crate) fn incoming_handshake_failed(&self, reason: HandshakeReason) -> Option<u64> {
-        self.handshakes_failed
+        self.peer
+            .handshakes_failed
             .get_or_create(&ReasonLabels {
                 peer: String::new(),
                 direction: Direction::incoming,
@@ -525,7 +501,7 @@ impl Metrics {
     /// Failed incoming handshakes by reason (only reasons seen).
     pub(crate) fn incoming_handshakes_failed(&self) -> BTreeMap<&'static str, u64> {
         count_reasons(
-            &self.handshakes_failed,
+            &self.peer.handshakes_failed,
             "",
             Direction::incoming,
             HandshakeReason::ALL,
