@@ -513,14 +513,36 @@ async fn stream_to_tcp(
             tcp.shutdown().await.map_err(Failure::TcpWrite)?;
             return Ok(());
         };
+        // A lone chunk (a small message) is written as it is; only a
+        // stream with more already received takes room for a batch.
+        let Some(second) = chunk_now(recv)? else {
+            moved.add(first.bytes.len());
+            tcp.write_all(&first.bytes)
+                .await
+                .map_err(Failure::TcpWrite)?;
+            continue;
+        };
         let mut chunks = vec![Bytes::new(); MAX_CHUNKS];
         chunks[0] = first.bytes;
-        let count = 1 + more_chunks(recv, &mut chunks[1..])?;
+        chunks[1] = second;
+        let count = 2 + more_chunks(recv, &mut chunks[2..])?;
         let chunks = &mut chunks[..count];
         moved.add(chunks.iter().map(Bytes::len).sum());
         write_all_chunks(tcp, chunks)
             .await
             .map_err(Failure::TcpWrite)?;
+    }
+}
+
+/// The next chunk the stream has received already, without waiting. An end
+/// of stream or a reset is left for the next read to report.
+fn chunk_now(recv: &mut RecvStream) -> Result<Option<Bytes>, Failure> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let read = std::pin::pin!(recv.read_chunk(usize::MAX, true));
+    match read.poll(&mut cx) {
+        Poll::Ready(Ok(Some(chunk))) => Ok(Some(chunk.bytes)),
+        Poll::Ready(Ok(None)) | Poll::Pending => Ok(None),
+        Poll::Ready(Err(error)) => Err(error.into()),
     }
 }
 
