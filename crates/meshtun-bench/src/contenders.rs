@@ -275,9 +275,7 @@ pub(crate) fn start(lab: &Lab, kind: Kind, dir: &Path) -> Result<Running, String
         Kind::Socat => start_socat(&mut running, a, b, dir, &services)?,
         Kind::Spiped => start_spiped(&mut running, a, b, dir, &services)?,
         Kind::Stunnel => start_stunnel(&mut running, lab, dir, &services)?,
-        Kind::Ssh => {
-            start_ssh(&mut running, a, b, dir, &services)?;
-        }
+        Kind::Ssh => start_ssh(&mut running, a, b, dir, &services)?,
     }
     wait_ready(a, &mut running)?;
     Ok(running)
@@ -287,9 +285,8 @@ pub(crate) fn start(lab: &Lab, kind: Kind, dir: &Path) -> Result<Running, String
 /// with files of its own, so both run side by side.
 fn start_meshtun(running: &mut Running, lab: &Lab, kind: Kind) -> Result<(), String> {
     let (a, b) = (lab.host(0), lab.host(1));
-    let (a_iperf, a_echo, _, _) = ports(kind);
-    // Both variants run side by side: the second on the next UDP
-    // port, with files of its own.
+    // Where A's forwards listen, as `start` chose them.
+    let (iperf, echo) = (running.iperf, running.echo);
     let (limits, port_offset, stem) = if kind == Kind::MeshtunOneShard {
         ("\n[limits]\nshards = 1\n", 1, "-1shard")
     } else {
@@ -310,8 +307,8 @@ fn start_meshtun(running: &mut Running, lab: &Lab, kind: Kind) -> Result<(), Str
     let mut a_config = lab
         .config(0)
         .peer_at(&b.name, quic(b))
-        .forward(loopback(a_iperf), &b.name, "iperf")
-        .forward(loopback(a_echo), &b.name, "echo");
+        .forward(iperf, &b.name, "iperf")
+        .forward(echo, &b.name, "echo");
     a_config.extra.push_str(limits);
     a_config.quic_listen = quic(a);
     running.daemons.push(
@@ -400,8 +397,6 @@ fn start_stunnel(
     services: &[(u16, u16, u16)],
 ) -> Result<(), String> {
     let (a, b) = (lab.host(0), lab.host(1));
-    // The lab's own PKI (made with `meshtun pki`): a CA and one
-    // certificate per node, each used as client and as server.
     let ca = lab.dir.join("ca").join("ca.crt");
     let cert = |host: &Host| lab.dir.join("certs").join(format!("{}.crt", host.name));
     let key = |host: &Host| lab.dir.join("certs").join(format!("{}.key", host.name));

@@ -187,7 +187,6 @@ async fn serve_peer(connection: Connection, identity: NodeName, shard: usize, sh
         info!(%error, "peer left before the welcome");
         return;
     }
-    let stats = shared.metrics.peer(&identity);
     info!("peer connected (incoming)");
     loop {
         let (send, recv) = match connection.accept_bi().await {

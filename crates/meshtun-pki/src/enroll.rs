@@ -66,14 +66,13 @@ use x509_parser::prelude::FromDer;
 
 use crate::crl::RevocationList;
 use crate::files::{self, NewFile, CERT_MODE, KEY_MODE};
-use crate::identity::node_uri;
-use crate::identity::Serial;
+use crate::identity::{node_uri, Serial};
 use crate::issue::{Authority, Validity, CA_CERT_FILE};
 use crate::ledger::{Issuance, IssuedRecord, Ledger};
 use crate::load::{first_certificate, NodeCredentials, TrustBundle};
 use crate::x509::{
-    crypto_provider, fingerprint, format_unix, hex, system_time, unhex,
-    unix_seconds_unsigned as unix_seconds, TLS13_ONLY,
+    crypto_provider, fingerprint, format_unix, hex, system_time, unhex, unix_seconds_unsigned,
+    TLS13_ONLY,
 };
 use crate::PkiError;
 
@@ -509,7 +508,7 @@ impl TokenBook {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<NewToken, EnrollError> {
-        let created_at = unix_seconds(now);
+        let created_at = unix_seconds_unsigned(now);
         let expires_at = created_at
             .checked_add(ttl.as_secs())
             .filter(|_| ttl.as_secs() > 0)
@@ -581,7 +580,7 @@ impl TokenBook {
             )
             .with_token(&id));
         }
-        if unix_seconds(now) >= record.expires_at {
+        if unix_seconds_unsigned(now) >= record.expires_at {
             return Err(Refusal::new(
                 RefusalCode::TokenExpired,
                 format!(
@@ -611,14 +610,14 @@ impl TokenBook {
         let id = token.id();
         if let Some(record) = self.records.iter_mut().find(|record| record.id == id) {
             record.used = true;
-            record.used_at = Some(unix_seconds(now));
+            record.used_at = Some(unix_seconds_unsigned(now));
             record.used_by = Some(by.to_owned());
         }
     }
 
     /// Drops records that expired more than [`TOKEN_RECORD_KEPT`] ago.
     fn prune(&mut self, now: SystemTime) {
-        let now = unix_seconds(now);
+        let now = unix_seconds_unsigned(now);
         let kept = TOKEN_RECORD_KEPT.as_secs();
         self.records
             .retain(|record| record.expires_at.saturating_add(kept) > now);
@@ -1003,7 +1002,7 @@ impl Enroller {
             .iter()
             .find(|record| record.replaces.as_deref() == Some(wanted.as_str()))
         {
-            let since = unix_seconds(now).saturating_sub(successor.issued_at);
+            let since = unix_seconds_unsigned(now).saturating_sub(successor.issued_at);
             if since > RENEWED_RETRY_WINDOW.as_secs() {
                 return Err(Refusal::new(
                     RefusalCode::AlreadyRenewed,
@@ -1955,7 +1954,7 @@ mod tests {
         assert_eq!(mode(&dir.path().join(TOKENS_LOCK_FILE)), 0o600);
         assert_eq!(
             made.expires_at,
-            UNIX_EPOCH + Duration::from_secs(unix_seconds(now) + 3600)
+            UNIX_EPOCH + Duration::from_secs(unix_seconds_unsigned(now) + 3600)
         );
         // No temporary file is left beside it.
         let names: Vec<String> = std::fs::read_dir(dir.path())

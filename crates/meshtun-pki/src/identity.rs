@@ -257,7 +257,7 @@ impl Serial {
     }
 
     /// From big-endian magnitude octets (leading zeros allowed).
-    pub(crate) fn from_magnitude(bytes: &[u8]) -> Self {
+    fn from_magnitude(bytes: &[u8]) -> Self {
         let magnitude = match bytes.iter().position(|byte| *byte != 0) {
             Some(start) => &bytes[start..],
             None => &[0u8][..],

@@ -24,11 +24,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::files::{self, NewFile, KEY_MODE};
-use crate::identity::describe_name;
-use crate::identity::Serial;
-use crate::identity::{identity_of_parsed, parse_certificate};
+use crate::identity::{describe_name, identity_of_parsed, parse_certificate, Serial};
 use crate::load::first_certificate;
-use crate::x509::{hex, unix_seconds_unsigned as unix_seconds};
+use crate::x509::{hex, unix_seconds_unsigned};
 use crate::PkiError;
 
 /// The ledger's file in a CA directory.
@@ -145,7 +143,7 @@ impl IssuedRecord {
             not_before: u64::try_from(validity.not_before.timestamp()).unwrap_or(0),
             not_after: u64::try_from(validity.not_after.timestamp()).unwrap_or(0),
             public_key_sha256: hex(&Sha256::digest(parsed.public_key().raw)),
-            issued_at: unix_seconds(now),
+            issued_at: unix_seconds_unsigned(now),
             how,
             replaces: replaces.map(ToString::to_string),
         })
@@ -158,7 +156,7 @@ impl IssuedRecord {
 
     /// Whether it is past its `not_after` at `now`.
     pub fn expired_at(&self, now: SystemTime) -> bool {
-        unix_seconds(now) > self.not_after
+        unix_seconds_unsigned(now) > self.not_after
     }
 
     /// End of validity.
@@ -311,7 +309,7 @@ impl LockedLedger<'_> {
             )));
         }
         let kept = EXPIRED_RECORD_KEPT.as_secs();
-        let now = unix_seconds(now);
+        let now = unix_seconds_unsigned(now);
         records.retain(|known| known.not_after.saturating_add(kept) > now);
         records.push(record);
         self.ledger.write(records)

@@ -15,7 +15,7 @@ use x509_parser::time::ASN1Time;
 
 use crate::files;
 use crate::identity::{identity_of_parsed, parse_certificate};
-use crate::x509::{crypto_provider, fingerprint};
+use crate::x509::{crypto_provider, fingerprint, unhex};
 use crate::PkiError;
 
 /// Label hashed with the private key to derive the QUIC stateless-reset key;
@@ -220,7 +220,7 @@ impl NodeCredentials {
         let reset = reset_secret_path(key);
         match files::read_private_text(&reset) {
             Ok(text) => {
-                let secret = parse_hex_32(text.trim()).ok_or_else(|| PkiError::Key {
+                let secret = unhex::<32>(text.trim()).ok_or_else(|| PkiError::Key {
                     origin: reset.display().to_string(),
                     detail: "not a stateless-reset secret (64 hex digits); delete it to \
                              derive one from the key again"
@@ -442,20 +442,6 @@ pub(crate) fn forget_reset_secret(key: &Path) -> Result<(), PkiError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(PkiError::Write { path, source }),
     }
-}
-
-fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
-    let digits = text.as_bytes();
-    if digits.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
-        let high = char::from(pair[0]).to_digit(16)?;
-        let low = char::from(pair[1]).to_digit(16)?;
-        *byte = u8::try_from(high * 16 + low).ok()?;
-    }
-    Some(out)
 }
 
 /// An X.509 time as a `SystemTime`, or an error naming `origin`.

@@ -32,9 +32,21 @@ pub(crate) struct Material {
     pub(crate) trust: TrustBundle,
 }
 
+/// How much `inspect` says beyond the errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detail {
+    /// Every fact and warning too, for `meshtun check`: it also reads the
+    /// CRL and CA files once more to describe each CRL.
+    Describe,
+    /// The errors (and what facts come free), for the daemon at start and
+    /// on reload.
+    Errors,
+}
+
 /// Loads `path` and the files it names and checks them all, at `now`. The
-/// material is there only when the report holds no error.
-pub(crate) fn inspect(path: &Path, now: SystemTime) -> (Report, Option<Material>) {
+/// material is there only when the report holds no error. Both levels of
+/// `detail` find the same errors.
+pub(crate) fn inspect(path: &Path, now: SystemTime, detail: Detail) -> (Report, Option<Material>) {
     let mut report = Report::default();
     let config = match meshtun_config::load(path) {
         Ok(config) => config,
@@ -51,7 +63,7 @@ pub(crate) fn inspect(path: &Path, now: SystemTime) -> (Report, Option<Material>
         config.exposes.len(),
         config.quic.listen
     ));
-    let loaded = check_tls(&config, &mut report, now);
+    let loaded = check_tls(&config, &mut report, now, detail);
     let material = match loaded {
         Some((credentials, trust)) if report.errors.is_empty() => Some(Material {
             config,
@@ -65,7 +77,7 @@ pub(crate) fn inspect(path: &Path, now: SystemTime) -> (Report, Option<Material>
 
 /// [`inspect`] for the daemon: the material, or every error.
 pub(crate) fn load(path: &Path) -> Result<Material, Vec<String>> {
-    match inspect(path, SystemTime::now()) {
+    match inspect(path, SystemTime::now(), Detail::Errors) {
         (_, Some(material)) => Ok(material),
         (report, None) => Err(report.errors),
     }
@@ -79,6 +91,7 @@ fn check_tls(
     config: &Config,
     report: &mut Report,
     now: SystemTime,
+    detail: Detail,
 ) -> Option<(NodeCredentials, TrustBundle)> {
     let tls = &config.tls;
     let trust = match TrustBundle::load(&tls.ca, tls.crl.as_deref()) {
@@ -99,7 +112,7 @@ fn check_tls(
             None
         }
     };
-    if let (Some(crl), Some(_)) = (&tls.crl, &trust) {
+    if let (Some(crl), Some(_), Detail::Describe) = (&tls.crl, &trust, detail) {
         describe_crls(&tls.ca, crl, report, now);
     }
     // A key its group or others may read is an error, but the rest is

@@ -9,7 +9,8 @@ use std::time::SystemTime;
 use crate::EXIT_CONFIG;
 
 pub(crate) fn check(path: &Path) -> ExitCode {
-    let (report, _) = crate::material::inspect(path, SystemTime::now());
+    let (report, _) =
+        crate::material::inspect(path, SystemTime::now(), crate::material::Detail::Describe);
     for fact in &report.facts {
         say!("ok: {fact}");
     }

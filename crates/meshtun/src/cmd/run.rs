@@ -205,7 +205,7 @@ fn reload(path: &Path, node: &Node) -> Option<Applied> {
     let material = match material::load(path) {
         Ok(material) => material,
         Err(problems) => {
-            let joined = problems.join("; ");
+            let joined = format!("{}: {}", path.display(), problems.join("; "));
             error!(problems = %joined, "reload failed; still running the previous configuration");
             node.reload_failed(&joined);
             return None;

@@ -2,7 +2,7 @@
 //! unique temporary directories, commands with a time bound, child processes
 //! that are killed when a test fails, and OS-chosen loopback ports.
 // Each test file uses a different subset of these helpers.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
 use std::fs::{self, OpenOptions};
 use std::io::Read;
@@ -415,6 +415,8 @@ impl Drop for Daemon {
 /// One mebibyte.
 pub(crate) const MIB_BYTES: usize = 1024 * 1024;
 
+// Not every test file forwards to an echo server.
+#[allow(unused_imports)]
 pub(crate) use meshtun_test_support::echo_server;
 
 /// Echoes `total` bytes through `addr` (a repeating 1 MiB pattern), checking
