@@ -34,8 +34,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use crate::shared::Shared;
 use crate::throttle::Throttle;
-use crate::Shared;
+
+/// The accept queue of each TCP listener (tokio's default, too).
+pub(crate) const LISTEN_BACKLOG: i32 = 1024;
 
 /// The first pause after a failed accept.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
@@ -240,7 +243,7 @@ fn relisten(listener: TcpListener) -> io::Result<TcpListener> {
     let socket = socket2::Socket::from(listener.into_std()?);
     let before = socket.local_addr()?.as_socket();
     socket.shutdown(Shutdown::Read)?;
-    socket.listen(crate::LISTEN_BACKLOG)?;
+    socket.listen(LISTEN_BACKLOG)?;
     let after = socket.local_addr()?.as_socket();
     if before != after {
         return Err(io::Error::other(format!(
@@ -327,7 +330,7 @@ mod tests {
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket.set_reuse_address(true).unwrap();
         socket.bind(&addr.into()).unwrap();
-        socket.listen(crate::LISTEN_BACKLOG).unwrap();
+        socket.listen(LISTEN_BACKLOG).unwrap();
         socket.set_nonblocking(true).unwrap();
         TcpListener::from_std(socket.into()).unwrap()
     }

@@ -22,7 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::debug;
 
-use crate::{accept, Shared};
+use crate::accept;
+use crate::shared::Shared;
 
 /// Connections served at once. Scrapers and `meshtun status` need one or two.
 const MAX_CONNECTIONS: usize = 16;

@@ -21,8 +21,9 @@ use crate::identity::peer_identity;
 use crate::metrics::{
     handshake_reason, Direction, HandshakeReason, OpenStream, Pending, RefusalReason,
 };
+use crate::policy::Policy;
+use crate::shared::{Handshaking, Shared};
 use crate::splice::{self, Downlink, Outbound};
-use crate::{Handshaking, Policy, Shared};
 
 /// Accepts incoming QUIC connections until the endpoint closes. While the
 /// node drains, new connections are refused at once (the dialer sees a
@@ -172,7 +173,7 @@ async fn serve_peer(connection: Connection, identity: NodeName, shard: usize, sh
     };
     // The handshake may have used a trust bundle a reload replaced.
     let stats = shared.metrics.peer(&identity);
-    if !crate::still_trusted(
+    if !crate::policy::still_trusted(
         &connection,
         &shared.trust,
         meshtun_pki::PeerRole::Dialer,

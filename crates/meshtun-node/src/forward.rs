@@ -24,10 +24,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
+use crate::accept;
 use crate::metrics::{Direction, RefusalReason};
 use crate::peer::PeerLinks;
+use crate::shared::Shared;
 use crate::splice::{self, Downlink, Outbound};
-use crate::{accept, Shared};
 
 /// How long a new local connection may wait for a peer connection whose
 /// handshake is under way (at start-up, or right after a peer restart).

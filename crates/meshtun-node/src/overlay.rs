@@ -51,11 +51,12 @@ use meshtun_proto::Preamble;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::accept;
 use crate::forward;
 use crate::peer::PeerLinks;
+use crate::shared::Shared;
 use crate::splice;
 use crate::throttle::Throttle;
-use crate::{accept, Shared};
 
 /// The nftables table meshtun owns; nothing else in it is kept.
 pub const TABLE: &str = "meshtun_overlay";

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::metrics::{handshake_reason, HandshakeReason, PeerStats};
-use crate::{still_trusted, TrustState};
+use crate::policy::{still_trusted, TrustState};
 
 /// The TLS server name sent by dialers. Identity is checked against the
 /// configured peer name by the verifier, not through SNI, so a constant keeps
