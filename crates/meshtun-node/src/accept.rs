@@ -34,7 +34,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::shared::Shared;
+use crate::metrics::Metrics;
+use crate::policy::InForce;
 use crate::throttle::Throttle;
 
 /// The accept queue of each TCP listener (tokio's default, too).
@@ -48,6 +49,15 @@ pub(crate) const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(1);
 const MAX_SHED: usize = 4096;
 /// At most one warning per listener in this period.
 const LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// What a forwarding listener's accepts share with the node: where a
+/// failed accept is counted, and the policy whose
+/// `limits.accept_backoff_max` bounds the pause.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NodeLimits<'a> {
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) policy: &'a InForce,
+}
 
 /// How a listener refuses its queued clients when descriptors run out.
 #[derive(Debug)]
@@ -118,7 +128,7 @@ impl Accepting {
     pub(crate) async fn next(
         &mut self,
         stop: &CancellationToken,
-        node: Option<&Shared>,
+        node: Option<NodeLimits<'_>>,
     ) -> Option<(TcpStream, SocketAddr)> {
         loop {
             let listener = self.listener.as_ref()?;
@@ -153,7 +163,7 @@ impl Accepting {
                 () = stop.cancelled() => return None,
             }
             let max_pause = node.map_or(self.max_pause, |node| {
-                node.policy().limits.accept_backoff_max
+                node.policy.get().limits.accept_backoff_max
             });
             self.pause = (self.pause * 2).min(max_pause);
         }

@@ -41,17 +41,17 @@ macro_rules! log_limit {
 }
 
 mod accept;
+mod acceptor;
 mod admin;
 mod cid;
 mod endpoint;
 pub mod enroll;
 mod error;
-mod expose;
-mod forward;
 mod gso;
 mod identity;
 mod metrics;
 mod node;
+mod opener;
 pub mod overlay;
 mod peer;
 mod policy;

@@ -23,13 +23,15 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::throttle::Throttle;
 
-/// Which side opened a connection or a stream, seen from this node.
+/// Which end of a connection or stream this node is: the label values
+/// say it as a direction, which dashboards already scrape.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
 #[allow(non_camel_case_types)] // the variant names are the label values
 pub(crate) enum Direction {
-    /// This node dialled the connection or opened the stream (a forward).
+    /// This node is the opener: it dialled the connection and opens the
+    /// streams (a forward, or the overlay).
     outgoing,
-    /// The peer did (an expose).
+    /// This node is the acceptor (an expose, or an overlay port).
     incoming,
 }
 

@@ -37,7 +37,7 @@
 //! leaves alone. A uid match would also exclude every application running as
 //! meshtun's user, and `SO_MARK` needs `CAP_NET_ADMIN` in the daemon at run
 //! time, which the address rule does not. (A target given as a DNS name is
-//! checked at connect time instead; see `expose::connect`.)
+//! checked at connect time instead; see `acceptor::connect`.)
 
 use std::collections::HashMap;
 use std::io::{self, Write as _};
@@ -52,7 +52,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::accept;
-use crate::forward;
+use crate::opener;
 use crate::peer::PeerLinks;
 use crate::shared::Shared;
 use crate::splice;
@@ -561,7 +561,10 @@ pub(crate) async fn accept_loop(
         listener,
         accept::DEFAULT_MAX_PAUSE,
     );
-    while let Some((tcp, client)) = accepting.next(&shared.stop_accepting, Some(&shared)).await {
+    while let Some((tcp, client)) = accepting
+        .next(&shared.stop_accepting, Some(shared.accept_limits()))
+        .await
+    {
         let span = tracing::debug_span!("overlay", shard, %client);
         let task = carry_redirected(tcp, routes.clone(), shard, shared.clone());
         shared.streams.spawn(task.instrument(span));
@@ -590,8 +593,8 @@ async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shard: usize, sha
         return;
     };
     let span = tracing::debug_span!("route", %destination, peer = %peer.name());
-    let preamble = forward::encode_preamble(&Preamble::overlay_port(destination.port()));
-    forward::forward_one(tcp, peer, preamble, shard, shared)
+    let preamble = opener::encode_preamble(&Preamble::overlay_port(destination.port()));
+    opener::forward_one(tcp, peer, preamble, shard, shared)
         .instrument(span)
         .await;
 }

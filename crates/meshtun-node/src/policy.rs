@@ -36,6 +36,33 @@ impl Policy {
     }
 }
 
+/// The [`Policy`] in force, replaced whole by a reload: a reader holds
+/// one version for as long as it needs it.
+#[derive(Debug)]
+pub(crate) struct InForce(RwLock<Arc<Policy>>);
+
+impl InForce {
+    pub(crate) fn new(policy: Policy) -> Self {
+        Self(RwLock::new(Arc::new(policy)))
+    }
+
+    /// The policy in force now.
+    pub(crate) fn get(&self) -> Arc<Policy> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Puts `policy` in force for everything that reads it from now on.
+    pub(crate) fn replace(&self, policy: Policy) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
+    }
+}
+
 /// The trust bundle in force, shared with the dialers: a connection whose
 /// handshake raced a reload is checked again against the newest one.
 pub(crate) type TrustState = Arc<RwLock<Arc<TrustBundle>>>;

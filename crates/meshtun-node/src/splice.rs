@@ -223,9 +223,9 @@ impl From<WriteError> for Failure {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Totals {
     /// From the local TCP socket into the stream.
-    pub(crate) uplink: u64,
+    pub(crate) sent: u64,
     /// From the stream to the local TCP socket.
-    pub(crate) downlink: u64,
+    pub(crate) received: u64,
 }
 
 /// Counts one direction's bytes for its stream and for the peer's metric.
@@ -250,7 +250,7 @@ impl<'a> Moved<'a> {
 
 /// What the stream→TCP direction must do before it copies.
 #[derive(Debug)]
-pub(crate) enum Downlink {
+pub(crate) enum FromPeer {
     /// Write these bytes (already read off the stream) first.
     Ready(Bytes),
     /// Read the acceptor's status first; only `Ok` lets bytes through.
@@ -265,12 +265,12 @@ pub(crate) async fn carry(
     send: &mut Outbound,
     recv: &mut RecvStream,
     header: Bytes,
-    downlink: Downlink,
+    from_peer: FromPeer,
     stats: &PeerStats,
     context: Context<'_>,
 ) -> Result<Totals, (Failure, Totals)> {
     let result = match send.stream.write_chunk(header).await {
-        Ok(()) => splice(tcp, send, recv, downlink, stats, context).await,
+        Ok(()) => splice(tcp, send, recv, from_peer, stats, context).await,
         Err(error) => Err((Failure::from(error), Totals::default())),
     };
     if let Err((failure, _)) = &result {
@@ -285,30 +285,30 @@ pub(crate) async fn splice(
     tcp: &mut TcpStream,
     send: &mut Outbound,
     recv: &mut RecvStream,
-    downlink: Downlink,
+    from_peer: FromPeer,
     stats: &PeerStats,
     context: Context<'_>,
 ) -> Result<Totals, (Failure, Totals)> {
     let mut totals = Totals::default();
     let result = {
         let (mut tcp_read, mut tcp_write) = tcp.split();
-        let up = tcp_to_stream(
+        let sending = tcp_to_stream(
             &mut tcp_read,
             send,
-            Moved::new(&mut totals.uplink, &stats.sent),
+            Moved::new(&mut totals.sent, &stats.sent),
             context,
         );
-        let down = stream_to_tcp(
+        let receiving = stream_to_tcp(
             recv,
             &mut tcp_write,
-            downlink,
-            Moved::new(&mut totals.downlink, &stats.received),
+            from_peer,
+            Moved::new(&mut totals.received, &stats.received),
         );
         // Pinned here and lent to `join_both`: an async fn keeps the futures
         // it is given by value twice in its own state, and this state is what
         // every idle connection costs.
-        tokio::pin!(up, down);
-        join_both(up.as_mut(), down.as_mut(), context.cancel).await
+        tokio::pin!(sending, receiving);
+        join_both(sending.as_mut(), receiving.as_mut(), context.cancel).await
     };
     match result {
         Ok(()) => {
@@ -321,27 +321,27 @@ pub(crate) async fn splice(
 }
 
 async fn join_both(
-    mut up: Pin<&mut impl Future<Output = Result<(), Failure>>>,
-    mut down: Pin<&mut impl Future<Output = Result<(), Failure>>>,
+    mut sending: Pin<&mut impl Future<Output = Result<(), Failure>>>,
+    mut receiving: Pin<&mut impl Future<Output = Result<(), Failure>>>,
     cancel: &CancellationToken,
 ) -> Result<(), Failure> {
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
+    let (mut sending_done, mut receiving_done) = (false, false);
+    while !(sending_done && receiving_done) {
         tokio::select! {
-            result = up.as_mut(), if !up_done => match result {
-                Ok(()) => up_done = true,
-                Err(Failure::StreamStopped(code)) if !down_done && is_refusal(code) => {
+            result = sending.as_mut(), if !sending_done => match result {
+                Ok(()) => sending_done = true,
+                Err(Failure::StreamStopped(code)) if !receiving_done && is_refusal(code) => {
                     // The acceptor writes its status before it stops our
                     // sending half, but the stop may be seen first: give
                     // the status a moment to arrive so the log says why.
-                    return Err(match tokio::time::timeout(STATUS_GRACE, down.as_mut()).await {
+                    return Err(match tokio::time::timeout(STATUS_GRACE, receiving.as_mut()).await {
                         Ok(Err(failure @ Failure::Refused(_))) => failure,
                         _ => Failure::StreamStopped(code),
                     });
                 }
                 Err(failure) => return Err(failure),
             },
-            result = down.as_mut(), if !down_done => { result?; down_done = true; }
+            result = receiving.as_mut(), if !receiving_done => { result?; receiving_done = true; }
             () = cancel.cancelled() => return Err(Failure::Shutdown),
         }
     }
@@ -488,12 +488,12 @@ fn stopped_early(outcome: Result<Option<VarInt>, quinn::StoppedError>) -> Failur
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut WriteHalf<'_>,
-    downlink: Downlink,
+    from_peer: FromPeer,
     mut moved: Moved<'_>,
 ) -> Result<(), Failure> {
-    let first = match downlink {
-        Downlink::Ready(bytes) => bytes,
-        Downlink::AwaitStatus => {
+    let first = match from_peer {
+        FromPeer::Ready(bytes) => bytes,
+        FromPeer::AwaitStatus => {
             let (status, rest) = read_status(recv).await?;
             if status.code != StatusCode::Ok {
                 return Err(Failure::Refused(status));

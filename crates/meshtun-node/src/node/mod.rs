@@ -24,10 +24,10 @@ use tracing::{info, warn};
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::peer::DialTiming;
-use crate::policy::{Policy, TrustState};
+use crate::policy::{InForce, Policy, TrustState};
 use crate::shared::{unix_now, PeerMap, Shared};
 use crate::status::{CertificateStatus, NodeStatus, RenewalStatus};
-use crate::{accept, admin, endpoint, forward, overlay, shard, splice};
+use crate::{accept, admin, endpoint, opener, overlay, shard, splice};
 use facts::*;
 use start::*;
 use watch::*;
@@ -74,7 +74,7 @@ pub struct Node {
 struct RunningForward {
     config: ForwardConfig,
     local: SocketAddr,
-    target: Arc<forward::Target>,
+    target: Arc<opener::Target>,
     /// Stops its accept loops (a child of the node's `stop_accepting`).
     stop: CancellationToken,
 }
@@ -150,7 +150,7 @@ impl Node {
         let shared = Arc::new(Shared {
             node: config.node.clone(),
             trust: trust_state,
-            policy: RwLock::new(Arc::new(Policy::from_config(&config))),
+            policy: InForce::new(Policy::from_config(&config)),
             handshake_timeout: quic.handshake_timeout,
             handshaking: AtomicU32::new(0),
             max_streams_per_peer: quic.max_streams_per_peer,

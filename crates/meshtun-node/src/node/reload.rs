@@ -19,7 +19,7 @@ use crate::error::{NodeError, ReloadError};
 use crate::peer::PeerLinks;
 use crate::policy::{still_trusted, Policy};
 use crate::shared::unix_now;
-use crate::{endpoint, forward, peer};
+use crate::{endpoint, opener, peer};
 
 /// The parts of a configuration that only a restart applies, with the key
 /// an operator would look for. Everything else is reloadable.
@@ -146,12 +146,7 @@ impl Node {
         if let Some(routes) = &self.routes {
             routes.replace(overlay_routes(&config, &peers));
         }
-        *self
-            .shared
-            .policy
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            Arc::new(Policy::from_config(&config));
+        self.shared.policy.replace(Policy::from_config(&config));
         self.shared
             .metrics
             .set_certificate_expiry(meshtun_pki::unix_seconds(credentials.not_after()));
@@ -318,7 +313,7 @@ impl Node {
                     let running = RunningForward {
                         config: forward,
                         local,
-                        target: Arc::new(forward::Target::new(route)),
+                        target: Arc::new(opener::Target::new(route)),
                         stop: self.shared.stop_accepting.child_token(),
                     };
                     loops.extend(spawn_forward(&self.shared, listeners, &running));

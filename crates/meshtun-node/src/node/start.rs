@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::peer::{DialTiming, PeerLinks};
 use crate::policy::TrustState;
 use crate::shared::Shared;
-use crate::{endpoint, expose, forward, gso, overlay, peer, shard};
+use crate::{acceptor, endpoint, gso, opener, overlay, peer, shard};
 
 /// Makes the dial state of `peer`, whose dialers stop with `stop`.
 pub(super) fn peer_links(
@@ -73,8 +73,8 @@ pub(super) fn spawn_forward(
     let mut loops = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         let shard = shared.shard(index);
-        let task = forward::accept_loop(
-            forward::Forward {
+        let task = opener::accept_loop(
+            opener::Forward {
                 listener,
                 local: running.local,
                 shard: shard.index,
@@ -112,7 +112,7 @@ pub(super) fn overlay_routes(
 pub(super) fn forward_route(
     forward: &ForwardConfig,
     peers: &BTreeMap<NodeName, Arc<PeerLinks>>,
-) -> Result<forward::Route, NodeError> {
+) -> Result<opener::Route, NodeError> {
     // The config refers only to declared peers.
     let links = peers
         .get(&forward.peer)
@@ -120,7 +120,7 @@ pub(super) fn forward_route(
             listen: forward.listen,
             peer: forward.peer.clone(),
         })?;
-    Ok(forward::Route::new(links.clone(), forward.service.clone()))
+    Ok(opener::Route::new(links.clone(), forward.service.clone()))
 }
 
 /// One QUIC listener per shard, made inside its shard's runtime (quinn
@@ -234,7 +234,7 @@ pub(super) fn bind_forwards(
         let running = RunningForward {
             config: forward.clone(),
             local,
-            target: Arc::new(forward::Target::new(route)),
+            target: Arc::new(opener::Target::new(route)),
             stop: stop_accepting.child_token(),
         };
         forwards.push((running, listeners));
@@ -315,7 +315,7 @@ pub(super) fn spawn_shards(
     let mut loops = Vec::new();
     for (shard, listener) in shared.shards.iter().zip(listeners) {
         let span = tracing::info_span!("shard", shard = shard.index);
-        let accept = expose::accept_loop(listener.clone(), shard.index, shared.clone());
+        let accept = acceptor::accept_loop(listener.clone(), shard.index, shared.clone());
         loops.push(AcceptLoop::new(
             format!("QUIC accept loop of shard {}", shard.index),
             shared

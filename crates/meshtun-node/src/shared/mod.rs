@@ -17,18 +17,18 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::peer::PeerLinks;
-use crate::policy::{Policy, TrustState};
+use crate::policy::{InForce, Policy, TrustState};
 use crate::status::{
     CertificateStatus, ExposeStatus, ForwardStatus, GuardStatus, OverlayStatus, RenewalStatus,
 };
-use crate::{shard, splice};
+use crate::{accept, shard, splice};
 
 /// State shared by the node's tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) node: NodeName,
     pub(crate) trust: TrustState,
-    pub(crate) policy: RwLock<Arc<Policy>>,
+    pub(crate) policy: InForce,
     pub(crate) handshake_timeout: Duration,
     /// Incoming QUIC handshakes in progress (see `limits.handshakes`).
     pub(crate) handshaking: AtomicU32,
@@ -115,10 +115,15 @@ impl Shared {
 
     /// The policy in force now.
     pub(crate) fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.policy.get()
+    }
+
+    /// What a forwarding listener's failed accepts need of the node.
+    pub(crate) fn accept_limits(&self) -> accept::NodeLimits<'_> {
+        accept::NodeLimits {
+            metrics: &self.metrics,
+            policy: &self.policy,
+        }
     }
 
     /// Shard `index`'s counters (shard 0's if there is no such shard).

@@ -1,13 +1,13 @@
-//! Forward listeners: local TCP connections in, QUIC streams to a peer out.
+//! The opener side: local TCP connections in, QUIC streams to a peer out.
+//! The `[[forward]]` listeners accept here; overlay mode's transparent
+//! listener (overlay.rs) hands its connections to the same [`forward_one`].
 //!
 //! Each shard has its own listener for every forward (one `SO_REUSEPORT`
 //! group), so a local connection is accepted on the thread that carries
 //! it. The accept loop only accepts and dispatches; everything that can
 //! wait on the network (picking a connection, opening the stream, the
 //! peer's status) happens in the connection's own task, on the same shard
-//! as the QUIC connection that carries it. Overlay mode's transparent
-//! listener (overlay.rs) carries its connections with the same
-//! [`forward_one`].
+//! as the QUIC connection that carries it.
 //!
 //! A reload may add a forward (its listeners are bound and their loops
 //! spawned), remove one (its loops stop and the listeners close; the
@@ -28,7 +28,7 @@ use crate::accept;
 use crate::metrics::{Direction, RefusalReason};
 use crate::peer::PeerLinks;
 use crate::shared::Shared;
-use crate::splice::{self, Downlink, Outbound};
+use crate::splice::{self, FromPeer, Outbound};
 
 /// How long a new local connection may wait for a peer connection whose
 /// handshake is under way (at start-up, or right after a peer restart).
@@ -108,7 +108,10 @@ pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
         forward.listener,
         accept::DEFAULT_MAX_PAUSE,
     );
-    while let Some((tcp, client)) = accepting.next(&forward.stop, Some(&shared)).await {
+    while let Some((tcp, client)) = accepting
+        .next(&forward.stop, Some(shared.accept_limits()))
+        .await
+    {
         let route = forward.target.get();
         let span = tracing::debug_span!(
             "forward",
@@ -194,19 +197,19 @@ async fn carry(
     async {
         // The preamble goes out now and the client's bytes right behind it:
         // no round trip is spent waiting for the peer's status.
-        let downlink = Downlink::AwaitStatus;
+        let from_peer = FromPeer::AwaitStatus;
         match splice::carry(
             &mut tcp,
             &mut send,
             &mut recv,
             preamble,
-            downlink,
+            from_peer,
             stats,
             shared.splice_context(),
         )
         .await
         {
-            Ok(totals) => debug!(sent = totals.uplink, received = totals.downlink, "closed"),
+            Ok(totals) => debug!(sent = totals.sent, received = totals.received, "closed"),
             Err((splice::Failure::Refused(status), _)) => {
                 let verdict = stats.refused(Direction::outgoing, status.code.into());
                 log_refusal!(verdict, code = status.code.as_str(), detail = %status.detail, "stream refused by the peer; local connection reset");
@@ -216,7 +219,7 @@ async fn carry(
                     let verdict = stats.refused(Direction::outgoing, RefusalReason::from(limit));
                     log_refusal!(verdict, %failure, "stream reset at the peer's limit; local connection reset");
                 }
-                None => debug!(%failure, sent = totals.uplink, received = totals.downlink, "reset"),
+                None => debug!(%failure, sent = totals.sent, received = totals.received, "reset"),
             },
         }
     }

@@ -23,7 +23,7 @@ use crate::metrics::{
 };
 use crate::policy::Policy;
 use crate::shared::{Handshaking, Shared};
-use crate::splice::{self, Downlink, Outbound};
+use crate::splice::{self, FromPeer, Outbound};
 
 /// Accepts incoming QUIC connections until the endpoint closes. While the
 /// node drains, new connections are refused at once (the dialer sees a
@@ -466,21 +466,21 @@ async fn answer_stream(
         // Answered from here on: the stream no longer counts as pending.
         drop(pending);
 
-        let downlink = Downlink::Ready(payload);
+        let from_peer = FromPeer::Ready(payload);
         match splice::carry(
             &mut tcp,
             &mut send,
             &mut recv,
             Bytes::from_static(OK_STATUS),
-            downlink,
+            from_peer,
             stats,
             shared.splice_context(),
         )
         .await
         {
-            Ok(totals) => debug!(received = totals.downlink, sent = totals.uplink, "closed"),
+            Ok(totals) => debug!(received = totals.received, sent = totals.sent, "closed"),
             Err((failure, totals)) => {
-                debug!(%failure, received = totals.downlink, sent = totals.uplink, "reset")
+                debug!(%failure, received = totals.received, sent = totals.sent, "reset")
             }
         }
     }
