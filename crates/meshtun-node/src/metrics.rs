@@ -59,6 +59,14 @@ struct CutLabels {
     reason: &'static str,
 }
 
+/// A closed set of label values, as [`label_values!`] makes them.
+pub(crate) trait LabelValue: Copy + 'static {
+    /// Every value, in the order `/status` lists them.
+    fn all() -> &'static [Self];
+    /// The label value.
+    fn label(self) -> &'static str;
+}
+
 /// A closed set of label values: the enum, its one list (`ALL`), and each
 /// value's label. `/metrics` and `/status` both read `ALL`, so a reason
 /// counted is a reason shown.
@@ -79,6 +87,16 @@ macro_rules! label_values {
                 match self {
                     $($name::$variant => $label,)+
                 }
+            }
+        }
+
+        impl LabelValue for $name {
+            fn all() -> &'static [Self] {
+                Self::ALL
+            }
+
+            fn label(self) -> &'static str {
+                self.as_str()
             }
         }
     };
@@ -502,13 +520,7 @@ impl Metrics {
 
     /// Failed incoming handshakes by reason (only reasons seen).
     pub(crate) fn incoming_handshakes_failed(&self) -> BTreeMap<&'static str, u64> {
-        count_reasons(
-            &self.peer.handshakes_failed,
-            "",
-            Direction::incoming,
-            HandshakeReason::ALL,
-            HandshakeReason::as_str,
-        )
+        count_reasons::<HandshakeReason>(&self.peer.handshakes_failed, "", Direction::incoming)
     }
 
     /// Counts a hit of the limit named by its config key (`limit`), and
@@ -602,23 +614,23 @@ impl Metrics {
     }
 }
 
-fn count_reasons<R: Copy>(
+/// The counts of `family` for `peer` and `direction` by every reason of
+/// `R`, leaving out those never counted.
+fn count_reasons<R: LabelValue>(
     family: &Family<ReasonLabels, Counter>,
     peer: &str,
     direction: Direction,
-    reasons: &[R],
-    label: fn(R) -> &'static str,
 ) -> BTreeMap<&'static str, u64> {
-    reasons
+    R::all()
         .iter()
         .filter_map(|&reason| {
             let labels = ReasonLabels {
                 peer: peer.to_owned(),
                 direction,
-                reason: label(reason),
+                reason: reason.label(),
             };
             let count = family.get(&labels).map_or(0, |counter| counter.get());
-            (count > 0).then_some((label(reason), count))
+            (count > 0).then_some((reason.label(), count))
         })
         .collect()
 }
@@ -745,15 +757,8 @@ impl PeerStats {
     }
 
     pub(crate) fn counts(&self) -> PeerCounts {
-        let refused = |direction| {
-            count_reasons(
-                &self.refused,
-                &self.name,
-                direction,
-                RefusalReason::ALL,
-                RefusalReason::as_str,
-            )
-        };
+        let refused =
+            |direction| count_reasons::<RefusalReason>(&self.refused, &self.name, direction);
         PeerCounts {
             sent: self.sent.get(),
             received: self.received.get(),
@@ -761,12 +766,10 @@ impl PeerStats {
             open: [self.open[0].get(), self.open[1].get()],
             reconnects: self.reconnects.get(),
             refused: [refused(Direction::outgoing), refused(Direction::incoming)],
-            handshakes_failed: count_reasons(
+            handshakes_failed: count_reasons::<HandshakeReason>(
                 &self.handshakes_failed,
                 &self.name,
                 Direction::outgoing,
-                HandshakeReason::ALL,
-                HandshakeReason::as_str,
             ),
             cut: CutReason::ALL
                 .iter()
