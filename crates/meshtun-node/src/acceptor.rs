@@ -225,7 +225,7 @@ async fn serve_peer(connection: Connection, identity: NodeName, shard: usize, sh
             shard,
             shared.clone(),
         );
-        shared.streams.spawn(task.instrument(span));
+        shared.carrier.streams.spawn(task.instrument(span));
     }
 }
 
@@ -388,11 +388,11 @@ async fn serve_stream(
     shard: usize,
     shared: Arc<Shared>,
 ) {
-    let _counted = shared.shard(shard).streams.opened();
+    let _counted = shared.carrier.shard(shard).streams.opened();
     let send = Outbound::new(send);
     tokio::select! {
         () = answer_stream(send, recv, identity, &stream, pending, &policy, &shared) => {}
-        () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
+        () = shared.carrier.abort.cancelled() => debug!("reset by shutdown"),
     }
 }
 
@@ -474,7 +474,7 @@ async fn answer_stream(
             Bytes::from_static(OK_STATUS),
             from_peer,
             stats,
-            shared.splice_context(),
+            shared.carrier.splice_context(),
         )
         .await
         {

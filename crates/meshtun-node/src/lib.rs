@@ -1,10 +1,11 @@
 //! The meshtun daemon's runtime.
 //!
 //! This crate owns everything that does network I/O or spawns tasks: the
-//! shards that carry the data plane ([`shard`]: one thread each, with its
-//! own QUIC endpoint and connections), the warm connections to each peer, a loopback listener per
-//! `[[forward]]`, and the acceptor that maps each incoming stream to an
-//! `[[expose]]` target, and in overlay mode the transparent listener and
+//! shards that carry the data plane (`shard.rs`: one thread each, with its
+//! own QUIC endpoint and connections), the warm connections to each peer
+//! (`peer.rs`), the opener's loopback listener per `[[forward]]`
+//! (`opener.rs`), and the acceptor that maps each incoming stream to an
+//! `[[expose]]` target (`acceptor.rs`), and in overlay mode the transparent listener and
 //! the host set-up behind it ([`overlay`]). It takes a validated [`meshtun_config::Config`] and
 //! loaded certificates; it must not parse configuration or read key files
 //! itself, and it never decides policy outside what the config says.
@@ -13,8 +14,10 @@
 //! behind `meshtun pki serve` and the client call of `meshtun join`, which
 //! run outside any [`Node`].
 //!
-//! Every task it spawns is owned by a [`TaskTracker`] and stops through a
-//! [`CancellationToken`]: [`Node::shutdown`] stops accepting, lets open
+//! Every task it spawns is owned by a
+//! [`TaskTracker`](tokio_util::task::TaskTracker) and stops through a
+//! [`CancellationToken`](tokio_util::sync::CancellationToken):
+//! [`Node::shutdown`] stops accepting, lets open
 //! streams drain for a grace period, resets what is left and closes QUIC with
 //! a code.
 
@@ -43,6 +46,7 @@ macro_rules! log_limit {
 mod accept;
 mod acceptor;
 mod admin;
+mod carrier;
 mod cid;
 mod endpoint;
 pub mod enroll;

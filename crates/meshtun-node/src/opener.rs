@@ -25,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
 use crate::accept;
+use crate::carrier::Carrier;
 use crate::metrics::{Direction, RefusalReason};
 use crate::peer::PeerLinks;
-use crate::shared::Shared;
 use crate::splice::{self, FromPeer, Outbound};
 
 /// How long a new local connection may wait for a peer connection whose
@@ -101,7 +101,7 @@ pub(crate) struct Forward {
 /// Accepts local connections until the forward stops. Runs on the
 /// forward's shard, where each connection's task runs too. The listener
 /// closes when the loop ends, which resets clients still in its queue.
-pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
+pub(crate) async fn accept_loop(forward: Forward, carrier: Arc<Carrier>) {
     // The forward's port is fixed (configuration refuses port 0).
     let mut accepting = accept::Accepting::fixed_port(
         format!("forward {}", forward.local),
@@ -109,7 +109,7 @@ pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
         accept::DEFAULT_MAX_PAUSE,
     );
     while let Some((tcp, client)) = accepting
-        .next(&forward.stop, Some(shared.accept_limits()))
+        .next(&forward.stop, Some(carrier.accept_limits()))
         .await
     {
         let route = forward.target.get();
@@ -126,9 +126,9 @@ pub(crate) async fn accept_loop(forward: Forward, shared: Arc<Shared>) {
             route.peer.clone(),
             route.preamble.clone(),
             forward.shard,
-            shared.clone(),
+            carrier.clone(),
         );
-        shared.streams.spawn(task.instrument(span));
+        carrier.streams.spawn(task.instrument(span));
     }
 }
 
@@ -140,7 +140,7 @@ pub(crate) fn encode_preamble(preamble: &Preamble) -> Bytes {
 }
 
 /// Carries one local TCP connection over one QUIC stream, on `shard`. The
-/// node's `abort_streams` token cancels it at any point; the socket is
+/// carrier's `abort` token cancels it at any point; the socket is
 /// armed to reset on close from the start, so cancellation or any early
 /// return resets the client rather than closing it cleanly.
 pub(crate) async fn forward_one(
@@ -148,16 +148,16 @@ pub(crate) async fn forward_one(
     peer: Arc<PeerLinks>,
     preamble: Bytes,
     shard: usize,
-    shared: Arc<Shared>,
+    carrier: Arc<Carrier>,
 ) {
     splice::reset_on_close(&tcp);
-    let _counted = shared.shard(shard).streams.opened();
+    let _counted = carrier.shard(shard).streams.opened();
     if let Err(error) = tcp.set_nodelay(true) {
         debug!(%error, "cannot set TCP_NODELAY");
     }
     tokio::select! {
-        () = carry(tcp, peer, preamble, shard, &shared) => {}
-        () = shared.abort_streams.cancelled() => debug!("reset by shutdown"),
+        () = carry(tcp, peer, preamble, shard, &carrier) => {}
+        () = carrier.abort.cancelled() => debug!("reset by shutdown"),
     }
 }
 
@@ -166,7 +166,7 @@ async fn carry(
     peer: Arc<PeerLinks>,
     preamble: Bytes,
     shard: usize,
-    shared: &Shared,
+    carrier: &Carrier,
 ) {
     let stream = peer.stats().stream(Direction::outgoing);
     let stats = stream.stats();
@@ -205,7 +205,7 @@ async fn carry(
             preamble,
             from_peer,
             stats,
-            shared.splice_context(),
+            carrier.splice_context(),
         )
         .await
         {

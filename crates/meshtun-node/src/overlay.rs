@@ -49,12 +49,14 @@ use std::time::{Duration, Instant};
 use meshtun_config::{Config, Guard, Overlay, Peer};
 use meshtun_proto::Preamble;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::accept;
+use crate::carrier::Carrier;
+use crate::metrics::Metrics;
 use crate::opener;
 use crate::peer::PeerLinks;
-use crate::shared::Shared;
 use crate::splice;
 use crate::throttle::Throttle;
 
@@ -368,7 +370,7 @@ const GUARD_POLL: Duration = Duration::from_secs(10);
 /// figure stays absent. A counter that is missing (the table was never
 /// loaded, or was loaded with the guard off) is warned about once per
 /// episode: the overlay then has no guard, whatever the config says.
-pub(crate) async fn watch_guard(shared: Arc<Shared>) {
+pub(crate) async fn watch_guard(metrics: Arc<Metrics>, closing: CancellationToken) {
     let mut missing = false;
     loop {
         let read = tokio::task::spawn_blocking(bypass_dropped).await;
@@ -378,16 +380,16 @@ pub(crate) async fn watch_guard(shared: Arc<Shared>) {
                     info!("the overlay guard is in place again");
                 }
                 missing = false;
-                shared.metrics.set_overlay_bypass_dropped(packets);
+                metrics.set_overlay_bypass_dropped(packets);
             }
             Ok(Err(error)) if error.needs_privilege() => {
-                shared.metrics.forget_overlay_bypass_dropped();
+                metrics.forget_overlay_bypass_dropped();
                 info!(%error, "cannot read the guard's counter without CAP_NET_ADMIN; meshtun_overlay_bypass_dropped_total is not exported (as root: nft list counter inet {TABLE} {BYPASS_COUNTER})");
                 return;
             }
             Ok(Err(error)) => {
                 // A figure that cannot be read now is not shown as current.
-                shared.metrics.forget_overlay_bypass_dropped();
+                metrics.forget_overlay_bypass_dropped();
                 if !missing {
                     if error.is_missing() {
                         warn!(%error, "meshtun's guard is not in place: packets for this node's overlay address or its [guard] ports from off the node are not dropped; run `meshtun overlay up -c FILE` as root (or set overlay.manage = true)");
@@ -402,7 +404,7 @@ pub(crate) async fn watch_guard(shared: Arc<Shared>) {
         }
         tokio::select! {
             () = tokio::time::sleep(GUARD_POLL) => {}
-            () = shared.closing.cancelled() => return,
+            () = closing.cancelled() => return,
         }
     }
 }
@@ -553,7 +555,8 @@ pub(crate) async fn accept_loop(
     local: SocketAddr,
     shard: usize,
     routes: Arc<Routes>,
-    shared: Arc<Shared>,
+    carrier: Arc<Carrier>,
+    stop: CancellationToken,
 ) {
     // The overlay listener's port is fixed (port 0 is refused at start).
     let mut accepting = accept::Accepting::fixed_port(
@@ -561,20 +564,22 @@ pub(crate) async fn accept_loop(
         listener,
         accept::DEFAULT_MAX_PAUSE,
     );
-    while let Some((tcp, client)) = accepting
-        .next(&shared.stop_accepting, Some(shared.accept_limits()))
-        .await
-    {
+    while let Some((tcp, client)) = accepting.next(&stop, Some(carrier.accept_limits())).await {
         let span = tracing::debug_span!("overlay", shard, %client);
-        let task = carry_redirected(tcp, routes.clone(), shard, shared.clone());
-        shared.streams.spawn(task.instrument(span));
+        let task = carry_redirected(tcp, routes.clone(), shard, carrier.clone());
+        carrier.streams.spawn(task.instrument(span));
     }
 }
 
 /// Finds where a redirected connection was going and carries it to the
 /// peer that owns that address, asking for the same port there. Runs on
 /// `shard`. The socket is armed to reset on close before anything else.
-async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shard: usize, shared: Arc<Shared>) {
+async fn carry_redirected(
+    tcp: TcpStream,
+    routes: Arc<Routes>,
+    shard: usize,
+    carrier: Arc<Carrier>,
+) {
     splice::reset_on_close(&tcp);
     let destination = match original_destination(&tcp) {
         Ok(destination) => destination,
@@ -594,7 +599,7 @@ async fn carry_redirected(tcp: TcpStream, routes: Arc<Routes>, shard: usize, sha
     };
     let span = tracing::debug_span!("route", %destination, peer = %peer.name());
     let preamble = opener::encode_preamble(&Preamble::overlay_port(destination.port()));
-    opener::forward_one(tcp, peer, preamble, shard, shared)
+    opener::forward_one(tcp, peer, preamble, shard, carrier)
         .instrument(span)
         .await;
 }

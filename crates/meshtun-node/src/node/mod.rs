@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::carrier::Carrier;
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::peer::DialTiming;
@@ -147,24 +148,31 @@ impl Node {
         // the bound listener (its real port, even when configured as 0).
         set_up_host(&config, transparent.as_ref()).await?;
 
-        let shared = Arc::new(Shared {
-            node: config.node.clone(),
-            trust: trust_state,
-            policy: InForce::new(Policy::from_config(&config)),
-            handshake_timeout: quic.handshake_timeout,
-            handshaking: AtomicU32::new(0),
-            max_streams_per_peer: quic.max_streams_per_peer,
+        let metrics = Arc::new(metrics);
+        let policy = Arc::new(InForce::new(Policy::from_config(&config)));
+        let carrier = Arc::new(Carrier {
+            streams: TaskTracker::new(),
+            abort: CancellationToken::new(),
             buffers: splice::Buffers::new(
                 config.limits.buffer_memory,
                 metrics.buffer_bytes.clone(),
             ),
+            shards,
+            metrics: metrics.clone(),
+            policy: policy.clone(),
+        });
+        let shared = Arc::new(Shared {
+            node: config.node.clone(),
+            trust: trust_state,
+            policy,
+            handshake_timeout: quic.handshake_timeout,
+            handshaking: AtomicU32::new(0),
+            max_streams_per_peer: quic.max_streams_per_peer,
             stop_accepting,
-            abort_streams: CancellationToken::new(),
             closing: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            streams: TaskTracker::new(),
+            carrier,
             incoming: Mutex::new(BTreeMap::new()),
-            shards,
             peers: RwLock::new(PeerMap {
                 configured: peers,
                 departing: Vec::new(),
@@ -314,7 +322,7 @@ impl Node {
             return Err(format!("{} has stopped", stopped.name));
         }
         drop(loops);
-        for shard in &self.shared.shards {
+        for shard in &self.shared.carrier.shards {
             if let Some(silent) = shard.stalled(self.shared.started) {
                 return Err(format!(
                     "shard {} has not run for {:.1} s",
@@ -356,23 +364,23 @@ impl Node {
         };
         let shared = &self.shared;
         shared.stop_accepting.cancel();
-        shared.streams.close();
-        let open = shared.streams.len();
+        shared.carrier.streams.close();
+        let open = shared.carrier.streams.len();
         if open > 0 {
             info!(open, ?grace, "draining open streams");
         }
-        if tokio::time::timeout(grace, shared.streams.wait())
+        if tokio::time::timeout(grace, shared.carrier.streams.wait())
             .await
             .is_err()
         {
             warn!(
-                open = shared.streams.len(),
+                open = shared.carrier.streams.len(),
                 "drain period over; resetting open streams"
             );
-            shared.abort_streams.cancel();
+            shared.carrier.abort.cancel();
             // Cancelled stream tasks end at their next poll; the bound only
             // guards against a peer that keeps opening streams meanwhile.
-            let _ = tokio::time::timeout(ABORT_WAIT, shared.streams.wait()).await;
+            let _ = tokio::time::timeout(ABORT_WAIT, shared.carrier.streams.wait()).await;
         }
         let code = ConnectionCode::Shutdown;
         for endpoint in &self.endpoints {

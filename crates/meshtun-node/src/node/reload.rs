@@ -68,7 +68,7 @@ impl Node {
     /// Streams already open keep going under the rules they were admitted
     /// by. Peers and forwards follow the new config: a peer added is
     /// dialled, one removed stops being dialled and its connections close
-    /// ([`ConnectionCode::Removed`]) once their streams end, one with a new
+    /// ([`ConnectionCode::Removed`](meshtun_proto::ConnectionCode::Removed)) once their streams end, one with a new
     /// address is re-dialled there; a forward added listens, one removed
     /// stops accepting (its connections carry on), one with a new peer or
     /// service sends new connections there.
@@ -174,6 +174,7 @@ impl Node {
     ) -> Result<Vec<(ForwardConfig, Vec<TcpListener>, SocketAddr)>, NodeError> {
         let handles: Vec<_> = self
             .shared
+            .carrier
             .shards
             .iter()
             .map(|shard| shard.handle.clone())
@@ -231,7 +232,7 @@ impl Node {
                 None => {
                     let links = peer_links(
                         peer,
-                        self.shared.shards.len(),
+                        self.shared.carrier.shards.len(),
                         connections,
                         tls,
                         &self.shared.metrics,

@@ -50,7 +50,7 @@ pub(super) fn spawn_dialers(
     timing: DialTiming,
     connections: usize,
 ) {
-    for (shard, dialer) in shared.shards.iter().zip(dialers) {
+    for (shard, dialer) in shared.carrier.shards.iter().zip(dialers) {
         for index in 0..connections {
             let span = tracing::info_span!("peer", peer = %links.name(), shard = shard.index);
             let task = links
@@ -72,7 +72,7 @@ pub(super) fn spawn_forward(
     info!(listen = %running.local, peer = %route.peer.name(), service = %route.service, "forwarding");
     let mut loops = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
-        let shard = shared.shard(index);
+        let shard = shared.carrier.shard(index);
         let task = opener::accept_loop(
             opener::Forward {
                 listener,
@@ -81,7 +81,7 @@ pub(super) fn spawn_forward(
                 target: running.target.clone(),
                 stop: running.stop.clone(),
             },
-            shared.clone(),
+            shared.carrier.clone(),
         );
         loops.push(AcceptLoop {
             name: format!(
@@ -304,16 +304,22 @@ pub(super) fn spawn_shards(
     for links in shared.peers().values() {
         spawn_dialers(shared, links, dialers, timing, connections);
     }
-    for index in 0..shared.shards.len() {
+    for index in 0..shared.carrier.shards.len() {
         let shard = shared.clone();
         let closing = shared.closing.clone();
         let beat = async move {
-            shard.shard(index).heartbeat(shard.started, closing).await;
+            shard
+                .carrier
+                .shard(index)
+                .heartbeat(shard.started, closing)
+                .await;
         };
-        shared.tasks.spawn_on(beat, &shared.shard(index).handle);
+        shared
+            .tasks
+            .spawn_on(beat, &shared.carrier.shard(index).handle);
     }
     let mut loops = Vec::new();
-    for (shard, listener) in shared.shards.iter().zip(listeners) {
+    for (shard, listener) in shared.carrier.shards.iter().zip(listeners) {
         let span = tracing::info_span!("shard", shard = shard.index);
         let accept = acceptor::accept_loop(listener.clone(), shard.index, shared.clone());
         loops.push(AcceptLoop::new(
@@ -335,13 +341,14 @@ pub(super) fn spawn_transparent(
     let local = transparent.local;
     info!(listen = %local, "overlay transparent listener");
     for (index, listener) in transparent.listeners.into_iter().enumerate() {
-        let shard = shared.shard(index);
+        let shard = shared.carrier.shard(index);
         let task = overlay::accept_loop(
             listener,
             local,
             index,
             transparent.routes.clone(),
-            shared.clone(),
+            shared.carrier.clone(),
+            shared.stop_accepting.clone(),
         );
         loops.push(AcceptLoop::new(
             format!("overlay transparent listener {local} of shard {index}"),

@@ -82,7 +82,7 @@ pub(super) async fn sweep_expired(shared: Arc<Shared>) {
 pub(super) fn spawn_watchers(shared: &Arc<Shared>, config: &Config) {
     shared.tasks.spawn(sweep_expired(shared.clone()));
     if overlay::HostSetup::of(config).is_some_and(|setup| setup.guards()) {
-        let watch = overlay::watch_guard(shared.clone());
+        let watch = overlay::watch_guard(shared.metrics.clone(), shared.closing.clone());
         shared.tasks.spawn(watch);
     }
     if let Some(overlay) = &config.overlay {

@@ -1,4 +1,9 @@
-//! The state the node's tasks share.
+//! The state the node's tasks share. Held whole only by the node (node/),
+//! its report (`report.rs`, which the admin endpoint serves) and the
+//! acceptor, which admits connections against the node's trust, policy,
+//! handshake count and per-peer connections. The stream tasks hold the
+//! narrower [`Carrier`]; the forwarding listeners' accepts hold
+//! [`NodeLimits`](crate::accept::NodeLimits).
 
 mod report;
 
@@ -15,46 +20,41 @@ use quinn::Connection;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::carrier::Carrier;
 use crate::metrics::Metrics;
 use crate::peer::PeerLinks;
 use crate::policy::{InForce, Policy, TrustState};
 use crate::status::{
     CertificateStatus, ExposeStatus, ForwardStatus, GuardStatus, OverlayStatus, RenewalStatus,
 };
-use crate::{accept, shard, splice};
 
 /// State shared by the node's tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) node: NodeName,
     pub(crate) trust: TrustState,
-    pub(crate) policy: InForce,
+    pub(crate) policy: Arc<InForce>,
     pub(crate) handshake_timeout: Duration,
     /// Incoming QUIC handshakes in progress (see `limits.handshakes`).
     pub(crate) handshaking: AtomicU32,
     /// `quic.max_streams_per_peer`: each connection's QUIC stream credit,
     /// and the cap over all of one peer's connections.
     pub(crate) max_streams_per_peer: u32,
-    /// The budget of TCP read buffers (`limits.buffer_memory`).
-    pub(crate) buffers: splice::Buffers,
     /// Fires when the node stops taking new work (SIGTERM).
     pub(crate) stop_accepting: CancellationToken,
-    /// Fires when the drain period is over: open streams are reset.
-    pub(crate) abort_streams: CancellationToken,
     /// Fires last, when the endpoint closes: the admin endpoint stops.
     pub(crate) closing: CancellationToken,
     /// Accept loops, dialers and connection tasks.
     pub(crate) tasks: TaskTracker,
-    /// One task per forwarded stream, on either side.
-    pub(crate) streams: TaskTracker,
+    /// What the stream tasks hold: their tracker, the drain signal, the
+    /// buffer budget, the shards, the metrics and the policy.
+    pub(crate) carrier: Arc<Carrier>,
     /// Connections peers dialled to this node, by verified identity, with
     /// the shard that accepted each.
     pub(crate) incoming: Mutex<BTreeMap<NodeName, Vec<(usize, Connection)>>>,
-    /// The data-plane shards, in order; never empty.
-    pub(crate) shards: Vec<shard::Shard>,
     /// The peers this node dials; a reload may add and remove them.
     pub(crate) peers: RwLock<PeerMap>,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     /// What `/status` reports that is fixed between reloads.
     pub(crate) facts: Mutex<Facts>,
     pub(crate) started: Instant,
@@ -118,19 +118,6 @@ impl Shared {
         self.policy.get()
     }
 
-    /// What a forwarding listener's failed accepts need of the node.
-    pub(crate) fn accept_limits(&self) -> accept::NodeLimits<'_> {
-        accept::NodeLimits {
-            metrics: &self.metrics,
-            policy: &self.policy,
-        }
-    }
-
-    /// Shard `index`'s counters (shard 0's if there is no such shard).
-    pub(crate) fn shard(&self, index: usize) -> &shard::Shard {
-        self.shards.get(index).unwrap_or(&self.shards[0])
-    }
-
     /// Records an incoming connection from `peer`, accepted on `shard`,
     /// until the guard drops, unless `peer` already has `limit` connections
     /// here: then `Err` with that count, and nothing is recorded.
@@ -167,15 +154,6 @@ impl Shared {
             },
             before,
         )
-    }
-
-    /// What a spliced stream needs of the node.
-    pub(crate) fn splice_context(&self) -> splice::Context<'_> {
-        splice::Context {
-            cancel: &self.abort_streams,
-            buffers: &self.buffers,
-            metrics: &self.metrics,
-        }
     }
 
     /// Incoming handshakes in progress now.

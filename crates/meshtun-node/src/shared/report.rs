@@ -20,7 +20,7 @@ impl Shared {
     /// each shard's (outgoing, incoming) connection count.
     fn refresh_live(&self, for_status: bool) -> (BTreeMap<NodeName, Live>, Vec<(usize, usize)>) {
         let mut live: BTreeMap<NodeName, Live> = BTreeMap::new();
-        let mut per_shard = vec![(0, 0); self.shards.len()];
+        let mut per_shard = vec![(0, 0); self.carrier.shards.len()];
         for links in self.all_peers() {
             let entry = live.entry(links.name().clone()).or_default();
             for (shard, connection) in links.live_connections() {
@@ -131,6 +131,7 @@ impl Shared {
             worker_threads: tokio::runtime::Handle::try_current()
                 .map_or(0, |runtime| runtime.metrics().num_workers()),
             shards: self
+                .carrier
                 .shards
                 .iter()
                 .zip(per_shard)
