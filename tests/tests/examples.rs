@@ -130,11 +130,6 @@ fn every_example_config_parses_and_each_recipe_is_consistent() {
         examples_dir().display(),
         files.iter().map(|file| shown(file)).collect::<Vec<_>>()
     );
-    println!(
-        "checked {} config(s) in {} recipe(s)",
-        files.len(),
-        recipes.len()
-    );
 }
 
 /// The cross-node checks of one recipe directory: node names are unique;
@@ -359,7 +354,6 @@ fn meshtun_check_accepts_every_example_config() {
         failures.join("\n")
     );
     assert!(files.len() >= MIN_CONFIGS, "only {} config(s)", files.len());
-    println!("meshtun check accepted {} config(s)", files.len());
 }
 
 /// A fresh directory under the system's temp dir, unique to this process.

@@ -10,7 +10,7 @@ mod lab_support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lab_support::{
     require_netns_and_pyzmq, require_tool, start_recipe_node, wait_listening, Process,
@@ -104,16 +104,6 @@ fn iperf3_runs_through_the_tunnel() {
         .and_then(|tail| tail.find("\"sum_received\""))
         .map(|at| end + at)
         .and_then(|at| json_number_after(&json, at, "bits_per_second"));
-    let sent_bytes = json
-        .get(end..)
-        .and_then(|tail| tail.find("\"sum_received\""))
-        .map(|at| end + at)
-        .and_then(|at| json_number_after(&json, at, "bytes"));
-    println!(
-        "FIGURE iperf3: {:.2} Gbit/s received ({:.0} MiB in 3 s)",
-        received.unwrap_or(0.0) / 1e9,
-        sent_bytes.unwrap_or(0.0) / 1024.0 / 1024.0
-    );
     assert!(
         received.is_some_and(|bits| bits > 0.0),
         "iperf3 measured a rate\n{}",
@@ -158,17 +148,14 @@ fn zmq_router_dealer_handshake_runs_through_the_tunnel() {
         .arg("client")
         .args(arguments)
         .args(["--timeout", "30"]);
-    let started = Instant::now();
     let (client_status, client_out, client_err) =
         Process::spawn(client).finish(Duration::from_secs(45));
-    let took = started.elapsed();
     let (server_status, server_out, server_err) = server.finish(Duration::from_secs(15));
     let logs = format!(
         "--- client ---\n{client_out}{client_err}\n--- server ---\n{server_out}{server_err}\n--- A ---\n{}\n--- B ---\n{}",
         daemon_a.log_since_start(),
         daemon_b.log_since_start()
     );
-    println!("FIGURE zmq: {} in {took:.2?}", client_out.trim());
     assert!(
         client_status.is_some_and(|status| status.success()),
         "DEALER side failed ({client_status:?})\n{logs}"
@@ -334,5 +321,4 @@ fn the_vllm_two_node_recipe_runs_as_written_behind_the_nftables_guard() {
     ] {
         assert!(text.contains(expected), "{expected:?} missing:\n{text}");
     }
-    println!("FIGURE recipe vllm-dp-2node: {}", client_out.trim());
 }

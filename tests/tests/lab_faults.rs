@@ -1,7 +1,7 @@
 //! Faults on a real wire (issue 3, evidence 4): a peer killed mid-transfer
 //! and restarted, a link cut for 5 s, a peer missing at start-up, and junk
 //! UDP at a node's QUIC port during a bulk transfer. Each case runs real
-//! `meshtun run` daemons in lab namespaces and prints the figure it measured.
+//! `meshtun run` daemons in lab namespaces.
 
 // A panic in test code is a failed test, which is what an unwrap here means.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -175,10 +175,6 @@ fn ending(op: &'static str, result: io::Result<usize>) -> Option<Outcome> {
     }
 }
 
-fn mbit_per_second(size: u64, took: Duration) -> f64 {
-    size as f64 * 8.0 / took.as_secs_f64() / 1e6
-}
-
 /// What a client saw after its peer died.
 #[derive(Debug)]
 enum Outcome {
@@ -258,7 +254,6 @@ fn killed_peer_resets_clients_and_restarted_peer_serves_at_once() {
         }
     }
     let reset_after = killed.elapsed();
-    println!("FIGURE kill -9: client outcome: {outcome} after {reset_after:.2?}");
     assert!(
         matches!(outcome, Outcome::Reset(_)),
         "A's client must see a reset after B's death, saw {outcome} after {reset_after:?}\n--- A ---\n{}",
@@ -272,7 +267,6 @@ fn killed_peer_resets_clients_and_restarted_peer_serves_at_once() {
     // B comes back: new connections through A work at once.
     let _daemon_b = lab.start(1, &config_b).unwrap();
     let recovered = first_round_trip(a, to_echo, Duration::from_secs(20));
-    println!("FIGURE restart: first echo through A {recovered:.2?} after B's start returned");
     let log_a = daemon_a.log_since_start();
     let recovered =
         recovered.unwrap_or_else(|| panic!("no echo through A 20 s after B's restart\n{log_a}"));
@@ -345,7 +339,6 @@ fn link_down_for_five_seconds_keeps_connection_and_stream() {
     let receiver = thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(40);
         let mut received = Vec::new();
-        let mut arrivals = Vec::new();
         let mut buffer = [0u8; 4096];
         let mut failure = None;
         while received.len() < MESSAGES * size && Instant::now() < deadline {
@@ -354,10 +347,7 @@ fn link_down_for_five_seconds_keeps_connection_and_stream() {
                     failure = Some("clean EOF".to_owned());
                     break;
                 }
-                Ok(read) => {
-                    received.extend_from_slice(&buffer[..read]);
-                    arrivals.push(Instant::now());
-                }
+                Ok(read) => received.extend_from_slice(&buffer[..read]),
                 Err(error) if is_timeout(&error) => {}
                 Err(error) => {
                     failure = Some(format!("{:?}: {error}", error.kind()));
@@ -365,33 +355,16 @@ fn link_down_for_five_seconds_keeps_connection_and_stream() {
                 }
             }
         }
-        (received, arrivals, failure)
+        (received, failure)
     });
 
     thread::sleep(Duration::from_millis(1_500));
     b.set_link(false).unwrap();
-    let down = Instant::now();
     thread::sleep(Duration::from_secs(5));
     b.set_link(true).unwrap();
-    let up = Instant::now();
 
     let sent = sender.join().unwrap();
-    let (received, arrivals, failure) = receiver.join().unwrap();
-    let resumed = arrivals
-        .iter()
-        .find(|at| **at > up)
-        .map(|at| at.duration_since(up));
-    let longest_gap = arrivals
-        .windows(2)
-        .map(|pair| pair[1].duration_since(pair[0]))
-        .max()
-        .unwrap_or_default();
-    println!(
-        "FIGURE link down {:.2?}: {} of {} bytes echoed, first echo {resumed:.2?} after link up, longest gap {longest_gap:.2?}, failure {failure:?}",
-        up.duration_since(down),
-        received.len(),
-        expected.len()
-    );
+    let (received, failure) = receiver.join().unwrap();
     assert!(sent.is_ok(), "sending failed: {sent:?}");
     assert_eq!(failure, None, "the forwarded connection failed");
     assert!(
@@ -478,20 +451,14 @@ fn missing_peer_at_start_does_not_block_others_and_is_joined_later() {
     let started_a = Instant::now();
 
     let served_c = first_round_trip(a, to_c, Duration::from_secs(5));
-    println!("FIGURE missing peer: C served {served_c:.2?} after A's start");
     assert!(
         served_c.is_some_and(|took| took <= Duration::from_secs(2)),
         "A serves C at once while B is missing ({served_c:?})\n--- A ---\n{}",
         daemon_a.log_since_start()
     );
     // B's forward fails fast (a reset, not a hang) while B is missing.
-    let probe = Instant::now();
     let to_missing = round_trip(a, to_b, 0);
-    println!(
-        "FIGURE missing peer: forward to absent B failed in {:.2?} with {to_missing:?}",
-        probe.elapsed()
-    );
-    assert!(to_missing.is_err(), "B is not there yet");
+    assert!(to_missing.is_err(), "B is not there yet: {to_missing:?}");
 
     // Let A's backoff reach its cap, then B appears.
     let absent = Duration::from_secs(6);
@@ -505,7 +472,6 @@ fn missing_peer_at_start_does_not_block_others_and_is_joined_later() {
         )
         .unwrap();
     let joined = first_round_trip(a, to_b, Duration::from_secs(20));
-    println!("FIGURE missing peer: B served {joined:.2?} after B's start returned");
     let log_a = daemon_a.log_since_start();
     let joined = joined.unwrap_or_else(|| panic!("A never connected to B\n{log_a}"));
     assert!(
@@ -590,16 +556,11 @@ fn junk_datagrams_at_quic_port_do_not_hurt_a_transfer() {
     // to three times, and one pair at or above the bar passes.
     let size = 64 * MIB;
     let target = b.quic_addr();
-    let log_before = daemon_b.log_since_start().len();
     let mut ratios = Vec::new();
-    let (mut sent_total, mut answers_total) = (0usize, 0usize);
     for pair in 0..3u64 {
         let clean = bulk(a, to_sink, size);
         // The junk is spread over about as long as the clean transfer took.
         let junk_socket = c.udp(addr("0.0.0.0:0")).unwrap();
-        junk_socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
         let pause = clean / 1_000;
         let seed = (u64::from(std::process::id()) << 20 | 0x9e37) + pair;
         let junk = thread::spawn(move || {
@@ -611,42 +572,22 @@ fn junk_datagrams_at_quic_port_do_not_hurt_a_transfer() {
                 }
                 thread::sleep(pause);
             }
-            // B's answers (version negotiation, stateless resets), if any.
-            let mut answers = 0usize;
-            let mut buffer = [0u8; 2048];
-            for _ in 0..1_000 {
-                if junk_socket.recv_from(&mut buffer).is_err() {
-                    break;
-                }
-                answers += 1;
-            }
-            (sent, answers)
+            sent
         });
         let dirty = bulk(a, to_sink, size);
-        let (sent, answers) = junk.join().unwrap();
-        sent_total += sent;
-        answers_total += answers;
+        let sent = junk.join().unwrap();
         let ratio = clean.as_secs_f64() / dirty.as_secs_f64();
-        println!(
-            "FIGURE junk: {} MiB clean {:.0} Mbit/s ({clean:.2?}), with {sent} junk datagrams {:.0} Mbit/s ({dirty:.2?}), ratio {ratio:.2}; B answered {answers} of them",
-            size / MIB,
-            mbit_per_second(size, clean),
-            mbit_per_second(size, dirty)
-        );
         assert_eq!(sent, 1_000, "every junk datagram left C");
         ratios.push(ratio);
         if ratio >= 0.5 {
             break;
         }
     }
-    println!("FIGURE junk: {sent_total} datagrams sent, {answers_total} answered by B");
     assert!(
         ratios.iter().any(|ratio| *ratio >= 0.5),
         "throughput with junk collapsed (ratios {ratios:.2?} of the clean runs)"
     );
     let log_b = daemon_b.log_since_start();
-    let during = log_b.get(log_before..).unwrap_or_default();
-    println!("FIGURE junk: B logged during the junk:\n{during}--- (end)");
     assert!(daemon_b.is_running(), "B survived the junk");
     assert!(
         first_round_trip(a, to_echo, Duration::from_secs(5)).is_some(),
@@ -660,21 +601,20 @@ fn junk_datagrams_at_quic_port_do_not_hurt_a_transfer() {
     // B says it is being sprayed: one summary line per 10 s interval, at
     // the default log level, not a line per datagram.
     let deadline = Instant::now() + Duration::from_secs(15);
-    let summary = loop {
+    loop {
         let log_b = daemon_b.log_since_start();
-        if let Some(line) = log_b
+        if log_b
             .lines()
-            .find(|line| line.contains("dropped datagrams on the QUIC port"))
+            .any(|line| line.contains("dropped datagrams on the QUIC port"))
         {
-            break line.to_owned();
+            break;
         }
         assert!(
             Instant::now() < deadline,
             "B never logged the junk\n--- B ---\n{log_b}"
         );
         std::thread::sleep(Duration::from_millis(200));
-    };
-    println!("FIGURE junk: B's summary: {summary}");
+    }
     let summaries = daemon_b
         .log_since_start()
         .lines()

@@ -42,7 +42,6 @@ struct Side {
     received_bytes: u64,
     /// Longest wait for a read (from the start, between reads, and for EOF).
     longest_gap: Duration,
-    elapsed: Duration,
 }
 
 /// Sends `LEN` pseudo-random bytes (from `seed`) on `tcp` while reading and
@@ -125,7 +124,6 @@ fn exchange(tcp: TcpStream, seed: u64, deadline: Instant) -> io::Result<Side> {
         received: hash.finalize().into(),
         received_bytes,
         longest_gap,
-        elapsed,
     })
 }
 
@@ -219,15 +217,15 @@ fn status_of_a(lab: &Lab) -> serde_json::Value {
 }
 
 /// What one transfer did, checked by [`Transfer::check`] once the case has
-/// printed its impairment figures.
+/// read its impairment counters.
 struct Transfer {
     case: String,
     /// Client (on A) and service (on B), or why they failed.
     sides: Result<(Side, Side), String>,
 }
 
-/// Runs the 64 MiB-each-way exchange from A's forward to B's service and
-/// prints its figures.
+/// Runs the 64 MiB-each-way exchange from A's forward to B's service. A
+/// failure is printed at once, in case the case fails before its check.
 fn transfer(case: &str, lab: &Lab, daemons: &(Daemon, Daemon)) -> Transfer {
     let (a, b) = (lab.host(0), lab.host(1));
     let listener = b.listen(SERVICE.parse().unwrap()).unwrap();
@@ -241,19 +239,7 @@ fn transfer(case: &str, lab: &Lab, daemons: &(Daemon, Daemon)) -> Transfer {
     let service = service.join().expect("service thread");
     let elapsed = start.elapsed();
     let sides = match (client, service) {
-        (Ok(client), Ok(service)) => {
-            println!(
-                "{case}: {:.0} MiB each way in {:.1} s: A->B {:.1} MiB/s, B->A {:.1} MiB/s; \
-                 longest read gap on A {:?}, on B {:?} (idle timeout {IDLE_TIMEOUT:?})",
-                mib(LEN),
-                elapsed.as_secs_f64(),
-                mib(service.received_bytes) / service.elapsed.as_secs_f64(),
-                mib(client.received_bytes) / client.elapsed.as_secs_f64(),
-                client.longest_gap,
-                service.longest_gap,
-            );
-            Ok((client, service))
-        }
+        (Ok(client), Ok(service)) => Ok((client, service)),
         (client, service) => {
             let failure = format!(
                 "transfer failed after {elapsed:.1?}\nclient (A): {client:?}\nservice (B): {service:?}\n\
@@ -310,16 +296,6 @@ fn wire_case(case: &str, faults: WireFaults) -> Vec<(&'static str, WireCounters,
     for (direction, wire, arrived) in [("A->B", &a_out, &at_b), ("B->A", &b_out, &at_a)] {
         let counters = wire.counters().unwrap();
         let arrived = arrived.count().unwrap().packets;
-        println!(
-            "{case}: {direction}: {} datagrams sent (mean {} B), {} dropped ({:.2}%), \
-             {} duplicated ({:.2}%), {arrived} arrived",
-            counters.seen.packets,
-            counters.seen.mean_size(),
-            counters.dropped.packets,
-            percent(counters.dropped.packets, counters.seen.packets),
-            counters.duplicated.packets,
-            percent(counters.duplicated.packets, counters.seen.packets),
-        );
         directions.push((direction, counters, arrived));
     }
     outcome.check();
@@ -332,10 +308,6 @@ fn wire_case(case: &str, faults: WireFaults) -> Vec<(&'static str, WireCounters,
         );
     }
     directions
-}
-
-fn percent(part: u64, whole: u64) -> f64 {
-    part as f64 * 100.0 / whole.max(1) as f64
 }
 
 /// The switch drops `per_mille` of the datagrams each host sends.
@@ -417,17 +389,6 @@ fn delay_case(case: &str, jitter: Duration) {
     let daemons = start_daemons(&lab, relay.addr(), "[limits]\nshards = 1\n");
     let outcome = transfer(case, &lab, &daemons);
     let paths = [("A->B", relay.to_server()), ("B->A", relay.to_client())];
-    for (direction, stats) in paths {
-        println!(
-            "{case}: {direction}: {} datagrams relayed, held {:.1}..{:.1} ms, \
-             {} sent after a later arrival ({:.1}%)",
-            stats.sent,
-            stats.min_held_micros as f64 / 1000.0,
-            stats.max_held_micros as f64 / 1000.0,
-            stats.reordered,
-            percent(stats.reordered, stats.sent),
-        );
-    }
     outcome.check();
     let low = Duration::from_millis(20) - jitter;
     for (direction, stats) in paths {
@@ -500,7 +461,6 @@ fn rate_limited_link_loses_no_byte() {
     let outcome = transfer(case, &lab, &daemons);
     for host in [a, b] {
         let stats = host.shaping_stats().unwrap();
-        println!("{case}: {} egress: {}", host.name, stats.trim());
         let overlimits = stats
             .split_whitespace()
             .skip_while(|word| *word != "overlimits")
@@ -546,15 +506,6 @@ fn jumbo_frames_carry_every_byte_in_packets_above_8000_bytes() {
         ("A->B", at_b.count().unwrap(), at_b.large().unwrap()),
         ("B->A", at_a.count().unwrap(), at_a.large().unwrap()),
     ];
-    println!(
-        "{case}: path MTU {} bytes of UDP payload; mean datagram {} B A->B, {} B B->A; \
-         bytes in datagrams above {LARGE_PAYLOAD} B: {:.1} % A->B, {:.1} % B->A",
-        peer["path_mtu"],
-        arrived[0].1.mean_size(),
-        arrived[1].1.mean_size(),
-        share(&arrived[0].2, &arrived[0].1) * 100.0,
-        share(&arrived[1].2, &arrived[1].1) * 100.0
-    );
     outcome.check();
     let mtu = peer["path_mtu"].as_u64().unwrap_or(0);
     assert!(

@@ -130,13 +130,6 @@ pub(crate) fn assert_bypass_dropped(head: &Host, outsider: &Host, target: Socket
         "{}: the guard counted nothing: {listed}",
         head.name
     );
-    println!(
-        "FIGURE bypass from {} to {target} via {}: {:?}; {} dropped {packets} packet(s)",
-        outsider.name,
-        head.addr,
-        attempt.map(|_| ()).map_err(|error| error.kind()),
-        head.name
-    );
     packets
 }
 
