@@ -1876,9 +1876,9 @@ impl fmt::Debug for Enrolled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::identity::identity_of;
     use crate::issue::pem_block;
+    use meshtun_test_support::TempDir;
     use rustls::{ClientConnection, ServerConnection};
     use std::os::unix::fs::PermissionsExt;
 
@@ -2706,7 +2706,7 @@ mod tests {
         client: ClientConfig,
         server: ServerConfig,
     ) -> Result<(ClientConnection, ServerConnection), rustls::Error> {
-        crate::tls::memory::handshake(client, server, "127.0.0.1")
+        meshtun_test_support::tls::handshake(client, server, "127.0.0.1")
             .map_err(|failure| failure.error())
     }
 

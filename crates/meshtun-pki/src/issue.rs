@@ -740,9 +740,9 @@ pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::identity::identity_of;
     use crate::load::NodeCredentials;
+    use meshtun_test_support::TempDir;
     use std::os::unix::fs::PermissionsExt;
 
     fn node(name: &str) -> NodeName {

@@ -455,8 +455,8 @@ pub(crate) fn system_time(time: ASN1Time, origin: &str) -> Result<SystemTime, Pk
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::{Authority, Validity};
+    use meshtun_test_support::TempDir;
     use std::os::unix::fs::PermissionsExt;
     use std::time::UNIX_EPOCH;
 
