@@ -38,7 +38,6 @@ use meshtun_pki::{
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -270,30 +269,33 @@ impl State {
 
 /// Accepts and spawns; nothing else.
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut accepting =
-        crate::accept::Accepting::new("enrollment", listener, crate::accept::DEFAULT_MAX_PAUSE);
-    while let Some((permit, tcp, source)) =
-        crate::accept::next_bounded(&mut accepting, &permits, &state.stop).await
-    {
-        // No source may hold more than a few slots, refused or not (a
-        // refused one still gets its "rate_limited" answer, so a person at
-        // the other end learns why).
-        let Some(slot) = state.clone().occupy(source.ip()) else {
-            debug!(%source, "enrollment: too many connections from this address; dropped");
-            continue;
-        };
-        let span = tracing::info_span!("enroll", %source);
-        let task_state = state.clone();
-        state.tasks.spawn(
-            async move {
-                let _permit = permit;
-                let _slot = slot;
-                serve_one(task_state, tcp, source).await;
-            }
-            .instrument(span),
-        );
-    }
+    let stop = state.stop.clone();
+    crate::accept_each(
+        "enrollment",
+        listener,
+        MAX_CONNECTIONS,
+        stop,
+        |permit, tcp, source| {
+            // No source may hold more than a few slots, refused or not (a
+            // refused one still gets its "rate_limited" answer, so a person at
+            // the other end learns why).
+            let Some(slot) = state.clone().occupy(source.ip()) else {
+                debug!(%source, "enrollment: too many connections from this address; dropped");
+                return;
+            };
+            let span = tracing::info_span!("enroll", %source);
+            let task_state = state.clone();
+            state.tasks.spawn(
+                async move {
+                    let _permit = permit;
+                    let _slot = slot;
+                    serve_one(task_state, tcp, source).await;
+                }
+                .instrument(span),
+            );
+        },
+    )
+    .await;
 }
 
 /// How one connection ended, short of a refusal or a certificate.

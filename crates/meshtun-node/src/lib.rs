@@ -81,6 +81,7 @@ pub use crate::status::{
     CertificateStatus, ExposeStatus, ForwardStatus, GuardStatus, NodeStatus, OverlayStatus,
     PeerCertificate, PeerStatus, ReloadStatus, RenewalStatus, ShardStatus,
 };
+pub use accept::accept_each;
 
 /// Why a node could not start. Each variant says which part of the
 /// configuration or environment is at fault.
