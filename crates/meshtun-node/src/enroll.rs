@@ -30,11 +30,12 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use meshtun_pki::{
+use meshtun_enroll::{
     decode_response, encode_frame, enrollment_client_config, enrollment_server_config, frame_len,
     renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollResponse, Enroller, Granted,
-    NodeCredentials, PkiError, Refusal, RefusalCode, RENEW_ALPN,
+    Refusal, RefusalCode, RENEW_ALPN,
 };
+use meshtun_pki::{NodeCredentials, PkiError};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -826,7 +827,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_join_over_the_network_and_a_wrong_pin() {
-        use meshtun_pki::{Grant, JoinKey, TokenStore};
+        use meshtun_enroll::{Grant, JoinKey, TokenStore};
         let (dir, authority) = ca_dir("join");
         let pinned = CaFingerprint::of_authority(&authority);
         let store = TokenStore::new(&dir.0);
@@ -891,7 +892,7 @@ mod tests {
             .await
             .expect("answer");
         assert!(
-            matches!(&response, meshtun_pki::EnrollResponse::Refused { error, .. } if error == "bad_request"),
+            matches!(&response, meshtun_enroll::EnrollResponse::Refused { error, .. } if error == "bad_request"),
             "{response:?}"
         );
 

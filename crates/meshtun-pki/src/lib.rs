@@ -18,15 +18,12 @@
 //! where a file is involved, which file. Private keys are written with mode
 //! 0600 from creation and refused on load when group or others may read them.
 //!
-//! Enrollment (`enroll.rs`, for `meshtun pki token|serve` and `meshtun join`)
-//! keeps its pure parts here: join tokens and their store [`TokenStore`]
-//! (which reads and rewrites `DIR/tokens.json` under a lock), CSR checks and
-//! signing ([`Enroller`]), the pinned-CA TLS configurations, and the joining
-//! node's checks and files ([`JoinKey`], [`JoinFiles`]). Its sockets are in
-//! `meshtun-node`.
+//! Enrollment (`meshtun pki token|serve`, `meshtun join`, `meshtun renew`)
+//! is meshtun-enroll's; it builds on the public helpers here (file writes
+//! and their lock, certificate parsing, hex, times, the crypto provider, and
+//! [`Authority::issue_for_public_key`] to sign a CSR's key).
 
 mod crl;
-mod enroll;
 mod error;
 mod files;
 mod identity;
@@ -38,14 +35,6 @@ mod tls;
 mod x509;
 
 pub use crl::{Reason, RevocationList, RevocationTarget, Revoked, CRL_FILE};
-pub use enroll::{
-    decode_response, encode_frame, enrollment_client_config, enrollment_server_config, frame_len,
-    renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollError, EnrollRequest,
-    EnrollResponse, Enrolled, Enroller, FingerprintFormatError, Grant, Granted, JoinFiles, JoinKey,
-    JoinToken, NewToken, PinnedCaVerifier, Refusal, RefusalCode, RenewRequest, TokenFormatError,
-    TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, MIN_LIFETIME, PROTOCOL_VERSION, RENEWED_RETRY_WINDOW,
-    RENEW_ALPN, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
-};
 pub use error::PkiError;
 pub use files::{
     key_file_mode_problem, lock_exclusive, read_private_text, read_text, write_files, NewFile,

@@ -201,7 +201,7 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
             server,
             join_out,
         } => {
-            let grant = meshtun_pki::Grant {
+            let grant = meshtun_enroll::Grant {
                 node,
                 ips,
                 dns,
@@ -713,12 +713,12 @@ fn parse_token_ttl(text: &str) -> Result<std::time::Duration, String> {
 /// `meshtun pki token`.
 fn enroll_token(
     ca: &Path,
-    grant: meshtun_pki::Grant,
+    grant: meshtun_enroll::Grant,
     ttl: std::time::Duration,
     server: Option<&str>,
     join_out: &Path,
 ) -> ExitCode {
-    use meshtun_pki::{CaFingerprint, EnrollError, TokenStore};
+    use meshtun_enroll::{CaFingerprint, EnrollError, TokenStore};
 
     let authority = match Authority::load(ca) {
         Ok(authority) => authority,
@@ -772,7 +772,7 @@ fn enroll_token(
 /// A token on the command line would show in `ps` and the shell history.
 fn join_commands(
     server: &str,
-    fingerprint: &meshtun_pki::CaFingerprint,
+    fingerprint: &meshtun_enroll::CaFingerprint,
     node: &NodeName,
     out: &Path,
 ) -> [String; 2] {
@@ -791,8 +791,8 @@ fn enroll_serve(
     listen: std::net::SocketAddr,
     lifetime: std::time::Duration,
 ) -> ExitCode {
+    use meshtun_enroll::{CaFingerprint, Enroller, TokenStore};
     use meshtun_node::enroll::EnrollServer;
-    use meshtun_pki::{CaFingerprint, Enroller, TokenStore};
     use tokio::signal::unix::{signal, SignalKind};
     use tracing::{error, info};
 

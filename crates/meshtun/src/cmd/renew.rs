@@ -20,8 +20,9 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use meshtun_config::{Config, Renew};
+use meshtun_enroll::{CaFingerprint, JoinKey};
 use meshtun_node::enroll::request_renewal;
-use meshtun_pki::{CaFingerprint, JoinKey, NodeCredentials, TrustBundle, Validity};
+use meshtun_pki::{NodeCredentials, TrustBundle, Validity};
 
 use crate::{EXIT_CONFIG, EXIT_RUNTIME};
 
