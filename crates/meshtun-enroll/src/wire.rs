@@ -10,9 +10,11 @@
 //! [`RefusalCode`].
 
 use std::fmt;
+use std::io;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::error::{EnrollError, Refusal, RefusalCode};
 
@@ -112,6 +114,22 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, Refusal> {
             ),
         )
     })
+}
+
+/// Reads one frame. An I/O failure is the outer error; a length out of
+/// bounds is a refusal to send back (the body is not read).
+pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> io::Result<Result<Vec<u8>, Refusal>> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let len = match frame_len(prefix) {
+        Ok(len) => len,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(Ok(body))
 }
 
 /// Parses a response body.

@@ -44,7 +44,6 @@ mod accept;
 mod admin;
 mod cid;
 mod endpoint;
-pub mod enroll;
 mod expose;
 mod forward;
 mod gso;
