@@ -238,7 +238,7 @@ fn pinned_client_config(
 ///    only root (signature, validity, key usage serverAuth);
 /// 3. the server certificate has no name by design, so webpki's last check,
 ///    the name, fails with "not valid for name" after everything else passed
-///    (as in `tls.rs`): that error alone is set aside.
+///    (as in meshtun-pki's `tls.rs`): that error alone is set aside.
 ///
 /// The handshake signature is then checked by rustls with the verified key,
 /// so the server proves it holds the key of a certificate the pinned CA
