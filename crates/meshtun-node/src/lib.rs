@@ -9,9 +9,9 @@
 //! loaded certificates; it must not parse configuration or read key files
 //! itself, and it never decides policy outside what the config says.
 //!
-//! It also holds the network side of enrollment ([`enroll`]): the server
-//! behind `meshtun pki serve` and the client call of `meshtun join`, which
-//! run outside any [`Node`].
+//! It also lends its accept loop to a listener outside any [`Node`]
+//! ([`accept_each`]): the enrollment server of `meshtun pki serve`, which
+//! is meshtun-enroll's.
 //!
 //! Every task it spawns is owned by a [`TaskTracker`] and stops through a
 //! [`CancellationToken`]: [`Node::shutdown`] stops accepting, lets open
