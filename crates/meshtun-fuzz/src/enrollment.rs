@@ -1,4 +1,4 @@
-//! Enrollment (meshtun-pki): the frames `meshtun pki serve` reads from a
+//! Enrollment (meshtun-enroll): the frames `meshtun pki serve` reads from a
 //! joining node, and the answers `meshtun join` reads back.
 //!
 //! The server side runs the real [`Enroller::handle`] with a throwaway CA
@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshtun_pki::{
-    decode_response, encode_frame, frame_len, inspect_pem, Authority, CaFingerprint, EnrollError,
-    EnrollResponse, Enroller, Issuance, IssuedRecord, JoinKey, Ledger, RefusalCode, TokenStore,
-    Validity, MAX_MESSAGE_LEN, TOKENS_FILE,
+use meshtun_enroll::{
+    decode_response, encode_frame, frame_len, CaFingerprint, EnrollError, EnrollResponse, Enroller,
+    JoinKey, RefusalCode, TokenStore, MAX_MESSAGE_LEN, TOKENS_FILE,
 };
+use meshtun_pki::{inspect_pem, Authority, Issuance, IssuedRecord, Ledger, Validity};
 use meshtun_proto::NodeName;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;

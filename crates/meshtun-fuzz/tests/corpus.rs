@@ -365,7 +365,7 @@ fn write_seeds() {
         "request-granted",
         request(1, ENROLL_TOKEN, &granted_names),
     );
-    let join_key = meshtun_pki::JoinKey::generate(&NodeName::new(ENROLL_NODE).unwrap()).unwrap();
+    let join_key = meshtun_enroll::JoinKey::generate(&NodeName::new(ENROLL_NODE).unwrap()).unwrap();
     write(
         "enrollment",
         "request-as-join-makes-it",

@@ -1,6 +1,8 @@
 //! The one way this crate accepts TCP connections: stop when told, and on a
-//! failed accept pause instead of spinning. The forward, overlay, admin and
-//! enrollment listeners all go through here.
+//! failed accept pause instead of spinning. The forward, overlay and admin
+//! listeners all go through here, and [`accept_each`] runs the same loop for
+//! a listener outside any node (the enrollment server of `meshtun pki
+//! serve`, in meshtun-enroll).
 //!
 //! The failure that matters is running out of file descriptors (`EMFILE`,
 //! `ENFILE`): the kernel keeps the client queued, so every later accept
@@ -304,6 +306,31 @@ pub(crate) async fn next_bounded(
     };
     let (tcp, peer) = accepting.next(stop, None).await?;
     Some((permit, tcp, peer))
+}
+
+/// Accepts on `listener` until `stop` fires and hands each connection to
+/// `serve` with its source address and a permit: at most `max_connections`
+/// permits are out at once, and a dropped permit frees its slot, so excess
+/// clients wait in the kernel's queue. `what` names the listener in logs.
+///
+/// For a server that runs outside any [`Node`](crate::Node): a failed
+/// accept pauses (5 ms, doubling up to one second) instead of spinning, and
+/// when file descriptors run out the queued clients are reset from a
+/// descriptor kept in reserve, which works for a listener bound to port 0.
+/// All its accepts run on the task that awaits this; `serve` should only
+/// spawn, as the next accept waits for it to return.
+pub async fn accept_each(
+    what: &'static str,
+    listener: TcpListener,
+    max_connections: usize,
+    stop: CancellationToken,
+    mut serve: impl FnMut(OwnedSemaphorePermit, TcpStream, SocketAddr),
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut accepting = Accepting::new(what, listener, DEFAULT_MAX_PAUSE);
+    while let Some((permit, tcp, source)) = next_bounded(&mut accepting, &permits, &stop).await {
+        serve(permit, tcp, source);
+    }
 }
 
 fn is_out_of_files(error: &io::Error) -> bool {

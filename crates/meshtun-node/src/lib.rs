@@ -4,15 +4,16 @@
 //! shards that carry the data plane (`shard.rs`: one thread each, with its
 //! own QUIC endpoint and connections), the warm connections to each peer
 //! (`peer.rs`), the opener's loopback listener per `[[forward]]`
-//! (`opener.rs`), and the acceptor that maps each incoming stream to an
-//! `[[expose]]` target (`acceptor.rs`), and in overlay mode the transparent listener and
-//! the host set-up behind it ([`overlay`]). It takes a validated [`meshtun_config::Config`] and
-//! loaded certificates; it must not parse configuration or read key files
-//! itself, and it never decides policy outside what the config says.
+//! (`opener.rs`), the acceptor that maps each incoming stream to an
+//! `[[expose]]` target (`acceptor.rs`), and in overlay mode the transparent
+//! listener and the host set-up behind it ([`overlay`]). It takes a
+//! validated [`meshtun_config::Config`] and loaded certificates; it must not
+//! parse configuration or read key files itself, and it never decides
+//! policy outside what the config says.
 //!
-//! It also holds the network side of enrollment ([`enroll`]): the server
-//! behind `meshtun pki serve` and the client call of `meshtun join`, which
-//! run outside any [`Node`].
+//! It also lends its accept loop to a listener outside any [`Node`]
+//! ([`accept_each`]): the enrollment server of `meshtun pki serve`, which
+//! is meshtun-enroll's.
 //!
 //! Every task it spawns is owned by a
 //! [`TaskTracker`](tokio_util::task::TaskTracker) and stops through a
@@ -49,7 +50,6 @@ mod admin;
 mod carrier;
 mod cid;
 mod endpoint;
-pub mod enroll;
 mod error;
 mod gso;
 mod identity;
@@ -65,6 +65,7 @@ mod splice;
 mod status;
 mod throttle;
 
+pub use crate::accept::accept_each;
 pub use crate::error::{NodeError, ReloadError};
 pub use crate::node::Node;
 pub use crate::overlay::OverlayError;

@@ -546,8 +546,8 @@ fn system_time(time: ASN1Time, origin: &str) -> Result<SystemTime, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::{NodeCredentials, TrustBundle, Validity};
+    use meshtun_test_support::TempDir;
     use std::os::unix::fs::PermissionsExt;
     use std::time::UNIX_EPOCH;
 

@@ -22,10 +22,10 @@ const MAX_FILE_LEN: u64 = 16 * 1024 * 1024;
 const GROUP_OTHER_BITS: u32 = 0o077;
 
 /// Mode of certificate files (public material).
-pub(crate) const CERT_MODE: u32 = 0o644;
+pub const CERT_MODE: u32 = 0o644;
 
 /// Mode of private key files.
-pub(crate) const KEY_MODE: u32 = 0o600;
+pub const KEY_MODE: u32 = 0o600;
 
 /// Mode of a directory this crate creates.
 const DIR_MODE: u32 = 0o700;
@@ -56,15 +56,15 @@ pub(crate) fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, PkiError> {
     })
 }
 
-/// Reads a whole file as UTF-8 text.
-pub(crate) fn read_text(path: &Path) -> Result<String, PkiError> {
+/// Reads a whole file (at most 16 MiB) as UTF-8 text.
+pub fn read_text(path: &Path) -> Result<String, PkiError> {
     into_text(read_bytes(path)?, path)
 }
 
 /// Reads a private key file as text after checking, on the opened file
 /// itself (no race with a `chmod` in between), that neither group nor others
 /// may read it.
-pub(crate) fn read_private_text(path: &Path) -> Result<String, PkiError> {
+pub fn read_private_text(path: &Path) -> Result<String, PkiError> {
     let file = File::open(path).map_err(|source| read_error(path, source))?;
     let metadata = file.metadata().map_err(|source| read_error(path, source))?;
     check_key_mode(path, metadata.permissions().mode())?;
@@ -142,7 +142,7 @@ fn write_error(path: &Path, source: io::Error) -> PkiError {
 /// Takes an exclusive advisory lock (flock) on `path`, creating it (0600)
 /// if needed; held until the returned handle drops. Every process that
 /// changes a shared file of a CA directory takes it first.
-pub(crate) fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
+pub fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -154,10 +154,14 @@ pub(crate) fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>>
 }
 
 /// One file to write: where, what, and with which mode.
-pub(crate) struct NewFile<'a> {
-    pub(crate) path: PathBuf,
-    pub(crate) contents: &'a str,
-    pub(crate) mode: u32,
+#[derive(Debug)]
+pub struct NewFile<'a> {
+    /// Where.
+    pub path: PathBuf,
+    /// What.
+    pub contents: &'a str,
+    /// Its mode from creation on ([`CERT_MODE`], [`KEY_MODE`]).
+    pub mode: u32,
 }
 
 /// Creates `dir` (mode 0700 if it is new) and writes `files` into it.
@@ -165,7 +169,7 @@ pub(crate) struct NewFile<'a> {
 /// Without `force`, every target is checked first, so an existing key does
 /// not leave a new certificate beside it; each file is then created with
 /// `O_EXCL`, so a file appearing in between is not overwritten either.
-pub(crate) fn write_files(dir: &Path, files: &[NewFile<'_>], force: bool) -> Result<(), PkiError> {
+pub fn write_files(dir: &Path, files: &[NewFile<'_>], force: bool) -> Result<(), PkiError> {
     DirBuilder::new()
         .recursive(true)
         .mode(DIR_MODE)
@@ -244,36 +248,9 @@ fn fill(handle: &mut File, contents: &str) -> io::Result<()> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A fresh directory under the system temp dir, removed on drop.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new(label: &str) -> Self {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let unique = format!(
-                "meshtun-pki-{label}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            );
-            let path = std::env::temp_dir().join(unique);
-            let _ = fs::remove_dir_all(&path);
-            Self(path)
-        }
-
-        pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use meshtun_test_support::TempDir;
 
     fn mode_of(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o7777

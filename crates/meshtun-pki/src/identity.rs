@@ -66,10 +66,9 @@ pub fn serial_and_fingerprint(cert: &CertificateDer<'_>) -> Result<(String, Stri
     ))
 }
 
-pub(crate) fn parse_certificate<'a>(
-    der: &'a [u8],
-    origin: &str,
-) -> Result<X509Certificate<'a>, PkiError> {
+/// Parses the DER certificate `der` (nothing may follow it); errors name
+/// `origin`.
+pub fn parse_certificate<'a>(der: &'a [u8], origin: &str) -> Result<X509Certificate<'a>, PkiError> {
     match x509_parser::parse_x509_certificate(der) {
         Ok(([], cert)) => Ok(cert),
         Ok((rest, _)) => Err(PkiError::Certificate {
@@ -84,7 +83,7 @@ pub(crate) fn parse_certificate<'a>(
 }
 
 /// The identity rule on a parsed certificate; the error is a plain reason.
-pub(crate) fn identity_of_parsed(cert: &X509Certificate<'_>) -> Result<NodeName, String> {
+pub fn identity_of_parsed(cert: &X509Certificate<'_>) -> Result<NodeName, String> {
     let names = match cert.subject_alternative_name() {
         Ok(Some(extension)) => &extension.value.general_names,
         Ok(None) => {
@@ -240,7 +239,8 @@ impl Serial {
         Self::of_parsed(&parsed, "certificate")
     }
 
-    pub(crate) fn of_parsed(cert: &X509Certificate<'_>, origin: &str) -> Result<Self, PkiError> {
+    /// The serial number of a parsed certificate; errors name `origin`.
+    pub fn of_parsed(cert: &X509Certificate<'_>, origin: &str) -> Result<Self, PkiError> {
         Self::from_der_integer(cert.raw_serial()).map_err(|detail| PkiError::Certificate {
             origin: origin.to_string(),
             detail: format!("unusable serial number: {detail}"),
@@ -342,7 +342,7 @@ impl fmt::Debug for Serial {
 
 /// A SAN as `pki inspect` and error messages show it: `URI:…`, `DNS:…`,
 /// `IP:…`.
-pub(crate) fn describe_name(name: &GeneralName<'_>) -> String {
+pub fn describe_name(name: &GeneralName<'_>) -> String {
     match name {
         GeneralName::URI(uri) => format!("URI:{uri}"),
         GeneralName::DNSName(dns) => format!("DNS:{dns}"),
@@ -356,7 +356,7 @@ pub(crate) fn describe_name(name: &GeneralName<'_>) -> String {
 }
 
 /// The address in an iPAddress SAN's 4 or 16 octets.
-pub(crate) fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+pub fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
     if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
         return Some(IpAddr::from(v4));
     }

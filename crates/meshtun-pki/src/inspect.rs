@@ -295,8 +295,8 @@ fn not_yet_valid(not_before: SystemTime, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::{Authority, Validity};
+    use meshtun_test_support::TempDir;
     use std::time::UNIX_EPOCH;
     use time::OffsetDateTime;
 

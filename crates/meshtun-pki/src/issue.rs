@@ -249,6 +249,13 @@ impl Authority {
         &self.cert_der
     }
 
+    /// The CA as rcgen signs with it: its certificate parameters and key.
+    /// For certificates made outside this crate (the enrollment server's
+    /// own); node certificates come from [`Authority::issue`].
+    pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// The CA private key in PEM. Secret: write it only with [`Authority::write`].
     pub fn key_pem(&self) -> String {
         self.key_pem.clone()
@@ -477,7 +484,7 @@ impl Authority {
     /// itself (enrollment signs a CSR, so the private key never leaves the
     /// node): the same names, extensions and serial rules; returns the
     /// certificate in PEM.
-    pub(crate) fn issue_for_public_key(
+    pub fn issue_for_public_key(
         &self,
         node: &NodeName,
         ips: &[IpAddr],
@@ -707,7 +714,7 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
 }
 
 /// DER wrapped in a PEM block with 64-column base64 lines.
-pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
+pub fn pem_block(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut encoded = Vec::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {
@@ -740,9 +747,9 @@ pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::identity::identity_of;
     use crate::load::NodeCredentials;
+    use meshtun_test_support::TempDir;
     use std::os::unix::fs::PermissionsExt;
 
     fn node(name: &str) -> NodeName {

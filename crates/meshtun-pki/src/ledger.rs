@@ -328,9 +328,9 @@ fn at_unix(seconds: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::issue::{Authority, Validity};
     use meshtun_proto::NodeName;
+    use meshtun_test_support::TempDir;
 
     fn issue(authority: &Authority, node: &str, days: u32) -> String {
         let node = NodeName::new(node).expect("node name");
@@ -375,8 +375,8 @@ mod tests {
     #[test]
     fn records_persist_and_find_by_serial_and_node() {
         let dir = TempDir::new("ledger-find");
-        std::fs::create_dir_all(&dir.0).expect("dir");
-        let ledger = Ledger::new(&dir.0);
+        std::fs::create_dir_all(dir.path()).expect("dir");
+        let ledger = Ledger::new(dir.path());
         assert!(ledger.records().expect("empty").is_empty());
         let authority = Authority::generate("lab", Validity::days_from_now(30)).expect("ca");
         let now = SystemTime::now();
@@ -396,7 +396,7 @@ mod tests {
         for record in [&first, &other, &renewed] {
             ledger.record(record.clone(), now).expect("record");
         }
-        let again = Ledger::new(&dir.0);
+        let again = Ledger::new(dir.path());
         assert_eq!(
             again.records().expect("read"),
             [first.clone(), other, renewed.clone()]
@@ -425,8 +425,8 @@ mod tests {
     #[test]
     fn long_expired_records_are_dropped_on_the_next_change() {
         let dir = TempDir::new("ledger-prune");
-        std::fs::create_dir_all(&dir.0).expect("dir");
-        let ledger = Ledger::new(&dir.0);
+        std::fs::create_dir_all(dir.path()).expect("dir");
+        let ledger = Ledger::new(dir.path());
         let authority = Authority::generate("lab", Validity::days_from_now(30)).expect("ca");
         let now = SystemTime::now();
         let old = IssuedRecord::of_pem(&issue(&authority, "node-1", 1), Issuance::Issue, None, now)
@@ -442,9 +442,9 @@ mod tests {
     #[test]
     fn a_damaged_ledger_is_refused_with_its_path() {
         let dir = TempDir::new("ledger-damaged");
-        std::fs::create_dir_all(&dir.0).expect("dir");
-        std::fs::write(dir.0.join(LEDGER_FILE), "{not json").expect("write");
-        let error = Ledger::new(&dir.0).records().expect_err("damaged");
+        std::fs::create_dir_all(dir.path()).expect("dir");
+        std::fs::write(dir.path().join(LEDGER_FILE), "{not json").expect("write");
+        let error = Ledger::new(dir.path()).records().expect_err("damaged");
         let message = error.to_string();
         assert!(message.contains(LEDGER_FILE), "{message}");
         assert!(
@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn concurrent_writers_lose_no_record() {
         let dir = TempDir::new("ledger-concurrent");
-        std::fs::create_dir_all(&dir.0).expect("dir");
+        std::fs::create_dir_all(dir.path()).expect("dir");
         let authority = Authority::generate("lab", Validity::days_from_now(30)).expect("ca");
         let now = SystemTime::now();
         let records: Vec<IssuedRecord> = (0..16)
@@ -472,7 +472,7 @@ mod tests {
             .collect();
         std::thread::scope(|scope| {
             for record in &records {
-                let dir = dir.0.clone();
+                let dir = dir.path().to_path_buf();
                 scope.spawn(move || {
                     Ledger::new(&dir)
                         .record(record.clone(), now)
@@ -480,7 +480,7 @@ mod tests {
                 });
             }
         });
-        let mut written: Vec<String> = Ledger::new(&dir.0)
+        let mut written: Vec<String> = Ledger::new(dir.path())
             .records()
             .expect("read")
             .into_iter()

@@ -11,20 +11,19 @@
 //!
 //! It must not open sockets, spawn tasks or threads, or read a file anywhere
 //! but in the explicit `load`, `write`, `inspect_file`, `inspect_crl_file`
-//! and `renew_files` functions (and [`key_file_mode_problem`]). Nothing it is given, by a user or by a peer,
-//! makes it panic: every failure is a [`PkiError`] naming what is wrong and,
+//! and `renew_files` functions (and [`key_file_mode_problem`], and the file
+//! helpers it lends to meshtun-enroll: [`read_text`], [`read_private_text`],
+//! [`write_files`], [`lock_exclusive`]). Nothing it is given, by a user or by
+//! a peer, makes it panic: every failure is a [`PkiError`] naming what is wrong and,
 //! where a file is involved, which file. Private keys are written with mode
 //! 0600 from creation and refused on load when group or others may read them.
 //!
-//! Enrollment (`enroll.rs`, for `meshtun pki token|serve` and `meshtun join`)
-//! keeps its pure parts here: join tokens and their store [`TokenStore`]
-//! (which reads and rewrites `DIR/tokens.json` under a lock), CSR checks and
-//! signing ([`Enroller`]), the pinned-CA TLS configurations, and the joining
-//! node's checks and files ([`JoinKey`], [`JoinFiles`]). Its sockets are in
-//! `meshtun-node`.
+//! Enrollment (`meshtun pki token|serve`, `meshtun join`, `meshtun renew`)
+//! is meshtun-enroll's; it builds on the public helpers here (file writes
+//! and their lock, certificate parsing, hex, times, the crypto provider, and
+//! [`Authority::issue_for_public_key`] to sign a CSR's key).
 
 mod crl;
-mod enroll;
 mod error;
 mod files;
 mod identity;
@@ -36,28 +35,29 @@ mod tls;
 mod x509;
 
 pub use crl::{Reason, RevocationList, RevocationTarget, Revoked, CRL_FILE};
-pub use enroll::{
-    decode_response, encode_frame, enrollment_client_config, enrollment_server_config, frame_len,
-    renewal_client_config, CaFingerprint, CaFingerprintMismatch, EnrollError, EnrollRequest,
-    EnrollResponse, Enrolled, Enroller, FingerprintFormatError, Grant, Granted, JoinFiles, JoinKey,
-    JoinToken, NewToken, PinnedCaVerifier, Refusal, RefusalCode, RenewRequest, TokenFormatError,
-    TokenStore, ENROLL_ALPN, MAX_MESSAGE_LEN, MIN_LIFETIME, PROTOCOL_VERSION, RENEWED_RETRY_WINDOW,
-    RENEW_ALPN, TOKENS_FILE, TOKENS_LOCK_FILE, TOKEN_RECORD_KEPT,
-};
 pub use error::PkiError;
-pub use files::key_file_mode_problem;
+pub use files::{
+    key_file_mode_problem, lock_exclusive, read_private_text, read_text, write_files, NewFile,
+    CERT_MODE, KEY_MODE,
+};
 pub use identity::{
-    check_cluster, identity_of, node_cluster_of, node_uri, serial_and_fingerprint, Serial,
+    check_cluster, describe_name, identity_of, identity_of_parsed, ip_from, node_cluster_of,
+    node_uri, parse_certificate, serial_and_fingerprint, Serial,
 };
 pub use inspect::{
     inspect_crl_file, inspect_crl_pem, inspect_file, inspect_pem, is_crl_pem, CrlInspection,
     Inspection, RevokedInspection,
 };
-pub use issue::{Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
+pub use issue::{pem_block, Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
 pub use ledger::{
     Issuance, IssuedRecord, Ledger, LockedLedger, EXPIRED_RECORD_KEPT, LEDGER_FILE,
     LEDGER_LOCK_FILE,
 };
-pub use load::{NodeCredentials, TrustBundle};
+pub use load::{
+    first_certificate, forget_reset_secret, reset_secret_path, NodeCredentials, TrustBundle,
+};
 pub use tls::{client_config, server_config, PeerMismatch, PeerRole};
-pub use x509::{format_utc, unix_seconds};
+pub use x509::{
+    crypto_provider, fingerprint, format_unix, format_utc, hex, system_time, unhex, unix_seconds,
+    unix_seconds_unsigned, TLS13_ONLY,
+};

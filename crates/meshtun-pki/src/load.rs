@@ -312,6 +312,12 @@ impl NodeCredentials {
         &self.chain
     }
 
+    /// The private key. Secret: for a TLS configuration that presents this
+    /// certificate, never to be written or sent.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
     /// Start of the node certificate's validity.
     pub fn not_before(&self) -> SystemTime {
         self.not_before
@@ -391,11 +397,8 @@ pub(crate) fn certificates_from_pem(
     Ok(certs)
 }
 
-/// The first certificate in `pem`.
-pub(crate) fn first_certificate(
-    pem: &str,
-    origin: &str,
-) -> Result<CertificateDer<'static>, PkiError> {
+/// The first certificate in `pem`; errors name `origin`.
+pub fn first_certificate(pem: &str, origin: &str) -> Result<CertificateDer<'static>, PkiError> {
     certificates_from_pem(pem, origin)?
         .into_iter()
         .next()
@@ -425,7 +428,7 @@ fn pem_error(origin: &str, error: pem::Error) -> PkiError {
 }
 
 /// `<key>.reset`: where a renewal keeps the stateless-reset secret.
-pub(crate) fn reset_secret_path(key: &Path) -> std::path::PathBuf {
+pub fn reset_secret_path(key: &Path) -> std::path::PathBuf {
     let mut name = key.as_os_str().to_owned();
     name.push(".reset");
     std::path::PathBuf::from(name)
@@ -435,7 +438,7 @@ pub(crate) fn reset_secret_path(key: &Path) -> std::path::PathBuf {
 /// join with --force, `pki renew --new-key`, `pki issue --force`): a
 /// secret derived from the replaced, perhaps compromised, key must not
 /// outlive it.
-pub(crate) fn forget_reset_secret(key: &Path) -> Result<(), PkiError> {
+pub fn forget_reset_secret(key: &Path) -> Result<(), PkiError> {
     let path = reset_secret_path(key);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
@@ -455,8 +458,8 @@ pub(crate) fn system_time(time: ASN1Time, origin: &str) -> Result<SystemTime, Pk
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::tests::TempDir;
     use crate::{Authority, Validity};
+    use meshtun_test_support::TempDir;
     use std::os::unix::fs::PermissionsExt;
     use std::time::UNIX_EPOCH;
 

@@ -277,78 +277,11 @@ impl ServerCertVerifier for PeerVerifier {
     }
 }
 
-/// In-memory TLS handshakes for the crate's tests: no network, and no
-/// clock but rustls's.
-#[cfg(test)]
-pub(crate) mod memory {
-    use std::sync::Arc;
-
-    use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
-    use rustls_pki_types::ServerName;
-
-    /// Which end failed the handshake, and how.
-    #[derive(Debug)]
-    pub(crate) enum Failure {
-        Client(rustls::Error),
-        Server(rustls::Error),
-    }
-
-    impl Failure {
-        /// The error, whichever end raised it.
-        pub(crate) fn error(self) -> rustls::Error {
-            match self {
-                Failure::Client(error) | Failure::Server(error) => error,
-            }
-        }
-    }
-
-    /// Moves every pending TLS byte from `from` to `to` and lets `to` process it.
-    fn transfer(from: &mut Connection, to: &mut Connection) -> Result<(), rustls::Error> {
-        let mut bytes = Vec::new();
-        while from.wants_write() {
-            from.write_tls(&mut bytes).unwrap();
-        }
-        let mut input = &bytes[..];
-        while !input.is_empty() {
-            to.read_tls(&mut input).unwrap();
-            to.process_new_packets()?;
-        }
-        Ok(())
-    }
-
-    /// Runs a handshake in memory between `client` (sending `server_name`)
-    /// and `server`.
-    pub(crate) fn handshake(
-        client: ClientConfig,
-        server: ServerConfig,
-        server_name: &str,
-    ) -> Result<(ClientConnection, ServerConnection), Failure> {
-        let name = ServerName::try_from(server_name.to_string()).unwrap();
-        let mut client = Connection::Client(ClientConnection::new(Arc::new(client), name).unwrap());
-        let mut server = Connection::Server(ServerConnection::new(Arc::new(server)).unwrap());
-        for _ in 0..16 {
-            if !client.is_handshaking() && !server.is_handshaking() {
-                break;
-            }
-            transfer(&mut client, &mut server).map_err(Failure::Server)?;
-            transfer(&mut server, &mut client).map_err(Failure::Client)?;
-        }
-        assert!(
-            !client.is_handshaking() && !server.is_handshaking(),
-            "handshake stalled"
-        );
-        match (client, server) {
-            (Connection::Client(client), Connection::Server(server)) => Ok((client, server)),
-            _ => unreachable!("the sides were built above"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::memory::{handshake, Failure};
     use super::*;
     use crate::{Authority, Validity};
+    use meshtun_test_support::tls::{handshake, Failure};
     use rustls::{NamedGroup, ProtocolVersion};
     use time::{Duration, OffsetDateTime};
 

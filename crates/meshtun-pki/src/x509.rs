@@ -1,7 +1,7 @@
-//! The helpers the rest of this crate stands on, each written once:
-//! certificate fingerprints, X.509 and Unix times, RFC 3339 dates, hex, the
-//! crypto provider and the one TLS version. Nothing here uses another
-//! module of the crate.
+//! The helpers the rest of this crate (and meshtun-enroll) stands on, each
+//! written once: certificate fingerprints, X.509 and Unix times, RFC 3339
+//! dates, hex, the crypto provider and the one TLS version. Nothing here
+//! uses another module of the crate.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,13 +13,13 @@ use x509_parser::time::ASN1Time;
 
 /// The only protocol version meshtun speaks, on the data path and in
 /// enrollment alike.
-pub(crate) static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+pub static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// The aws-lc-rs provider with meshtun's choices: key exchange
 /// X25519MLKEM768, then X25519, then secp256r1; cipher suites AES-128-GCM
 /// (QUIC's initial suite, and the fastest with AES instructions), then
 /// AES-256-GCM, then ChaCha20-Poly1305.
-pub(crate) fn crypto_provider() -> CryptoProvider {
+pub fn crypto_provider() -> CryptoProvider {
     let mut provider = aws_lc_rs::default_provider();
     provider.kx_groups = vec![
         aws_lc_rs::kx_group::X25519MLKEM768,
@@ -35,12 +35,12 @@ pub(crate) fn crypto_provider() -> CryptoProvider {
 }
 
 /// `sha256:<lowercase hex>` of `der`.
-pub(crate) fn fingerprint(der: &[u8]) -> String {
+pub fn fingerprint(der: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(der)))
 }
 
 /// `bytes` as lowercase hex digits.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(2 * bytes.len());
     for byte in bytes {
         // Writing to a String cannot fail.
@@ -50,7 +50,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// Exactly `N` bytes from `2N` hex digits (either case).
-pub(crate) fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+pub fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     let digits = text.as_bytes();
     if digits.len() != 2 * N {
         return None;
@@ -66,7 +66,7 @@ pub(crate) fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
 
 /// An X.509 time as a `SystemTime`; `None` outside what this system can
 /// represent (the caller names the certificate or CRL in its error).
-pub(crate) fn system_time(time: ASN1Time) -> Option<SystemTime> {
+pub fn system_time(time: ASN1Time) -> Option<SystemTime> {
     let seconds = time.timestamp();
     let magnitude = Duration::from_secs(seconds.unsigned_abs());
     if seconds >= 0 {
@@ -86,7 +86,7 @@ pub fn unix_seconds(time: SystemTime) -> i64 {
 
 /// Seconds since the Unix epoch, 0 before it: the form the token store and
 /// the ledger keep.
-pub(crate) fn unix_seconds_unsigned(time: SystemTime) -> u64 {
+pub fn unix_seconds_unsigned(time: SystemTime) -> u64 {
     u64::try_from(unix_seconds(time)).unwrap_or(0)
 }
 
@@ -97,7 +97,7 @@ pub fn format_utc(time: SystemTime) -> String {
 
 /// A stored Unix time (see `unix_seconds_unsigned`) as `format_utc` writes
 /// it, or `@<seconds>` where no date can show it.
-pub(crate) fn format_unix(unix: u64) -> String {
+pub fn format_unix(unix: u64) -> String {
     i64::try_from(unix)
         .ok()
         .and_then(utc)

@@ -1,7 +1,9 @@
 //! What meshtun's test suites share: a TCP echo server, ports with nothing
 //! behind them, a probe of how a connection ended (reset, clean end, or
-//! hang), and deterministic test data. Used by the loopback integration
-//! tests in `tests/` and by the binary's tests in `crates/meshtun/tests/`.
+//! hang), deterministic test data, a scratch directory removed on drop, and
+//! TLS handshakes in memory ([`tls`]). Used by the loopback integration
+//! tests in `tests/`, by the binary's tests in `crates/meshtun/tests/`, and
+//! by the unit tests of meshtun-pki and meshtun-enroll.
 //!
 //! Test tooling: a helper that cannot set itself up (bind, connect) panics,
 //! which fails the test that called it.
@@ -9,10 +11,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+pub mod tls;
 
 /// An echo server: every byte comes back; the client's FIN is mirrored.
 pub async fn echo_server() -> SocketAddr {
@@ -96,4 +102,36 @@ pub fn block(index: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A fresh directory path under the system temp dir, removed on drop. The
+/// directory itself is not created: what a test writes there makes it (with
+/// the mode it chooses).
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A path unique to this process and call, with `label` in its name.
+    pub fn new(label: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let unique = format!(
+            "meshtun-test-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(unique);
+        let _ = std::fs::remove_dir_all(&path);
+        Self(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -219,7 +219,7 @@ fn check_renewal(config: &Config, renew: &meshtun_config::Renew, report: &mut Re
     ));
     if renew
         .ca_fingerprint
-        .parse::<meshtun_pki::CaFingerprint>()
+        .parse::<meshtun_enroll::CaFingerprint>()
         .is_err()
     {
         report.errors.push(format!(

@@ -26,7 +26,7 @@ use common::{
     echo_server, free_tcp_port, free_udp_port, init_ca, issue, meshtun, meshtun_with, mode_of, run,
     ChildGuard, Finished, TempDir, EXIT_CONFIG,
 };
-use meshtun_pki::{CaFingerprint, JoinKey, JoinToken};
+use meshtun_enroll::{CaFingerprint, JoinKey, JoinToken};
 use meshtun_proto::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -231,7 +231,7 @@ async fn connect_tls(
     fingerprint: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let pinned: CaFingerprint = fingerprint.parse().unwrap();
-    let config = meshtun_pki::enrollment_client_config(&pinned).unwrap();
+    let config = meshtun_enroll::enrollment_client_config(&pinned).unwrap();
     let tcp = connect_from(server, source).await;
     TlsConnector::from(Arc::new(config))
         .connect(ServerName::IpAddress(server.ip().into()), tcp)

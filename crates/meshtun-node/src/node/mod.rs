@@ -21,14 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::carrier::Carrier;
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::peer::DialTiming;
 use crate::policy::{InForce, Policy, TrustState};
 use crate::shared::{unix_now, PeerMap, Shared};
 use crate::status::{CertificateStatus, NodeStatus, RenewalStatus};
-use crate::{accept, admin, endpoint, opener, overlay, shard, splice};
+use crate::{accept, admin, endpoint, opener, overlay, shard};
 use facts::*;
 use start::*;
 use watch::*;
@@ -150,17 +149,7 @@ impl Node {
 
         let metrics = Arc::new(metrics);
         let policy = Arc::new(InForce::new(Policy::from_config(&config)));
-        let carrier = Arc::new(Carrier {
-            streams: TaskTracker::new(),
-            abort: CancellationToken::new(),
-            buffers: splice::Buffers::new(
-                config.limits.buffer_memory,
-                metrics.buffer_bytes.clone(),
-            ),
-            shards,
-            metrics: metrics.clone(),
-            policy: policy.clone(),
-        });
+        let carrier = new_carrier(&config, shards, &metrics, &policy);
         let shared = Arc::new(Shared {
             node: config.node.clone(),
             trust: trust_state,

@@ -9,15 +9,17 @@ use meshtun_pki::{NodeCredentials, TrustBundle};
 use meshtun_proto::NodeName;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use super::{bind_tcp_group, AcceptLoop, RunningForward};
+use crate::carrier::Carrier;
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::peer::{DialTiming, PeerLinks};
-use crate::policy::TrustState;
+use crate::policy::{InForce, TrustState};
 use crate::shared::Shared;
-use crate::{acceptor, endpoint, gso, opener, overlay, peer, shard};
+use crate::{acceptor, endpoint, gso, opener, overlay, peer, shard, splice};
 
 /// Makes the dial state of `peer`, whose dialers stop with `stop`.
 pub(super) fn peer_links(
@@ -356,4 +358,23 @@ pub(super) fn spawn_transparent(
         ));
     }
     local
+}
+
+/// What the stream tasks will hold: a fresh tracker and drain signal, the
+/// buffer budget of `limits.buffer_memory`, the shards, and the node's
+/// metrics and policy.
+pub(super) fn new_carrier(
+    config: &Config,
+    shards: Vec<shard::Shard>,
+    metrics: &Arc<Metrics>,
+    policy: &Arc<InForce>,
+) -> Arc<Carrier> {
+    Arc::new(Carrier {
+        streams: TaskTracker::new(),
+        abort: CancellationToken::new(),
+        buffers: splice::Buffers::new(config.limits.buffer_memory, metrics.buffer_bytes.clone()),
+        shards,
+        metrics: metrics.clone(),
+        policy: policy.clone(),
+    })
 }

@@ -18,8 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use meshtun_node::enroll::{request_certificate, EnrollClientError};
-use meshtun_pki::{CaFingerprint, EnrollError, JoinFiles, JoinKey, JoinToken, RefusalCode};
+use meshtun_enroll::{
+    request_certificate, CaFingerprint, EnrollClientError, EnrollError, JoinFiles, JoinKey,
+    JoinToken, RefusalCode,
+};
 use meshtun_proto::NodeName;
 
 use crate::{runtime, EXIT_CONFIG, EXIT_RUNTIME};

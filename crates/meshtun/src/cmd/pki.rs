@@ -201,7 +201,7 @@ pub(crate) fn pki(command: PkiCommand) -> ExitCode {
             server,
             join_out,
         } => {
-            let grant = meshtun_pki::Grant {
+            let grant = meshtun_enroll::Grant {
                 node,
                 ips,
                 dns,
@@ -713,12 +713,12 @@ fn parse_token_ttl(text: &str) -> Result<std::time::Duration, String> {
 /// `meshtun pki token`.
 fn enroll_token(
     ca: &Path,
-    grant: meshtun_pki::Grant,
+    grant: meshtun_enroll::Grant,
     ttl: std::time::Duration,
     server: Option<&str>,
     join_out: &Path,
 ) -> ExitCode {
-    use meshtun_pki::{CaFingerprint, EnrollError, TokenStore};
+    use meshtun_enroll::{CaFingerprint, EnrollError, TokenStore};
 
     let authority = match Authority::load(ca) {
         Ok(authority) => authority,
@@ -772,7 +772,7 @@ fn enroll_token(
 /// A token on the command line would show in `ps` and the shell history.
 fn join_commands(
     server: &str,
-    fingerprint: &meshtun_pki::CaFingerprint,
+    fingerprint: &meshtun_enroll::CaFingerprint,
     node: &NodeName,
     out: &Path,
 ) -> [String; 2] {
@@ -791,8 +791,7 @@ fn enroll_serve(
     listen: std::net::SocketAddr,
     lifetime: std::time::Duration,
 ) -> ExitCode {
-    use meshtun_node::enroll::EnrollServer;
-    use meshtun_pki::{CaFingerprint, Enroller, TokenStore};
+    use meshtun_enroll::{CaFingerprint, EnrollServer, Enroller, TokenStore, MAX_CONNECTIONS};
     use tokio::signal::unix::{signal, SignalKind};
     use tracing::{error, info};
 
@@ -832,17 +831,29 @@ fn enroll_serve(
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        let server =
-            match EnrollServer::start(listen, Enroller::new(authority, store.clone(), lifetime))
-                .await
-            {
-                Ok(server) => server,
-                Err(problem) => {
-                    error!("{problem}");
-                    return ExitCode::from(EXIT_RUNTIME);
-                }
-            };
-        let local = server.local_addr();
+        let server = match EnrollServer::new(Enroller::new(authority, store.clone(), lifetime)) {
+            Ok(server) => server,
+            Err(problem) => {
+                error!("{problem}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        let (listener, local) = match bind_enrollment(listen).await {
+            Ok(bound) => bound,
+            Err(problem) => {
+                error!("{problem}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let admitting = server.clone();
+        let accept = tokio::spawn(meshtun_node::accept_each(
+            "enrollment",
+            listener,
+            MAX_CONNECTIONS,
+            stop.clone(),
+            move |permit, tcp, source| admitting.admit(permit, tcp, source),
+        ));
         say!("listening on {local}");
         say!("CA fingerprint: {fingerprint}");
         info!(
@@ -859,14 +870,33 @@ fn enroll_serve(
             tokio::select! {
                 _ = terminate.recv() => break "SIGTERM",
                 _ = interrupt.recv() => break "SIGINT",
-                _ = health.tick() => if !server.is_running() {
+                _ = health.tick() => if accept.is_finished() {
                     error!("the enrollment accept loop has stopped");
                     return ExitCode::from(EXIT_RUNTIME);
                 },
             }
         };
         info!(signal, "stopping the enrollment server");
+        // No connection is admitted once the accept loop has ended.
+        stop.cancel();
+        let _ = accept.await;
         server.shutdown(SERVE_GRACE).await;
         ExitCode::SUCCESS
     })
+}
+
+/// Binds the listener of `meshtun pki serve` at `listen`, and says where it
+/// is (port 0 becomes real).
+async fn bind_enrollment(
+    listen: std::net::SocketAddr,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), meshtun_enroll::EnrollServerError> {
+    let bind_error = |source| meshtun_enroll::EnrollServerError::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }

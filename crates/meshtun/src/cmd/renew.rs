@@ -20,8 +20,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use meshtun_config::{Config, Renew};
-use meshtun_node::enroll::request_renewal;
-use meshtun_pki::{CaFingerprint, JoinKey, NodeCredentials, TrustBundle, Validity};
+use meshtun_enroll::{request_renewal, CaFingerprint, JoinKey};
+use meshtun_pki::{NodeCredentials, TrustBundle, Validity};
 
 use crate::{EXIT_CONFIG, EXIT_RUNTIME};
 
