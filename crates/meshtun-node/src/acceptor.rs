@@ -47,14 +47,14 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shard: usize, shared:
         let in_progress = shared.handshakes_in_progress();
         let remote = incoming.remote_address();
         if in_progress >= limits.handshakes {
-            let verdict = shared.metrics.limit_hit("handshakes");
+            let verdict = shared.metrics().limit_hit("handshakes");
             log_limit!(verdict, %remote, in_progress, "refusing a QUIC handshake: limits.handshakes are in progress");
             incoming.refuse();
             continue;
         }
         if in_progress >= limits.retry_above && !incoming.remote_address_validated() {
             if incoming.may_retry() {
-                shared.metrics.retried();
+                shared.metrics().retried();
                 // Only fails if the client already passed a Retry, which
                 // `may_retry` ruled out.
                 let _ = incoming.retry();
@@ -113,7 +113,7 @@ async fn handshake(
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             let reason = handshake_reason(&error);
-            let verdict = shared.metrics.incoming_handshake_failed(reason);
+            let verdict = shared.metrics().incoming_handshake_failed(reason);
             log_limit!(
                 verdict,
                 reason = reason.as_str(),
@@ -124,7 +124,7 @@ async fn handshake(
         }
         Err(_) => {
             let reason = HandshakeReason::Timeout;
-            let verdict = shared.metrics.incoming_handshake_failed(reason);
+            let verdict = shared.metrics().incoming_handshake_failed(reason);
             log_limit!(
                 verdict,
                 reason = reason.as_str(),
@@ -138,7 +138,7 @@ async fn handshake(
         Ok(identity) => identity,
         Err(detail) => {
             let reason = HandshakeReason::NoIdentity;
-            let verdict = shared.metrics.incoming_handshake_failed(reason);
+            let verdict = shared.metrics().incoming_handshake_failed(reason);
             log_limit!(
                 verdict,
                 reason = reason.as_str(),
@@ -160,7 +160,7 @@ async fn serve_peer(connection: Connection, identity: NodeName, shard: usize, sh
     let _tracked = match shared.track_incoming(&identity, shard, &connection, limit) {
         Ok(tracked) => tracked,
         Err(open) => {
-            let verdict = shared.metrics.limit_hit("connections_per_peer");
+            let verdict = shared.metrics().limit_hit("connections_per_peer");
             log_limit!(
                 verdict,
                 open,
@@ -172,7 +172,7 @@ async fn serve_peer(connection: Connection, identity: NodeName, shard: usize, sh
         }
     };
     // The handshake may have used a trust bundle a reload replaced.
-    let stats = shared.metrics.peer(&identity);
+    let stats = shared.metrics().peer(&identity);
     if !crate::policy::still_trusted(
         &connection,
         &shared.trust,

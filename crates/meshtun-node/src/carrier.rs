@@ -1,8 +1,9 @@
-//! What carrying local TCP connections over QUIC streams needs of the node,
-//! on either end: a narrow handle, so the opener, the overlay listener and
-//! the acceptor's stream tasks reach only the stream tracker, the drain
-//! signal, the buffer budget, the shards' counters, the metrics and the
-//! policy in force, and not the node's whole shared state.
+//! What carrying local TCP connections over QUIC streams needs of the node:
+//! the stream tracker, the drain signal, the buffer budget, the shards'
+//! counters, the metrics and the policy in force. The opener side (the
+//! forward listeners and overlay mode's transparent listener) holds only
+//! this; the acceptor reaches it through the node's shared state, which
+//! also holds what admitting a peer needs.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::policy::InForce;
 use crate::{accept, shard, splice};
 
-/// The handle every carried stream holds.
+/// The node's stream-carrying parts, behind one `Arc`.
 #[derive(Debug)]
 pub(crate) struct Carrier {
     /// One task per carried stream, on either end.
@@ -24,8 +25,10 @@ pub(crate) struct Carrier {
     pub(crate) buffers: splice::Buffers,
     /// The data-plane shards, in order; never empty.
     pub(crate) shards: Vec<shard::Shard>,
+    /// The node's metrics; the guard's watch holds them too.
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) policy: Arc<InForce>,
+    /// The policy in force, which a reload replaces.
+    pub(crate) policy: InForce,
 }
 
 impl Carrier {

@@ -24,8 +24,8 @@ use tracing::{info, warn};
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::peer::DialTiming;
-use crate::policy::{InForce, Policy, TrustState};
-use crate::shared::{unix_now, PeerMap, Shared};
+use crate::policy::TrustState;
+use crate::shared::{PeerMap, Shared};
 use crate::status::{CertificateStatus, NodeStatus, RenewalStatus};
 use crate::{accept, admin, endpoint, opener, overlay, shard};
 use facts::*;
@@ -147,13 +147,10 @@ impl Node {
         // the bound listener (its real port, even when configured as 0).
         set_up_host(&config, transparent.as_ref()).await?;
 
-        let metrics = Arc::new(metrics);
-        let policy = Arc::new(InForce::new(Policy::from_config(&config)));
-        let carrier = new_carrier(&config, shards, &metrics, &policy);
+        let carrier = new_carrier(&config, shards, metrics);
         let shared = Arc::new(Shared {
             node: config.node.clone(),
             trust: trust_state,
-            policy,
             handshake_timeout: quic.handshake_timeout,
             handshaking: AtomicU32::new(0),
             max_streams_per_peer: quic.max_streams_per_peer,
@@ -166,7 +163,6 @@ impl Node {
                 configured: peers,
                 departing: Vec::new(),
             }),
-            metrics,
             facts: Mutex::new(initial_facts(
                 &config,
                 &credentials,
@@ -275,17 +271,13 @@ impl Node {
 
     /// The certificate in use, with the seconds left until it expires.
     pub fn certificate(&self) -> CertificateStatus {
-        let facts = self.shared.facts();
-        let mut certificate = facts.certificate.clone();
-        certificate.expires_in_seconds = certificate.not_after_unix - unix_now();
-        certificate.renewal = facts.renewal.clone();
-        certificate
+        self.shared.certificate()
     }
 
     /// Records the state of the certificate's self-renewal, for `/status`
     /// and `/metrics` (`None`: not configured).
     pub fn set_renewal(&self, renewal: Option<RenewalStatus>) {
-        self.shared.metrics.set_renewal(renewal.as_ref());
+        self.shared.metrics().set_renewal(renewal.as_ref());
         self.shared.facts().renewal = renewal;
     }
 

@@ -146,9 +146,12 @@ impl Node {
         if let Some(routes) = &self.routes {
             routes.replace(overlay_routes(&config, &peers));
         }
-        self.shared.policy.replace(Policy::from_config(&config));
         self.shared
-            .metrics
+            .carrier
+            .policy
+            .replace(Policy::from_config(&config));
+        self.shared
+            .metrics()
             .set_certificate_expiry(meshtun_pki::unix_seconds(credentials.not_after()));
         {
             let mut facts = self.shared.facts();
@@ -235,7 +238,7 @@ impl Node {
                         self.shared.carrier.shards.len(),
                         connections,
                         tls,
-                        &self.shared.metrics,
+                        self.shared.metrics(),
                         &self.shared.trust,
                         &self.shared.stop_accepting,
                     );
@@ -345,7 +348,7 @@ impl Node {
                 Some(peer) => PeerRole::Acceptor(peer),
                 None => PeerRole::Dialer,
             };
-            let stats = self.shared.metrics.peer(&name);
+            let stats = self.shared.metrics().peer(&name);
             if !still_trusted(&connection, trust, role, &stats) {
                 closed += 1;
             }
@@ -359,7 +362,7 @@ impl Node {
         } else {
             "success"
         };
-        self.shared.metrics.reload(result);
+        self.shared.metrics().reload(result);
         let mut facts = self.shared.facts();
         facts.last_reload_unix = Some(unix_now());
         facts.last_reload_error = error;

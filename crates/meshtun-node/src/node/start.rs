@@ -17,7 +17,7 @@ use crate::carrier::Carrier;
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::peer::{DialTiming, PeerLinks};
-use crate::policy::{InForce, TrustState};
+use crate::policy::{InForce, Policy, TrustState};
 use crate::shared::Shared;
 use crate::{acceptor, endpoint, gso, opener, overlay, peer, shard, splice};
 
@@ -307,14 +307,10 @@ pub(super) fn spawn_shards(
         spawn_dialers(shared, links, dialers, timing, connections);
     }
     for index in 0..shared.carrier.shards.len() {
-        let shard = shared.clone();
-        let closing = shared.closing.clone();
+        let carrier = shared.carrier.clone();
+        let (started, closing) = (shared.started, shared.closing.clone());
         let beat = async move {
-            shard
-                .carrier
-                .shard(index)
-                .heartbeat(shard.started, closing)
-                .await;
+            carrier.shard(index).heartbeat(started, closing).await;
         };
         shared
             .tasks
@@ -361,20 +357,19 @@ pub(super) fn spawn_transparent(
 }
 
 /// What the stream tasks will hold: a fresh tracker and drain signal, the
-/// buffer budget of `limits.buffer_memory`, the shards, and the node's
-/// metrics and policy.
+/// buffer budget of `limits.buffer_memory`, the shards, the node's metrics
+/// and the policy `config` puts in force.
 pub(super) fn new_carrier(
     config: &Config,
     shards: Vec<shard::Shard>,
-    metrics: &Arc<Metrics>,
-    policy: &Arc<InForce>,
+    metrics: Metrics,
 ) -> Arc<Carrier> {
     Arc::new(Carrier {
         streams: TaskTracker::new(),
         abort: CancellationToken::new(),
         buffers: splice::Buffers::new(config.limits.buffer_memory, metrics.buffer_bytes.clone()),
         shards,
-        metrics: metrics.clone(),
-        policy: policy.clone(),
+        metrics: Arc::new(metrics),
+        policy: InForce::new(Policy::from_config(config)),
     })
 }

@@ -58,7 +58,7 @@ pub(super) async fn sweep_expired(shared: Arc<Shared>) {
                     Some(peer) => PeerRole::Acceptor(peer),
                     None => PeerRole::Dialer,
                 };
-                let stats = shared.metrics.peer(&name);
+                let stats = shared.metrics().peer(&name);
                 if still_trusted(&connection, &shared.trust, role, &stats) {
                     // Still good (a newer CA of the same name, or a clock
                     // a moment behind the certificate's): look again at
@@ -82,7 +82,7 @@ pub(super) async fn sweep_expired(shared: Arc<Shared>) {
 pub(super) fn spawn_watchers(shared: &Arc<Shared>, config: &Config) {
     shared.tasks.spawn(sweep_expired(shared.clone()));
     if overlay::HostSetup::of(config).is_some_and(|setup| setup.guards()) {
-        let watch = overlay::watch_guard(shared.metrics.clone(), shared.closing.clone());
+        let watch = overlay::watch_guard(shared.carrier.metrics.clone(), shared.closing.clone());
         shared.tasks.spawn(watch);
     }
     if let Some(overlay) = &config.overlay {

@@ -1,8 +1,8 @@
 //! The state the node's tasks share. Held whole only by the node (node/),
-//! its report (`report.rs`, which the admin endpoint serves) and the
-//! acceptor, which admits connections against the node's trust, policy,
-//! handshake count and per-peer connections. The stream tasks hold the
-//! narrower [`Carrier`]; the forwarding listeners' accepts hold
+//! the admin endpoint (admin.rs, which serves this module's report) and
+//! the acceptor, which admits connections against the node's trust,
+//! policy, handshake count and per-peer connections. The opener side holds
+//! the narrower [`Carrier`]; the forwarding listeners' accepts hold
 //! [`NodeLimits`](crate::accept::NodeLimits).
 
 mod report;
@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::carrier::Carrier;
 use crate::metrics::Metrics;
 use crate::peer::PeerLinks;
-use crate::policy::{InForce, Policy, TrustState};
+use crate::policy::{Policy, TrustState};
 use crate::status::{
     CertificateStatus, ExposeStatus, ForwardStatus, GuardStatus, OverlayStatus, RenewalStatus,
 };
@@ -33,7 +33,6 @@ use crate::status::{
 pub(crate) struct Shared {
     pub(crate) node: NodeName,
     pub(crate) trust: TrustState,
-    pub(crate) policy: Arc<InForce>,
     pub(crate) handshake_timeout: Duration,
     /// Incoming QUIC handshakes in progress (see `limits.handshakes`).
     pub(crate) handshaking: AtomicU32,
@@ -54,7 +53,6 @@ pub(crate) struct Shared {
     pub(crate) incoming: Mutex<BTreeMap<NodeName, Vec<(usize, Connection)>>>,
     /// The peers this node dials; a reload may add and remove them.
     pub(crate) peers: RwLock<PeerMap>,
-    pub(crate) metrics: Arc<Metrics>,
     /// What `/status` reports that is fixed between reloads.
     pub(crate) facts: Mutex<Facts>,
     pub(crate) started: Instant,
@@ -99,7 +97,7 @@ impl Shared {
     /// Every peer with connections of this node's dialling: those
     /// configured and those a reload removed whose connections are still
     /// in use (a removed peer is forgotten once nothing holds it).
-    pub(crate) fn all_peers(&self) -> Vec<Arc<PeerLinks>> {
+    fn all_peers(&self) -> Vec<Arc<PeerLinks>> {
         let mut map = self
             .peers
             .write()
@@ -115,7 +113,12 @@ impl Shared {
 
     /// The policy in force now.
     pub(crate) fn policy(&self) -> Arc<Policy> {
-        self.policy.get()
+        self.carrier.policy.get()
+    }
+
+    /// The node's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.carrier.metrics
     }
 
     /// Records an incoming connection from `peer`, accepted on `shard`,

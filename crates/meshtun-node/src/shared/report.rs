@@ -9,11 +9,22 @@ use quinn::Connection;
 use super::Shared;
 use crate::metrics::Direction;
 use crate::status::{
-    GuardStatus, NodeStatus, OverlayStatus, PeerCertificate, PeerStatus, ReloadStatus, ShardStatus,
+    CertificateStatus, GuardStatus, NodeStatus, OverlayStatus, PeerCertificate, PeerStatus,
+    ReloadStatus, ShardStatus,
 };
 use crate::{identity, metrics};
 
 impl Shared {
+    /// The certificate in use, with the seconds left until it expires and
+    /// its self-renewal.
+    pub(crate) fn certificate(&self) -> CertificateStatus {
+        let facts = self.facts();
+        let mut certificate = facts.certificate.clone();
+        certificate.expires_in_seconds = certificate.not_after_unix - unix_now();
+        certificate.renewal = facts.renewal.clone();
+        certificate
+    }
+
     /// Reads live connection state into the gauges and returns it per peer;
     /// with `for_status`, also what each peer presented and the path MTU
     /// (for `/status` only: it parses certificates). The second part is
@@ -57,7 +68,7 @@ impl Shared {
                 }
             }
         }
-        for (name, stats) in self.metrics.peers() {
+        for (name, stats) in self.metrics().peers() {
             let entry = live.get(&name);
             stats.set_live(
                 entry.map_or(0, |live| live.outgoing),
@@ -71,7 +82,7 @@ impl Shared {
     /// The `/metrics` text: live gauges refreshed, then every family.
     pub(crate) fn metrics_text(&self) -> Result<String, std::fmt::Error> {
         self.refresh_live(false);
-        self.metrics.encode()
+        self.metrics().encode()
     }
 
     /// The `/status` document.
@@ -79,7 +90,7 @@ impl Shared {
         let (live, per_shard) = self.refresh_live(true);
         let configured = self.peers();
         let mut peers = Vec::new();
-        for (name, stats) in self.metrics.peers() {
+        for (name, stats) in self.metrics().peers() {
             let empty = Live::default();
             let peer_live = live.get(&name).unwrap_or(&empty);
             let links = configured.get(&name);
@@ -118,10 +129,8 @@ impl Shared {
                 last_error: links.and_then(|links| links.last_error()),
             });
         }
+        let certificate = self.certificate();
         let facts = self.facts();
-        let mut certificate = facts.certificate.clone();
-        certificate.expires_in_seconds = certificate.not_after_unix - unix_now();
-        certificate.renewal = facts.renewal.clone();
         NodeStatus {
             node: self.node.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -149,31 +158,31 @@ impl Shared {
                 .collect(),
             certificate,
             reload: ReloadStatus {
-                successes: self.metrics.reloads("success"),
-                failures: self.metrics.reloads("failure"),
+                successes: self.metrics().reloads("success"),
+                failures: self.metrics().reloads("failure"),
                 last_attempt_unix: facts.last_reload_unix,
                 last_error: facts.last_reload_error.clone(),
             },
             peers,
             incoming_handshakes_failed: self
-                .metrics
+                .metrics()
                 .incoming_handshakes_failed()
                 .into_iter()
                 .map(|(reason, count)| (reason.to_owned(), count))
                 .collect(),
             limit_hits: metrics::NODE_LIMITS
                 .iter()
-                .map(|&limit| (limit.to_owned(), self.metrics.limit_hits(limit)))
+                .map(|&limit| (limit.to_owned(), self.metrics().limit_hits(limit)))
                 .filter(|&(_, count)| count > 0)
                 .collect(),
             forwards: facts.forwards.clone(),
             exposes: facts.exposes.clone(),
             overlay: facts.overlay.clone().map(|overlay| OverlayStatus {
-                bypass_dropped: self.metrics.overlay_bypass_dropped(),
+                bypass_dropped: self.metrics().overlay_bypass_dropped(),
                 ..overlay
             }),
             guard: facts.guard.clone().map(|guard| GuardStatus {
-                bypass_dropped: self.metrics.overlay_bypass_dropped(),
+                bypass_dropped: self.metrics().overlay_bypass_dropped(),
                 ..guard
             }),
         }
