@@ -376,7 +376,7 @@ fn refuse_at_limit(mut send: SendStream, mut recv: RecvStream, code: StreamCode)
     let _ = recv.stop(code);
 }
 
-/// Serves one incoming stream until it ends or the node's `abort_streams`
+/// Serves one incoming stream until it ends or the carrier's `abort`
 /// token fires; the guards on the stream and the target socket make a
 /// cancellation a reset on both sides.
 async fn serve_stream(
@@ -442,7 +442,7 @@ async fn answer_stream(
         answer_refusal(&mut send, &mut recv, &status, StreamCode::Refused).await;
         return;
     }
-    let span = tracing::debug_span!("expose", to = %target.label, target = %target.addr);
+    let span = tracing::debug_span!("target", to = %target.label, target = %target.addr);
     // Overlay streams go to this node's own overlay address; every other
     // overlay address is off limits (see overlay.rs on loop freedom).
     let forbidden = policy

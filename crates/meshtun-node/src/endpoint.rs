@@ -161,7 +161,7 @@ fn transport(quic: &Quic, accept_streams: bool) -> Result<TransportConfig, NodeE
     // about 80 bytes each, and 16384 of them (1.3 MiB) for a client that
     // never proves who it is would let a handshake flood pin memory. The
     // credit (`quic.max_streams_per_peer`) is granted once the peer's
-    // identity is checked (acceptor.rs, `serve_connection`).
+    // identity is checked (acceptor.rs, `serve_peer`).
     let (bidi, uni) = if accept_streams {
         (VarInt::from_u32(0), VarInt::from_u32(0))
     } else {

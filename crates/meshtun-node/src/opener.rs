@@ -1,6 +1,6 @@
 //! The opener side: local TCP connections in, QUIC streams to a peer out.
 //! The `[[forward]]` listeners accept here; overlay mode's transparent
-//! listener (overlay.rs) hands its connections to the same [`forward_one`].
+//! listener (overlay.rs) hands its connections to the same [`open_stream`].
 //!
 //! Each shard has its own listener for every forward (one `SO_REUSEPORT`
 //! group), so a local connection is accepted on the thread that carries
@@ -121,7 +121,7 @@ pub(crate) async fn accept_loop(forward: Forward, carrier: Arc<Carrier>) {
             service = %route.service,
             %client,
         );
-        let task = forward_one(
+        let task = open_stream(
             tcp,
             route.peer.clone(),
             route.preamble.clone(),
@@ -143,7 +143,7 @@ pub(crate) fn encode_preamble(preamble: &Preamble) -> Bytes {
 /// carrier's `abort` token cancels it at any point; the socket is
 /// armed to reset on close from the start, so cancellation or any early
 /// return resets the client rather than closing it cleanly.
-pub(crate) async fn forward_one(
+pub(crate) async fn open_stream(
     tcp: TcpStream,
     peer: Arc<PeerLinks>,
     preamble: Bytes,

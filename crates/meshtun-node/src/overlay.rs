@@ -599,7 +599,7 @@ async fn carry_redirected(
     };
     let span = tracing::debug_span!("route", %destination, peer = %peer.name());
     let preamble = opener::encode_preamble(&Preamble::overlay_port(destination.port()));
-    opener::forward_one(tcp, peer, preamble, shard, carrier)
+    opener::open_stream(tcp, peer, preamble, shard, carrier)
         .instrument(span)
         .await;
 }

@@ -515,13 +515,14 @@ async fn stream_to_tcp(
         };
         // A lone chunk (a small message) is written as it is; only a
         // stream with more already received takes room for a batch.
-        let Some(second) = chunk_now(recv)? else {
+        let mut second = Bytes::new();
+        if more_chunks(recv, std::slice::from_mut(&mut second))? == 0 {
             moved.add(first.bytes.len());
             tcp.write_all(&first.bytes)
                 .await
                 .map_err(Failure::TcpWrite)?;
             continue;
-        };
+        }
         let mut chunks = vec![Bytes::new(); MAX_CHUNKS];
         chunks[0] = first.bytes;
         chunks[1] = second;
@@ -534,21 +535,9 @@ async fn stream_to_tcp(
     }
 }
 
-/// The next chunk the stream has received already, without waiting. An end
-/// of stream or a reset is left for the next read to report.
-fn chunk_now(recv: &mut RecvStream) -> Result<Option<Bytes>, Failure> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let read = std::pin::pin!(recv.read_chunk(usize::MAX, true));
-    match read.poll(&mut cx) {
-        Poll::Ready(Ok(Some(chunk))) => Ok(Some(chunk.bytes)),
-        Poll::Ready(Ok(None)) | Poll::Pending => Ok(None),
-        Poll::Ready(Err(error)) => Err(error.into()),
-    }
-}
-
 /// Fills `chunks` with what the stream has received already, without
-/// waiting; returns how many. An end of stream or a reset is left for the
-/// next read to report.
+/// waiting; returns how many. An end of stream is left for the next read
+/// to report; a reset or a lost connection is an error at once.
 fn more_chunks(recv: &mut RecvStream, chunks: &mut [Bytes]) -> Result<usize, Failure> {
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
@@ -629,7 +618,7 @@ pub(crate) fn abort(tcp: &TcpStream, send: &mut Outbound, recv: &mut RecvStream,
     reset_on_close(tcp);
 }
 
-/// The sending half of a forwarded stream, which fails closed.
+/// The sending half of a carried stream, which fails closed.
 ///
 /// quinn finishes a `SendStream` that is dropped, which would show the peer
 /// a clean end of stream even if the transfer was cut short (a task
@@ -682,7 +671,7 @@ fn close_gracefully(tcp: &TcpStream) {
 
 /// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER = 0).
 ///
-/// Every forwarded socket is armed like this as soon as it exists, so any
+/// Every carried socket is armed like this as soon as it exists, so any
 /// way out of its task other than a completed [`splice`] (an error, a
 /// cancelled task) resets it: a failure can never look like a clean end of
 /// file. `splice` disarms it once both directions ended cleanly.
