@@ -36,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NodeLimit};
 use crate::policy::InForce;
 use crate::throttle::Throttle;
 
@@ -153,7 +153,7 @@ impl Accepting {
             let out_of_files = is_out_of_files(&error);
             let refused = if out_of_files {
                 if let Some(node) = node {
-                    node.metrics.limit_hit("open_files");
+                    node.metrics.limit_hit(NodeLimit::OpenFiles);
                 }
                 self.refuse_queued().await
             } else {

@@ -19,7 +19,8 @@ use tracing::{debug, info, Instrument};
 
 use crate::identity::peer_identity;
 use crate::metrics::{
-    handshake_reason, Direction, HandshakeReason, OpenStream, Pending, RefusalReason,
+    handshake_reason, Direction, HandshakeReason, LabelValue, NodeLimit, OpenStream, Pending,
+    RefusalReason,
 };
 use crate::policy::Policy;
 use crate::shared::{Handshaking, Shared};
@@ -47,7 +48,7 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shard: usize, shared:
         let in_progress = shared.handshakes_in_progress();
         let remote = incoming.remote_address();
         if in_progress >= limits.handshakes {
-            let verdict = shared.metrics().limit_hit("handshakes");
+            let verdict = shared.metrics().limit_hit(NodeLimit::Handshakes);
             log_limit!(verdict, %remote, in_progress, "refusing a QUIC handshake: limits.handshakes are in progress");
             incoming.refuse();
             continue;
@@ -160,7 +161,7 @@ async fn serve_peer(connection: Connection, identity: NodeName, shard: usize, sh
     let _tracked = match shared.track_incoming(&identity, shard, &connection, limit) {
         Ok(tracked) => tracked,
         Err(open) => {
-            let verdict = shared.metrics().limit_hit("connections_per_peer");
+            let verdict = shared.metrics().limit_hit(NodeLimit::ConnectionsPerPeer);
             log_limit!(
                 verdict,
                 open,

@@ -62,9 +62,9 @@ struct CutLabels {
 /// A closed set of label values, as [`label_values!`] makes them.
 pub(crate) trait LabelValue: Copy + 'static {
     /// Every value, in the order `/status` lists them.
-    fn all() -> &'static [Self];
+    const ALL: &'static [Self];
     /// The label value.
-    fn label(self) -> &'static str;
+    fn as_str(self) -> &'static str;
 }
 
 /// A closed set of label values: the enum, its one list (`ALL`), and each
@@ -78,28 +78,31 @@ macro_rules! label_values {
             $($(#[$variant_meta])* $variant,)+
         }
 
-        impl $name {
-            /// Every value, in the order `/status` lists them.
-            pub(crate) const ALL: &'static [$name] = &[$($name::$variant,)+];
+        impl LabelValue for $name {
+            const ALL: &'static [$name] = &[$($name::$variant,)+];
 
-            /// The label value.
-            pub(crate) fn as_str(self) -> &'static str {
+            fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $label,)+
                 }
             }
         }
-
-        impl LabelValue for $name {
-            fn all() -> &'static [Self] {
-                Self::ALL
-            }
-
-            fn label(self) -> &'static str {
-                self.as_str()
-            }
-        }
     };
+}
+
+label_values! {
+    /// The node-wide limits counted in `meshtun_limit_hits_total`, by
+    /// config key.
+    NodeLimit {
+        /// `limits.handshakes`: incoming handshakes in progress.
+        Handshakes => "handshakes",
+        /// `limits.connections_per_peer`.
+        ConnectionsPerPeer => "connections_per_peer",
+        /// `limits.buffer_memory`: the TCP read buffer budget.
+        BufferMemory => "buffer_memory",
+        /// The process's file descriptor limit.
+        OpenFiles => "open_files",
+    }
 }
 
 label_values! {
@@ -239,7 +242,7 @@ pub(crate) struct Metrics {
     renewal_next: Family<NoLabels, Gauge>,
     cut: Family<CutLabels, Counter>,
     limit_hits: Family<LimitLabels, Counter>,
-    limit_log: Throttle<&'static str>,
+    limit_log: Throttle<NodeLimit>,
     /// Which failed incoming handshakes are logged at warn, by reason.
     handshake_log: Throttle<HandshakeReason>,
     retries: Counter,
@@ -259,15 +262,6 @@ impl fmt::Debug for Metrics {
         formatter.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
-
-/// The node-wide limits counted in `meshtun_limit_hits_total`, by config
-/// key (`open_files` is the process's descriptor limit).
-pub(crate) const NODE_LIMITS: &[&str] = &[
-    "handshakes",
-    "connections_per_peer",
-    "buffer_memory",
-    "open_files",
-];
 
 /// The per-peer metric families, registered first.
 struct PeerFamilies {
@@ -523,18 +517,24 @@ impl Metrics {
         count_reasons::<HandshakeReason>(&self.peer.handshakes_failed, "", Direction::incoming)
     }
 
-    /// Counts a hit of the limit named by its config key (`limit`), and
-    /// returns the log verdict, as [`PeerStats::refused`] does: one info
-    /// line per limit every [`LIMIT_LOG_PERIOD`].
-    pub(crate) fn limit_hit(&self, limit: &'static str) -> Option<u64> {
-        self.limit_hits.get_or_create(&LimitLabels { limit }).inc();
+    /// Counts a hit of `limit`, and returns the log verdict, as
+    /// [`PeerStats::refused`] does: one info line per limit every
+    /// [`LIMIT_LOG_PERIOD`].
+    pub(crate) fn limit_hit(&self, limit: NodeLimit) -> Option<u64> {
+        self.limit_hits
+            .get_or_create(&LimitLabels {
+                limit: limit.as_str(),
+            })
+            .inc();
         self.limit_log.admit(limit)
     }
 
     /// How often `limit` was hit.
-    pub(crate) fn limit_hits(&self, limit: &'static str) -> u64 {
+    pub(crate) fn limit_hits(&self, limit: NodeLimit) -> u64 {
         self.limit_hits
-            .get(&LimitLabels { limit })
+            .get(&LimitLabels {
+                limit: limit.as_str(),
+            })
             .map_or(0, |counter| counter.get())
     }
 
@@ -621,16 +621,16 @@ fn count_reasons<R: LabelValue>(
     peer: &str,
     direction: Direction,
 ) -> BTreeMap<&'static str, u64> {
-    R::all()
+    R::ALL
         .iter()
         .filter_map(|&reason| {
             let labels = ReasonLabels {
                 peer: peer.to_owned(),
                 direction,
-                reason: reason.label(),
+                reason: reason.as_str(),
             };
             let count = family.get(&labels).map_or(0, |counter| counter.get());
-            (count > 0).then_some((reason.label(), count))
+            (count > 0).then_some((reason.as_str(), count))
         })
         .collect()
 }
@@ -953,13 +953,13 @@ mod tests {
     #[test]
     fn node_limits_are_counted_every_time_and_logged_once_per_period() {
         let metrics = Metrics::new();
-        assert_eq!(metrics.limit_hit("handshakes"), Some(0));
+        assert_eq!(metrics.limit_hit(NodeLimit::Handshakes), Some(0));
         for _ in 0..9 {
-            assert_eq!(metrics.limit_hit("handshakes"), None);
+            assert_eq!(metrics.limit_hit(NodeLimit::Handshakes), None);
         }
-        assert_eq!(metrics.limit_hit("open_files"), Some(0));
-        assert_eq!(metrics.limit_hits("handshakes"), 10);
-        assert_eq!(metrics.limit_hits("buffer_memory"), 0);
+        assert_eq!(metrics.limit_hit(NodeLimit::OpenFiles), Some(0));
+        assert_eq!(metrics.limit_hits(NodeLimit::Handshakes), 10);
+        assert_eq!(metrics.limit_hits(NodeLimit::BufferMemory), 0);
         let text = metrics.encode().unwrap();
         assert!(
             text.contains("meshtun_limit_hits_total{limit=\"handshakes\"} 10"),
@@ -1029,6 +1029,15 @@ mod tests {
                     .collect::<Vec<_>>()
             ),
             "expired,revoked,untrusted"
+        );
+        assert_eq!(
+            labels(
+                &NodeLimit::ALL
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+            ),
+            "handshakes,connections_per_peer,buffer_memory,open_files"
         );
         let metrics = Metrics::new();
         let stats = metrics.peer(&name("node-1"));

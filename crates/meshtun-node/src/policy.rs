@@ -11,7 +11,7 @@ use meshtun_proto::ConnectionCode;
 use quinn::{Connection, VarInt};
 use tracing::warn;
 
-use crate::metrics::CutReason;
+use crate::metrics::{CutReason, LabelValue};
 use crate::{identity, metrics};
 
 /// What a reload may change without a restart: who may reach which service

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::PeerStats;
+use crate::metrics::{NodeLimit, PeerStats};
 
 /// Size of one TCP read. 64 KiB matches the largest GSO batch quinn sends and
 /// keeps the number of reads per gigabyte low.
@@ -383,7 +383,7 @@ async fn tcp_to_stream(
                     outcome = &mut stopped => return Err(stopped_early(outcome)),
                 }
                 let on_wait = || {
-                    let verdict = context.metrics.limit_hit("buffer_memory");
+                    let verdict = context.metrics.limit_hit(NodeLimit::BufferMemory);
                     log_limit!(verdict, "stream buffer memory (limits.buffer_memory) is spent; streams wait for buffers");
                 };
                 let taken = tokio::select! {

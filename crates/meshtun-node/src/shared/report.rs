@@ -7,12 +7,12 @@ use meshtun_proto::NodeName;
 use quinn::Connection;
 
 use super::Shared;
-use crate::metrics::Direction;
+use crate::identity;
+use crate::metrics::{Direction, LabelValue, NodeLimit};
 use crate::status::{
     CertificateStatus, GuardStatus, NodeStatus, OverlayStatus, PeerCertificate, PeerStatus,
     ReloadStatus, ShardStatus,
 };
-use crate::{identity, metrics};
 
 impl Shared {
     /// The certificate in use, with the seconds left until it expires and
@@ -170,9 +170,9 @@ impl Shared {
                 .into_iter()
                 .map(|(reason, count)| (reason.to_owned(), count))
                 .collect(),
-            limit_hits: metrics::NODE_LIMITS
+            limit_hits: NodeLimit::ALL
                 .iter()
-                .map(|&limit| (limit.to_owned(), self.metrics().limit_hits(limit)))
+                .map(|&limit| (limit.as_str().to_owned(), self.metrics().limit_hits(limit)))
                 .filter(|&(_, count)| count > 0)
                 .collect(),
             forwards: facts.forwards.clone(),
