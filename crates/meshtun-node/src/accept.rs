@@ -46,7 +46,7 @@ pub(crate) const LISTEN_BACKLOG: i32 = 1024;
 /// The first pause after a failed accept.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause of listeners whose limit is not configurable.
-pub(crate) const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(1);
+const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(1);
 /// The most queued clients one failed accept refuses.
 const MAX_SHED: usize = 4096;
 /// At most one warning per listener in this period.
@@ -80,8 +80,6 @@ pub(crate) struct Accepting {
     what: String,
     /// `None` once restarting the listen failed; the loop then ends.
     listener: Option<TcpListener>,
-    /// The longest pause of a listener with no node to ask.
-    max_pause: Duration,
     pause: Duration,
     refusal: Refusal,
     /// Warnings at most once per [`LOG_PERIOD`]; the rest go to debug.
@@ -92,30 +90,20 @@ impl Accepting {
     /// Accepts on `listener`, whose port may have been picked by the OS;
     /// `what` names it in logs. Refuses with a reserve descriptor, so its
     /// accepts must all run on one thread.
-    pub(crate) fn new(what: impl Into<String>, listener: TcpListener, max_pause: Duration) -> Self {
-        Self::with(
-            what.into(),
-            listener,
-            max_pause,
-            Refusal::Reserve(open_reserve()),
-        )
+    pub(crate) fn new(what: impl Into<String>, listener: TcpListener) -> Self {
+        Self::with(what.into(), listener, Refusal::Reserve(open_reserve()))
     }
 
     /// Accepts on `listener`, which was bound to a port given explicitly
     /// (never 0). Refuses by restarting the listen (see [`Refusal`]).
-    pub(crate) fn fixed_port(
-        what: impl Into<String>,
-        listener: TcpListener,
-        max_pause: Duration,
-    ) -> Self {
-        Self::with(what.into(), listener, max_pause, Refusal::Relisten)
+    pub(crate) fn fixed_port(what: impl Into<String>, listener: TcpListener) -> Self {
+        Self::with(what.into(), listener, Refusal::Relisten)
     }
 
-    fn with(what: String, listener: TcpListener, max_pause: Duration, refusal: Refusal) -> Self {
+    fn with(what: String, listener: TcpListener, refusal: Refusal) -> Self {
         Self {
             what,
             listener: Some(listener),
-            max_pause,
             pause: FIRST_PAUSE,
             refusal,
             log_throttle: Throttle::new(LOG_PERIOD),
@@ -164,7 +152,7 @@ impl Accepting {
                 () = tokio::time::sleep(self.pause) => {}
                 () = stop.cancelled() => return None,
             }
-            let max_pause = node.map_or(self.max_pause, |node| {
+            let max_pause = node.map_or(DEFAULT_MAX_PAUSE, |node| {
                 node.policy.get().limits.accept_backoff_max
             });
             self.pause = (self.pause * 2).min(max_pause);
@@ -327,7 +315,7 @@ pub async fn accept_each(
     mut serve: impl FnMut(OwnedSemaphorePermit, TcpStream, SocketAddr),
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
-    let mut accepting = Accepting::new(what, listener, DEFAULT_MAX_PAUSE);
+    let mut accepting = Accepting::new(what, listener);
     while let Some((permit, tcp, source)) = next_bounded(&mut accepting, &permits, &stop).await {
         serve(permit, tcp, source);
     }

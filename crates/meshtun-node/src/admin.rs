@@ -38,8 +38,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// Serves until the node closes.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut accepting =
-        accept::Accepting::new("admin endpoint", listener, accept::DEFAULT_MAX_PAUSE);
+    let mut accepting = accept::Accepting::new("admin endpoint", listener);
     while let Some((permit, tcp, client)) =
         accept::next_bounded(&mut accepting, &permits, &shared.closing).await
     {

@@ -103,11 +103,8 @@ pub(crate) struct Forward {
 /// closes when the loop ends, which resets clients still in its queue.
 pub(crate) async fn accept_loop(forward: Forward, carrier: Arc<Carrier>) {
     // The forward's port is fixed (configuration refuses port 0).
-    let mut accepting = accept::Accepting::fixed_port(
-        format!("forward {}", forward.local),
-        forward.listener,
-        accept::DEFAULT_MAX_PAUSE,
-    );
+    let mut accepting =
+        accept::Accepting::fixed_port(format!("forward {}", forward.local), forward.listener);
     while let Some((tcp, client)) = accepting
         .next(&forward.stop, Some(carrier.accept_limits()))
         .await

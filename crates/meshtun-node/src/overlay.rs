@@ -559,11 +559,7 @@ pub(crate) async fn accept_loop(
     stop: CancellationToken,
 ) {
     // The overlay listener's port is fixed (port 0 is refused at start).
-    let mut accepting = accept::Accepting::fixed_port(
-        format!("overlay {local}"),
-        listener,
-        accept::DEFAULT_MAX_PAUSE,
-    );
+    let mut accepting = accept::Accepting::fixed_port(format!("overlay {local}"), listener);
     while let Some((tcp, client)) = accepting.next(&stop, Some(carrier.accept_limits())).await {
         let span = tracing::debug_span!("overlay", shard, %client);
         let task = carry_redirected(tcp, routes.clone(), shard, carrier.clone());
