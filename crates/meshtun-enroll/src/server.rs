@@ -372,12 +372,9 @@ async fn exchange(
                 })
                 .await
                 .unwrap_or_else(|error| {
-                    let mut refusal = Refusal::new(
-                        RefusalCode::ServerError,
-                        "the enrollment server cannot complete the request; its log says why",
-                    );
-                    refusal.log_detail = Some(format!("the request handler failed: {error}"));
-                    Err(refusal)
+                    Err(Refusal::server_error(format_args!(
+                        "the request handler failed: {error}"
+                    )))
                 })
         }
     };
