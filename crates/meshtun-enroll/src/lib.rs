@@ -61,8 +61,8 @@ pub use pin::{
     CaFingerprintMismatch, FingerprintFormatError, PinnedCaVerifier, ENROLL_ALPN, RENEW_ALPN,
 };
 pub use server::{
-    EnrollServer, EnrollServerError, CONNECTION_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_SOURCE, SERVER_CERT_REFRESH, WRITE_TIMEOUT,
+    EnrollServer, CONNECTION_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE,
+    SERVER_CERT_REFRESH, WRITE_TIMEOUT,
 };
 pub use token::{
     Grant, JoinToken, NewToken, TokenFormatError, TokenStore, TOKENS_FILE, TOKENS_LOCK_FILE,

@@ -53,23 +53,6 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the server makes itself a new certificate (valid for a day).
 pub const SERVER_CERT_REFRESH: Duration = Duration::from_secs(3600);
 
-/// Why the enrollment server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum EnrollServerError {
-    /// The listener could not be bound (by the caller, which binds it and
-    /// hands the connections it accepts to [`EnrollServer::admit`]).
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// What the operating system said.
-        source: io::Error,
-    },
-    /// The server's TLS configuration could not be made.
-    #[error("cannot make the enrollment server's certificate: {0}")]
-    Pki(#[from] PkiError),
-}
-
 /// A running enrollment server: serves each connection handed to it
 /// ([`EnrollServer::admit`]) in a task of its own. The listener and its
 /// accept loop are the caller's (`meshtun pki serve` runs
@@ -131,8 +114,9 @@ impl std::fmt::Debug for ServerTls {
 
 impl EnrollServer {
     /// A server answering with `enroller`, with a certificate made for it
-    /// now. Must be called inside a tokio runtime.
-    pub fn new(enroller: Enroller) -> Result<Self, EnrollServerError> {
+    /// now (the error says why that certificate could not be made). Must be
+    /// called inside a tokio runtime.
+    pub fn new(enroller: Enroller) -> Result<Self, PkiError> {
         let acceptor = acceptor(&enroller)?;
         let state = Arc::new(State {
             enroller,
