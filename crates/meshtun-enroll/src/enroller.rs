@@ -391,10 +391,10 @@ impl ParsedCsr {
                     names.push(match name {
                         GeneralName::DNSName(dns) => RequestedName::Dns((*dns).to_owned()),
                         GeneralName::URI(uri) => RequestedName::Uri((*uri).to_owned()),
-                        GeneralName::IPAddress(bytes) => match meshtun_pki::ip_from(bytes) {
-                            Some(ip) => RequestedName::Ip(ip),
-                            None => RequestedName::Other(format!("IP:{bytes:02x?}")),
-                        },
+                        GeneralName::IPAddress(bytes) => meshtun_pki::ip_from(bytes).map_or_else(
+                            || RequestedName::Other(meshtun_pki::describe_name(name)),
+                            RequestedName::Ip,
+                        ),
                         other => RequestedName::Other(meshtun_pki::describe_name(other)),
                     });
                 }
