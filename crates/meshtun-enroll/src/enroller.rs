@@ -715,7 +715,9 @@ mod tests {
             let token = store.create(&granted, HOUR, now).unwrap().token;
             let key = JoinKey::generate(&node("node-x")).unwrap();
             let frame = key.request_for(&token, asked).unwrap();
-            let answer = enroller.handle(&frame[4..], "a", now).unwrap();
+            let answer = enroller
+                .handle(&frame[meshtun_proto::FRAME_PREFIX_LEN..], "a", now)
+                .unwrap();
             let enrolled = key
                 .accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
                 .unwrap();
@@ -734,7 +736,9 @@ mod tests {
         let frame = key
             .request_for(&token, Some(Duration::from_secs(5)))
             .unwrap();
-        let refusal = enroller.handle(&frame[4..], "a", now).unwrap_err();
+        let refusal = enroller
+            .handle(&frame[meshtun_proto::FRAME_PREFIX_LEN..], "a", now)
+            .unwrap_err();
         assert_eq!(refusal.code, RefusalCode::BadRequest);
     }
     #[test]

@@ -72,5 +72,5 @@ pub(crate) fn joined(
 
 pub(crate) fn renewal_body(key: &JoinKey) -> Vec<u8> {
     let frame = key.renewal_request().unwrap();
-    frame[4..].to_vec()
+    frame[meshtun_proto::FRAME_PREFIX_LEN..].to_vec()
 }

@@ -13,6 +13,7 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
+use meshtun_proto::FRAME_PREFIX_LEN;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -103,7 +104,7 @@ pub fn encode_frame(message: &impl Serialize) -> Result<Vec<u8>, EnrollError> {
 
 /// The body length a frame's 4-byte prefix announces, if it is within
 /// 1..=[`MAX_MESSAGE_LEN`].
-pub fn frame_len(prefix: [u8; 4]) -> Result<usize, Refusal> {
+pub fn frame_len(prefix: [u8; FRAME_PREFIX_LEN]) -> Result<usize, Refusal> {
     meshtun_proto::decode_frame_len(prefix).map_err(|error| {
         Refusal::new(
             RefusalCode::BadRequest,
@@ -121,7 +122,7 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, Refusal> {
 pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> io::Result<Result<Vec<u8>, Refusal>> {
-    let mut prefix = [0u8; 4];
+    let mut prefix = [0u8; FRAME_PREFIX_LEN];
     stream.read_exact(&mut prefix).await?;
     let len = match frame_len(prefix) {
         Ok(len) => len,
@@ -148,17 +149,17 @@ mod tests {
             message: "m".to_owned(),
         })
         .unwrap();
-        let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
-        assert_eq!(len, frame.len() - 4);
+        let len = frame_len(frame[..FRAME_PREFIX_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - FRAME_PREFIX_LEN);
         assert_eq!(
-            decode_response(&frame[4..]).unwrap(),
+            decode_response(&frame[FRAME_PREFIX_LEN..]).unwrap(),
             EnrollResponse::Refused {
                 error: "bad_request".to_owned(),
                 message: "m".to_owned()
             }
         );
         assert_eq!(
-            String::from_utf8(frame[4..].to_vec()).unwrap(),
+            String::from_utf8(frame[FRAME_PREFIX_LEN..].to_vec()).unwrap(),
             r#"{"error":"bad_request","message":"m"}"#
         );
         let issued = encode_frame(&EnrollResponse::Issued {
@@ -166,7 +167,10 @@ mod tests {
             ca: "a".to_owned(),
         })
         .unwrap();
-        assert_eq!(&issued[4..], br#"{"certificate":"c","ca":"a"}"#);
+        assert_eq!(
+            &issued[FRAME_PREFIX_LEN..],
+            br#"{"certificate":"c","ca":"a"}"#
+        );
         for prefix in [0u32, MAX_MESSAGE_LEN as u32 + 1, u32::MAX] {
             assert_eq!(
                 frame_len(prefix.to_be_bytes()).unwrap_err().code,
