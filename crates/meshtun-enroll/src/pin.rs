@@ -10,10 +10,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use meshtun_pki::{crypto_provider, hex, unhex, Authority, NodeCredentials, PkiError, TLS13_ONLY};
-use rcgen::{
-    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SerialNumber,
+use meshtun_pki::{
+    crypto_provider, hex, unhex, Authority, NodeCredentials, PkiError, Validity, TLS13_ONLY,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
@@ -23,7 +21,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
     SignatureScheme,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -138,26 +136,13 @@ pub fn enrollment_server_config(
     now: SystemTime,
 ) -> Result<ServerConfig, PkiError> {
     let now = OffsetDateTime::from(now);
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    params.not_before = now - SERVER_CERT_SKEW;
-    params.not_after = now + SERVER_CERT_LIFETIME;
-    let mut serial = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Random)?;
-    serial[0] = (serial[0] & 0x7f) | 0x40;
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(
-        DnType::CommonName,
+    let (chain, key) = authority.issue_server_certificate(
         format!("meshtun enrollment server {}", authority.cluster()),
-    );
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, authority.issuer())?;
-    let chain = vec![cert.der().clone(), authority.cert_der().clone()];
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Validity {
+            not_before: now - SERVER_CERT_SKEW,
+            not_after: now + SERVER_CERT_LIFETIME,
+        },
+    )?;
 
     // A joining node has no certificate yet (its token authenticates it); a
     // renewing node presents its current one, verified here against the CA.
@@ -325,8 +310,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshtun_pki::{identity_of, Validity};
+    use meshtun_pki::identity_of;
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
     use rustls::{ClientConnection, ServerConnection};
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
     #[test]
     fn fingerprints_parse_in_the_usual_spellings() {
