@@ -480,8 +480,8 @@ impl From<&Result<Granted, Refusal>> for EnrollResponse {
 mod tests {
     use super::*;
     use crate::testing::{body, ca_dir, grant, joined, node, renewal_body, DAY, HOUR};
-    use crate::{CaFingerprint, EnrollError, JoinKey};
-    use meshtun_pki::{identity_of, pem_block, NodeCredentials, TrustBundle};
+    use crate::{CaFingerprint, EnrollError, Enrolled, JoinKey};
+    use meshtun_pki::{identity_of, NodeCredentials, TrustBundle};
     use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 
     /// CSR parameters asking for `dns` names, with no subject (rcgen's
@@ -770,13 +770,13 @@ mod tests {
             left > 2 * HOUR - Duration::from_secs(60) && left <= 2 * HOUR,
             "{left:?}"
         );
-        let describe = |credentials: &NodeCredentials| {
-            meshtun_pki::inspect_pem(&pem_block("CERTIFICATE", &credentials.chain()[0]))
+        let describe = |enrolled: &Enrolled| {
+            meshtun_pki::inspect_pem(&enrolled.cert_pem)
                 .unwrap()
                 .remove(0)
                 .sans
         };
-        assert_eq!(describe(new), describe(current));
+        assert_eq!(describe(&renewed), describe(&joined));
 
         let ledger = Ledger::new(dir.path()).records().unwrap();
         assert_eq!(ledger.len(), 2, "the join and the renewal are recorded");

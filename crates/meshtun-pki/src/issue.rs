@@ -731,7 +731,7 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
 }
 
 /// DER wrapped in a PEM block with 64-column base64 lines.
-pub fn pem_block(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut encoded = Vec::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {
