@@ -33,7 +33,7 @@ pub const ENROLL_ALPN: &[u8] = b"meshtun-enroll/1";
 pub const RENEW_ALPN: &[u8] = b"meshtun-renew/1";
 
 /// How long the enrollment server's own certificate is valid (it is made
-/// again well before, see [`SERVER_CERT_REFRESH`](crate::SERVER_CERT_REFRESH)),
+/// again well before, see [`SERVER_CERT_REFRESH`](crate::server::SERVER_CERT_REFRESH)),
 /// and how far its start is set back
 /// for clock skew.
 const SERVER_CERT_LIFETIME: time::Duration = time::Duration::days(1);
@@ -173,7 +173,7 @@ pub fn enrollment_client_config(pinned: &CaFingerprint) -> Result<ClientConfig, 
 /// A renewing node's TLS configuration: as [`enrollment_client_config`],
 /// with ALPN [`RENEW_ALPN`] and `current` (the node's certificate and key
 /// in force) as the client certificate.
-pub fn renewal_client_config(
+pub(crate) fn renewal_client_config(
     pinned: &CaFingerprint,
     current: &NodeCredentials,
 ) -> Result<ClientConfig, PkiError> {

@@ -47,11 +47,11 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// IPv6), so one host cannot hold every slot.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 4;
 /// How long a client may take for the TLS handshake and its request.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the answer may take to be written.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the server makes itself a new certificate (valid for a day).
-pub const SERVER_CERT_REFRESH: Duration = Duration::from_secs(3600);
+pub(crate) const SERVER_CERT_REFRESH: Duration = Duration::from_secs(3600);
 
 /// A running enrollment server: serves each connection handed to it
 /// ([`EnrollServer::admit`]) in a task of its own. The listener and its

@@ -7,10 +7,8 @@ use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
 use meshtun_test_support::TempDir;
 
-use crate::{
-    CaFingerprint, EnrollRequest, EnrollResponse, Enrolled, Enroller, Grant, JoinKey, TokenStore,
-    PROTOCOL_VERSION,
-};
+use crate::wire::{EnrollRequest, PROTOCOL_VERSION};
+use crate::{CaFingerprint, EnrollResponse, Enrolled, Enroller, Grant, JoinKey, TokenStore};
 
 pub(crate) fn node(name: &str) -> NodeName {
     NodeName::new(name).unwrap()

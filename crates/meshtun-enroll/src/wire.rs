@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::error::{EnrollError, Refusal, RefusalCode};
 
 /// The enrollment protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest request or response body, in bytes.
 pub const MAX_MESSAGE_LEN: usize = meshtun_proto::MAX_FRAME_LEN;
@@ -30,7 +30,7 @@ pub const MAX_MESSAGE_LEN: usize = meshtun_proto::MAX_FRAME_LEN;
 /// certificate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RenewRequest {
+pub(crate) struct RenewRequest {
     /// [`PROTOCOL_VERSION`].
     pub version: u32,
     /// The CSR for the node's fresh key, in PEM.
@@ -40,7 +40,7 @@ pub struct RenewRequest {
 /// The client's request.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EnrollRequest {
+pub(crate) struct EnrollRequest {
     /// [`PROTOCOL_VERSION`].
     pub version: u32,
     /// The join token, secret included.
@@ -55,10 +55,10 @@ pub struct EnrollRequest {
 
 /// How long after a certificate's renewal the same certificate may ask
 /// again (the node never got the first answer); later, it is refused.
-pub const RENEWED_RETRY_WINDOW: Duration = Duration::from_secs(30 * 60);
+pub(crate) const RENEWED_RETRY_WINDOW: Duration = Duration::from_secs(30 * 60);
 
 /// The shortest lifetime a node may ask for when it joins.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(60);
 
 impl fmt::Debug for EnrollRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
