@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshtun_pki::{
     fingerprint, first_certificate, node_uri, system_time, unix_seconds_unsigned, Authority,
-    Issuance, IssuedRecord, Ledger, RevocationList, Serial, Validity,
+    Issuance, IssuedRecord, Ledger, PkiError, RevocationList, Serial, Validity,
 };
 use meshtun_proto::NodeName;
 use rcgen::{CertificateSigningRequestParams, PublicKeyData};
@@ -94,15 +94,17 @@ impl Enroller {
             )
             .with_token(&token.id()));
         }
-        let (node, certificate_pem) = self.store.redeem(&token, now, source, |grant| {
+        let (node, certificate) = self.store.redeem(&token, now, source, |grant| {
             let granted = grant.valid_for.unwrap_or(self.lifetime);
             let lifetime = asked.map_or(granted, |asked| asked.min(granted));
             let validity = Validity::lasting(OffsetDateTime::from(now), lifetime);
             let pem = sign_request(&self.authority, grant, &csr, validity)?;
-            self.record(&pem, Issuance::Join, None, now)?;
-            Ok((grant.node.clone(), pem))
+            let fingerprint = record(&pem, Issuance::Join, None, now, |record| {
+                self.ledger.record(record, now)
+            })?;
+            Ok((grant.node.clone(), Signed { pem, fingerprint }))
         })?;
-        Ok(self.granted(node, Some(token.id()), certificate_pem))
+        Ok(self.granted(node, Some(token.id()), certificate))
     }
 
     /// Answers one renewal request body from a node that presented
@@ -198,50 +200,54 @@ impl Enroller {
         let lifetime = current.lifetime.min(self.lifetime).max(MIN_LIFETIME);
         let validity = Validity::lasting(OffsetDateTime::from(now), lifetime);
         let pem = sign_request(&self.authority, &current.grant, &csr, validity)?;
-        IssuedRecord::of_pem(&pem, Issuance::SelfRenew, Some(&current.serial), now)
-            .and_then(|record| ledger.record(record, now))
-            .map_err(|error| {
-                Refusal::server_error(format!(
-                    "the certificate was not sent: cannot record it in the ledger: {error}"
-                ))
-            })?;
-        Ok(self.granted(current.grant.node, None, pem))
+        let fingerprint = record(
+            &pem,
+            Issuance::SelfRenew,
+            Some(&current.serial),
+            now,
+            |record| ledger.record(record, now),
+        )?;
+        Ok(self.granted(current.grant.node, None, Signed { pem, fingerprint }))
     }
 
-    /// Records a certificate in the ledger before it is sent.
-    fn record(
-        &self,
-        pem: &str,
-        how: Issuance,
-        replaces: Option<&Serial>,
-        now: SystemTime,
-    ) -> Result<(), Refusal> {
-        IssuedRecord::of_pem(pem, how, replaces, now)
-            .and_then(|record| self.ledger.record(record, now))
-            .map_err(|error| {
-                Refusal::server_error(format!(
-                    "the certificate was not sent: cannot record it in the ledger: {error}"
-                ))
-            })
-    }
-
-    fn granted(
-        &self,
-        node: NodeName,
-        token_id: Option<String>,
-        certificate_pem: String,
-    ) -> Granted {
-        let fingerprint = first_certificate(&certificate_pem, "issued certificate")
-            .map(|der| fingerprint(&der))
-            .unwrap_or_default();
+    fn granted(&self, node: NodeName, token_id: Option<String>, certificate: Signed) -> Granted {
         Granted {
             node,
             token_id,
-            fingerprint,
-            certificate_pem,
+            fingerprint: certificate.fingerprint,
+            certificate_pem: certificate.pem,
             ca_pem: self.authority.cert_pem(),
         }
     }
+}
+
+/// A certificate signed, recorded and about to be sent.
+struct Signed {
+    pem: String,
+    /// `sha256:<hex>` of its DER.
+    fingerprint: String,
+}
+
+/// Records the certificate in `pem` in the ledger with `store` (which
+/// takes the ledger's lock, or holds it already) before it is sent, and
+/// returns its fingerprint.
+fn record(
+    pem: &str,
+    how: Issuance,
+    replaces: Option<&Serial>,
+    now: SystemTime,
+    store: impl FnOnce(IssuedRecord) -> Result<(), PkiError>,
+) -> Result<String, Refusal> {
+    first_certificate(pem, "issued certificate")
+        .and_then(|der| {
+            store(IssuedRecord::of_der(&der, how, replaces, now)?)?;
+            Ok(fingerprint(&der))
+        })
+        .map_err(|error| {
+            Refusal::server_error(format!(
+                "the certificate was not sent: cannot record it in the ledger: {error}"
+            ))
+        })
 }
 
 /// A request body as JSON of type `T` (`what` describes it for the
@@ -391,10 +397,10 @@ impl ParsedCsr {
                     names.push(match name {
                         GeneralName::DNSName(dns) => RequestedName::Dns((*dns).to_owned()),
                         GeneralName::URI(uri) => RequestedName::Uri((*uri).to_owned()),
-                        GeneralName::IPAddress(bytes) => match meshtun_pki::ip_from(bytes) {
-                            Some(ip) => RequestedName::Ip(ip),
-                            None => RequestedName::Other(format!("IP:{bytes:02x?}")),
-                        },
+                        GeneralName::IPAddress(bytes) => meshtun_pki::ip_from(bytes).map_or_else(
+                            || RequestedName::Other(meshtun_pki::describe_name(name)),
+                            RequestedName::Ip,
+                        ),
                         other => RequestedName::Other(meshtun_pki::describe_name(other)),
                     });
                 }
@@ -474,8 +480,8 @@ impl From<&Result<Granted, Refusal>> for EnrollResponse {
 mod tests {
     use super::*;
     use crate::testing::{body, ca_dir, grant, joined, node, renewal_body, DAY, HOUR};
-    use crate::{CaFingerprint, EnrollError, JoinKey};
-    use meshtun_pki::{identity_of, pem_block, NodeCredentials, TrustBundle};
+    use crate::{CaFingerprint, EnrollError, Enrolled, JoinKey};
+    use meshtun_pki::{identity_of, NodeCredentials, TrustBundle};
     use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 
     /// CSR parameters asking for `dns` names, with no subject (rcgen's
@@ -715,7 +721,9 @@ mod tests {
             let token = store.create(&granted, HOUR, now).unwrap().token;
             let key = JoinKey::generate(&node("node-x")).unwrap();
             let frame = key.request_for(&token, asked).unwrap();
-            let answer = enroller.handle(&frame[4..], "a", now).unwrap();
+            let answer = enroller
+                .handle(&frame[meshtun_proto::FRAME_PREFIX_LEN..], "a", now)
+                .unwrap();
             let enrolled = key
                 .accept(EnrollResponse::from(&Ok(answer)), &pinned, now)
                 .unwrap();
@@ -734,7 +742,9 @@ mod tests {
         let frame = key
             .request_for(&token, Some(Duration::from_secs(5)))
             .unwrap();
-        let refusal = enroller.handle(&frame[4..], "a", now).unwrap_err();
+        let refusal = enroller
+            .handle(&frame[meshtun_proto::FRAME_PREFIX_LEN..], "a", now)
+            .unwrap_err();
         assert_eq!(refusal.code, RefusalCode::BadRequest);
     }
     #[test]
@@ -760,13 +770,13 @@ mod tests {
             left > 2 * HOUR - Duration::from_secs(60) && left <= 2 * HOUR,
             "{left:?}"
         );
-        let describe = |credentials: &NodeCredentials| {
-            meshtun_pki::inspect_pem(&pem_block("CERTIFICATE", &credentials.chain()[0]))
+        let describe = |enrolled: &Enrolled| {
+            meshtun_pki::inspect_pem(&enrolled.cert_pem)
                 .unwrap()
                 .remove(0)
                 .sans
         };
-        assert_eq!(describe(new), describe(current));
+        assert_eq!(describe(&renewed), describe(&joined));
 
         let ledger = Ledger::new(dir.path()).records().unwrap();
         assert_eq!(ledger.len(), 2, "the join and the renewal are recorded");

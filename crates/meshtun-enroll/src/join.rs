@@ -214,7 +214,7 @@ fn same_ca(path: &Path, pinned: &CaFingerprint) -> bool {
 /// A joined node's certificate, key and CA, checked to belong together.
 pub struct Enrolled {
     node: NodeName,
-    cert_pem: String,
+    pub(crate) cert_pem: String,
     key_pem: String,
     ca_pem: String,
     credentials: NodeCredentials,
@@ -339,9 +339,7 @@ mod tests {
     use super::*;
     use crate::testing::{body, ca_dir, grant, joined, node, renewal_body, DAY, HOUR};
     use crate::Enroller;
-    use meshtun_pki::pem_block;
     use meshtun_test_support::TempDir;
-    use rustls_pki_types::CertificateDer;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -352,8 +350,7 @@ mod tests {
         std::fs::create_dir_all(out.path()).unwrap();
         let cert = out.path().join("node-x.crt");
         let key_path = out.path().join("node-x.key");
-        let pem = |der: &CertificateDer<'_>| pem_block("CERTIFICATE", der);
-        let old_cert = pem(&current.chain()[0]);
+        let old_cert = joined.cert_pem.clone();
         std::fs::write(&cert, &old_cert).unwrap();
         std::fs::write(&key_path, &joined.key_pem).unwrap();
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -55,20 +55,10 @@ pub use client::{request_certificate, request_renewal, EnrollClientError};
 pub use enroller::{Enroller, Granted};
 pub use error::{EnrollError, Refusal, RefusalCode};
 pub use join::{Enrolled, JoinFiles, JoinKey};
-pub use limiter::{BLOCK_DURATION, FAILURE_WINDOW, MAX_FAILURES};
 pub use pin::{
-    enrollment_client_config, enrollment_server_config, renewal_client_config, CaFingerprint,
-    CaFingerprintMismatch, FingerprintFormatError, PinnedCaVerifier, ENROLL_ALPN, RENEW_ALPN,
+    enrollment_client_config, enrollment_server_config, CaFingerprint, CaFingerprintMismatch,
+    FingerprintFormatError, PinnedCaVerifier, ENROLL_ALPN, RENEW_ALPN,
 };
-pub use server::{
-    EnrollServer, EnrollServerError, CONNECTION_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_SOURCE, SERVER_CERT_REFRESH, WRITE_TIMEOUT,
-};
-pub use token::{
-    Grant, JoinToken, NewToken, TokenFormatError, TokenStore, TOKENS_FILE, TOKENS_LOCK_FILE,
-    TOKEN_RECORD_KEPT,
-};
-pub use wire::{
-    decode_response, encode_frame, frame_len, EnrollRequest, EnrollResponse, RenewRequest,
-    MAX_MESSAGE_LEN, MIN_LIFETIME, PROTOCOL_VERSION, RENEWED_RETRY_WINDOW,
-};
+pub use server::{EnrollServer, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE};
+pub use token::{Grant, JoinToken, NewToken, TokenFormatError, TokenStore, TOKENS_FILE};
+pub use wire::{decode_response, encode_frame, frame_len, EnrollResponse, MAX_MESSAGE_LEN};

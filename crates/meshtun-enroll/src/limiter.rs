@@ -11,11 +11,11 @@ use tokio::time::Instant;
 
 /// Failed attempts from one address within [`FAILURE_WINDOW`] that make
 /// the server refuse it.
-pub const MAX_FAILURES: usize = 5;
+pub(crate) const MAX_FAILURES: usize = 5;
 /// The window in which failures are counted.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How long an address is refused once it reached [`MAX_FAILURES`].
-pub const BLOCK_DURATION: Duration = Duration::from_secs(60);
+pub(crate) const BLOCK_DURATION: Duration = Duration::from_secs(60);
 /// Addresses whose failures are remembered at once; past that the oldest
 /// quiet one is forgotten.
 const MAX_TRACKED: usize = 4096;

@@ -10,10 +10,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use meshtun_pki::{crypto_provider, hex, unhex, Authority, NodeCredentials, PkiError, TLS13_ONLY};
-use rcgen::{
-    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SerialNumber,
+use meshtun_pki::{
+    crypto_provider, hex, unhex, Authority, NodeCredentials, PkiError, Validity, TLS13_ONLY,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
@@ -23,7 +21,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
     SignatureScheme,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -35,7 +33,7 @@ pub const ENROLL_ALPN: &[u8] = b"meshtun-enroll/1";
 pub const RENEW_ALPN: &[u8] = b"meshtun-renew/1";
 
 /// How long the enrollment server's own certificate is valid (it is made
-/// again well before, see [`SERVER_CERT_REFRESH`](crate::SERVER_CERT_REFRESH)),
+/// again well before, see [`SERVER_CERT_REFRESH`](crate::server::SERVER_CERT_REFRESH)),
 /// and how far its start is set back
 /// for clock skew.
 const SERVER_CERT_LIFETIME: time::Duration = time::Duration::days(1);
@@ -138,26 +136,13 @@ pub fn enrollment_server_config(
     now: SystemTime,
 ) -> Result<ServerConfig, PkiError> {
     let now = OffsetDateTime::from(now);
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    params.not_before = now - SERVER_CERT_SKEW;
-    params.not_after = now + SERVER_CERT_LIFETIME;
-    let mut serial = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Random)?;
-    serial[0] = (serial[0] & 0x7f) | 0x40;
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(
-        DnType::CommonName,
+    let (chain, key) = authority.issue_server_certificate(
         format!("meshtun enrollment server {}", authority.cluster()),
-    );
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, authority.issuer())?;
-    let chain = vec![cert.der().clone(), authority.cert_der().clone()];
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Validity {
+            not_before: now - SERVER_CERT_SKEW,
+            not_after: now + SERVER_CERT_LIFETIME,
+        },
+    )?;
 
     // A joining node has no certificate yet (its token authenticates it); a
     // renewing node presents its current one, verified here against the CA.
@@ -188,7 +173,7 @@ pub fn enrollment_client_config(pinned: &CaFingerprint) -> Result<ClientConfig, 
 /// A renewing node's TLS configuration: as [`enrollment_client_config`],
 /// with ALPN [`RENEW_ALPN`] and `current` (the node's certificate and key
 /// in force) as the client certificate.
-pub fn renewal_client_config(
+pub(crate) fn renewal_client_config(
     pinned: &CaFingerprint,
     current: &NodeCredentials,
 ) -> Result<ClientConfig, PkiError> {
@@ -325,8 +310,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshtun_pki::{identity_of, Validity};
+    use meshtun_pki::identity_of;
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
     use rustls::{ClientConnection, ServerConnection};
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
     #[test]
     fn fingerprints_parse_in_the_usual_spellings() {

@@ -47,28 +47,11 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// IPv6), so one host cannot hold every slot.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 4;
 /// How long a client may take for the TLS handshake and its request.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the answer may take to be written.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the server makes itself a new certificate (valid for a day).
-pub const SERVER_CERT_REFRESH: Duration = Duration::from_secs(3600);
-
-/// Why the enrollment server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum EnrollServerError {
-    /// The listener could not be bound (by the caller, which binds it and
-    /// hands the connections it accepts to [`EnrollServer::admit`]).
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// What the operating system said.
-        source: io::Error,
-    },
-    /// The server's TLS configuration could not be made.
-    #[error("cannot make the enrollment server's certificate: {0}")]
-    Pki(#[from] PkiError),
-}
+pub(crate) const SERVER_CERT_REFRESH: Duration = Duration::from_secs(3600);
 
 /// A running enrollment server: serves each connection handed to it
 /// ([`EnrollServer::admit`]) in a task of its own. The listener and its
@@ -131,8 +114,9 @@ impl std::fmt::Debug for ServerTls {
 
 impl EnrollServer {
     /// A server answering with `enroller`, with a certificate made for it
-    /// now. Must be called inside a tokio runtime.
-    pub fn new(enroller: Enroller) -> Result<Self, EnrollServerError> {
+    /// now (the error says why that certificate could not be made). Must be
+    /// called inside a tokio runtime.
+    pub fn new(enroller: Enroller) -> Result<Self, PkiError> {
         let acceptor = acceptor(&enroller)?;
         let state = Arc::new(State {
             enroller,
@@ -372,12 +356,9 @@ async fn exchange(
                 })
                 .await
                 .unwrap_or_else(|error| {
-                    let mut refusal = Refusal::new(
-                        RefusalCode::ServerError,
-                        "the enrollment server cannot complete the request; its log says why",
-                    );
-                    refusal.log_detail = Some(format!("the request handler failed: {error}"));
-                    Err(refusal)
+                    Err(Refusal::server_error(format_args!(
+                        "the request handler failed: {error}"
+                    )))
                 })
         }
     };

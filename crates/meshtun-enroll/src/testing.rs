@@ -7,10 +7,8 @@ use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
 use meshtun_test_support::TempDir;
 
-use crate::{
-    CaFingerprint, EnrollRequest, EnrollResponse, Enrolled, Enroller, Grant, JoinKey, TokenStore,
-    PROTOCOL_VERSION,
-};
+use crate::wire::{EnrollRequest, PROTOCOL_VERSION};
+use crate::{CaFingerprint, EnrollResponse, Enrolled, Enroller, Grant, JoinKey, TokenStore};
 
 pub(crate) fn node(name: &str) -> NodeName {
     NodeName::new(name).unwrap()
@@ -72,5 +70,5 @@ pub(crate) fn joined(
 
 pub(crate) fn renewal_body(key: &JoinKey) -> Vec<u8> {
     let frame = key.renewal_request().unwrap();
-    frame[4..].to_vec()
+    frame[meshtun_proto::FRAME_PREFIX_LEN..].to_vec()
 }

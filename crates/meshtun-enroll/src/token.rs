@@ -28,12 +28,12 @@ pub const TOKENS_FILE: &str = "tokens.json";
 /// The lock file beside [`TOKENS_FILE`]; every change of the token file
 /// holds an exclusive `flock` on it, so `pki token` and `pki serve` running
 /// at once never lose each other's writes.
-pub const TOKENS_LOCK_FILE: &str = "tokens.lock";
+pub(crate) const TOKENS_LOCK_FILE: &str = "tokens.lock";
 
 /// Records that expired (used or not) more than this long ago are dropped
 /// from the token file at its next change. Until then a late attempt gets
 /// `token_expired` or `token_used` instead of `unknown_token`.
-pub const TOKEN_RECORD_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const TOKEN_RECORD_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// First field of every join token: the format and its version.
 const TOKEN_PREFIX: &str = "mtjoin1";

@@ -13,13 +13,14 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
+use meshtun_proto::FRAME_PREFIX_LEN;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::error::{EnrollError, Refusal, RefusalCode};
 
 /// The enrollment protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest request or response body, in bytes.
 pub const MAX_MESSAGE_LEN: usize = meshtun_proto::MAX_FRAME_LEN;
@@ -29,7 +30,7 @@ pub const MAX_MESSAGE_LEN: usize = meshtun_proto::MAX_FRAME_LEN;
 /// certificate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RenewRequest {
+pub(crate) struct RenewRequest {
     /// [`PROTOCOL_VERSION`].
     pub version: u32,
     /// The CSR for the node's fresh key, in PEM.
@@ -39,7 +40,7 @@ pub struct RenewRequest {
 /// The client's request.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EnrollRequest {
+pub(crate) struct EnrollRequest {
     /// [`PROTOCOL_VERSION`].
     pub version: u32,
     /// The join token, secret included.
@@ -54,10 +55,10 @@ pub struct EnrollRequest {
 
 /// How long after a certificate's renewal the same certificate may ask
 /// again (the node never got the first answer); later, it is refused.
-pub const RENEWED_RETRY_WINDOW: Duration = Duration::from_secs(30 * 60);
+pub(crate) const RENEWED_RETRY_WINDOW: Duration = Duration::from_secs(30 * 60);
 
 /// The shortest lifetime a node may ask for when it joins.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(60);
 
 impl fmt::Debug for EnrollRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -103,7 +104,7 @@ pub fn encode_frame(message: &impl Serialize) -> Result<Vec<u8>, EnrollError> {
 
 /// The body length a frame's 4-byte prefix announces, if it is within
 /// 1..=[`MAX_MESSAGE_LEN`].
-pub fn frame_len(prefix: [u8; 4]) -> Result<usize, Refusal> {
+pub fn frame_len(prefix: [u8; FRAME_PREFIX_LEN]) -> Result<usize, Refusal> {
     meshtun_proto::decode_frame_len(prefix).map_err(|error| {
         Refusal::new(
             RefusalCode::BadRequest,
@@ -121,7 +122,7 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, Refusal> {
 pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> io::Result<Result<Vec<u8>, Refusal>> {
-    let mut prefix = [0u8; 4];
+    let mut prefix = [0u8; FRAME_PREFIX_LEN];
     stream.read_exact(&mut prefix).await?;
     let len = match frame_len(prefix) {
         Ok(len) => len,
@@ -148,17 +149,17 @@ mod tests {
             message: "m".to_owned(),
         })
         .unwrap();
-        let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
-        assert_eq!(len, frame.len() - 4);
+        let len = frame_len(frame[..FRAME_PREFIX_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - FRAME_PREFIX_LEN);
         assert_eq!(
-            decode_response(&frame[4..]).unwrap(),
+            decode_response(&frame[FRAME_PREFIX_LEN..]).unwrap(),
             EnrollResponse::Refused {
                 error: "bad_request".to_owned(),
                 message: "m".to_owned()
             }
         );
         assert_eq!(
-            String::from_utf8(frame[4..].to_vec()).unwrap(),
+            String::from_utf8(frame[FRAME_PREFIX_LEN..].to_vec()).unwrap(),
             r#"{"error":"bad_request","message":"m"}"#
         );
         let issued = encode_frame(&EnrollResponse::Issued {
@@ -166,7 +167,10 @@ mod tests {
             ca: "a".to_owned(),
         })
         .unwrap();
-        assert_eq!(&issued[4..], br#"{"certificate":"c","ca":"a"}"#);
+        assert_eq!(
+            &issued[FRAME_PREFIX_LEN..],
+            br#"{"certificate":"c","ca":"a"}"#
+        );
         for prefix in [0u32, MAX_MESSAGE_LEN as u32 + 1, u32::MAX] {
             assert_eq!(
                 frame_len(prefix.to_be_bytes()).unwrap_err().code,

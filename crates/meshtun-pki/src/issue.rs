@@ -10,7 +10,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
@@ -247,13 +247,6 @@ impl Authority {
     /// The CA certificate in DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
-    }
-
-    /// The CA as rcgen signs with it: its certificate parameters and key.
-    /// For certificates made outside this crate (the enrollment server's
-    /// own); node certificates come from [`Authority::issue`].
-    pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
-        &self.issuer
     }
 
     /// The CA private key in PEM. Secret: write it only with [`Authority::write`].
@@ -515,6 +508,30 @@ impl Authority {
         }
         self.sign_node(node, names, validity, public_key)
     }
+
+    /// A server certificate and a fresh P-256 key, for a server that proves
+    /// it holds this CA (the enrollment server's own): the subject holds only
+    /// CN `common_name`, no subjectAltName (it carries no node identity),
+    /// basicConstraints CA:FALSE, key usage digitalSignature, extended key
+    /// usage serverAuth only, a random serial and `validity` as given.
+    /// Returns the chain [certificate, CA certificate] and the key (PKCS#8).
+    pub fn issue_server_certificate(
+        &self,
+        common_name: String,
+        validity: Validity,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
+        validity.check()?;
+        let key = new_key()?;
+        let mut params = base_params(validity, common_name)?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let chain = vec![cert.der().clone(), self.cert_der.clone()];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((chain, key))
+    }
 }
 
 impl fmt::Debug for Authority {
@@ -714,7 +731,7 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
 }
 
 /// DER wrapped in a PEM block with 64-column base64 lines.
-pub fn pem_block(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut encoded = Vec::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {

@@ -48,7 +48,7 @@ pub use inspect::{
     inspect_crl_file, inspect_crl_pem, inspect_file, inspect_pem, is_crl_pem, CrlInspection,
     Inspection, RevokedInspection,
 };
-pub use issue::{pem_block, Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
+pub use issue::{Authority, Issued, Renewed, Validity, CA_CERT_FILE, CA_KEY_FILE};
 pub use ledger::{
     Issuance, IssuedRecord, Ledger, LockedLedger, EXPIRED_RECORD_KEPT, LEDGER_FILE,
     LEDGER_LOCK_FILE,

@@ -834,14 +834,14 @@ fn enroll_serve(
         let server = match EnrollServer::new(Enroller::new(authority, store.clone(), lifetime)) {
             Ok(server) => server,
             Err(problem) => {
-                error!("{problem}");
+                error!("cannot make the enrollment server's certificate: {problem}");
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
         let (listener, local) = match bind_enrollment(listen).await {
             Ok(bound) => bound,
             Err(problem) => {
-                error!("{problem}");
+                error!("cannot listen on {listen}: {problem}");
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
@@ -889,14 +889,8 @@ fn enroll_serve(
 /// is (port 0 becomes real).
 async fn bind_enrollment(
     listen: std::net::SocketAddr,
-) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), meshtun_enroll::EnrollServerError> {
-    let bind_error = |source| meshtun_enroll::EnrollServerError::Bind {
-        addr: listen,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(bind_error)?;
-    let local = listener.local_addr().map_err(bind_error)?;
+) -> std::io::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
     Ok((listener, local))
 }
