@@ -35,8 +35,7 @@ pub(crate) struct Material {
 /// How much `inspect` says beyond the errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Detail {
-    /// Every fact and warning too, for `meshtun check`: it also reads the
-    /// CRL and CA files once more to describe each CRL.
+    /// Every fact and warning too, for `meshtun check`.
     Describe,
     /// The errors (and what facts come free), for the daemon at start and
     /// on reload.
@@ -112,8 +111,8 @@ fn check_tls(
             None
         }
     };
-    if let (Some(crl), Some(_), Detail::Describe) = (&tls.crl, &trust, detail) {
-        describe_crls(&tls.ca, crl, report, now);
+    if let (Some(crl), Some(trust), Detail::Describe) = (&tls.crl, &trust, detail) {
+        describe_crls(trust, crl, report, now);
     }
     // A key its group or others may read is an error, but the rest is
     // checked all the same, so that one run names every problem. (A key
@@ -247,16 +246,18 @@ fn check_renewal(config: &Config, renew: &meshtun_config::Renew, report: &mut Re
 /// One line per CRL in `tls.crl`: whose it is, its number, how many it
 /// revokes and when the next is due; a warning when that date has passed,
 /// and one for each CA in `tls.ca` that has no CRL in the file (with CRLs
-/// configured, every certificate of such a CA is refused).
-fn describe_crls(ca: &Path, path: &Path, report: &mut Report, now: SystemTime) {
-    // TrustBundle::load read both a moment ago; say so if they changed since.
-    let crls = match meshtun_pki::inspect_crl_file(path) {
-        Ok(crls) => crls,
-        Err(problem) => return report.errors.push(format!("tls.crl: {problem}")),
-    };
-    let cas = match meshtun_pki::inspect_file(ca) {
-        Ok(cas) => cas,
-        Err(problem) => return report.errors.push(format!("tls.ca: {problem}")),
+/// configured, every certificate of such a CA is refused). Described from
+/// what `trust` loaded from `path`, not read again.
+fn describe_crls(trust: &TrustBundle, path: &Path, report: &mut Report, now: SystemTime) {
+    let (crls, cas) = match (trust.inspect_crls(), trust.inspect_cas()) {
+        (Ok(crls), Ok(cas)) => (crls, cas),
+        // The bundle parsed these very bytes when it loaded, so a start
+        // would take them: not an error, but there is nothing to describe.
+        (Err(problem), _) | (_, Err(problem)) => {
+            return report
+                .warnings
+                .push(format!("tls.crl: cannot describe the CRLs: {problem}"))
+        }
     };
     for ca in cas
         .iter()
