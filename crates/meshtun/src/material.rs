@@ -114,10 +114,23 @@ fn check_tls(
     if let (Some(crl), Some(trust), Detail::Describe) = (&tls.crl, &trust, detail) {
         describe_crls(trust, crl, report, now);
     }
+    let credentials = load_credentials(&tls.cert, &tls.key, report);
+    if let Some(credentials) = &credentials {
+        check_credentials(config, credentials, trust.as_ref(), report, now);
+    }
+    // Renewal needs no credentials: checked even when they failed to load.
+    if let Some(renew) = &tls.renew {
+        check_renewal(config, renew, report);
+    }
+    credentials.zip(trust)
+}
+
+/// The certificate and key, or `None` with the problem in the report.
+fn load_credentials(cert: &Path, key: &Path, report: &mut Report) -> Option<NodeCredentials> {
     // A key its group or others may read is an error, but the rest is
     // checked all the same, so that one run names every problem. (A key
     // file that cannot even be looked at is reported once, by the load.)
-    let open_key = match meshtun_pki::key_file_mode_problem(&tls.key) {
+    let open_key = match meshtun_pki::key_file_mode_problem(key) {
         Ok(Some(problem)) => {
             report.errors.push(format!("tls.key: {problem}"));
             true
@@ -125,17 +138,24 @@ fn check_tls(
         _ => false,
     };
     let loaded = if open_key {
-        NodeCredentials::load_ignoring_key_mode(&tls.cert, &tls.key)
+        NodeCredentials::load_ignoring_key_mode(cert, key)
     } else {
-        NodeCredentials::load(&tls.cert, &tls.key)
+        NodeCredentials::load(cert, key)
     };
-    let credentials = match loaded {
-        Ok(credentials) => credentials,
-        Err(problem) => {
-            report.errors.push(credentials_problem(&tls.cert, &problem));
-            return None;
-        }
-    };
+    loaded
+        .map_err(|problem| report.errors.push(credentials_problem(cert, &problem)))
+        .ok()
+}
+
+/// The loaded credentials against the configuration and the trust bundle
+/// (when that loaded): identity, trust, expiry, the cluster name.
+fn check_credentials(
+    config: &Config,
+    credentials: &NodeCredentials,
+    trust: Option<&TrustBundle>,
+    report: &mut Report,
+    now: SystemTime,
+) {
     if credentials.identity() != &config.node {
         report.errors.push(format!(
             "tls.cert: certificate identity is {:?} but node = {:?}; the certificate must name this node",
@@ -148,22 +168,18 @@ fn check_tls(
             credentials.identity()
         ));
     }
-    if let Some(trust) = &trust {
+    if let Some(trust) = trust {
         // So that a reload from changed files cannot install a CA bundle or
         // CRL that cuts this node off (a new CA copied over the old one
         // instead of beside it, say).
-        if let Err(problem) = trust.verify_node(&credentials, now) {
+        if let Err(problem) = trust.verify_node(credentials, now) {
             report
                 .errors
-                .push(untrusted_node(config, &credentials, &problem));
+                .push(untrusted_node(config, credentials, &problem));
         }
     }
-    expiry(&credentials, now, report);
-    check_cluster_name(config, &credentials, report);
-    if let Some(renew) = &tls.renew {
-        check_renewal(config, renew, report);
-    }
-    trust.map(|trust| (credentials, trust))
+    expiry(credentials, now, report);
+    check_cluster_name(config, credentials, report);
 }
 
 /// A certificate and key that could not be loaded; after a renewal cut
