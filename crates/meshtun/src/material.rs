@@ -186,15 +186,13 @@ fn check_credentials(
 /// short, where the previous pair is.
 fn credentials_problem(cert: &Path, problem: &PkiError) -> String {
     let mut line = format!("tls.cert/tls.key: {problem}");
-    if matches!(problem, PkiError::KeyMismatch { .. }) {
-        let mut prev = cert.as_os_str().to_owned();
-        prev.push(".prev");
-        if Path::new(&prev).exists() {
-            line.push_str(
-                " (if a renewal was cut short, the previous pair is beside them as \
-                 .prev: copy both back, or renew again)",
-            );
-        }
+    if matches!(problem, PkiError::KeyMismatch { .. })
+        && meshtun_enroll::previous_path(cert).exists()
+    {
+        line.push_str(
+            " (if a renewal was cut short, the previous pair is beside them as \
+             .prev: copy both back, or renew again)",
+        );
     }
     line
 }
