@@ -175,22 +175,27 @@ pub(crate) fn apply(
     };
     check_written_twice(config, manifest, &derived, path, sink);
     check_listeners(config, &derived, path, sink);
-    let overlay_allow = check_overlay(config, &derived, path, sink);
+    check_overlay(config, &derived, path, sink);
     check_own_node(config, manifest, &derived, path, sink);
-    if !sink.errors.is_empty() {
-        return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
-    }
-    merge(config, derived, overlay_allow);
+    no_errors(sink)?;
+    merge(config, derived);
     if config.overlay.is_some() {
         recheck_overlay(config, path, sink);
-        if !sink.errors.is_empty() {
-            return Err(ConfigErrors(std::mem::take(&mut sink.errors)));
-        }
+        no_errors(sink)?;
     }
     if let Some(cluster) = &mut config.cluster {
         cluster.name = Some(manifest.cluster.clone());
     }
     Ok(())
+}
+
+/// The errors `sink` holds so far, if any.
+fn no_errors(sink: &mut Sink) -> Result<(), ConfigErrors> {
+    if sink.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(std::mem::take(&mut sink.errors)))
+    }
 }
 
 /// `what` of the cluster manifest at `path`, for messages.
@@ -275,15 +280,9 @@ fn check_listeners(config: &Config, derived: &Derived, path: &Path, sink: &mut S
     }
 }
 
-/// The manifest's overlay address and policy against `[overlay]`; the
-/// policy to take from the manifest, if the config leaves it out.
-fn check_overlay(
-    config: &Config,
-    derived: &Derived,
-    path: &Path,
-    sink: &mut Sink,
-) -> Option<Vec<OverlayAllow>> {
-    let mut overlay_allow = None;
+/// The manifest's overlay address and policy against `[overlay]`: the
+/// policy may be written in one of the two only.
+fn check_overlay(config: &Config, derived: &Derived, path: &Path, sink: &mut Sink) {
     if let Some(overlay) = &config.overlay {
         if let Some(address) = derived.overlay_address {
             if address != overlay.address {
@@ -313,21 +312,16 @@ fn check_overlay(
                     );
             }
         }
-        if !derived.overlay_allow.is_empty() {
-            if overlay.allow.is_empty() {
-                overlay_allow = Some(derived.overlay_allow.clone());
-            } else {
-                sink.error(
-                    "overlay.allow",
-                    format!(
-                        "the {} sets the overlay policy too; write it in one place",
-                        from("[[overlay_allow]]", path)
-                    ),
-                );
-            }
+        if !derived.overlay_allow.is_empty() && !overlay.allow.is_empty() {
+            sink.error(
+                "overlay.allow",
+                format!(
+                    "the {} sets the overlay policy too; write it in one place",
+                    from("[[overlay_allow]]", path)
+                ),
+            );
         }
     }
-    overlay_allow
 }
 
 /// This node's own address, the peers its forwards name, and the ports its
@@ -400,8 +394,9 @@ fn check_own_node(
     }
 }
 
-/// What the manifest adds, added.
-fn merge(config: &mut Config, derived: Derived, overlay_allow: Option<Vec<OverlayAllow>>) {
+/// What the manifest adds, added: its overlay policy too, where `[overlay]`
+/// writes none ([`check_overlay`] refused one written in both).
+fn merge(config: &mut Config, derived: Derived) {
     let overlay_on = config.overlay.is_some();
     config
         .peers
@@ -414,8 +409,12 @@ fn merge(config: &mut Config, derived: Derived, overlay_allow: Option<Vec<Overla
         }));
     config.forwards.extend(derived.forwards);
     config.exposes.extend(derived.exposes);
-    if let (Some(overlay), Some(rules)) = (&mut config.overlay, overlay_allow) {
-        overlay.allow = rules;
+    if let Some(overlay) = config
+        .overlay
+        .as_mut()
+        .filter(|overlay| overlay.allow.is_empty())
+    {
+        overlay.allow = derived.overlay_allow;
     }
 }
 

@@ -263,6 +263,13 @@ impl Enrolled {
     }
 }
 
+/// Where [`Enrolled::install`] keeps the pair it replaced: `<path>.prev`.
+pub fn previous_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".prev");
+    PathBuf::from(name)
+}
+
 impl Enrolled {
     /// Installs a renewed certificate and key in place of the ones at
     /// `cert` and `key` (`tls.cert`, `tls.key`): the current pair is copied
@@ -271,12 +278,7 @@ impl Enrolled {
     /// over it). The CA certificate is not touched. Returns the `.prev`
     /// paths.
     pub fn install(&self, cert: &Path, key: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
-        let previous = |path: &Path| {
-            let mut name = path.as_os_str().to_owned();
-            name.push(".prev");
-            PathBuf::from(name)
-        };
-        let (cert_prev, key_prev) = (previous(cert), previous(key));
+        let (cert_prev, key_prev) = (previous_path(cert), previous_path(key));
         // One renewal at a time per key (the daemon and `meshtun renew`).
         let mut lock_path = key.as_os_str().to_owned();
         lock_path.push(".lock");

@@ -54,7 +54,7 @@ mod testing;
 pub use client::{request_certificate, request_renewal, EnrollClientError};
 pub use enroller::{Enroller, Granted};
 pub use error::{EnrollError, Refusal, RefusalCode};
-pub use join::{Enrolled, JoinFiles, JoinKey};
+pub use join::{previous_path, Enrolled, JoinFiles, JoinKey};
 pub use pin::{
     enrollment_client_config, enrollment_server_config, CaFingerprint, CaFingerprintMismatch,
     FingerprintFormatError, PinnedCaVerifier, ENROLL_ALPN, RENEW_ALPN,

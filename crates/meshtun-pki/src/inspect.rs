@@ -6,12 +6,12 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use meshtun_proto::NodeName;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
 use crate::crl::{crls_from_bytes, parse_crl, Reason, CRL_PEM_BEGIN};
 use crate::files;
 use crate::identity::{describe_name, identity_of_parsed, parse_certificate};
-use crate::load::{certificates_from_pem, system_time};
+use crate::load::{certificates_from_pem, system_time, TrustBundle};
 use crate::x509::{fingerprint, format_utc};
 use crate::PkiError;
 
@@ -54,7 +54,11 @@ pub fn inspect_file(path: &Path) -> Result<Vec<Inspection>, PkiError> {
 }
 
 fn inspect_pem_with_origin(pem: &str, origin: &str) -> Result<Vec<Inspection>, PkiError> {
-    certificates_from_pem(pem, origin)?
+    inspect_ders(&certificates_from_pem(pem, origin)?, origin)
+}
+
+fn inspect_ders(certs: &[CertificateDer<'_>], origin: &str) -> Result<Vec<Inspection>, PkiError> {
+    certs
         .iter()
         .enumerate()
         .map(|(index, cert)| inspect_der(cert, &format!("{origin}, certificate #{}", index + 1)))
@@ -180,37 +184,61 @@ pub fn inspect_crl_file(path: &Path) -> Result<Vec<CrlInspection>, PkiError> {
 }
 
 fn inspect_crl_with_origin(bytes: &[u8], origin: &str) -> Result<Vec<CrlInspection>, PkiError> {
-    let mut found = Vec::new();
-    for (index, der) in crls_from_bytes(bytes, origin)?.iter().enumerate() {
-        let origin = format!("{origin}, CRL #{}", index + 1);
-        let crl = parse_crl(der, &origin)?;
-        let revoked = crl
-            .iter_revoked_certificates()
-            .map(|entry| {
-                Ok(RevokedInspection {
-                    serial: entry.raw_serial_as_string(),
-                    revoked_at: system_time(entry.revocation_date, &origin)?,
-                    reason: entry.reason_code().map(|(_, code)| {
-                        Reason::from_code(code.0).map_or_else(
-                            || format!("reason code {}", code.0),
-                            |reason| reason.name().to_string(),
-                        )
-                    }),
-                })
+    inspect_crls_der(&crls_from_bytes(bytes, origin)?, origin)
+}
+
+fn inspect_crls_der(
+    crls: &[CertificateRevocationListDer<'_>],
+    origin: &str,
+) -> Result<Vec<CrlInspection>, PkiError> {
+    crls.iter()
+        .enumerate()
+        .map(|(index, der)| inspect_crl_der(der, &format!("{origin}, CRL #{}", index + 1)))
+        .collect()
+}
+
+fn inspect_crl_der(der: &[u8], origin: &str) -> Result<CrlInspection, PkiError> {
+    let crl = parse_crl(der, origin)?;
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|entry| {
+            Ok(RevokedInspection {
+                serial: entry.raw_serial_as_string(),
+                revoked_at: system_time(entry.revocation_date, origin)?,
+                reason: entry.reason_code().map(|(_, code)| {
+                    Reason::from_code(code.0).map_or_else(
+                        || format!("reason code {}", code.0),
+                        |reason| reason.name().to_string(),
+                    )
+                }),
             })
-            .collect::<Result<_, PkiError>>()?;
-        found.push(CrlInspection {
-            issuer: crl.issuer().to_string(),
-            number: crl.crl_number().map(ToString::to_string),
-            this_update: system_time(crl.last_update(), &origin)?,
-            next_update: crl
-                .next_update()
-                .map(|next| system_time(next, &origin))
-                .transpose()?,
-            revoked,
-        });
+        })
+        .collect::<Result<_, PkiError>>()?;
+    Ok(CrlInspection {
+        issuer: crl.issuer().to_string(),
+        number: crl.crl_number().map(ToString::to_string),
+        this_update: system_time(crl.last_update(), origin)?,
+        next_update: crl
+            .next_update()
+            .map(|next| system_time(next, origin))
+            .transpose()?,
+        revoked,
+    })
+}
+
+impl TrustBundle {
+    /// Each CA certificate of the bundle, in file order, described from the
+    /// DER it holds, as [`inspect_file`] describes a file (the files are not
+    /// read again).
+    pub fn inspect_cas(&self) -> Result<Vec<Inspection>, PkiError> {
+        inspect_ders(&self.certs, "CA bundle")
     }
-    Ok(found)
+
+    /// Each CRL of the bundle, in file order, described from the DER it
+    /// holds, as [`inspect_crl_file`] describes a file; empty without CRLs.
+    pub fn inspect_crls(&self) -> Result<Vec<CrlInspection>, PkiError> {
+        inspect_crls_der(&self.crls, "CRL")
+    }
 }
 
 impl CrlInspection {
@@ -424,6 +452,25 @@ mod tests {
         let dir = TempDir::new("inspect-crl");
         let error = inspect_crl_file(&dir.path().join("crl.pem")).unwrap_err();
         assert!(error.to_string().contains("crl.pem"), "{error}");
+    }
+
+    #[test]
+    fn a_trust_bundle_describes_what_it_holds() {
+        let ca = Authority::generate("prod", Validity::days_from_now(30)).unwrap();
+        let crl = crate::RevocationList::new()
+            .sign(&ca, UNIX_EPOCH + Duration::from_secs(1_767_225_600), 30)
+            .unwrap();
+        let bundle = TrustBundle::from_pem(&ca.cert_pem()).unwrap();
+        assert_eq!(
+            bundle.inspect_cas().unwrap(),
+            inspect_pem(&ca.cert_pem()).unwrap()
+        );
+        assert_eq!(bundle.inspect_crls().unwrap(), []);
+        let bundle = bundle.with_crl_pem(&crl).unwrap();
+        assert_eq!(
+            bundle.inspect_crls().unwrap(),
+            inspect_crl_pem(&crl).unwrap()
+        );
     }
 
     /// 2026-01-01T00:00:00Z plus `days`.

@@ -35,8 +35,7 @@ pub(crate) struct Material {
 /// How much `inspect` says beyond the errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Detail {
-    /// Every fact and warning too, for `meshtun check`: it also reads the
-    /// CRL and CA files once more to describe each CRL.
+    /// Every fact and warning too, for `meshtun check`.
     Describe,
     /// The errors (and what facts come free), for the daemon at start and
     /// on reload.
@@ -112,13 +111,26 @@ fn check_tls(
             None
         }
     };
-    if let (Some(crl), Some(_), Detail::Describe) = (&tls.crl, &trust, detail) {
-        describe_crls(&tls.ca, crl, report, now);
+    if let (Some(crl), Some(trust), Detail::Describe) = (&tls.crl, &trust, detail) {
+        describe_crls(trust, crl, report, now);
     }
+    let credentials = load_credentials(&tls.cert, &tls.key, report);
+    if let Some(credentials) = &credentials {
+        check_credentials(config, credentials, trust.as_ref(), report, now);
+    }
+    // Renewal needs no credentials: checked even when they failed to load.
+    if let Some(renew) = &tls.renew {
+        check_renewal(config, renew, report);
+    }
+    credentials.zip(trust)
+}
+
+/// The certificate and key, or `None` with the problem in the report.
+fn load_credentials(cert: &Path, key: &Path, report: &mut Report) -> Option<NodeCredentials> {
     // A key its group or others may read is an error, but the rest is
     // checked all the same, so that one run names every problem. (A key
     // file that cannot even be looked at is reported once, by the load.)
-    let open_key = match meshtun_pki::key_file_mode_problem(&tls.key) {
+    let open_key = match meshtun_pki::key_file_mode_problem(key) {
         Ok(Some(problem)) => {
             report.errors.push(format!("tls.key: {problem}"));
             true
@@ -126,17 +138,24 @@ fn check_tls(
         _ => false,
     };
     let loaded = if open_key {
-        NodeCredentials::load_ignoring_key_mode(&tls.cert, &tls.key)
+        NodeCredentials::load_ignoring_key_mode(cert, key)
     } else {
-        NodeCredentials::load(&tls.cert, &tls.key)
+        NodeCredentials::load(cert, key)
     };
-    let credentials = match loaded {
-        Ok(credentials) => credentials,
-        Err(problem) => {
-            report.errors.push(credentials_problem(&tls.cert, &problem));
-            return None;
-        }
-    };
+    loaded
+        .map_err(|problem| report.errors.push(credentials_problem(cert, &problem)))
+        .ok()
+}
+
+/// The loaded credentials against the configuration and the trust bundle
+/// (when that loaded): identity, trust, expiry, the cluster name.
+fn check_credentials(
+    config: &Config,
+    credentials: &NodeCredentials,
+    trust: Option<&TrustBundle>,
+    report: &mut Report,
+    now: SystemTime,
+) {
     if credentials.identity() != &config.node {
         report.errors.push(format!(
             "tls.cert: certificate identity is {:?} but node = {:?}; the certificate must name this node",
@@ -149,37 +168,31 @@ fn check_tls(
             credentials.identity()
         ));
     }
-    if let Some(trust) = &trust {
+    if let Some(trust) = trust {
         // So that a reload from changed files cannot install a CA bundle or
         // CRL that cuts this node off (a new CA copied over the old one
         // instead of beside it, say).
-        if let Err(problem) = trust.verify_node(&credentials, now) {
+        if let Err(problem) = trust.verify_node(credentials, now) {
             report
                 .errors
-                .push(untrusted_node(config, &credentials, &problem));
+                .push(untrusted_node(config, credentials, &problem));
         }
     }
-    expiry(&credentials, now, report);
-    check_cluster_name(config, &credentials, report);
-    if let Some(renew) = &tls.renew {
-        check_renewal(config, renew, report);
-    }
-    trust.map(|trust| (credentials, trust))
+    expiry(credentials, now, report);
+    check_cluster_name(config, credentials, report);
 }
 
 /// A certificate and key that could not be loaded; after a renewal cut
 /// short, where the previous pair is.
 fn credentials_problem(cert: &Path, problem: &PkiError) -> String {
     let mut line = format!("tls.cert/tls.key: {problem}");
-    if matches!(problem, PkiError::KeyMismatch { .. }) {
-        let mut prev = cert.as_os_str().to_owned();
-        prev.push(".prev");
-        if Path::new(&prev).exists() {
-            line.push_str(
-                " (if a renewal was cut short, the previous pair is beside them as \
-                 .prev: copy both back, or renew again)",
-            );
-        }
+    if matches!(problem, PkiError::KeyMismatch { .. })
+        && meshtun_enroll::previous_path(cert).exists()
+    {
+        line.push_str(
+            " (if a renewal was cut short, the previous pair is beside them as \
+             .prev: copy both back, or renew again)",
+        );
     }
     line
 }
@@ -247,16 +260,18 @@ fn check_renewal(config: &Config, renew: &meshtun_config::Renew, report: &mut Re
 /// One line per CRL in `tls.crl`: whose it is, its number, how many it
 /// revokes and when the next is due; a warning when that date has passed,
 /// and one for each CA in `tls.ca` that has no CRL in the file (with CRLs
-/// configured, every certificate of such a CA is refused).
-fn describe_crls(ca: &Path, path: &Path, report: &mut Report, now: SystemTime) {
-    // TrustBundle::load read both a moment ago; say so if they changed since.
-    let crls = match meshtun_pki::inspect_crl_file(path) {
-        Ok(crls) => crls,
-        Err(problem) => return report.errors.push(format!("tls.crl: {problem}")),
-    };
-    let cas = match meshtun_pki::inspect_file(ca) {
-        Ok(cas) => cas,
-        Err(problem) => return report.errors.push(format!("tls.ca: {problem}")),
+/// configured, every certificate of such a CA is refused). Described from
+/// what `trust` loaded from `path`, not read again.
+fn describe_crls(trust: &TrustBundle, path: &Path, report: &mut Report, now: SystemTime) {
+    let (crls, cas) = match (trust.inspect_crls(), trust.inspect_cas()) {
+        (Ok(crls), Ok(cas)) => (crls, cas),
+        // The bundle parsed these very bytes when it loaded, so a start
+        // would take them: not an error, but there is nothing to describe.
+        (Err(problem), _) | (_, Err(problem)) => {
+            return report
+                .warnings
+                .push(format!("tls.crl: cannot describe the CRLs: {problem}"))
+        }
     };
     for ca in cas
         .iter()

@@ -543,6 +543,40 @@ fn check_reports_the_renewal_settings() {
 }
 
 #[test]
+fn check_reports_renewal_problems_even_without_a_certificate() {
+    let setup = Setup::new("check-renew-no-cert");
+    // A certificate in a directory that is not there: it cannot load, and
+    // a renewal could not write it.
+    let cert = setup.path("gone").join("node-1.crt");
+    let config = setup.config(
+        &setup.path("ca.crt"),
+        &cert,
+        &setup.path("node-1.key"),
+        "127.0.0.1:4434",
+        "127.0.0.1:29550",
+    );
+    let text = fs::read_to_string(&config).expect("config");
+    let fingerprint = format!("sha256:{}", "ab".repeat(32));
+    let renewing = text.replacen(
+        "[tls]\n",
+        &format!(
+            "[tls]\nrenew = {{ server = \"127.0.0.1:7443\", ca_fingerprint = \"{fingerprint}\" }}\n"
+        ),
+        1,
+    );
+    assert_ne!(renewing, text, "the config has a [tls] line: {text}");
+    fs::write(&config, renewing).expect("write config");
+    let (finished, errors) = check_fails(&config);
+    error_with(&errors, &["tls.cert/tls.key", "node-1.crt"], &finished);
+    error_with(
+        &errors,
+        &["tls.cert: tls.renew replaces", "is not writable"],
+        &finished,
+    );
+    assert_eq!(errors.len(), 2, "{finished}");
+}
+
+#[test]
 fn check_reports_a_certificate_of_another_node() {
     let setup = Setup::new("check-identity");
     issue(setup.dir.path(), "node-2", setup.dir.path());

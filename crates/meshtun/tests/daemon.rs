@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_checked, echo_server, free_tcp_port, free_tcp_ports, free_udp_port, http_get, meshtun,
-    peer_serials, status_of, Daemon, TempDir,
+    echo_checked, echo_once, echo_server, echo_until, free_tcp_port, free_tcp_ports, free_udp_port,
+    http_get, meshtun, peer_serials, round_trip, status_of, Daemon, TempDir,
 };
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
@@ -195,55 +195,6 @@ async fn source_server() -> SocketAddr {
         }
     });
     addr
-}
-
-/// One connection through `addr`: a few bytes out and the same bytes back,
-/// within `within`.
-async fn echo_once(addr: SocketAddr, within: Duration) -> io::Result<()> {
-    let attempt = async {
-        let mut tcp = TcpStream::connect(addr).await?;
-        round_trip(&mut tcp).await
-    };
-    tokio::time::timeout(within, attempt)
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no echo in time")))
-}
-
-/// Writes a message on `tcp` and reads it back.
-async fn round_trip(tcp: &mut TcpStream) -> io::Result<()> {
-    let message = b"meshtun echo round trip";
-    tcp.write_all(message).await?;
-    let mut back = [0u8; 23];
-    tcp.read_exact(&mut back).await?;
-    if &back != message {
-        return Err(io::Error::other(format!("echo returned {back:?}")));
-    }
-    Ok(())
-}
-
-/// Tries [`echo_once`] every 50 ms until one works, giving each attempt
-/// `per_attempt`; returns the last error if none worked within `timeout`.
-async fn echo_until(
-    addr: SocketAddr,
-    timeout: Duration,
-    per_attempt: Duration,
-) -> Result<(), String> {
-    let started = Instant::now();
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let error = match echo_once(addr, per_attempt).await {
-            Ok(()) => return Ok(()),
-            Err(error) => error,
-        };
-        if started.elapsed() >= timeout {
-            return Err(format!(
-                "{attempts} attempts in {:?}; last: {error}",
-                started.elapsed()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

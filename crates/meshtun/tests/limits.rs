@@ -25,7 +25,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_server, free_tcp_ports, free_udp_port, http_get, status_of, ChildGuard, TempDir,
+    echo_once, echo_server, echo_until, free_tcp_ports, free_udp_port, http_get, status_of,
+    ChildGuard, TempDir,
 };
 use meshtun_pki::{Authority, Validity};
 use meshtun_proto::NodeName;
@@ -249,7 +250,7 @@ impl Cluster {
             admin_b,
             _dir: dir,
         };
-        if let Err(error) = echo_until(cluster.echo, READY_TIMEOUT).await {
+        if let Err(error) = echo_until(cluster.echo, READY_TIMEOUT, Duration::from_secs(2)).await {
             panic!("the daemons did not carry an echo within {READY_TIMEOUT:?}: {error}");
         }
         cluster
@@ -403,51 +404,11 @@ async fn crowd(addr: SocketAddr) -> Tally {
     tally
 }
 
-/// One connection through `addr`: a few bytes out and the same bytes back,
-/// within `within`.
-async fn echo_once(addr: SocketAddr, within: Duration) -> io::Result<()> {
-    let attempt = async {
-        let mut tcp = TcpStream::connect(addr).await?;
-        let message = b"meshtun echo round trip";
-        tcp.write_all(message).await?;
-        let mut back = [0u8; 23];
-        tcp.read_exact(&mut back).await?;
-        if &back != message {
-            return Err(io::Error::other(format!("echo returned {back:?}")));
-        }
-        Ok(())
-    };
-    tokio::time::timeout(within, attempt)
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no echo in time")))
-}
-
-/// Tries [`echo_once`] every 50 ms until one works; returns the last error
-/// if none worked within `timeout`.
-async fn echo_until(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let started = Instant::now();
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let error = match echo_once(addr, Duration::from_secs(2)).await {
-            Ok(()) => return Ok(()),
-            Err(error) => error,
-        };
-        if started.elapsed() >= timeout {
-            return Err(format!(
-                "{attempts} attempts in {:?}; last: {error}",
-                started.elapsed()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits (within [`RECOVERY_TIMEOUT`]) for a first echo through `addr`,
 /// then requires [`RECOVERY_CLIENTS`] sequential echoes in a row.
 async fn recovery(addr: SocketAddr) {
     let released = Instant::now();
-    echo_until(addr, RECOVERY_TIMEOUT)
+    echo_until(addr, RECOVERY_TIMEOUT, Duration::from_secs(2))
         .await
         .unwrap_or_else(|error| {
             panic!("no echo within {RECOVERY_TIMEOUT:?} of releasing the clients: {error}")

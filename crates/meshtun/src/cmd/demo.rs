@@ -48,9 +48,6 @@ pub(crate) fn demo(mib: u64) -> ExitCode {
 
 type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The node configs. The forward listeners start on port 0 (the OS picks);
-/// the config format itself insists on fixed forward ports, so the demo sets
-/// them after parsing.
 /// The local TCP services node-b exposes.
 #[derive(Debug, Clone, Copy)]
 struct Services {
@@ -59,6 +56,9 @@ struct Services {
     closed: SocketAddr,
 }
 
+/// The node configs. The forward listeners start on port 0 (the OS picks);
+/// the config format itself insists on fixed forward ports, so the demo sets
+/// them after parsing.
 fn node_configs(b_quic: SocketAddr, services: &Services) -> Result<(Config, Config), DemoError> {
     let Services { echo, sink, closed } = *services;
     let b = format!(

@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use meshtun_config::Config;
 use meshtun_node::Node;
-use meshtun_pki::NodeCredentials;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -54,8 +53,10 @@ async fn serve(path: &Path, material: Material, junk: crate::junk::JunkCounter) 
     let notifier = Notifier::from_env();
     let mut supervisor = Supervisor {
         watched: Watched::new(path, &config),
-        renewal: Renewal::new(config.clone(), &credentials),
-        grace: config.limits.drain_grace,
+        renewal: Renewal::new(
+            config.clone(),
+            (credentials.not_before(), credentials.not_after()),
+        ),
     };
     // Signal handlers go in before any port is bound, so a signal that
     // arrives during start-up still gets an orderly stop.
@@ -81,7 +82,7 @@ async fn serve(path: &Path, material: Material, junk: crate::junk::JunkCounter) 
         .until_stopped(path, &node, &notifier, &mut signals)
         .await;
     notifier.stopping();
-    let grace = supervisor.grace;
+    let grace = supervisor.grace();
     info!(
         signal = signal.name(),
         ?grace,
@@ -100,10 +101,14 @@ async fn serve(path: &Path, material: Material, junk: crate::junk::JunkCounter) 
 struct Supervisor {
     watched: Watched,
     renewal: Renewal,
-    grace: Duration,
 }
 
 impl Supervisor {
+    /// How long a stop lets open streams drain: the applied config's.
+    fn grace(&self) -> Duration {
+        self.renewal.config.limits.drain_grace
+    }
+
     /// Reloads on SIGHUP or changed files, renews when due, warns of
     /// expiry and pings the watchdog, until SIGTERM or SIGINT, which it
     /// returns.
@@ -178,9 +183,8 @@ impl Supervisor {
             notifier.reloading();
             let before = self.watched.snapshot();
             if let Some(applied) = reload(path, node) {
-                self.grace = applied.grace;
                 self.watched = applied.watched.seen_as(&before);
-                self.renewal.replan(applied.config, &applied.credentials);
+                self.renewal.replan(applied.config, applied.validity);
                 self.renewal.publish(node);
             }
             notifier.ready(&summary(node));
@@ -191,10 +195,10 @@ impl Supervisor {
 
 /// What a reload applied, for the run loop.
 struct Applied {
-    grace: Duration,
     watched: Watched,
     config: Config,
-    credentials: NodeCredentials,
+    /// The new certificate's not_before and not_after.
+    validity: (SystemTime, SystemTime),
 }
 
 /// Re-reads the configuration and certificates and hands them to the node.
@@ -211,19 +215,20 @@ fn reload(path: &Path, node: &Node) -> Option<Applied> {
             return None;
         }
     };
-    let grace = material.config.limits.drain_grace;
     let watched = Watched::new(path, &material.config);
     let fingerprint = material.credentials.fingerprint();
     let config = material.config.clone();
-    let credentials = material.credentials.clone();
+    let validity = (
+        material.credentials.not_before(),
+        material.credentials.not_after(),
+    );
     match node.reload(material.config, material.credentials, material.trust) {
         Ok(()) => {
             info!(certificate = %fingerprint, "reloaded; new handshakes and streams use the new configuration");
             Some(Applied {
-                grace,
                 watched,
                 config,
-                credentials,
+                validity,
             })
         }
         Err(problem) => {
@@ -261,6 +266,7 @@ fn warn_expiry(node: &Node, warnings: &mut ExpiryWarnings) {
 /// The daemon's own certificate renewal (`[tls] renew`): when the next
 /// attempt is due, the attempt in flight, and what `/status` shows.
 struct Renewal {
+    /// The configuration last applied: at start, or by the last reload.
     config: Config,
     /// When the next attempt starts; `None` while one runs or when off.
     next: Option<tokio::time::Instant>,
@@ -276,13 +282,15 @@ struct Renewal {
 }
 
 impl Renewal {
-    fn new(config: Config, credentials: &NodeCredentials) -> Self {
+    /// Renewal under `config` of a certificate valid over `validity`
+    /// (not_before, not_after).
+    fn new(config: Config, validity: (SystemTime, SystemTime)) -> Self {
         let mut renewal = Self {
             config,
             next: None,
             next_wall: None,
             running: false,
-            validity: (credentials.not_before(), credentials.not_after()),
+            validity,
             successes: 0,
             failures: 0,
             last_attempt: None,
@@ -292,11 +300,12 @@ impl Renewal {
         renewal
     }
 
-    /// A reload applied `config` and `credentials`: plan from them (an
-    /// attempt in flight finishes first and plans again then).
-    fn replan(&mut self, config: Config, credentials: &NodeCredentials) {
+    /// A reload applied `config` and a certificate valid over `validity`:
+    /// plan from them (an attempt in flight finishes first and plans again
+    /// then).
+    fn replan(&mut self, config: Config, validity: (SystemTime, SystemTime)) {
         self.config = config;
-        self.validity = (credentials.not_before(), credentials.not_after());
+        self.validity = validity;
         if !self.running {
             self.plan();
         }

@@ -492,3 +492,57 @@ pub(crate) async fn peer_serials(admin: SocketAddr, peer: &str) -> Vec<String> {
         .filter_map(|certificate| certificate["serial"].as_str().map(str::to_owned))
         .collect()
 }
+
+/// One connection through `addr`: a few bytes out and the same bytes back,
+/// within `within`.
+pub(crate) async fn echo_once(addr: SocketAddr, within: Duration) -> std::io::Result<()> {
+    let attempt = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        round_trip(&mut tcp).await
+    };
+    tokio::time::timeout(within, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no echo in time",
+            ))
+        })
+}
+
+/// Writes a message on `tcp` and reads it back.
+pub(crate) async fn round_trip(tcp: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+    let message = b"meshtun echo round trip";
+    tcp.write_all(message).await?;
+    let mut back = [0u8; 23];
+    tcp.read_exact(&mut back).await?;
+    if &back != message {
+        return Err(std::io::Error::other(format!("echo returned {back:?}")));
+    }
+    Ok(())
+}
+
+/// Tries [`echo_once`] every 50 ms until one works, giving each attempt
+/// `per_attempt`; returns the last error if none worked within `timeout`.
+pub(crate) async fn echo_until(
+    addr: SocketAddr,
+    timeout: Duration,
+    per_attempt: Duration,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let error = match echo_once(addr, per_attempt).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if started.elapsed() >= timeout {
+            return Err(format!(
+                "{attempts} attempts in {:?}; last: {error}",
+                started.elapsed()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
