@@ -74,7 +74,7 @@ impl JoinToken {
         format!("{TOKEN_PREFIX}.{}.{}", hex(&self.id), hex(&self.secret))
     }
 
-    /// `sha256:<hex>` of the secret, as the token file stores it.
+    /// The SHA-256 of the secret in hex, as the token file stores it.
     fn secret_hash(&self) -> String {
         hex(&Sha256::digest(self.secret))
     }

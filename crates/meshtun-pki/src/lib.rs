@@ -10,8 +10,8 @@
 //! to the expected peer identity).
 //!
 //! It must not open sockets, spawn tasks or threads, or read a file anywhere
-//! but in the explicit `load`, `write`, `inspect_file`, `inspect_crl_file`
-//! and `renew_files` functions (and [`key_file_mode_problem`], and the file
+//! but in the explicit `load`, `load_ignoring_key_mode`, `write`,
+//! `inspect_file`, `inspect_crl_file` and `renew_files` functions (and [`key_file_mode_problem`], and the file
 //! helpers it lends to meshtun-enroll: [`read_text`], [`read_private_text`],
 //! [`write_files`], [`lock_exclusive`]). Nothing it is given, by a user or by
 //! a peer, makes it panic: every failure is a [`PkiError`] naming what is wrong and,
